@@ -1,0 +1,21 @@
+"""Telugu full-duplex voice agent on Kyutai's Moshi.
+
+Audio flows one way: client audio -> `audio` (resample, 1920-sample frames) -> `engine`
+(one batched Mimi encode / LMGen step / Mimi decode per 80 ms) -> `session` -> client.
+"""
+
+import os
+
+import torch
+
+# moshi wraps a few small kernels in torch.compile, decided when moshi is imported. On a CPU that
+# costs ~15 s at the first step and is no faster at our sizes (measured: 31 ms vs 35 ms per batch-8
+# tiny step), so CPU-only hosts skip it; GPU hosts keep it. NO_TORCH_COMPILE=0/1 overrides.
+if "NO_TORCH_COMPILE" not in os.environ and not torch.cuda.is_available():
+    os.environ["NO_TORCH_COMPILE"] = "1"
+elif os.environ.get("NO_TORCH_COMPILE") == "0":
+    del os.environ["NO_TORCH_COMPILE"]
+
+SAMPLE_RATE = 24_000
+FRAME_SIZE = 1920  # samples per Mimi frame: 80 ms at 24 kHz
+FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE

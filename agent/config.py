@@ -1,0 +1,46 @@
+"""Settings as dataclasses: one place for every default the app, the engine and the CLI share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_GPU_MODEL = "kyutai/moshiko-pytorch-bf16"
+TINY_MODEL = "tiny"
+RANDOM_7B_MODEL = "moshi-7b-random"
+
+
+@dataclass
+class SamplingConfig:
+    """Moshi's own sampling defaults (moshi.models.lm.LMGen)."""
+
+    temp: float = 0.8
+    temp_text: float = 0.7
+    top_k: int = 250
+    top_k_text: int = 25
+    use_sampling: bool = True
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # HF repo id, local folder, "tiny" or "moshi-7b-random"; None = by device
+    device: str | None = None  # None = cuda if available, else cpu
+    dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
+    seed: int = 42424242
+    context: int | None = None  # LM attention context in frames; None = the checkpoint's own
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class EngineConfig:
+    max_sessions: int | None = None  # seats (batch slots); None = chosen from the device
+    input_queue_frames: int = 6  # per-seat backlog of input frames (480 ms) before the oldest is dropped
+    output_queue_frames: int = 50  # per-seat backlog of output frames (4 s) before the oldest is dropped
+    idle_timeout_s: float = 20.0  # a seat whose client sends nothing for this long is freed
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    vad_silence_ms: int = 300  # silence that ends a user turn (subtracted again when measuring latency)

@@ -1,0 +1,351 @@
+"""The frame engine: every live call on a model shares one batched Moshi step per 80 ms frame.
+
+The engine owns a fixed pool of seats (batch slots). Mimi and the LM stream with that constant
+batch size for the life of the process (`streaming_forever`), which keeps CUDA graphs valid.
+Each tick takes at most one input frame per seat and runs
+
+    mimi.encode -> LMGen.step -> mimi.decode
+
+once for the whole batch. A seat that takes a new caller is reset alone (`reset_streaming(mask)`);
+a seat with no input this tick is frozen (`set_exec_mask`) so its state does not advance.
+
+Jitter policy (per seat, counted in `SeatCounters`):
+- input backlog is bounded (`EngineConfig.input_queue_frames`); when full the oldest frame is dropped;
+- output backlog is bounded (`EngineConfig.output_queue_frames`); when full the oldest frame is dropped;
+- a seat whose input is late sits the tick out (frozen) and never delays the others by more than a frame;
+- a seat that sends nothing for `idle_timeout_s` is freed (its client vanished).
+
+Tick timing: a tick fires as soon as every occupied seat has a frame (so a lone caller never waits
+for a clock), or one frame period after the previous tick for the seats that are ready, or at once
+when a seat has fallen two frames behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from moshi.models.lm import LMGen
+
+from agent import FRAME_SECONDS, FRAME_SIZE
+from agent.config import EngineConfig, SamplingConfig
+from agent.metrics import StepTimes
+from agent.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_SEATS = 8
+MAX_DEFAULT_SEATS = 64
+GPU_RESERVE_BYTES = 2 * 1024**3  # activations, CUDA graphs, allocator slack
+
+
+class SeatsFullError(RuntimeError):
+    """Every seat is taken; the message is fit to show a caller."""
+
+
+class EngineStoppedError(RuntimeError):
+    pass
+
+
+@dataclass
+class OutputFrame:
+    """One 80 ms frame of the agent, produced by one batched step."""
+
+    pcm: np.ndarray  # FRAME_SIZE float32 samples at 24 kHz
+    text: str  # the decoded text piece, '' when the model emitted padding
+    text_token: int
+    input_done_at: float  # time.monotonic() when the input frame that produced it was complete
+    produced_at: float  # time.monotonic() when the step finished
+    voiced: bool  # False while the model's acoustic delay has not produced audio yet
+
+
+@dataclass
+class SeatCounters:
+    frames_in: int = 0
+    frames_out: int = 0
+    input_dropped: int = 0  # oldest input frames dropped: client sent faster than real time
+    output_dropped: int = 0  # oldest output frames dropped: client did not read its audio
+    frozen_ticks: int = 0  # ticks this seat sat out because its input was late
+    non_finite_frames: int = 0  # frames that carried NaN/Inf (zeroed before the model)
+
+
+class Seat:
+    """A caller's place in the batch: push input frames, pull output frames. Thread-safe."""
+
+    def __init__(self, engine: "FrameEngine", index: int, owner: str, config: EngineConfig):
+        self.index = index
+        self.owner = owner
+        self.counters = SeatCounters()
+        self.closed_reason: str | None = None
+        self.last_input_at = time.monotonic()
+        self._engine = engine
+        self._inputs: deque[tuple[np.ndarray, float]] = deque()
+        self._outputs: deque[OutputFrame] = deque()
+        self._max_in = config.input_queue_frames
+        self._max_out = config.output_queue_frames
+        self._out_ready = threading.Condition(engine._lock)
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    @property
+    def input_backlog(self) -> int:
+        return len(self._inputs)
+
+    def push(self, frame: np.ndarray, done_at: float | None = None) -> None:
+        """Queue one FRAME_SIZE float32 frame (24 kHz mono). Never blocks."""
+        if frame.shape != (FRAME_SIZE,):
+            raise ValueError(f"a frame is {FRAME_SIZE} samples, got shape {frame.shape}")
+        done_at = time.monotonic() if done_at is None else done_at
+        with self._engine._lock:
+            if self.closed:
+                raise EngineStoppedError(f"seat {self.index} is closed: {self.closed_reason}")
+            if len(self._inputs) >= self._max_in:
+                self._inputs.popleft()
+                self.counters.input_dropped += 1
+            self._inputs.append((frame, done_at))
+            self.counters.frames_in += 1
+            self.last_input_at = time.monotonic()
+            self._engine._wake.notify_all()
+
+    def pull(self, timeout: float = 0.0) -> OutputFrame | None:
+        """The next output frame, waiting up to `timeout` seconds; None if there is none yet."""
+        with self._engine._lock:
+            if not self._outputs and timeout > 0 and not self.closed:
+                self._out_ready.wait(timeout)
+            return self._outputs.popleft() if self._outputs else None
+
+    def release(self, reason: str = "released") -> None:
+        self._engine._release(self, reason)
+
+    def _deliver(self, frame: OutputFrame) -> None:  # engine lock held
+        if len(self._outputs) >= self._max_out:
+            self._outputs.popleft()
+            self.counters.output_dropped += 1
+        self._outputs.append(frame)
+        self.counters.frames_out += 1
+        self._out_ready.notify_all()
+
+
+@dataclass
+class EngineStats:
+    ticks: int = 0
+    seats_total: int = 0
+    seats_in_use: int = 0
+    calls_started: int = 0
+    calls_refused: int = 0
+    step: StepTimes = field(default_factory=StepTimes)
+
+
+def default_seat_count(model: LoadedModel) -> int:
+    """Seats from device memory: one KV cache per seat (about 1.5 GiB for the 7B at context 3000)."""
+    if model.device.type != "cuda":
+        return CPU_DEFAULT_SEATS
+    lm = model.lm
+    bytes_per = torch.tensor([], dtype=model.dtype).element_size()
+    kv_per_seat = 2 * len(lm.transformer.layers) * lm.transformer.layers[0].self_attn.context * lm.dim * bytes_per
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return int(max(1, min(MAX_DEFAULT_SEATS, (free - GPU_RESERVE_BYTES) // max(kv_per_seat, 1))))
+
+
+class FrameEngine:
+    """One per loaded model. `start()` runs the tick loop on its own thread; `step_once()` runs a
+    single tick in the caller's thread (offline inference, benchmarks, tests)."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None,
+                 sampling: SamplingConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        sampling = sampling or SamplingConfig()
+        self.num_seats = self.config.max_sessions or default_seat_count(model)
+        self.lm_gen = LMGen(model.lm, use_sampling=sampling.use_sampling, temp=sampling.temp,
+                            temp_text=sampling.temp_text, top_k=sampling.top_k,
+                            top_k_text=sampling.top_k_text, support_out_of_sync=True)
+        model.mimi.streaming_forever(self.num_seats)
+        self.lm_gen.streaming_forever(self.num_seats)
+        self.stats = EngineStats(seats_total=self.num_seats)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._seats: list[Seat | None] = [None] * self.num_seats
+        self._pending_reset = torch.zeros(self.num_seats, dtype=torch.bool)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_tick = 0.0
+        self._zeros = np.zeros(FRAME_SIZE, np.float32)
+
+    # -- seats ---------------------------------------------------------------------------------
+
+    def acquire(self, owner: str) -> Seat:
+        with self._lock:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            for index, seat in enumerate(self._seats):
+                if seat is None:
+                    new = Seat(self, index, owner, self.config)
+                    self._seats[index] = new
+                    self._pending_reset[index] = True
+                    self.stats.calls_started += 1
+                    self.stats.seats_in_use += 1
+                    log.debug("seat %d taken by %s (%d/%d in use)", index, owner,
+                             self.stats.seats_in_use, self.num_seats)
+                    return new
+            self.stats.calls_refused += 1
+        raise SeatsFullError(f"All {self.num_seats} seats are in use. Please try again in a minute.")
+
+    def _release(self, seat: Seat, reason: str) -> None:
+        with self._lock:
+            if seat.closed:
+                return
+            seat.closed_reason = reason
+            seat._inputs.clear()
+            seat._out_ready.notify_all()
+            if self._seats[seat.index] is seat:
+                self._seats[seat.index] = None
+                self.stats.seats_in_use -= 1
+                log.debug("seat %d freed (%s), %d/%d in use", seat.index, reason,
+                         self.stats.seats_in_use, self.num_seats)
+
+    def seats_in_use(self) -> int:
+        with self._lock:
+            return self.stats.seats_in_use
+
+    # -- the tick ------------------------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, torch.Tensor, torch.Tensor]:
+        """Pop one frame per ready seat (engine lock held)."""
+        batch: list[tuple[Seat, float]] = []
+        pcm = np.zeros((self.num_seats, 1, FRAME_SIZE), np.float32)
+        exec_mask = torch.zeros(self.num_seats, dtype=torch.bool)
+        for seat in self._seats:
+            if seat is None:
+                continue
+            if not seat._inputs:
+                seat.counters.frozen_ticks += 1
+                continue
+            frame, done_at = seat._inputs.popleft()
+            if not np.isfinite(frame).all():  # sessions sanitise; this guards direct callers
+                seat.counters.non_finite_frames += 1
+                frame = np.nan_to_num(frame, nan=0.0, posinf=0.0, neginf=0.0)
+            pcm[seat.index, 0] = frame
+            exec_mask[seat.index] = True
+            batch.append((seat, done_at))
+        reset = self._pending_reset.clone()
+        self._pending_reset.zero_()
+        return batch, pcm, exec_mask, reset
+
+    @torch.no_grad()
+    def step_once(self) -> int:
+        """Run one batched step for every seat that has an input frame. Returns how many stepped."""
+        with self._lock:
+            batch, pcm, exec_mask, reset = self._take_batch()
+            self._last_tick = time.monotonic()
+        if not batch:
+            return 0
+        mimi, device = self.model.mimi, self.model.device
+        t0 = time.perf_counter()
+        if reset.any():
+            reset_dev = reset.to(device)
+            mimi.reset_streaming(reset_dev)
+            self.lm_gen.reset_streaming(reset_dev)
+        exec_dev = exec_mask.to(device)
+        mimi.set_exec_mask(exec_dev)
+        codes = mimi.encode(torch.from_numpy(pcm).to(device))
+        t1 = time.perf_counter()
+        self.lm_gen.set_exec_mask(exec_dev)
+        tokens = self.lm_gen.step(codes)
+        assert tokens is not None  # support_out_of_sync: never None, not-ready slots are -2
+        t2 = time.perf_counter()
+        audio_tokens = tokens[:, 1:]
+        # Decode only slots with real tokens: the first frame after a reset has none yet (delay).
+        voiced = exec_dev & (audio_tokens >= 0).all(dim=1)[:, 0]
+        mimi.set_exec_mask(voiced)
+        out = mimi.decode(audio_tokens.clamp(min=0))
+        out_np = out[:, 0].float().cpu().numpy()
+        text_np = tokens[:, 0, 0].cpu().numpy()
+        voiced_np = voiced.cpu().numpy()
+        t3 = time.perf_counter()
+
+        produced_at = time.monotonic()
+        with self._lock:
+            self.stats.ticks += 1
+            self.stats.step.add(encode_ms=1e3 * (t1 - t0), lm_ms=1e3 * (t2 - t1), decode_ms=1e3 * (t3 - t2),
+                                batch=len(batch))
+            for seat, done_at in batch:
+                i = seat.index
+                is_voiced = bool(voiced_np[i])
+                token = int(text_np[i])
+                seat._deliver(OutputFrame(
+                    pcm=np.nan_to_num(out_np[i]).astype(np.float32) if is_voiced else self._zeros.copy(),
+                    text=self.model.decode_text(token), text_token=token, input_done_at=done_at,
+                    produced_at=produced_at, voiced=is_voiced))
+        return len(batch)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _should_tick(self, now: float) -> bool:
+        occupied = [s for s in self._seats if s is not None]
+        ready = [s for s in occupied if s._inputs]
+        if not ready:
+            return False
+        return (len(ready) == len(occupied) or now >= self._last_tick + FRAME_SECONDS
+                or any(len(s._inputs) >= 2 for s in ready))
+
+    def _free_idle_seats(self, now: float) -> list[Seat]:
+        return [s for s in self._seats
+                if s is not None and now - s.last_input_at > self.config.idle_timeout_s]
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping:
+                    now = time.monotonic()
+                    if self._should_tick(now):
+                        break
+                    idle = self._free_idle_seats(now)
+                    if idle:
+                        break
+                    self._wake.wait(timeout=max(0.001, self._last_tick + FRAME_SECONDS - now)
+                                    if any(s is not None and s._inputs for s in self._seats) else 0.25)
+                if self._stopping:
+                    return
+                idle = self._free_idle_seats(time.monotonic())
+            for seat in idle:
+                self._release(seat, f"no audio for {self.config.idle_timeout_s:.0f} s")
+            try:
+                self.step_once()
+            except Exception:  # a failing step must not kill the loop for every caller
+                log.exception("engine step failed; the tick is skipped")
+
+    def warm_up(self, steps: int = 4) -> None:
+        """Run a few steps on silence (captures CUDA graphs on GPU), then reset every seat."""
+        owner = [self.acquire("warm-up") for _ in range(self.num_seats)]
+        for _ in range(steps):
+            for seat in owner:
+                seat.push(self._zeros.copy())
+            self.step_once()
+        for seat in owner:
+            seat.release("warm-up done")
+        self.stats = EngineStats(seats_total=self.num_seats)
+
+    def start(self) -> "FrameEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="frame-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            seats = [s for s in self._seats if s is not None]
+            self._wake.notify_all()
+        for seat in seats:
+            self._release(seat, "server shutting down")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

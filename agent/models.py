@@ -1,0 +1,257 @@
+"""Model loading: turn `--model` into Mimi + Moshi LM + text tokenizer.
+
+`--model` is one of
+- a Hugging Face repo id in Kyutai's layout (`kyutai/moshiko-pytorch-bf16`, `kyutai/moshika-pytorch-bf16`);
+- a local folder with the same files (config.json, safetensors, sentencepiece model);
+- `tiny`: a small Moshi and Mimi with random, seeded weights, built from the `moshi` package's own
+  classes so the real streaming code runs on a CPU (the voice is noise: nothing is trained);
+- `moshi-7b-random`: the full 7B architecture and full Mimi with random weights, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sentencepiece
+import torch
+from moshi.models import loaders
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMModel
+from safetensors.torch import save_file
+
+from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TINY_MODEL, ModelConfig
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TOKENIZER_CORPUS = ASSETS / "telugu_sentences.txt"
+TEXT_PADDING_ID = 3  # Moshi's "no word" token; 0 is its end-of-padding marker
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do instead."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs from a checkpoint."""
+
+    name: str
+    mimi: MimiModel
+    lm: LMModel
+    tokenizer: sentencepiece.SentencePieceProcessor | None
+    device: torch.device
+    dtype: torch.dtype
+    random_weights: bool  # True: no trained weights are loaded, the voice is random noise
+    lm_gen_config: dict = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        params = sum(p.numel() for p in self.lm.parameters())
+        kind = "RANDOM WEIGHTS (no trained model loaded: the voice is noise)" if self.random_weights else "trained"
+        return f"{self.name} · {params / 1e6:.1f} M LM params · {self.device.type} {str(self.dtype).removeprefix('torch.')} · {kind}"
+
+    def decode_text(self, token: int) -> str:
+        """The text piece for a sampled text token, '' for padding; '▁' becomes a space."""
+        if token in (0, TEXT_PADDING_ID) or token < 0 or self.tokenizer is None:
+            return ""
+        if token >= self.tokenizer.vocab_size():
+            return ""
+        return self.tokenizer.id_to_piece(token).replace("▁", " ")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown --dtype {dtype!r}: use bf16, fp16 or fp32") from None
+
+
+def default_model_name(device: torch.device) -> str:
+    return DEFAULT_GPU_MODEL if device.type == "cuda" else TINY_MODEL
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny and random-weight models
+# ---------------------------------------------------------------------------------------------
+
+def tiny_tokenizer_path(cache_dir: Path | None = None) -> Path:
+    """A small SentencePiece model trained on the Telugu sentences in assets/ (cached by content hash)."""
+    corpus = TOKENIZER_CORPUS.read_bytes()
+    digest = hashlib.sha256(corpus).hexdigest()[:12]
+    cache_dir = cache_dir or Path(os.environ.get("AGENT_CACHE", Path.home() / ".cache" / "telugu-voice-agent"))
+    path = cache_dir / f"tiny-spm-{digest}.model"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_prefix = path.with_suffix(f".tmp{os.getpid()}")
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(TOKENIZER_CORPUS), model_prefix=str(tmp_prefix), vocab_size=400,
+            hard_vocab_limit=False, character_coverage=1.0, model_type="unigram",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=TEXT_PADDING_ID, num_threads=1,
+            minloglevel=2, seed_sentencepiece_size=10000, shuffle_input_sentence=False,
+        )
+        os.replace(f"{tmp_prefix}.model", path)
+        Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
+    return path
+
+
+def tiny_mimi_config() -> dict:
+    """Full Mimi framing (24 kHz, 12.5 Hz, same strides) with narrow layers."""
+    cfg = copy.deepcopy(loaders._mimi_config)
+    cfg["seanet"].update(dimension=64, n_filters=8)
+    cfg["quantizer"].update(dimension=32, n_q=8, bins=256, input_dimension=64, output_dimension=64)
+    cfg["transformer"].update(d_model=64, num_heads=2, num_layers=1, dim_feedforward=128,
+                              input_dimension=64, output_dimensions=[64], context=50)
+    return cfg
+
+
+def tiny_lm_kwargs(text_card: int, card: int = 256) -> dict:
+    """Moshi's real geometry (8 agent + 8 user codebooks, same delays) at a tiny width."""
+    kw = copy.deepcopy(loaders._lm_kwargs)
+    kw.update(dim=64, num_heads=4, num_layers=2, hidden_scale=2.0, context=250, text_card=text_card,
+              card=card, depformer_dim=32, depformer_dim_feedforward=64, depformer_num_heads=2,
+              depformer_num_layers=1)
+    return kw
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def build_tiny(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
+               context: int | None = None) -> LoadedModel:
+    tokenizer = sentencepiece.SentencePieceProcessor(str(tiny_tokenizer_path()))
+    lm_kwargs = tiny_lm_kwargs(text_card=tokenizer.vocab_size())
+    if context is not None:
+        lm_kwargs["context"] = context
+    _seeded(seed)
+    mimi = loaders.get_mimi(None, tiny_mimi_config(), device=device, num_codebooks=8)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device=device, dtype=dtype)
+    return LoadedModel(TINY_MODEL, mimi, lm, tokenizer, device, dtype, random_weights=True)
+
+
+def build_random_7b(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
+                    context: int | None = None) -> LoadedModel:
+    """The full Moshi 7B architecture with random weights: for speed and memory figures only."""
+    lm_kwargs = copy.deepcopy(loaders._lm_kwargs)
+    if context is not None:
+        lm_kwargs["context"] = context
+    _seeded(seed)
+    mimi = loaders.get_mimi(None, copy.deepcopy(loaders._mimi_config), device=device, num_codebooks=8)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
+    return LoadedModel(RANDOM_7B_MODEL, mimi, lm, None, device, dtype, random_weights=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kyutai checkpoints: Hugging Face repos and local folders
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_info(spec: str) -> loaders.CheckpointInfo:
+    """Resolve a repo id or a local folder to Kyutai's CheckpointInfo (files downloaded or found)."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return _local_checkpoint_info(folder)
+    if folder.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(f"--model {spec!r} is neither a folder nor a Hugging Face repo id (owner/name)")
+    try:
+        return loaders.CheckpointInfo.from_hf_repo(spec)
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise ModelLoadError(
+            f"Could not download {spec!r} from Hugging Face ({type(exc).__name__}: {exc}).\n"
+            "  - Check the network and the repo id, or log in with `huggingface-cli login` for gated repos.\n"
+            "  - Weights are cached under $HF_HOME (default ~/.cache/huggingface) or $HF_HUB_CACHE;\n"
+            "    set HF_HUB_OFFLINE=1 to use only what is already cached.\n"
+            "  - Or pass a local folder (--model /path/to/checkpoint), or run without weights: --model tiny"
+        ) from exc
+
+
+def _local_checkpoint_info(folder: Path) -> loaders.CheckpointInfo:
+    config_path = folder / "config.json"
+    raw = json.loads(config_path.read_text()) if config_path.exists() else {}
+
+    def local(key: str, default: str | None) -> Path | None:
+        name = raw.get(key, default)
+        if name is None:
+            return None
+        name = str(name).removeprefix("file://")
+        path = Path(name) if Path(name).is_absolute() else folder / name
+        if not path.exists():
+            raise ModelLoadError(f"{folder}: {key} names {name!r}, which is not in the folder")
+        return path
+
+    return loaders.CheckpointInfo.from_hf_repo(
+        str(folder),
+        moshi_weights=local("moshi_name", loaders.MOSHI_NAME),
+        mimi_weights=local("mimi_name", loaders.MIMI_NAME),
+        tokenizer=local("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
+        config_path=config_path if config_path.exists() else None,
+        mimi_config_path=local("mimi_config_name", None),
+        lora_weights=local("lora_name", None),
+    )
+
+
+def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
+                    context: int | None = None) -> LoadedModel:
+    info = checkpoint_info(spec)
+    if context is not None:
+        info.lm_config = dict(info.lm_config or loaders._lm_kwargs, context=context)
+    try:
+        mimi = info.get_mimi(device=device)
+        lm = info.get_moshi(device=device, dtype=dtype)
+        tokenizer = info.get_text_tokenizer()
+    except (RuntimeError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"{spec}: the weights do not match the config ({exc})") from exc
+    if tokenizer.vocab_size() < lm.text_card:
+        raise ModelLoadError(f"{spec}: tokenizer has {tokenizer.vocab_size()} pieces, the LM expects {lm.text_card}")
+    return LoadedModel(Path(spec).name if Path(spec).is_dir() else spec, mimi, lm, tokenizer, device, dtype,
+                       random_weights=False, lm_gen_config=dict(info.lm_gen_config))
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """The one entry point: `--model`, `--device`, `--dtype` in, a ready model out."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    name = config.model or default_model_name(device)
+    if name == TINY_MODEL:
+        model = build_tiny(device, dtype, config.seed, config.context)
+    elif name == RANDOM_7B_MODEL:
+        model = build_random_7b(device, dtype, config.seed, config.context)
+    else:
+        model = load_checkpoint(name, device, dtype, config.context)
+    if model.random_weights:
+        log.warning("Model %s has RANDOM weights: no trained model is loaded, so the agent's voice is noise.",
+                    model.name)
+    log.info("Loaded %s", model.description)
+    return model
+
+
+def write_checkpoint_folder(model: LoadedModel, folder: Path, lm_kwargs: dict, mimi_config: dict | None,
+                            tokenizer_file: Path) -> Path:
+    """Save a model in Kyutai's folder layout (config.json + safetensors + tokenizer) so
+    `load_model` and `moshi.run_inference` both read it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.lm.state_dict().items()}, folder / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.mimi.state_dict().items()}, folder / "mimi.safetensors")
+    (folder / "tokenizer.model").write_bytes(Path(tokenizer_file).read_bytes())
+    config = dict(lm_kwargs, moshi_name="model.safetensors", mimi_name="mimi.safetensors",
+                  tokenizer_name="tokenizer.model")
+    if mimi_config is not None:
+        (folder / "mimi_config.json").write_text(json.dumps(mimi_config, indent=1))
+        config["mimi_config_name"] = "mimi_config.json"
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder

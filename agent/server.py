@@ -1,0 +1,93 @@
+"""The HTTP server: the page at `/`, fastrtc's endpoints for other clients, and a health check.
+
+Endpoints (all on one port):
+- `/`                   the Gradio page (WebRTC call, sidebar, readouts)
+- `/websocket/offer`    fastrtc's WebSocket audio protocol (see README)
+- `/webrtc/offer`       fastrtc's WebRTC offer endpoint for non-browser WebRTC clients
+- `/healthz`            process alive, with seat counts
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI
+from fastrtc import Stream
+from fastrtc.websocket import WebSocketHandler
+
+from agent.service import AgentService
+
+log = logging.getLogger(__name__)
+
+
+class AgentStream(Stream):
+    """fastrtc's Stream, plus: a WebSocket client that leaves frees its seat at once.
+    (fastrtc calls `shutdown()` only for WebRTC connections.)"""
+
+    def clean_up(self, webrtc_id: str):
+        connection = super().clean_up(webrtc_id)
+        for conn in connection or []:
+            if isinstance(conn, WebSocketHandler):
+                conn.stream_handler.shutdown()
+        return connection
+
+
+def build_stream(service: AgentService, rtc_configuration: dict | None = None,
+                 max_call_seconds: float | None = None) -> AgentStream:
+    return AgentStream(service.handler(), modality="audio", mode="send-receive",
+                       concurrency_limit=service.engine.num_seats, rtc_configuration=rtc_configuration,
+                       time_limit=max_call_seconds, verbose=False)
+
+
+def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None:
+    stream.mount(app)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "model": service.model.name, "random_weights": service.model.random_weights,
+                "seats_total": service.engine.num_seats, "seats_in_use": service.engine.seats_in_use()}
+
+
+def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> FastAPI:
+    app = FastAPI(title="Telugu voice agent")
+    add_routes(app, service, stream)
+    return gr.mount_gradio_app(app, demo, path="/")
+
+
+class BackgroundServer:
+    """uvicorn in a thread (tests, notebooks); `stop()` shuts it down cleanly."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    ws_max_size=1 << 20))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.url = f"http://{host}:{port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"server did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    uvicorn.run(app, host=host, port=port, log_level="info", ws_max_size=1 << 20)
+
+
+def serve_shared_link(service: AgentService, demo: gr.Blocks, stream: AgentStream, host: str, port: int) -> None:
+    """`--share`: Gradio's own launcher makes the public link (it downloads its tunnel binary on first
+    use, so it needs internet). The stream's endpoints are added to the same app."""
+    demo.launch(server_name=host, server_port=port, share=True, prevent_thread_lock=True)
+    add_routes(demo.app, service, stream)
+    demo.block_thread()

@@ -1,0 +1,163 @@
+"""One call: a seat in the engine, the input path, both VAD streams, the transcript and its figures.
+
+A transport (the fastrtc handler) calls `receive()` with whatever audio it has and `next_output()`
+for the agent's next 80 ms; it never touches the engine directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent import FRAME_SECONDS, SAMPLE_RATE
+from agent.audio import ChunkReport, InputAudio
+from agent.engine import FrameEngine, OutputFrame, Seat
+from agent.metrics import RollingWindow
+from agent.vad import Turn, TurnLatencyTracker
+from agent.voices import CallSettings
+
+log = logging.getLogger(__name__)
+
+TRANSCRIPT_CHARS = 4000
+
+
+@dataclass
+class SessionFigures:
+    """A snapshot for the readouts (UI, logs, tests)."""
+
+    call_id: str
+    seat: int
+    seconds: float
+    settings: CallSettings
+    transcript: str
+    frames_in: int
+    frames_out: int
+    input_dropped: int
+    output_dropped: int
+    frozen_ticks: int
+    bad_chunks: int
+    non_finite_samples: int
+    frame_latency_ms: dict[str, float | None]
+    turn_latencies_ms: list[float | None]
+    latency_series: list[tuple[float, float]] = field(default_factory=list)
+    closed_reason: str | None = None
+
+
+class Session:
+    def __init__(self, engine: FrameEngine, call_id: str, settings: CallSettings, silence_ms: int = 300):
+        self.call_id = call_id
+        self.settings = settings
+        self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
+        self.started_at = time.monotonic()
+        self._input = InputAudio()
+        self._input_report = ChunkReport()
+        self.bad_chunks = 0
+        self.latency = TurnLatencyTracker(silence_ms=silence_ms)
+        self.frame_latency = RollingWindow()  # input frame complete -> its output frame ready
+        self._transcript: deque[str] = deque()
+        self._transcript_chars = 0
+        self._lock = threading.Lock()
+        log.info("call %s started on seat %d (%s, %s)", call_id, self.seat.index, settings.voice, settings.emotion)
+
+    @property
+    def closed(self) -> bool:
+        return self.seat.closed
+
+    def receive(self, rate: int, samples: np.ndarray) -> list[Turn]:
+        """Any client chunk in (raises AudioFormatError for audio it cannot read). Returns user
+        turns that ended in this chunk."""
+        arrived = time.monotonic()
+        try:
+            frames = self._input.push(rate, samples, self._input_report)
+        except ValueError:
+            self.bad_chunks += 1
+            raise
+        ended: list[Turn] = []
+        pending_s = self._input.framer.pending / SAMPLE_RATE
+        for k, frame in enumerate(frames):
+            done_at = arrived - pending_s - (len(frames) - 1 - k) * FRAME_SECONDS
+            self.seat.push(frame, done_at)
+            ended += self.latency.on_user_audio(frame, done_at - FRAME_SECONDS)
+        for turn in ended:
+            log.info("call %s: user turn ended (%.2f s of speech)", self.call_id, turn.user_end - turn.user_start)
+        return ended
+
+    def next_output(self, timeout: float) -> OutputFrame | None:
+        """The agent's next frame, waiting up to `timeout`; None if none is ready."""
+        frame = self.seat.pull(timeout)
+        if frame is None:
+            return None
+        now = time.monotonic()
+        self.frame_latency.add(1e3 * (frame.produced_at - frame.input_done_at))
+        for turn in self.latency.on_agent_audio(frame.pcm, now):
+            log.info("call %s: voice-to-voice latency %.0f ms", self.call_id, turn.latency_ms)
+        if frame.text:
+            with self._lock:
+                self._transcript.append(frame.text)
+                self._transcript_chars += len(frame.text)
+                while self._transcript_chars > TRANSCRIPT_CHARS:
+                    self._transcript_chars -= len(self._transcript.popleft())
+        return frame
+
+    @property
+    def transcript(self) -> str:
+        with self._lock:
+            return "".join(self._transcript).strip()
+
+    def figures(self) -> SessionFigures:
+        c = self.seat.counters
+        turns = list(self.latency.turns)
+        return SessionFigures(
+            call_id=self.call_id, seat=self.seat.index, seconds=time.monotonic() - self.started_at,
+            settings=self.settings, transcript=self.transcript, frames_in=c.frames_in, frames_out=c.frames_out,
+            input_dropped=c.input_dropped, output_dropped=c.output_dropped, frozen_ticks=c.frozen_ticks,
+            bad_chunks=self.bad_chunks, non_finite_samples=self._input_report.non_finite,
+            frame_latency_ms={"last": self.frame_latency.last, "p50": self.frame_latency.percentile(50),
+                              "p95": self.frame_latency.percentile(95)},
+            turn_latencies_ms=[t.latency_ms for t in turns if t.closed],
+            latency_series=self.latency.latencies.items(),
+            closed_reason=self.seat.closed_reason,
+        )
+
+    def close(self, reason: str = "call ended") -> None:
+        if not self.seat.closed:
+            log.info("call %s ended: %s (%d frames in, %d out)", self.call_id, reason,
+                     self.seat.counters.frames_in, self.seat.counters.frames_out)
+        self.seat.release(reason)
+
+
+class SessionRegistry:
+    """Live calls by connection id, so readouts (UI timers, /metrics) can find them."""
+
+    def __init__(self, keep_closed: int = 32):
+        self._live: dict[str, Session] = {}
+        self._recent: deque[Session] = deque(maxlen=keep_closed)
+        self._lock = threading.Lock()
+
+    def add(self, session: Session) -> None:
+        with self._lock:
+            self._live[session.call_id] = session
+
+    def remove(self, session: Session) -> None:
+        with self._lock:
+            if self._live.get(session.call_id) is session:
+                del self._live[session.call_id]
+                self._recent.append(session)
+
+    def get(self, call_id: str | None) -> Session | None:
+        if not call_id:
+            return None
+        with self._lock:
+            found = self._live.get(call_id)
+            if found is None:
+                found = next((s for s in reversed(self._recent) if s.call_id == call_id), None)
+            return found
+
+    def live(self) -> list[Session]:
+        with self._lock:
+            return list(self._live.values())

@@ -1,0 +1,131 @@
+"""The page: a Gradio Blocks layout with the call in the main area and a sidebar of settings and
+live readouts. The call itself is fastrtc's WebRTC component streaming through `MoshiHandler`;
+the readouts are polled by a `gr.Timer` from the session registry by connection id."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from fastrtc import WebRTC
+
+from agent.metrics import fmt_ms
+from agent.service import AgentService
+
+CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
+POLL_SECONDS = 0.5
+PLOT_SECONDS = 60
+
+
+def _choices(items, support) -> list[tuple[str, str]]:
+    return [(item.label if support[item.id].supported else f"{item.label} — not on this model", item.id)
+            for item in items]
+
+
+def _support_note(service: AgentService) -> str:
+    values = service.conditioner_values()
+    voices = service.catalogue.voice_support(service.model.name, values)
+    emotions = service.catalogue.emotion_support(values)
+    lines = []
+    if not any(s.supported for s in voices.values()):
+        lines.append(f"**Voices:** {next(iter(voices.values())).reason}. The choice is kept with the call "
+                     "but does not change how it sounds.")
+    if not any(s.supported for s in emotions.values()):
+        lines.append(f"**Emotions:** {next(iter(emotions.values())).reason}. The choice is kept with the call "
+                     "but does not change how it sounds.")
+    return "\n\n".join(lines) or "All voices and emotions below are conditioned on this model."
+
+
+def _model_note(service: AgentService) -> str:
+    m = service.model
+    text = (f"**Model:** `{m.name}`  \n**Device:** {m.device.type} · {str(m.dtype).removeprefix('torch.')}  \n"
+            f"**Seats:** {service.engine.num_seats} (one batched step per 80 ms frame)")
+    if m.random_weights:
+        text = ("⚠️ **Random weights — no trained model is loaded.** The agent's voice is noise and its "
+                "transcript is random pieces. Run on a GPU with `--model kyutai/moshiko-pytorch-bf16` "
+                "(or a fine-tuned Telugu folder) for real speech.\n\n" + text)
+    return text
+
+
+def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.DataFrame]:
+    """(transcript, readout markdown, plot frame) for one connection; engine figures if none."""
+    step = service.engine.stats.step.summary()
+    rtf = "–" if step["rtf"] is None else f"{step['rtf']:.2f}"
+    lines = [
+        "| | |", "|---|---|",
+        f"| Step (last / p50 / p95) | {fmt_ms(step['last_ms'])} / {fmt_ms(step['p50_ms'])} / {fmt_ms(step['p95_ms'])} |",
+        f"| Real-time factor | {rtf} |",
+        f"| Seats in use | {service.engine.seats_in_use()} / {service.engine.num_seats} |",
+    ]
+    session = service.registry.get(call_id)
+    transcript = ""
+    now = time.monotonic()
+    points: list[dict[str, Any]] = [
+        {"seconds": round(at - now, 1), "ms": value, "series": "step"}
+        for at, value in service.engine.stats.step.total.items()[-PLOT_SECONDS * 13:]
+    ]
+    if session is not None:
+        fig = session.figures()
+        transcript = fig.transcript
+        turns = [f"{v:.0f}" if v is not None else "no reply" for v in fig.turn_latencies_ms[-5:]]
+        lines += [
+            f"| Frame latency p50 / p95 | {fmt_ms(fig.frame_latency_ms['p50'])} / {fmt_ms(fig.frame_latency_ms['p95'])} |",
+            f"| Voice-to-voice, last turns (ms) | {', '.join(turns) if turns else 'speak, then pause'} |",
+            f"| Frames in / out | {fig.frames_in} / {fig.frames_out} |",
+            f"| Dropped in / out · late ticks | {fig.input_dropped} / {fig.output_dropped} · {fig.frozen_ticks} |",
+            f"| Voice · emotion | {fig.settings.voice} · {fig.settings.emotion} |",
+        ]
+        if fig.closed_reason:
+            lines.append(f"| Call | ended: {fig.closed_reason} |")
+        points += [{"seconds": round(at - now, 1), "ms": value, "series": "voice-to-voice"}
+                   for at, value in fig.latency_series]
+    else:
+        lines.append("| Call | not connected |")
+    frame = pd.DataFrame(points, columns=["seconds", "ms", "series"])
+    return transcript, "\n".join(lines), frame
+
+
+def build_demo(service: AgentService, rtc_configuration: dict | None = None, max_call_seconds: float | None = None) -> gr.Blocks:
+    catalogue = service.catalogue
+    values = service.conditioner_values()
+    voice_support = catalogue.voice_support(service.model.name, values)
+    emotion_support = catalogue.emotion_support(values)
+    css = CSS_PATH.read_text() if CSS_PATH.exists() else None
+
+    with gr.Blocks(title="Telugu voice agent (Moshi)", css=css, theme=gr.themes.Soft()) as demo:
+        with gr.Sidebar(open=True, width=360):
+            gr.Markdown("### Voice and emotion")
+            voice = gr.Dropdown(_choices(catalogue.voices, voice_support), value=catalogue.default_voice,
+                                label="Speaker voice · స్వరం", elem_id="voice")
+            emotion = gr.Dropdown(_choices(catalogue.emotions, emotion_support), value=catalogue.default_emotion,
+                                  label="Emotion · భావం", elem_id="emotion")
+            gr.Markdown(_support_note(service), elem_id="support-note")
+            gr.Markdown("### Model")
+            gr.Markdown(_model_note(service), elem_id="model-note")
+            gr.Markdown("### Live figures")
+            stats = gr.Markdown("| Call | not connected |", elem_id="readouts")
+            plot = gr.LinePlot(x="seconds", y="ms", color="series", x_lim=[-PLOT_SECONDS, 0], height=220,
+                               label="Last minute (ms)", elem_id="latency-plot")
+        gr.Markdown("# తెలుగు వాయిస్ ఏజెంట్ · Telugu voice agent\n"
+                    "Press the microphone button and speak Telugu. The agent listens and talks at the same "
+                    "time (full duplex), one 80 ms frame at a time.", elem_id="intro")
+        if service.model.random_weights:
+            gr.Markdown("⚠️ **Demo mode: random-weight model.** No trained weights are loaded, so the agent "
+                        "answers with noise. Everything else (streaming, batching, latency figures) is real.",
+                        elem_id="random-banner")
+        call = WebRTC(label="Call", modality="audio", mode="send-receive", elem_id="call",
+                      rtc_configuration=rtc_configuration, time_limit=max_call_seconds,
+                      track_constraints={"echoCancellation": True, "noiseSuppression": True,
+                                         "autoGainControl": True, "sampleRate": {"ideal": 48000}})
+        transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
+                                interactive=False, elem_id="transcript")
+        call.stream(service.handler(), inputs=[call, voice, emotion], outputs=[call],
+                    concurrency_limit=service.engine.num_seats, time_limit=max_call_seconds)
+
+        timer = gr.Timer(POLL_SECONDS)
+        timer.tick(lambda call_id: readouts(service, call_id), inputs=[call],
+                   outputs=[transcript, stats, plot], show_progress="hidden", queue=False)
+    return demo

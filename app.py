@@ -1,0 +1,107 @@
+"""Telugu full-duplex voice agent on Kyutai's Moshi.
+
+    python app.py                      # tiny random model on CPU, Kyutai's Moshiko on a GPU
+    python app.py --model kyutai/moshika-pytorch-bf16 --share
+    from app import demo; demo.launch()   # notebooks and Hugging Face Spaces
+
+Settings also come from environment variables (AGENT_MODEL, AGENT_DEVICE, AGENT_DTYPE,
+AGENT_MAX_SESSIONS, AGENT_HOST/GRADIO_SERVER_NAME, AGENT_PORT/GRADIO_SERVER_PORT) so a Space or a notebook can set them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from agent.config import EngineConfig, ModelConfig, SamplingConfig, ServerConfig
+
+log = logging.getLogger("app")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    sampling = SamplingConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=env("AGENT_MODEL"),
+                   help="HF repo id (default on GPU: kyutai/moshiko-pytorch-bf16), a local checkpoint folder, "
+                        "'tiny' (random weights, default on CPU) or 'moshi-7b-random'")
+    p.add_argument("--device", default=env("AGENT_DEVICE"), help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=env("AGENT_DTYPE"), help="bf16 (GPU default), fp16, fp32 (CPU default)")
+    p.add_argument("--context", type=int, default=None, help="LM attention context in frames (12.5 per second)")
+    p.add_argument("--max-sessions", type=int, default=int(env("AGENT_MAX_SESSIONS", "0")) or None,
+                   help="seats: calls served at once in one batch (default: from device memory; 8 on CPU)")
+    p.add_argument("--temp", type=float, default=sampling.temp, help="audio sampling temperature")
+    p.add_argument("--temp-text", type=float, default=sampling.temp_text, help="text sampling temperature")
+    p.add_argument("--top-k", type=int, default=sampling.top_k, help="audio top-k")
+    p.add_argument("--top-k-text", type=int, default=sampling.top_k_text, help="text top-k")
+    p.add_argument("--seed", type=int, default=ModelConfig.seed, help="seed for random-weight models")
+    p.add_argument("--host", default=env("AGENT_HOST", env("GRADIO_SERVER_NAME", ServerConfig.host)), help="0.0.0.0 to serve the network")
+    p.add_argument("--port", type=int, default=int(env("AGENT_PORT", env("GRADIO_SERVER_PORT", str(ServerConfig.port)))))
+    p.add_argument("--share", action="store_true",
+                   help="public Gradio link (downloads Gradio's tunnel binary: needs internet)")
+    p.add_argument("--vad-silence-ms", type=int, default=ServerConfig.vad_silence_ms,
+                   help="silence that ends a user turn for the latency figures")
+    return p.parse_args(argv)
+
+
+def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, ServerConfig]:
+    sampling = SamplingConfig(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k, top_k_text=args.top_k_text)
+    return (ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                        context=args.context, sampling=sampling),
+            EngineConfig(max_sessions=args.max_sessions),
+            ServerConfig(host=args.host, port=args.port, share=args.share, vad_silence_ms=args.vad_silence_ms))
+
+
+def build(args: argparse.Namespace):
+    """(service, demo, stream) for these arguments."""
+    from agent.server import build_stream
+    from agent.service import build_service
+    from agent.ui import build_demo
+
+    model_cfg, engine_cfg, server_cfg = configs(args)
+    service = build_service(model_cfg, engine_cfg, server_cfg)
+    return service, build_demo(service), build_stream(service)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    from agent.models import ModelLoadError
+    from agent.server import build_app, serve, serve_shared_link
+
+    try:
+        service, demo, stream = build(args)
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        return 2
+    if service.model.random_weights:
+        log.warning("Serving a RANDOM-WEIGHT model: the page works end to end but the agent's voice is noise.")
+    log.info("Open http://%s:%d  (WebSocket endpoint: ws://%s:%d/websocket/offer)",
+             args.host, args.port, args.host, args.port)
+    try:
+        if args.share:
+            serve_shared_link(service, demo, stream, args.host, args.port)
+        else:
+            serve(build_app(service, demo, stream), args.host, args.port)
+    finally:
+        service.close()
+    return 0
+
+
+_demo = None
+
+
+def __getattr__(name: str):
+    """`from app import demo` builds the agent from the environment on first use (Spaces, notebooks)."""
+    global _demo
+    if name == "demo":
+        if _demo is None:
+            _, _demo, _ = build(parse_args([]))
+        return _demo
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
