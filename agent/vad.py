@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,6 +141,7 @@ class TurnLatencyTracker:
         self._user_clock, self._agent_clock = _Clock(), _Clock()
         self._user_seconds = 0.0
         self._agent_seconds = 0.0
+        self._agent_onsets: deque[float] = deque(maxlen=16)
 
     def on_user_audio(self, samples: np.ndarray, wall_start: float) -> list[Turn]:
         """User audio (24 kHz) whose first sample arrived at `wall_start`. Returns turns that ended."""
@@ -148,12 +150,18 @@ class TurnLatencyTracker:
         ended = []
         for seg in self.user.push(samples):
             if seg.end is None:
+                # The user speaks again: an unanswered "end" before this was a pause, not a turn.
+                resumed = self._user_clock.wall(seg.start)
+                self.turns = [t for t in self.turns if t.closed or t.user_end >= resumed]
                 continue
             turn = Turn(self._user_clock.wall(seg.start), self._user_clock.wall(seg.end),
                         detected_at=self._user_clock.wall(self.user.stream_seconds),
                         agent_was_speaking=self.agent.speaking)
-            self._close_open_turns(before=turn.user_start)
             self.turns.append(turn)
+            # The agent may have started before the silence window let us declare the end.
+            onset = next((t for t in self._agent_onsets if t >= turn.user_end), None)
+            if onset is not None:
+                self._answer(turn, onset)
             ended.append(turn)
         return ended
 
@@ -166,13 +174,17 @@ class TurnLatencyTracker:
             if seg.end is not None:
                 continue
             onset = self._agent_clock.wall(seg.start)
+            self._agent_onsets.append(onset)
             for turn in self.turns:
-                if not turn.closed and turn.agent_start is None and onset >= turn.user_end:
-                    turn.agent_start, turn.closed = onset, True
-                    self.latencies.add(turn.latency_ms)
+                if not turn.closed and onset >= turn.user_end:
+                    self._answer(turn, onset)
                     answered.append(turn)
         self._close_open_turns(before=wall_start - REPLY_TIMEOUT_S)
         return answered
+
+    def _answer(self, turn: Turn, onset: float) -> None:
+        turn.agent_start, turn.closed = onset, True
+        self.latencies.add(turn.latency_ms)
 
     def _close_open_turns(self, before: float) -> None:
         for turn in self.turns:
