@@ -9,13 +9,17 @@ Endpoints (all on one port):
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import threading
 import time
+from typing import Any
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from fastrtc import Stream
 from fastrtc.websocket import WebSocketHandler
 
@@ -23,10 +27,63 @@ from agent.service import AgentService
 
 log = logging.getLogger(__name__)
 
+MAX_MEDIA_BYTES = 48_000  # one media message: 2 s of 24 kHz μ-law; clients send 20 ms
+EVENTS = {"start", "media", "stop", "ping"}
+
+
+class MessageError(ValueError):
+    pass
+
+
+def check_message(text: str) -> dict[str, Any]:
+    """Parse one client message of fastrtc's WebSocket protocol, or say what is wrong with it."""
+    if len(text) > 2 * MAX_MEDIA_BYTES:
+        raise MessageError(f"message of {len(text)} bytes is over the {2 * MAX_MEDIA_BYTES} byte limit")
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MessageError(f"not JSON: {exc.msg}") from None
+    if not isinstance(message, dict) or message.get("event") not in EVENTS:
+        raise MessageError(f"expected an object with 'event' in {sorted(EVENTS)}")
+    if message["event"] == "start" and not isinstance(message.get("websocket_id"), str):
+        raise MessageError("'start' needs a string 'websocket_id'")
+    if message["event"] == "media":
+        payload = (message.get("media") or {}).get("payload") if isinstance(message.get("media"), dict) else None
+        if not isinstance(payload, str):
+            raise MessageError("'media' needs media.payload: base64 μ-law audio")
+        try:
+            audio = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise MessageError("media.payload is not valid base64") from None
+        if len(audio) > MAX_MEDIA_BYTES:
+            raise MessageError(f"media chunk of {len(audio)} bytes is over {MAX_MEDIA_BYTES}; send 20 ms chunks")
+    return message
+
+
+class CheckedWebSocket:
+    """The client's WebSocket as fastrtc sees it, except that a malformed message is answered with
+    {"type": "error", "message": ...} and skipped instead of ending the call."""
+
+    def __init__(self, websocket: WebSocket):
+        self._ws = websocket
+
+    def __getattr__(self, name: str):
+        return getattr(self._ws, name)
+
+    async def receive_json(self) -> dict[str, Any]:
+        while True:
+            text = await self._ws.receive_text()
+            try:
+                return check_message(text)
+            except MessageError as exc:
+                log.info("websocket: rejected a message: %s", exc)
+                await self._ws.send_json({"type": "error", "message": f"bad message: {exc}"})
+
 
 class AgentStream(Stream):
-    """fastrtc's Stream, plus: a WebSocket client that leaves frees its seat at once.
-    (fastrtc calls `shutdown()` only for WebRTC connections.)"""
+    """fastrtc's Stream, plus: malformed WebSocket messages get an error answer instead of ending
+    the call, and a WebSocket client that leaves frees its seat at once (fastrtc calls
+    `shutdown()` only for WebRTC connections)."""
 
     def clean_up(self, webrtc_id: str):
         connection = super().clean_up(webrtc_id)
@@ -34,6 +91,9 @@ class AgentStream(Stream):
             if isinstance(conn, WebSocketHandler):
                 conn.stream_handler.shutdown()
         return connection
+
+    async def websocket_offer(self, websocket: WebSocket):
+        return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
 
 
 def build_stream(service: AgentService, rtc_configuration: dict | None = None,

@@ -28,6 +28,7 @@ from agent.metrics import RollingWindow
 VAD_RATE = 16_000
 WINDOW = 512  # Silero's window at 16 kHz: 32 ms
 REPLY_TIMEOUT_S = 8.0  # a turn with no agent speech within this long is closed as "no reply"
+PAUSE_MERGE_FACTOR = 2.0  # speech resuming within 2x the silence window continues the same turn
 
 _base_model = None
 _base_lock = threading.Lock()
@@ -150,9 +151,12 @@ class TurnLatencyTracker:
         ended = []
         for seg in self.user.push(samples):
             if seg.end is None:
-                # The user speaks again: an unanswered "end" before this was a pause, not a turn.
+                # The user speaks again. An unanswered end just before this was a pause inside the
+                # turn (merged away); an older one was a turn that got no reply.
                 resumed = self._user_clock.wall(seg.start)
-                self.turns = [t for t in self.turns if t.closed or t.user_end >= resumed]
+                self.turns = [t for t in self.turns
+                              if t.closed or resumed - t.user_end > PAUSE_MERGE_FACTOR * self.user.silence_s]
+                self._close_open_turns(before=resumed)
                 continue
             turn = Turn(self._user_clock.wall(seg.start), self._user_clock.wall(seg.end),
                         detected_at=self._user_clock.wall(self.user.stream_seconds),

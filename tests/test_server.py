@@ -1,0 +1,171 @@
+"""The served app on 127.0.0.1 with real WebSocket clients (fastrtc's protocol) and the real handler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import numpy as np
+import pytest
+import requests
+import websockets
+
+from agent import SAMPLE_RATE
+from agent.handler import MoshiHandler
+from agent.ui import readouts
+from agent.wsclient import encode_media, talk
+
+
+def wait_for(predicate, timeout: float = 5.0, every: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return predicate()
+
+
+def test_page_and_health(live_server):
+    page = requests.get(live_server.url + "/", timeout=10)
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+    health = requests.get(live_server.url + "/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["random_weights"] is True and health["seats_total"] == 3
+
+
+def test_call_streams_back_at_real_time_pace_with_readouts(live_server, telugu_dialogue):
+    _, audio = telugu_dialogue
+    call_id = uuid.uuid4().hex
+    result = asyncio.run(talk(live_server.ws_url, audio, websocket_id=call_id, tail_seconds=0.5))
+    assert result.errors == []
+    sent = result.sent_seconds
+    assert result.received_seconds >= sent - 0.5, (result.received_seconds, sent)
+    # continuous: audio arrived in every second of the call, not in a burst at the end
+    seconds = {int(at - result.started_at) for at, _ in result.arrivals}
+    assert len(seconds) >= int(sent) - 1, sorted(seconds)
+    # real-time pace: by the time half the audio was sent, about half had come back
+    half = result.started_at + sent / 2
+    got_by_half = sum(n for at, n in result.arrivals if at <= half) / SAMPLE_RATE
+    assert got_by_half >= sent / 2 - 0.6
+    assert np.isfinite(result.audio).all() and np.abs(result.audio).max() > 0
+
+    session = live_server.service.registry.get(call_id)
+    assert session is not None, "the call is not in the registry"
+    figures = session.figures()
+    assert figures.frames_in >= int(sent / 0.08) - 2 and figures.frames_out >= figures.frames_in - 2
+    assert figures.frame_latency_ms["p50"] is not None and figures.frame_latency_ms["p50"] > 0
+    # both user turns of the dialogue were detected (the random model's reply is noise, not speech)
+    assert len(session.latency.turns) == 2, session.latency.turns
+    transcript, table, plot = readouts(live_server.service, call_id)
+    assert "Frame latency" in table and "Step" in table and " ms" in table
+    assert set(plot["series"]) >= {"step"} and len(plot) > 10
+    assert wait_for(lambda: live_server.service.engine.seats_in_use() == 0), "seat not freed after stop"
+
+
+def test_full_house_gets_a_clear_answer_and_others_go_on(live_server, telugu_speech):
+    _, audio = telugu_speech
+    engine = live_server.service.engine
+    held = [engine.acquire(f"page-caller-{i}") for i in range(engine.num_seats)]  # e.g. callers on the page
+    try:
+        t0 = time.monotonic()
+        result = asyncio.run(talk(live_server.ws_url, audio[:SAMPLE_RATE], tail_seconds=0.3))
+        assert any(f"All {engine.num_seats} seats are in use" in e for e in result.errors), result.messages
+        first_error = min(at for at, _ in result.arrivals) if result.arrivals else None
+        assert first_error is None  # no audio was served to the refused caller
+        assert time.monotonic() - t0 < 1.0 + 1.3 + 1.0
+        assert all(not seat.closed for seat in held), "a refused caller touched an existing call"
+    finally:
+        for seat in held:
+            seat.release()
+    result = asyncio.run(talk(live_server.ws_url, audio[:SAMPLE_RATE], tail_seconds=0.3))
+    assert result.errors == [] and result.received_seconds > 0.5  # a freed seat serves at once
+
+
+async def _vanish_after(url: str, audio: np.ndarray, seconds: float) -> None:
+    ws = await websockets.connect(url)
+    await ws.send(json.dumps({"event": "start", "websocket_id": uuid.uuid4().hex}))
+    t0 = time.monotonic()
+    for i in range(0, int(seconds * SAMPLE_RATE), 480):
+        await ws.send(json.dumps(encode_media(audio[i:i + 480])))
+        await asyncio.sleep(max(0.0, t0 + (i + 480) / SAMPLE_RATE - time.monotonic()))
+    ws.transport.abort()  # the network drops: no stop event, no close handshake
+
+
+def test_client_vanishing_mid_call_frees_its_seat_and_spares_others(live_server, telugu_speech):
+    _, audio = telugu_speech
+    engine = live_server.service.engine
+
+    async def scenario():
+        steady = asyncio.create_task(talk(live_server.ws_url, audio, tail_seconds=0.5))
+        await _vanish_after(live_server.ws_url, audio, 1.5)
+        return await steady
+
+    result = asyncio.run(scenario())
+    assert result.errors == [] and result.received_seconds >= result.sent_seconds - 0.5
+    assert wait_for(lambda: engine.seats_in_use() == 0, timeout=10), "the vanished client's seat was not freed"
+
+
+def test_malformed_messages_are_answered_and_the_call_goes_on(live_server, telugu_speech):
+    _, audio = telugu_speech
+    bad = ["not json", "[1, 2]", '{"event": "dance"}', '{"event": "media"}',
+           '{"event": "media", "media": {"payload": "@@not base64@@"}}',
+           json.dumps({"event": "media", "media": {"payload": "A" * 80_000}})]
+    result = asyncio.run(talk(live_server.ws_url, audio[:2 * SAMPLE_RATE], raw_messages=bad, tail_seconds=0.3))
+    errors = [m["message"] for m in result.messages if m.get("type") == "error"]
+    assert len(errors) == len(bad), result.messages
+    assert all(e.startswith("bad message:") for e in errors)
+    assert result.received_seconds >= result.sent_seconds - 0.5  # the same call still works
+
+
+def test_handler_takes_any_rate_layout_dtype_and_survives_garbage(live_server):
+    """The handler fastrtc calls, given what different transports and broken clients send."""
+    service = live_server.service
+    handler = MoshiHandler(service.shared)
+    t = np.arange(48_000 // 5) / 48_000
+    tone48 = np.sin(2 * np.pi * 220 * t)
+    chunks = [
+        (48_000, (tone48 * 16000).astype(np.int16).reshape(1, -1)),  # browser WebRTC
+        (16_000, np.sin(2 * np.pi * 220 * np.arange(3200) / 16_000).astype(np.float32)),  # 16 kHz float
+        (44_100, np.stack([tone48[:8820], tone48[:8820]]).astype(np.float64)),  # stereo float64 (C, N)
+        (24_000, np.stack([tone48[:4800], tone48[:4800]], axis=1).astype(np.float32)),  # stereo (N, C)
+        (24_000, np.full(4800, np.nan, np.float32)),  # NaN
+        (24_000, np.full(4800, np.inf, np.float32)),  # Inf
+        (24_000, np.zeros(0, np.float32)),  # empty
+        (24_000, np.zeros(30 * 24_000, np.float32)),  # 30 s in one chunk: refused
+        (0, np.zeros(480, np.int16)),  # no rate: refused
+        "garbage",  # not a (rate, samples) pair
+    ]
+    try:
+        for chunk in chunks:
+            handler.receive(chunk)
+        session = handler.session
+        assert session is not None and not session.closed
+        assert session.bad_chunks == 2
+        assert session._input_report.non_finite == 2 * 4800
+        outputs = []
+        deadline = time.monotonic() + 10
+        while len(outputs) < 6 and time.monotonic() < deadline:
+            out = handler.emit()
+            if out is not None:
+                outputs.append(out)
+        assert len(outputs) >= 6
+        for rate, pcm in outputs:
+            assert rate == SAMPLE_RATE and pcm.dtype == np.int16 and pcm.shape == (1, 1920)
+    finally:
+        handler.shutdown()
+    assert wait_for(lambda: service.engine.seats_in_use() == 0)
+
+
+@pytest.mark.parametrize("voice, emotion", [("ravi", "sad")])
+def test_page_inputs_reach_the_session(live_server, voice, emotion):
+    handler = MoshiHandler(live_server.service.shared)
+    handler.latest_args = ["__webrtc_value__", "some-webrtc-id", voice, emotion]
+    try:
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        assert handler.session.settings.voice == voice and handler.session.settings.emotion == emotion
+        handler.latest_args = ["__webrtc_value__", "some-webrtc-id", "kiran", emotion]
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        assert handler.session.settings.voice == "kiran"
+    finally:
+        handler.shutdown()
