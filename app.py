@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=env("AGENT_DTYPE"), help="bf16 (GPU default), fp16, fp32 (CPU default)")
     p.add_argument("--context", type=int, default=None, help="LM attention context in frames (12.5 per second)")
     p.add_argument("--max-sessions", type=int, default=int(env("AGENT_MAX_SESSIONS", "0")) or None,
-                   help="seats: calls served at once in one batch (default: from device memory; 8 on CPU)")
+                   help="seats: calls served at once in one batch (default: from device memory; 4 on CPU)")
     p.add_argument("--temp", type=float, default=sampling.temp, help="audio sampling temperature")
     p.add_argument("--temp-text", type=float, default=sampling.temp_text, help="text sampling temperature")
     p.add_argument("--top-k", type=int, default=sampling.top_k, help="audio top-k")

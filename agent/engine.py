@@ -39,7 +39,9 @@ from agent.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_SEATS = 8
+# On a CPU every seat costs compute each tick, idle or not (the batch is fixed); 4 keeps a lone
+# caller's tiny-model step near 20 ms on 2 cores. GPU seats come from memory instead.
+CPU_DEFAULT_SEATS = 4
 MAX_DEFAULT_SEATS = 64
 GPU_RESERVE_BYTES = 2 * 1024**3  # activations, CUDA graphs, allocator slack
 

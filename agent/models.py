@@ -61,7 +61,7 @@ class LoadedModel:
         """The text piece for a sampled text token, '' for padding; '▁' becomes a space."""
         if token in (0, TEXT_PADDING_ID) or token < 0 or self.tokenizer is None:
             return ""
-        if token >= self.tokenizer.vocab_size():
+        if token >= self.tokenizer.vocab_size() or self.tokenizer.is_control(token) or self.tokenizer.is_unknown(token):
             return ""
         return self.tokenizer.id_to_piece(token).replace("▁", " ")
 

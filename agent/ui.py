@@ -21,7 +21,7 @@ PLOT_SECONDS = 60
 
 
 def _choices(items, support) -> list[tuple[str, str]]:
-    return [(item.label if support[item.id].supported else f"{item.label} — not on this model", item.id)
+    return [(item.label if support[item.id].supported else f"{item.label} (not on this model)", item.id)
             for item in items]
 
 
@@ -55,7 +55,7 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
     step = service.engine.stats.step.summary()
     rtf = "–" if step["rtf"] is None else f"{step['rtf']:.2f}"
     lines = [
-        "| | |", "|---|---|",
+        "| Figure | Now |", "|---|---|",
         f"| Step (last / p50 / p95) | {fmt_ms(step['last_ms'])} / {fmt_ms(step['p50_ms'])} / {fmt_ms(step['p95_ms'])} |",
         f"| Real-time factor | {rtf} |",
         f"| Seats in use | {service.engine.seats_in_use()} / {service.engine.num_seats} |",
@@ -96,19 +96,18 @@ def build_demo(service: AgentService, rtc_configuration: dict | None = None, max
     css = CSS_PATH.read_text() if CSS_PATH.exists() else None
 
     with gr.Blocks(title="Telugu voice agent (Moshi)", css=css, theme=gr.themes.Soft()) as demo:
-        with gr.Sidebar(open=True, width=360):
-            gr.Markdown("### Voice and emotion")
+        with gr.Sidebar(open=True, width=380):
             voice = gr.Dropdown(_choices(catalogue.voices, voice_support), value=catalogue.default_voice,
                                 label="Speaker voice · స్వరం", elem_id="voice")
             emotion = gr.Dropdown(_choices(catalogue.emotions, emotion_support), value=catalogue.default_emotion,
                                   label="Emotion · భావం", elem_id="emotion")
-            gr.Markdown(_support_note(service), elem_id="support-note")
-            gr.Markdown("### Model")
-            gr.Markdown(_model_note(service), elem_id="model-note")
+            gr.Markdown(_support_note(service), elem_id="support-note", elem_classes=["small-note"])
             gr.Markdown("### Live figures")
             stats = gr.Markdown("| Call | not connected |", elem_id="readouts")
-            plot = gr.LinePlot(x="seconds", y="ms", color="series", x_lim=[-PLOT_SECONDS, 0], height=220,
+            plot = gr.LinePlot(x="seconds", y="ms", color="series", x_lim=[-PLOT_SECONDS, 0], height=200,
                                label="Last minute (ms)", elem_id="latency-plot")
+            with gr.Accordion("Model", open=service.model.random_weights):
+                gr.Markdown(_model_note(service), elem_id="model-note")
         gr.Markdown("# తెలుగు వాయిస్ ఏజెంట్ · Telugu voice agent\n"
                     "Press the microphone button and speak Telugu. The agent listens and talks at the same "
                     "time (full duplex), one 80 ms frame at a time.", elem_id="intro")
@@ -116,7 +115,7 @@ def build_demo(service: AgentService, rtc_configuration: dict | None = None, max
             gr.Markdown("⚠️ **Demo mode: random-weight model.** No trained weights are loaded, so the agent "
                         "answers with noise. Everything else (streaming, batching, latency figures) is real.",
                         elem_id="random-banner")
-        call = WebRTC(label="Call", modality="audio", mode="send-receive", elem_id="call",
+        call = WebRTC(label="Call", modality="audio", mode="send-receive", elem_id="call", full_screen=False,
                       rtc_configuration=rtc_configuration, time_limit=max_call_seconds,
                       track_constraints={"echoCancellation": True, "noiseSuppression": True,
                                          "autoGainControl": True, "sampleRate": {"ideal": 48000}})

@@ -1,0 +1,101 @@
+"""The page in a real browser: Debian's headless Chromium, driven by Playwright, with a fake
+microphone playing Telugu speech. No browser is downloaded: Playwright launches /usr/bin/chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from agent import SAMPLE_RATE
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.browser
+
+AUDIO_STATE_JS = """() => Array.from(document.querySelectorAll('audio, video')).filter(a => a.srcObject)
+  .map(a => ({paused: a.paused, time: a.currentTime,
+              live: a.srcObject.getAudioTracks().filter(t => t.readyState === 'live').length}))"""
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return predicate()
+
+
+def frames_in_out(readouts: str) -> tuple[int, int]:
+    match = re.search(r"Frames in / out\s*\|?\s*(\d+)\s*/\s*(\d+)", readouts)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+@pytest.fixture(scope="module")
+def mic_wav(tmp_path_factory, telugu_speech) -> Path:
+    _, speech = telugu_speech
+    audio = np.concatenate([speech, np.zeros(SAMPLE_RATE, np.float32)])
+    path = tmp_path_factory.mktemp("mic") / "mic.wav"
+    sf.write(path, soxr.resample(audio, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
+    return path
+
+
+def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required"])
+        try:
+            context = browser.new_context(permissions=["microphone"], viewport={"width": 1400, "height": 900})
+            page = context.new_page()
+            page.goto(live_server.url + "/", wait_until="load")
+            page.get_by_text("Demo mode: random-weight model").wait_for(timeout=30_000)
+
+            page.get_by_text("Click to Access Microphone").click(timeout=30_000)
+            page.locator("#call button", has_text="Record").first.click(timeout=30_000)
+
+            service = live_server.service
+            assert wait_until(lambda: service.registry.live(), 30), "the browser's call never reached the engine"
+            session = service.registry.live()[0]
+
+            # the readouts change while the call runs
+            page.wait_for_function(
+                "() => /Frames in \\/ out/.test(document.querySelector('#readouts').innerText)", timeout=30_000)
+            first = frames_in_out(page.locator("#readouts").inner_text())
+            page.wait_for_timeout(2500)
+            second = frames_in_out(page.locator("#readouts").inner_text())
+            assert second[0] > first[0] and second[1] > first[1], (first, second)
+
+            # audio comes back: the server sent frames and the agent's stream plays in the page
+            # (Chromium and the server share 2 cores here, so allow for a slow start)
+            assert wait_until(lambda: session.seat.counters.frames_out > 20, 30), session.seat.counters
+            state = page.evaluate(AUDIO_STATE_JS)
+            assert any(a["live"] and not a["paused"] for a in state), state
+            played = max(a["time"] for a in state)
+            page.wait_for_timeout(1000)
+            assert max(a["time"] for a in page.evaluate(AUDIO_STATE_JS)) > played
+
+            # the sidebar's selectors reach the call's session
+            page.locator("#voice input").click()
+            page.get_by_role("option", name=re.compile("^Ravi")).click()
+            assert wait_until(lambda: session.settings.voice == "ravi", 15), session.settings
+
+            page.wait_for_function("() => /ravi/.test(document.querySelector('#readouts').innerText)", timeout=15_000)
+            shot = tmp_path / "screenshot.png"
+            page.screenshot(path=str(shot))
+            if os.environ.get("AGENT_SCREENSHOT"):
+                shutil.copy(shot, os.environ["AGENT_SCREENSHOT"])
+
+            page.locator("#call button", has_text="Stop").first.click()
+            assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
+        finally:
+            browser.close()
