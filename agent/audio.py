@@ -2,7 +2,7 @@
 
 Whatever a transport hands us (48 kHz browser WebRTC, 16 or 24 kHz WebSocket, int16 or float,
 mono or stereo, (N,), (1, N), (C, N) or (N, C)) becomes 24 kHz mono float32 in exact
-1920-sample frames. Resampling is streaming (soxr keeps its filter state across chunks), so no
+1920-sample frames. Resampling is streaming (the filter keeps its state across chunks), so no
 sample is dropped or duplicated at chunk boundaries.
 """
 
@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
-import soxr
+from scipy import signal
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 
 MAX_CHUNK_SECONDS = 10.0  # larger chunks are refused: a client should stream, not upload
 MAX_CHANNELS = 8
 MIN_RATE, MAX_RATE = 4_000, 192_000
-# Audio soxr holds back inside its filter, measured with soxr 1.1 (8/16/44.1/48 kHz in):
-# LQ 12.5/12.5/11/2.5 ms, HQ 43/12/18/29 ms. Latency matters more here than a passband past
-# what a 24 kHz speech codec keeps. (fastrtc's WebRTC path already hands us 24 kHz.)
-RESAMPLE_QUALITY = "LQ"
 
 
 class AudioFormatError(ValueError):
@@ -79,28 +77,70 @@ def to_int16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
+class PolyphaseResampler:
+    """Streaming rational resampling (up L, down M) with a windowed-sinc FIR, state kept across
+    chunks: any chunking of the input gives bit-identical output. Its delay is half the filter,
+    TAPS_PER_PHASE / 2 input samples (0.2 ms at 48 kHz, 1 ms at 8 kHz)."""
+
+    TAPS_PER_PHASE = 16
+
+    def __init__(self, in_rate: int, out_rate: int):
+        g = math.gcd(in_rate, out_rate)
+        self.up, self.down = out_rate // g, in_rate // g
+        n_taps = self.TAPS_PER_PHASE * self.up + 1  # odd: the centre falls on a sample, no half-sample shift
+        cutoff = 0.92 / max(self.up, self.down)  # of the upsampled Nyquist: a little below the lower rate's
+        taps = np.zeros((self.TAPS_PER_PHASE + 1) * self.up)
+        taps[:n_taps] = signal.firwin(n_taps, cutoff, window=("kaiser", 8.0)) * self.up
+        self._k = self.TAPS_PER_PHASE + 1
+        # phase p's taps, newest input first: y = sum_i taps[p + i*up] * x[base - i]
+        self._phases = taps.reshape(self._k, self.up).T
+        self._history = np.zeros(self._k - 1, np.float64)  # the last k-1 inputs before this chunk
+        self._consumed = 0  # input samples seen so far
+        self._next_out = 0  # index of the next output sample
+        # output n is read at upsampled index n*down + shift: the filter's centre, so y[n] ~ x(n*down/up)
+        self._shift = (n_taps - 1) // 2
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        k = self._k
+        data = np.concatenate([self._history, x.astype(np.float64)])
+        first = self._consumed - (k - 1)  # absolute index of data[0]
+        self._consumed += x.size
+        # output n needs input up to floor((n*down + shift) / up) < consumed
+        last_n = (self._consumed * self.up - 1 - self._shift) // self.down
+        n = np.arange(self._next_out, last_n + 1)
+        if n.size:
+            t = n * self.down + self._shift
+            base, phase = t // self.up - first, t % self.up
+            window = data[base[:, None] - np.arange(k)[None, :]]  # newest first; history covers i < k
+            out = np.einsum("nk,nk->n", window, self._phases[phase])
+            self._next_out = int(last_n) + 1
+        else:
+            out = np.zeros(0)
+        self._history = data[-(k - 1):]
+        return out.astype(np.float32)
+
+
 class StreamResampler:
-    """Streaming sample-rate conversion that follows the input rate if it changes mid-stream."""
+    """Streaming sample-rate conversion to `out_rate` that follows the input rate if it changes."""
 
     def __init__(self, out_rate: int = SAMPLE_RATE):
         self.out_rate = out_rate
         self.in_rate: int | None = None
-        self._stream: soxr.ResampleStream | None = None
+        self._filter: PolyphaseResampler | None = None
 
     def process(self, rate: int, mono: np.ndarray) -> np.ndarray:
         rate = check_rate(rate)
-        if rate == self.out_rate and self._stream is None:
-            self.in_rate = rate
-            return mono
-        flushed = np.zeros(0, np.float32)
         if rate != self.in_rate:
-            if self._stream is not None:  # rate changed: flush the old filter's tail first
-                flushed = self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
+            # A new rate starts a new filter; the old one's last few samples (its delay) are dropped.
             self.in_rate = rate
-            self._stream = None if rate == self.out_rate else soxr.ResampleStream(
-                rate, self.out_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
-        out = mono if self._stream is None else self._stream.resample_chunk(mono)
-        return np.concatenate([flushed, out]) if flushed.size else out
+            self._filter = None if rate == self.out_rate else PolyphaseResampler(rate, self.out_rate)
+        return mono if self._filter is None else self._filter.process(mono)
+
+
+def resample(audio: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
+    """One-shot resampling of a whole recording (same filter as the streaming path)."""
+    mono = to_mono_float(audio)
+    return mono if in_rate == out_rate else PolyphaseResampler(in_rate, out_rate).process(mono)
 
 
 class Framer:

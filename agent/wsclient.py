@@ -135,7 +135,8 @@ async def talk_with_reconnect(url: str, audio: np.ndarray, attempts: int = 5, **
 
 def main() -> None:
     import soundfile as sf
-    import soxr
+
+    from agent.audio import resample
 
     p = argparse.ArgumentParser(description="Talk to the agent over fastrtc's WebSocket protocol.")
     p.add_argument("url", help="ws://HOST:PORT/websocket/offer")
@@ -143,7 +144,7 @@ def main() -> None:
     p.add_argument("output", help="where to write the agent's audio (24 kHz WAV)")
     args = p.parse_args()
     audio, rate = sf.read(args.input, dtype="float32", always_2d=True)
-    audio = soxr.resample(audio.mean(axis=1), rate, SAMPLE_RATE).astype(np.float32)
+    audio = resample(audio.mean(axis=1), rate, SAMPLE_RATE)
     result = asyncio.run(talk_with_reconnect(args.url, audio))
     sf.write(args.output, result.audio, SAMPLE_RATE)
     for msg in result.messages:

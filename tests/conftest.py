@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
 from agent import SAMPLE_RATE
+from agent.audio import resample
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -41,7 +41,7 @@ def espeak_telugu(text: str, path: Path, voice: str = "te", extra: list[str] | N
     raw = path.with_suffix(".raw.wav")
     subprocess.run(["espeak-ng", "-v", voice, *(extra or []), "-w", str(raw), text], check=True)
     audio, rate = sf.read(raw, dtype="float32")
-    audio = soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+    audio = resample(audio, rate, SAMPLE_RATE)
     sf.write(path, audio, SAMPLE_RATE)
     return audio
 

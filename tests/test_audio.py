@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import soxr
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio import RESAMPLE_QUALITY, AudioFormatError, ChunkReport, Framer, InputAudio, to_int16, to_mono_float
+from agent.audio import (AudioFormatError, ChunkReport, Framer, InputAudio, PolyphaseResampler, resample, to_int16,
+                         to_mono_float)
 
 
 def sweep(rate: int, seconds: float, f0: float = 50.0, f1: float = 10_000.0) -> np.ndarray:
@@ -33,22 +33,38 @@ def test_streaming_resample_and_framing_is_exact(rate):
         frames += path.push(rate, chunk)
     streamed = np.concatenate(frames + [path.framer._pending])
 
-    reference = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
-                                    quality=RESAMPLE_QUALITY).resample_chunk(signal)
+    reference = resample(signal, rate, SAMPLE_RATE)  # the same filter over the whole signal at once
     assert all(f.shape == (FRAME_SIZE,) and f.dtype == np.float32 for f in frames)
-    assert streamed.size == reference.size
-    np.testing.assert_allclose(streamed, reference, atol=1e-6)
+    np.testing.assert_array_equal(streamed, reference)
 
 
 @pytest.mark.parametrize("rate", [48_000, 16_000, 44_100, 8_000])
 def test_resampler_holds_back_little_audio(rate):
-    """With 20 ms chunks (what transports send) the filter holds back under 15 ms: latency."""
+    """With 20 ms chunks (what transports send) the filter holds back under 2 ms: latency."""
     signal = sweep(rate, 2.0)
     path = InputAudio()
     step = rate // 50
     out = sum(len(path.push(rate, signal[i:i + step])) for i in range(0, signal.size, step)) * FRAME_SIZE
     out += path.framer.pending
-    assert 0 <= 2.0 * SAMPLE_RATE - out < 0.015 * SAMPLE_RATE
+    assert 0 <= 2.0 * SAMPLE_RATE - out < 0.002 * SAMPLE_RATE
+
+
+@pytest.mark.parametrize("rate", [48_000, 16_000, 44_100, 8_000])
+def test_resampler_keeps_speech_band_and_timing(rate):
+    """A 1 kHz tone comes out at 1 kHz, at the same level, in the same place (no time shift)."""
+    t = np.arange(rate) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    out = resample(tone, rate, SAMPLE_RATE)
+    expected = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(out.size) / SAMPLE_RATE)
+    middle = slice(SAMPLE_RATE // 10, out.size - SAMPLE_RATE // 10)
+    assert np.abs(out[middle] - expected[middle]).max() < 0.01
+
+
+def test_downsampling_removes_what_the_new_rate_cannot_hold():
+    """A 20 kHz tone at 48 kHz would alias to 4 kHz at 24 kHz: the filter must remove it."""
+    t = np.arange(48_000) / 48_000
+    out = PolyphaseResampler(48_000, SAMPLE_RATE).process((0.5 * np.sin(2 * np.pi * 20_000 * t)).astype(np.float32))
+    assert np.sqrt(np.mean(out[2400:-2400] ** 2)) < 0.005
 
 
 def test_24k_input_passes_through_bit_exact():

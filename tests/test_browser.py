@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
 from agent import SAMPLE_RATE
+from agent.audio import resample
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.browser
@@ -41,7 +41,7 @@ def mic_wav(tmp_path_factory, telugu_speech) -> Path:
     _, speech = telugu_speech
     audio = np.concatenate([speech, np.zeros(SAMPLE_RATE, np.float32)])
     path = tmp_path_factory.mktemp("mic") / "mic.wav"
-    sf.write(path, soxr.resample(audio, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
+    sf.write(path, resample(audio, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
     return path
 
 

@@ -9,11 +9,11 @@ import uuid
 
 import aiohttp
 import numpy as np
-import soxr
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from av import AudioFrame
 
 from agent import SAMPLE_RATE
+from agent.audio import resample
 
 WEBRTC_RATE = 48_000
 PTIME = 0.02
@@ -26,7 +26,7 @@ class SpeechTrack(MediaStreamTrack):
 
     def __init__(self, audio_24k: np.ndarray):
         super().__init__()
-        audio = soxr.resample(audio_24k, SAMPLE_RATE, WEBRTC_RATE)
+        audio = resample(audio_24k, SAMPLE_RATE, WEBRTC_RATE)
         self.pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
         self.samples = int(WEBRTC_RATE * PTIME)
         self.sent = 0
