@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from moshi.conditioners import ConditionAttributes
 from moshi.models.lm import LMGen
 
 from agent import FRAME_SECONDS, FRAME_SIZE
@@ -52,6 +53,10 @@ class SeatsFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     pass
+
+
+class ConditionError(ValueError):
+    """A conditioner value the loaded model was not trained with."""
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Seat:
         self.owner = owner
         self.counters = SeatCounters()
         self.closed_reason: str | None = None
+        self.conditions: dict[str, str] = {}  # what the LM is conditioned on for this seat, once applied
         self.last_input_at = time.monotonic()
         self._engine = engine
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
@@ -126,6 +132,11 @@ class Seat:
     def release(self, reason: str = "released") -> None:
         self._engine._release(self, reason)
 
+    def set_conditions(self, conditions: dict[str, str]) -> None:
+        """Condition this seat (e.g. {"speaker": "ravi", "emotion": "sad"}) from its next frame on;
+        other seats are untouched. Raises ConditionError for a value the model does not know."""
+        self._engine._set_conditions(self, conditions)
+
     def _deliver(self, frame: OutputFrame) -> None:  # engine lock held
         if len(self._outputs) >= self._max_out:
             self._outputs.popleft()
@@ -166,9 +177,18 @@ class FrameEngine:
         self.config = config or EngineConfig()
         sampling = sampling or SamplingConfig()
         self.num_seats = self.config.max_sessions or default_seat_count(model)
+        # Conditioned models (speaker/emotion LUTs summed into the input) start every seat on each
+        # conditioner's first value; a seat's row is overwritten when its caller chooses.
+        self.condition_values = model.condition_values
+        self._default_conditions = {name: values[0] for name, values in self.condition_values.items()}
+        condition_tensors = None
+        if model.lm.fuser is not None:
+            condition_tensors = model.lm.condition_provider.prepare_and_provide(
+                [ConditionAttributes(text=dict(self._default_conditions))] * self.num_seats)
         self.lm_gen = LMGen(model.lm, use_sampling=sampling.use_sampling, temp=sampling.temp,
                             temp_text=sampling.temp_text, top_k=sampling.top_k,
-                            top_k_text=sampling.top_k_text, support_out_of_sync=True)
+                            top_k_text=sampling.top_k_text, support_out_of_sync=True,
+                            condition_tensors=condition_tensors)
         model.mimi.streaming_forever(self.num_seats)
         self.lm_gen.streaming_forever(self.num_seats)
         self.stats = EngineStats(seats_total=self.num_seats)
@@ -176,6 +196,7 @@ class FrameEngine:
         self._wake = threading.Condition(self._lock)
         self._seats: list[Seat | None] = [None] * self.num_seats
         self._pending_reset = torch.zeros(self.num_seats, dtype=torch.bool)
+        self._pending_rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]] = {}  # index -> (seat, values, row)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_tick = 0.0
@@ -192,6 +213,9 @@ class FrameEngine:
                     new = Seat(self, index, owner, self.config)
                     self._seats[index] = new
                     self._pending_reset[index] = True
+                    if self._default_conditions:
+                        self._pending_rows[index] = (new, dict(self._default_conditions),
+                                                     self._condition_row(self._default_conditions))
                     self.stats.calls_started += 1
                     self.stats.seats_in_use += 1
                     log.debug("seat %d taken by %s (%d/%d in use)", index, owner,
@@ -213,13 +237,43 @@ class FrameEngine:
                 log.debug("seat %d freed (%s), %d/%d in use", seat.index, reason,
                          self.stats.seats_in_use, self.num_seats)
 
+    def _condition_row(self, conditions: dict[str, str]) -> torch.Tensor:
+        """The LM's summed condition for one seat, shape [1, dim]."""
+        lm = self.model.lm
+        with torch.no_grad():
+            tensors = lm.condition_provider.prepare_and_provide([ConditionAttributes(text=dict(conditions))])
+            return lm.fuser.get_sum(tensors).to(lm.dtype)[0]
+
+    def _set_conditions(self, seat: Seat, conditions: dict[str, str]) -> None:
+        if not self.condition_values:
+            return  # an unconditioned checkpoint (e.g. Kyutai's Moshiko): nothing to set
+        for name, value in conditions.items():
+            known = self.condition_values.get(name)
+            if known is None:
+                raise ConditionError(f"this model has no {name!r} conditioning")
+            if value not in known:
+                raise ConditionError(f"{name} {value!r} is not one this model was trained with: {known}")
+        values = self._default_conditions | conditions
+        row = self._condition_row(values)
+        with self._lock:
+            if self._seats[seat.index] is seat:
+                self._pending_rows[seat.index] = (seat, values, row)
+
+    def _apply_condition_rows(self, rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]]) -> None:
+        """Overwrite seats' rows of LMGen's summed condition in place (moshi keeps it in its streaming
+        state; CUDA graphs copy it in on every replay, so an in-place write stays graph-safe)."""
+        condition_sum = self.lm_gen._streaming_state.condition_sum
+        for index, (seat, values, row) in rows.items():
+            condition_sum[index].copy_(row)
+            seat.conditions = values
+
     def seats_in_use(self) -> int:
         with self._lock:
             return self.stats.seats_in_use
 
     # -- the tick ------------------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, torch.Tensor, torch.Tensor]:
+    def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, torch.Tensor, torch.Tensor, dict]:
         """Pop one frame per ready seat (engine lock held)."""
         batch: list[tuple[Seat, float]] = []
         pcm = np.zeros((self.num_seats, 1, FRAME_SIZE), np.float32)
@@ -239,14 +293,17 @@ class FrameEngine:
             batch.append((seat, done_at))
         reset = self._pending_reset.clone()
         self._pending_reset.zero_()
-        return batch, pcm, exec_mask, reset
+        rows, self._pending_rows = self._pending_rows, {}
+        return batch, pcm, exec_mask, reset, rows
 
     @torch.no_grad()
     def step_once(self) -> int:
         """Run one batched step for every seat that has an input frame. Returns how many stepped."""
         with self._lock:
-            batch, pcm, exec_mask, reset = self._take_batch()
+            batch, pcm, exec_mask, reset, rows = self._take_batch()
             self._last_tick = time.monotonic()
+        if rows:
+            self._apply_condition_rows(rows)
         if not batch:
             return 0
         mimi, device = self.model.mimi, self.model.device

@@ -21,7 +21,7 @@ from fastrtc.utils import CloseStream, current_context
 
 from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError, to_int16
-from agent.engine import EngineStoppedError, FrameEngine, SeatsFullError
+from agent.engine import ConditionError, EngineStoppedError, FrameEngine, SeatsFullError
 from agent.session import Session, SessionRegistry
 from agent.voices import Catalogue, CatalogueError, CallSettings
 
@@ -103,6 +103,8 @@ class MoshiHandler(StreamHandler):
                                            self.shared.silence_ms)
                 except (SeatsFullError, EngineStoppedError) as exc:
                     self._refused = str(exc)
+                except ConditionError as exc:
+                    self._refused = f"That voice or emotion is not available on this model: {exc}"
             if self._refused is not None:
                 log.warning("call refused: %s", self._refused)
                 self._notify("error", self._refused)
@@ -134,8 +136,12 @@ class MoshiHandler(StreamHandler):
             self._warn_once("settings", str(exc))
             return
         if wanted != session.settings:
+            try:
+                session.change_settings(wanted)
+            except ConditionError as exc:
+                self._warn_once(f"cond:{wanted}", str(exc))
+                return
             log.info("call %s: voice/emotion -> %s", session.call_id, wanted)
-            session.settings = wanted
 
     def emit(self):
         session = self.session

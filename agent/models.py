@@ -26,6 +26,7 @@ from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
 from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TINY_MODEL, ModelConfig
+from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ class LoadedModel:
         params = sum(p.numel() for p in self.lm.parameters())
         kind = "RANDOM WEIGHTS (no trained model loaded: the voice is noise)" if self.random_weights else "trained"
         return f"{self.name} · {params / 1e6:.1f} M LM params · {self.device.type} {str(self.dtype).removeprefix('torch.')} · {kind}"
+
+    @property
+    def condition_values(self) -> dict[str, list[str]]:
+        """Categorical conditioners the LM really has (e.g. speaker, emotion), with their trained values."""
+        provider = self.lm.condition_provider
+        out: dict[str, list[str]] = {}
+        for name, conditioner in (provider.conditioners.items() if provider is not None else []):
+            values = getattr(getattr(conditioner, "tokenizer", None), "possible_values", None)
+            if values is not None:
+                out[name] = list(values)
+        return out
 
     def decode_text(self, token: int) -> str:
         """The text piece for a sampled text token, '' for padding; '▁' becomes a space."""
@@ -120,12 +132,28 @@ def tiny_mimi_config() -> dict:
     return cfg
 
 
-def tiny_lm_kwargs(text_card: int, card: int = 256) -> dict:
-    """Moshi's real geometry (8 agent + 8 user codebooks, same delays) at a tiny width."""
+def voice_conditioners(lut_dim: int = 16) -> dict:
+    """LM config entries for categorical speaker and emotion conditioning, summed into the input
+    embedding, with the catalogue's ids as the trained values."""
+    catalogue = load_catalogue()
+    values = {SPEAKER: [v.id for v in catalogue.voices], EMOTION: [e.id for e in catalogue.emotions]}
+    return {
+        "conditioners": {name: {"type": "lut", "lut": {"n_bins": len(ids), "dim": lut_dim, "tokenizer": "noop",
+                                                        "possible_values": ids}}
+                         for name, ids in values.items()},
+        "fuser": {"sum": [SPEAKER, EMOTION]},
+    }
+
+
+def tiny_lm_kwargs(text_card: int, card: int = 256, conditioned: bool = True) -> dict:
+    """Moshi's real geometry (8 agent + 8 user codebooks, same delays) at a tiny width, with the
+    speaker/emotion conditioners our fine-tuned models carry."""
     kw = copy.deepcopy(loaders._lm_kwargs)
     kw.update(dim=64, num_heads=4, num_layers=2, hidden_scale=2.0, context=250, text_card=text_card,
               card=card, depformer_dim=32, depformer_dim_feedforward=64, depformer_num_heads=2,
               depformer_num_layers=1)
+    if conditioned:
+        kw.update(voice_conditioners())
     return kw
 
 
@@ -147,8 +175,9 @@ def build_tiny(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
 
 def build_random_7b(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
                     context: int | None = None) -> LoadedModel:
-    """The full Moshi 7B architecture with random weights: for speed and memory figures only."""
-    lm_kwargs = copy.deepcopy(loaders._lm_kwargs)
+    """The full Moshi 7B architecture (plus our speaker/emotion conditioners) with random weights:
+    for speed and memory figures only."""
+    lm_kwargs = copy.deepcopy(loaders._lm_kwargs) | voice_conditioners(lut_dim=128)
     if context is not None:
         lm_kwargs["context"] = context
     _seeded(seed)
@@ -214,8 +243,12 @@ def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
         mimi = info.get_mimi(device=device)
         lm = info.get_moshi(device=device, dtype=dtype)
         tokenizer = info.get_text_tokenizer()
-    except (RuntimeError, KeyError, OSError) as exc:
-        raise ModelLoadError(f"{spec}: the weights do not match the config ({exc})") from exc
+    except (RuntimeError, KeyError, OSError, ValueError) as exc:
+        if "condition_provider" in str(exc) or "fuser" in str(exc):
+            raise ModelLoadError(
+                f"{spec}: the conditioner weights (speaker/emotion) do not match config.json's 'conditioners': "
+                f"{str(exc)[:600]}") from exc
+        raise ModelLoadError(f"{spec}: the weights do not match the config: {str(exc)[:600]}") from exc
     if tokenizer.vocab_size() < lm.text_card:
         raise ModelLoadError(f"{spec}: tokenizer has {tokenizer.vocab_size()} pieces, the LM expects {lm.text_card}")
     return LoadedModel(Path(spec).name if Path(spec).is_dir() else spec, mimi, lm, tokenizer, device, dtype,

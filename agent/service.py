@@ -33,14 +33,7 @@ class AgentService:
         return MoshiHandler(self.shared, input_sample_rate=input_sample_rate)
 
     def conditioner_values(self) -> dict[str, list[str]]:
-        """Categorical conditioners the loaded LM really has, with their trained values."""
-        provider = getattr(self.model.lm, "condition_provider", None)
-        out: dict[str, list[str]] = {}
-        for name, conditioner in (getattr(provider, "conditioners", None) or {}).items():
-            values = getattr(getattr(conditioner, "tokenizer", None), "possible_values", None)
-            if values is not None:
-                out[name] = list(values)
-        return out
+        return self.model.condition_values
 
     def close(self) -> None:
         self.engine.stop()

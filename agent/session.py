@@ -46,6 +46,7 @@ class SessionFigures:
     turn_latencies_ms: list[float | None]
     latency_series: list[tuple[float, float]] = field(default_factory=list)
     closed_reason: str | None = None
+    conditioned: bool = False  # the LM is conditioned on this call's voice and emotion
 
 
 class Session:
@@ -53,6 +54,12 @@ class Session:
         self.call_id = call_id
         self.settings = settings
         self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
+        self._available_conditions = engine.condition_values
+        try:
+            self.seat.set_conditions(settings.conditions(self._available_conditions))
+        except ValueError:
+            self.seat.release("voice/emotion not available")
+            raise
         self.started_at = time.monotonic()
         self._input = InputAudio()
         self._input_report = ChunkReport()
@@ -67,6 +74,12 @@ class Session:
     @property
     def closed(self) -> bool:
         return self.seat.closed
+
+    def change_settings(self, settings: CallSettings) -> None:
+        """A new voice/emotion takes effect on this call's next frame (ConditionError if the model
+        does not know it; the call keeps its current settings then)."""
+        self.seat.set_conditions(settings.conditions(self._available_conditions))
+        self.settings = settings
 
     def receive(self, rate: int, samples: np.ndarray) -> list[Turn]:
         """Any client chunk in (raises AudioFormatError for audio it cannot read). Returns user
@@ -122,7 +135,13 @@ class Session:
             turn_latencies_ms=[t.latency_ms for t in turns if t.closed],
             latency_series=self.latency.latencies.items(),
             closed_reason=self.seat.closed_reason,
+            conditioned=self._conditioned(),
         )
+
+    def _conditioned(self) -> bool:
+        """The LM already runs this call on the voice and emotion chosen (applied at a tick)."""
+        wanted = self.settings.conditions(self._available_conditions)
+        return bool(wanted) and all(self.seat.conditions.get(k) == v for k, v in wanted.items())
 
     def close(self, reason: str = "call ended") -> None:
         if not self.seat.closed:

@@ -36,7 +36,10 @@ def _support_note(service: AgentService) -> str:
     if not any(s.supported for s in emotions.values()):
         lines.append(f"**Emotions:** {next(iter(emotions.values())).reason}. The choice is kept with the call "
                      "but does not change how it sounds.")
-    return "\n\n".join(lines) or "All voices and emotions below are conditioned on this model."
+    if not lines and service.model.random_weights:
+        lines.append("Voices and emotions are conditioned on this model, but its tables are random: "
+                     "a choice changes the (noise) output, not to a real voice.")
+    return "\n\n".join(lines) or "Every voice and emotion below is conditioned on this model."
 
 
 def _model_note(service: AgentService) -> str:
@@ -76,7 +79,8 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
             f"| Voice-to-voice, last turns (ms) | {', '.join(turns) if turns else 'speak, then pause'} |",
             f"| Frames in / out | {fig.frames_in} / {fig.frames_out} |",
             f"| Dropped in / out · late ticks | {fig.input_dropped} / {fig.output_dropped} · {fig.frozen_ticks} |",
-            f"| Voice · emotion | {fig.settings.voice} · {fig.settings.emotion} |",
+            f"| Voice · emotion | {fig.settings.voice} · {fig.settings.emotion}"
+            f"{' (conditioned)' if fig.conditioned else ''} |",
         ]
         if fig.closed_reason:
             lines.append(f"| Call | ended: {fig.closed_reason} |")

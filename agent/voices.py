@@ -13,6 +13,7 @@ from pathlib import Path
 
 CATALOGUE_PATH = Path(__file__).resolve().parent.parent / "assets" / "catalogue.json"
 GENDERS = ("female", "male")
+SPEAKER, EMOTION = "speaker", "emotion"  # the LM's conditioner names for a voice and an emotion
 
 
 class CatalogueError(ValueError):
@@ -50,6 +51,11 @@ class CallSettings:
     voice: str
     emotion: str
 
+    def conditions(self, available: dict[str, list[str]]) -> dict[str, str]:
+        """The conditioner values for this call, for the conditioners the model has."""
+        wanted = {SPEAKER: self.voice, EMOTION: self.emotion}
+        return {name: value for name, value in wanted.items() if name in available}
+
 
 @dataclass(frozen=True)
 class Support:
@@ -84,7 +90,7 @@ class Catalogue:
                             self.emotion(emotion or self.default_emotion).id)
 
     def voice_support(self, model_name: str, conditioner_values: dict[str, list[str]]) -> dict[str, Support]:
-        values = conditioner_values.get("speaker")
+        values = conditioner_values.get(SPEAKER)
         out = {}
         for v in self.voices:
             if values is not None:
@@ -96,7 +102,7 @@ class Catalogue:
         return out
 
     def emotion_support(self, conditioner_values: dict[str, list[str]]) -> dict[str, Support]:
-        values = conditioner_values.get("emotion")
+        values = conditioner_values.get(EMOTION)
         return {e.id: Support(values is not None and e.id in values,
                               "" if values is not None and e.id in values
                               else "this model has no emotion conditioning" if values is None
