@@ -88,6 +88,8 @@ def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
             page.locator("#voice input").click()
             page.get_by_role("option", name=re.compile("^Ravi")).click()
             assert wait_until(lambda: session.settings.voice == "ravi", 15), session.settings
+            # ... and the LM: the seat's condition row is the new voice from the next frame on
+            assert wait_until(lambda: session.seat.conditions.get("speaker") == "ravi", 5), session.seat.conditions
 
             page.wait_for_function("() => /ravi/.test(document.querySelector('#readouts').innerText)", timeout=15_000)
             shot = tmp_path / "screenshot.png"
