@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="public Gradio link (downloads Gradio's tunnel binary: needs internet)")
     p.add_argument("--vad-silence-ms", type=int, default=ServerConfig.vad_silence_ms,
                    help="silence that ends a user turn for the latency figures")
+    p.add_argument("--max-call-minutes", type=float, default=float(env("AGENT_MAX_CALL_MINUTES", "30")),
+                   help="end a call after this long (0: no limit)")
+    p.add_argument("--drain-seconds", type=float, default=float(env("AGENT_DRAIN_SECONDS", str(ServerConfig.drain_seconds))),
+                   help="on SIGTERM, how long live calls may go on before the server exits")
     return p.parse_args(argv)
 
 
@@ -51,7 +55,8 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Server
     return (ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                         context=args.context, sampling=sampling),
             EngineConfig(max_sessions=args.max_sessions),
-            ServerConfig(host=args.host, port=args.port, share=args.share, vad_silence_ms=args.vad_silence_ms))
+            ServerConfig(host=args.host, port=args.port, share=args.share, vad_silence_ms=args.vad_silence_ms,
+                         max_call_seconds=args.max_call_minutes * 60 or None, drain_seconds=args.drain_seconds))
 
 
 def build(args: argparse.Namespace):
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.share:
             serve_shared_link(service, demo, stream, args.host, args.port)
         else:
-            serve(build_app(service, demo, stream), args.host, args.port)
+            serve(build_app(service, demo, stream), service, args.host, args.port)
     finally:
         service.close()
     return 0

@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -117,6 +118,7 @@ class Seat:
             if len(self._inputs) >= self._max_in:
                 self._inputs.popleft()
                 self.counters.input_dropped += 1
+                self._engine.stats.input_dropped += 1
             self._inputs.append((frame, done_at))
             self.counters.frames_in += 1
             self.last_input_at = time.monotonic()
@@ -141,6 +143,7 @@ class Seat:
         if len(self._outputs) >= self._max_out:
             self._outputs.popleft()
             self.counters.output_dropped += 1
+            self._engine.stats.output_dropped += 1
         self._outputs.append(frame)
         self.counters.frames_out += 1
         self._out_ready.notify_all()
@@ -148,11 +151,16 @@ class Seat:
 
 @dataclass
 class EngineStats:
+    """Engine-wide totals since start (seat counters vanish with their seat; these do not)."""
+
     ticks: int = 0
     seats_total: int = 0
     seats_in_use: int = 0
     calls_started: int = 0
     calls_refused: int = 0
+    input_dropped: int = 0
+    output_dropped: int = 0
+    late_ticks: int = 0
     step: StepTimes = field(default_factory=StepTimes)
 
 
@@ -172,8 +180,11 @@ class FrameEngine:
     single tick in the caller's thread (offline inference, benchmarks, tests)."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None,
-                 sampling: SamplingConfig | None = None):
+                 sampling: SamplingConfig | None = None,
+                 on_step: Callable[[float, int], None] | None = None):
+        """`on_step(seconds, batch)` is called after every step (e.g. a Prometheus histogram)."""
         self.model = model
+        self.on_step = on_step
         self.config = config or EngineConfig()
         sampling = sampling or SamplingConfig()
         self.num_seats = self.config.max_sessions or default_seat_count(model)
@@ -283,6 +294,7 @@ class FrameEngine:
                 continue
             if not seat._inputs:
                 seat.counters.frozen_ticks += 1
+                self.stats.late_ticks += 1
                 continue
             frame, done_at = seat._inputs.popleft()
             if not np.isfinite(frame).all():  # sessions sanitise; this guards direct callers
@@ -343,6 +355,8 @@ class FrameEngine:
                     pcm=np.nan_to_num(out_np[i]).astype(np.float32) if is_voiced else self._zeros.copy(),
                     text=self.model.decode_text(token), text_token=token, input_done_at=done_at,
                     produced_at=produced_at, voiced=is_voiced))
+        if self.on_step is not None:  # after delivery: telemetry never delays audio
+            self.on_step(t3 - t0, len(batch))
         return len(batch)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -382,14 +396,19 @@ class FrameEngine:
                 log.exception("engine step failed; the tick is skipped")
 
     def warm_up(self, steps: int = 4) -> None:
-        """Run a few steps on silence (captures CUDA graphs on GPU), then reset every seat."""
-        owner = [self.acquire("warm-up") for _ in range(self.num_seats)]
-        for _ in range(steps):
+        """Run a few steps on silence (captures CUDA graphs on GPU), then reset every seat.
+        Warm-up steps are slow by design and are kept out of every figure."""
+        on_step, self.on_step = self.on_step, None
+        try:
+            owner = [self.acquire("warm-up") for _ in range(self.num_seats)]
+            for _ in range(steps):
+                for seat in owner:
+                    seat.push(self._zeros.copy())
+                self.step_once()
             for seat in owner:
-                seat.push(self._zeros.copy())
-            self.step_once()
-        for seat in owner:
-            seat.release("warm-up done")
+                seat.release("warm-up done")
+        finally:
+            self.on_step = on_step
         self.stats = EngineStats(seats_total=self.num_seats)
 
     def start(self) -> "FrameEngine":

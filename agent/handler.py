@@ -13,7 +13,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastrtc import StreamHandler
@@ -38,6 +38,8 @@ class HandlerContext:
     registry: SessionRegistry
     catalogue: Catalogue
     silence_ms: int = 300
+    max_call_seconds: float | None = None
+    on_turn_latency: Callable[[float], None] | None = None
     draining: bool = False
 
 
@@ -100,7 +102,8 @@ class MoshiHandler(StreamHandler):
             else:
                 try:
                     self.session = Session(self.shared.engine, self._call_id(), self._requested_settings(),
-                                           self.shared.silence_ms)
+                                           self.shared.silence_ms, self.shared.max_call_seconds,
+                                           self.shared.on_turn_latency)
                 except (SeatsFullError, EngineStoppedError) as exc:
                     self._refused = str(exc)
                 except ConditionError as exc:
@@ -120,6 +123,9 @@ class MoshiHandler(StreamHandler):
             rate, samples = frame
         except (TypeError, ValueError):
             self._warn_once("shape", "Ignored a malformed audio message (expected (rate, samples)).")
+            return
+        if session.over_time:
+            self._end_call(f"This call reached its time limit of {session.max_seconds / 60:.0f} minutes.")
             return
         try:
             session.receive(rate, samples)
@@ -155,6 +161,13 @@ class MoshiHandler(StreamHandler):
         if out is None:
             return None
         return (SAMPLE_RATE, to_int16(out.pcm).reshape(1, -1))
+
+    def _end_call(self, message: str) -> None:
+        """End the call from the server side: tell the client, free the seat, close the stream."""
+        with self._lock:
+            self._refused = message
+        self._notify("warning", message)
+        self.shutdown()
 
     def shutdown(self) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -84,3 +85,59 @@ class StepTimes:
 
 def fmt_ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus (/metrics)
+# ---------------------------------------------------------------------------------------------
+
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.25, 0.5)
+V2V_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+
+
+class PrometheusExporter:
+    """Histograms observed as events happen; counters and gauges read from the engine at scrape
+    time (`snapshot()` returns their current values). One registry per service, not the global one,
+    so several services can live in one process (tests)."""
+
+    COUNTERS = {
+        "calls_started": "Calls given a seat.",
+        "calls_refused": "Calls refused because every seat was taken.",
+        "input_dropped": "Input frames dropped because a seat's input backlog was full (client too fast).",
+        "output_dropped": "Output frames dropped because a client did not read its audio.",
+        "late_ticks": "Ticks a seat sat out because its input frame was late (frozen, padded by waiting).",
+    }
+    GAUGES = {
+        "seats_total": "Seats (batch slots) in the engine.",
+        "seats_in_use": "Seats taken by live calls.",
+        "draining": "1 while the server drains before shutting down.",
+    }
+
+    def __init__(self, snapshot: Callable[[], dict[str, float]]):
+        from prometheus_client import CollectorRegistry, Histogram
+
+        self.snapshot = snapshot
+        self.registry = CollectorRegistry()
+        self.step_seconds = Histogram("agent_step_seconds", "Wall time of one batched Mimi encode + LM step + "
+                                      "Mimi decode.", buckets=STEP_BUCKETS, registry=self.registry)
+        self.voice_to_voice_seconds = Histogram(
+            "agent_voice_to_voice_seconds", "From the end of a user's turn to the agent's first voiced audio "
+            "(server side, VAD silence window subtracted).", buckets=V2V_BUCKETS, registry=self.registry)
+        self.registry.register(self)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        values = self.snapshot()
+        for name, help_text in self.COUNTERS.items():
+            yield CounterMetricFamily(f"agent_{name}", help_text, value=values.get(name, 0))
+        for name, help_text in self.GAUGES.items():
+            yield GaugeMetricFamily(f"agent_{name}", help_text, value=values.get(name, 0))
+
+    def describe(self):
+        return []  # values are read at scrape time
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -5,6 +5,11 @@ Endpoints (all on one port):
 - `/websocket/offer`    fastrtc's WebSocket audio protocol (see README)
 - `/webrtc/offer`       fastrtc's WebRTC offer endpoint for non-browser WebRTC clients
 - `/healthz`            process alive, with seat counts
+- `/readyz`             200 when a new call would get a seat; 503 when full or draining
+- `/metrics`            Prometheus text format
+
+On SIGTERM the server drains: it stops taking calls (/readyz 503, new callers are told), lets
+live calls finish for up to `drain_seconds`, then exits 0. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Response, WebSocket
 from fastrtc import Stream
 from fastrtc.websocket import WebSocketHandler
 
@@ -111,6 +116,18 @@ def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None
         return {"status": "ok", "model": service.model.name, "random_weights": service.model.random_weights,
                 "seats_total": service.engine.num_seats, "seats_in_use": service.engine.seats_in_use()}
 
+    @app.get("/readyz")
+    def readyz(response: Response) -> dict:
+        ready, reason = service.readiness()
+        response.status_code = 200 if ready else 503
+        return {"ready": ready, "reason": reason, "seats_total": service.engine.num_seats,
+                "seats_in_use": service.engine.seats_in_use()}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body, content_type = service.exporter.render()
+        return Response(body, media_type=content_type)
+
 
 def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> FastAPI:
     app = FastAPI(title="Telugu voice agent")
@@ -118,12 +135,37 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     return gr.mount_gradio_app(app, demo, path="/")
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains on SIGTERM/SIGINT instead of cutting live calls."""
+
+    def __init__(self, config: uvicorn.Config, service: AgentService):
+        super().__init__(config)
+        self.service = service
+        self._draining: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._draining is not None:  # a second signal: stop now
+            log.warning("second signal: exiting without waiting for calls")
+            super().handle_exit(sig, frame)
+            return
+
+        def drain_then_exit() -> None:
+            self.service.drain(self.service.server_config.drain_seconds)
+            self.should_exit = True
+
+        self._draining = threading.Thread(target=drain_then_exit, name="drain", daemon=True)
+        self._draining.start()
+
+
+def server_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20)
+
+
 class BackgroundServer:
     """uvicorn in a thread (tests, notebooks); `stop()` shuts it down cleanly."""
 
     def __init__(self, app: FastAPI, host: str, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    ws_max_size=1 << 20))
+        self.server = uvicorn.Server(server_config(app, host, port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.url = f"http://{host}:{port}"
 
@@ -141,8 +183,8 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    uvicorn.run(app, host=host, port=port, log_level="info", ws_max_size=1 << 20)
+def serve(app: FastAPI, service: AgentService, host: str, port: int) -> None:
+    DrainingServer(server_config(app, host, port), service).run()
 
 
 def serve_shared_link(service: AgentService, demo: gr.Blocks, stream: AgentStream, host: str, port: int) -> None:

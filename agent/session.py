@@ -11,6 +11,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -50,7 +51,8 @@ class SessionFigures:
 
 
 class Session:
-    def __init__(self, engine: FrameEngine, call_id: str, settings: CallSettings, silence_ms: int = 300):
+    def __init__(self, engine: FrameEngine, call_id: str, settings: CallSettings, silence_ms: int = 300,
+                 max_seconds: float | None = None, on_turn_latency: Callable[[float], None] | None = None):
         self.call_id = call_id
         self.settings = settings
         self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
@@ -64,7 +66,8 @@ class Session:
         self._input = InputAudio()
         self._input_report = ChunkReport()
         self.bad_chunks = 0
-        self.latency = TurnLatencyTracker(silence_ms=silence_ms)
+        self.max_seconds = max_seconds
+        self.latency = TurnLatencyTracker(silence_ms=silence_ms, on_latency=on_turn_latency)
         self.frame_latency = RollingWindow()  # input frame complete -> its output frame ready
         self._transcript: deque[str] = deque()
         self._transcript_chars = 0
@@ -74,6 +77,10 @@ class Session:
     @property
     def closed(self) -> bool:
         return self.seat.closed
+
+    @property
+    def over_time(self) -> bool:
+        return self.max_seconds is not None and time.monotonic() - self.started_at > self.max_seconds
 
     def change_settings(self, settings: CallSettings) -> None:
         """A new voice/emotion takes effect on this call's next frame (ConditionError if the model

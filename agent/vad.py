@@ -17,6 +17,7 @@ import copy
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -133,6 +134,7 @@ class TurnLatencyTracker:
     """Both VAD streams of one call and the turns measured between them."""
 
     silence_ms: int = 300
+    on_latency: Callable[[float], None] | None = None  # seconds, for each answered turn
     turns: list[Turn] = field(default_factory=list)
     latencies: RollingWindow = field(default_factory=RollingWindow)
 
@@ -189,6 +191,8 @@ class TurnLatencyTracker:
     def _answer(self, turn: Turn, onset: float) -> None:
         turn.agent_start, turn.closed = onset, True
         self.latencies.add(turn.latency_ms)
+        if self.on_latency is not None:
+            self.on_latency(turn.latency_ms / 1e3)
 
     def _close_open_turns(self, before: float) -> None:
         for turn in self.turns:
