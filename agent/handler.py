@@ -12,8 +12,7 @@ import json
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from fastrtc import StreamHandler
@@ -21,33 +20,20 @@ from fastrtc.utils import CloseStream, current_context
 
 from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError, to_int16
-from agent.engine import ConditionError, EngineStoppedError, FrameEngine, SeatsFullError
-from agent.session import Session, SessionRegistry
-from agent.voices import Catalogue, CatalogueError, CallSettings
+from agent.engine import ConditionError, EngineStoppedError
+from agent.session import CallHub, CallRefused, Session
+from agent.voices import CallSettings, CatalogueError
 
 log = logging.getLogger(__name__)
 
 EMIT_WAIT_S = 0.02
 
 
-@dataclass
-class HandlerContext:
-    """What every connection's handler shares."""
-
-    engine: FrameEngine
-    registry: SessionRegistry
-    catalogue: Catalogue
-    silence_ms: int = 300
-    max_call_seconds: float | None = None
-    on_turn_latency: Callable[[float], None] | None = None
-    draining: bool = False
-
-
 class MoshiHandler(StreamHandler):
-    def __init__(self, shared: HandlerContext, input_sample_rate: int = SAMPLE_RATE):
+    def __init__(self, hub: CallHub, input_sample_rate: int = SAMPLE_RATE):
         super().__init__(expected_layout="mono", output_sample_rate=SAMPLE_RATE,
                          input_sample_rate=input_sample_rate)
-        self.shared = shared
+        self.hub = hub
         self.session: Session | None = None
         self._refused: str | None = None
         self._closing_sent = False
@@ -55,7 +41,7 @@ class MoshiHandler(StreamHandler):
         self._lock = threading.Lock()
 
     def copy(self) -> "MoshiHandler":
-        return MoshiHandler(self.shared, self.input_sample_rate)
+        return MoshiHandler(self.hub, self.input_sample_rate)
 
     # -- connection identity and UI inputs -------------------------------------------------------
 
@@ -66,9 +52,9 @@ class MoshiHandler(StreamHandler):
     def _requested_settings(self) -> CallSettings:
         """Voice and emotion from the page's inputs (latest_args: [webrtc value, voice, emotion])."""
         args: list[Any] = [a for a in self.latest_args if isinstance(a, str) and a != "__webrtc_value__"]
-        voice = next((a for a in args if a in {v.id for v in self.shared.catalogue.voices}), None)
-        emotion = next((a for a in args if a in {e.id for e in self.shared.catalogue.emotions}), None)
-        return self.shared.catalogue.settings(voice, emotion)
+        voice = next((a for a in args if a in {v.id for v in self.hub.catalogue.voices}), None)
+        emotion = next((a for a in args if a in {e.id for e in self.hub.catalogue.emotions}), None)
+        return self.hub.catalogue.settings(voice, emotion)
 
     # -- messages to the client -----------------------------------------------------------------
 
@@ -97,22 +83,13 @@ class MoshiHandler(StreamHandler):
                 return self.session
             if self._refused is not None:
                 return None
-            if self.shared.draining:
-                self._refused = "The server is restarting; please reconnect in a moment."
-            else:
-                try:
-                    self.session = Session(self.shared.engine, self._call_id(), self._requested_settings(),
-                                           self.shared.silence_ms, self.shared.max_call_seconds,
-                                           self.shared.on_turn_latency)
-                except (SeatsFullError, EngineStoppedError) as exc:
-                    self._refused = str(exc)
-                except ConditionError as exc:
-                    self._refused = f"That voice or emotion is not available on this model: {exc}"
-            if self._refused is not None:
-                log.warning("call refused: %s", self._refused)
+            try:
+                self.session = self.hub.open(self._call_id(), self._requested_settings())
+            except CallRefused as exc:
+                self._refused = str(exc)
+                log.warning("call refused: %s", exc)
                 self._notify("error", self._refused)
                 return None
-            self.shared.registry.add(self.session)
             return self.session
 
     def receive(self, frame: tuple[int, np.ndarray]) -> None:
@@ -173,5 +150,4 @@ class MoshiHandler(StreamHandler):
         with self._lock:
             session, self.session = self.session, None
         if session is not None:
-            session.close("client left")
-            self.shared.registry.remove(session)
+            self.hub.close(session, "client left")

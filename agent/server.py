@@ -4,6 +4,7 @@ Endpoints (all on one port):
 - `/`                   the Gradio page (WebRTC call, sidebar, readouts)
 - `/websocket/offer`    fastrtc's WebSocket audio protocol (see README)
 - `/webrtc/offer`       fastrtc's WebRTC offer endpoint for non-browser WebRTC clients
+- `/api/chat`           Kyutai's own Moshi protocol (agent/kyutai_api.py), for Moshi's clients
 - `/healthz`            process alive, with seat counts
 - `/readyz`             200 when a new call would get a seat; 503 when full or draining
 - `/metrics`            Prometheus text format
@@ -28,6 +29,7 @@ from fastapi import FastAPI, Response, WebSocket
 from fastrtc import Stream
 from fastrtc.websocket import WebSocketHandler
 
+from agent import kyutai_api
 from agent.service import AgentService
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,10 @@ def build_stream(service: AgentService, rtc_configuration: dict | None = None,
 
 def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None:
     stream.mount(app)
+
+    @app.websocket("/api/chat")
+    async def api_chat(websocket: WebSocket) -> None:
+        await kyutai_api.chat(websocket, service.hub)
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 from agent.engine import FrameEngine
-from agent.handler import HandlerContext, MoshiHandler
+from agent.handler import MoshiHandler
 from agent.metrics import PrometheusExporter
 from agent.models import LoadedModel, load_model
-from agent.session import SessionRegistry
+from agent.session import CallHub, SessionRegistry
 from agent.voices import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -27,20 +27,20 @@ class AgentService:
     engine: FrameEngine
     catalogue: Catalogue
     registry: SessionRegistry
-    shared: HandlerContext
+    hub: CallHub
     server_config: ServerConfig
     exporter: PrometheusExporter
 
     def handler(self, input_sample_rate: int = 24_000) -> MoshiHandler:
         """The handler template fastrtc copies for each connection."""
-        return MoshiHandler(self.shared, input_sample_rate=input_sample_rate)
+        return MoshiHandler(self.hub, input_sample_rate=input_sample_rate)
 
     def conditioner_values(self) -> dict[str, list[str]]:
         return self.model.condition_values
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): ready means a new call would get a seat now."""
-        if self.shared.draining:
+        if self.hub.draining:
             return False, "draining"
         if self.engine.seats_in_use() >= self.engine.num_seats:
             return False, "all seats in use"
@@ -51,11 +51,11 @@ class AgentService:
         return {"calls_started": stats.calls_started, "calls_refused": stats.calls_refused,
                 "input_dropped": stats.input_dropped, "output_dropped": stats.output_dropped,
                 "late_ticks": stats.late_ticks, "seats_total": self.engine.num_seats,
-                "seats_in_use": self.engine.seats_in_use(), "draining": float(self.shared.draining)}
+                "seats_in_use": self.engine.seats_in_use(), "draining": float(self.hub.draining)}
 
     def drain(self, timeout: float) -> bool:
         """Stop taking calls and wait up to `timeout` s for live ones to end. True if all ended."""
-        self.shared.draining = True
+        self.hub.draining = True
         log.info("draining: no new calls; waiting up to %.0f s for %d live call(s)", timeout,
                  self.engine.seats_in_use())
         deadline = time.monotonic() + timeout
@@ -82,10 +82,10 @@ def build_service(model_config: ModelConfig | None = None, engine_config: Engine
     engine.start()
     registry = SessionRegistry()
     catalogue = load_catalogue()
-    shared = HandlerContext(engine, registry, catalogue, silence_ms=server_config.vad_silence_ms,
-                            max_call_seconds=server_config.max_call_seconds,
-                            on_turn_latency=exporter.voice_to_voice_seconds.observe)
+    hub = CallHub(engine, registry, catalogue, silence_ms=server_config.vad_silence_ms,
+                  max_call_seconds=server_config.max_call_seconds,
+                  on_turn_latency=exporter.voice_to_voice_seconds.observe)
     log.info("engine ready: %d seats on %s", engine.num_seats, model.device)
-    service = AgentService(model, engine, catalogue, registry, shared, server_config, exporter)
+    service = AgentService(model, engine, catalogue, registry, hub, server_config, exporter)
     exporter.snapshot = service.metric_values
     return service

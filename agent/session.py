@@ -17,10 +17,10 @@ import numpy as np
 
 from agent import FRAME_SECONDS, SAMPLE_RATE
 from agent.audio import ChunkReport, InputAudio
-from agent.engine import FrameEngine, OutputFrame, Seat
+from agent.engine import ConditionError, EngineStoppedError, FrameEngine, OutputFrame, Seat, SeatsFullError
 from agent.metrics import RollingWindow
 from agent.vad import Turn, TurnLatencyTracker
-from agent.voices import CallSettings
+from agent.voices import CallSettings, Catalogue
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +187,38 @@ class SessionRegistry:
     def live(self) -> list[Session]:
         with self._lock:
             return list(self._live.values())
+
+
+class CallRefused(RuntimeError):
+    """A call could not start; the message is fit to show the caller."""
+
+
+@dataclass
+class CallHub:
+    """What every transport (fastrtc handler, Kyutai's /api/chat) shares to open and end calls."""
+
+    engine: FrameEngine
+    registry: SessionRegistry
+    catalogue: Catalogue
+    silence_ms: int = 300
+    max_call_seconds: float | None = None
+    on_turn_latency: Callable[[float], None] | None = None
+    draining: bool = False
+
+    def open(self, call_id: str, settings: CallSettings) -> Session:
+        """A new call on a free seat, or CallRefused with a message for the caller."""
+        if self.draining:
+            raise CallRefused("The server is restarting; please reconnect in a moment.")
+        try:
+            session = Session(self.engine, call_id, settings, self.silence_ms, self.max_call_seconds,
+                              self.on_turn_latency)
+        except (SeatsFullError, EngineStoppedError) as exc:
+            raise CallRefused(str(exc)) from exc
+        except ConditionError as exc:
+            raise CallRefused(f"That voice or emotion is not available on this model: {exc}") from exc
+        self.registry.add(session)
+        return session
+
+    def close(self, session: Session, reason: str) -> None:
+        session.close(reason)
+        self.registry.remove(session)

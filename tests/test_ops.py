@@ -38,7 +38,7 @@ def test_readiness_follows_seats_and_drain(live_server, telugu_speech):
     for seat in held:
         seat.release()
 
-    service.shared.draining = True
+    service.hub.draining = True
     try:
         drained = requests.get(url + "/readyz", timeout=5)
         assert drained.status_code == 503 and drained.json()["reason"] == "draining"
@@ -48,7 +48,7 @@ def test_readiness_follows_seats_and_drain(live_server, telugu_speech):
         assert result.received_seconds == 0
         assert "agent_draining 1.0" in requests.get(url + "/metrics", timeout=5).text
     finally:
-        service.shared.draining = False
+        service.hub.draining = False
     assert requests.get(url + "/readyz", timeout=5).status_code == 200
 
 

@@ -121,7 +121,7 @@ def test_malformed_messages_are_answered_and_the_call_goes_on(live_server, telug
 def test_handler_takes_any_rate_layout_dtype_and_survives_garbage(live_server):
     """The handler fastrtc calls, given what different transports and broken clients send."""
     service = live_server.service
-    handler = MoshiHandler(service.shared)
+    handler = MoshiHandler(service.hub)
     t = np.arange(48_000 // 5) / 48_000
     tone48 = np.sin(2 * np.pi * 220 * t)
     chunks = [
@@ -159,7 +159,7 @@ def test_handler_takes_any_rate_layout_dtype_and_survives_garbage(live_server):
 
 @pytest.mark.parametrize("voice, emotion", [("ravi", "sad")])
 def test_page_inputs_reach_the_session(live_server, voice, emotion):
-    handler = MoshiHandler(live_server.service.shared)
+    handler = MoshiHandler(live_server.service.hub)
     handler.latest_args = ["__webrtc_value__", "some-webrtc-id", voice, emotion]
     try:
         handler.receive((24_000, np.zeros(1920, np.int16)))
