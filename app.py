@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="silence that ends a user turn for the latency figures")
     p.add_argument("--max-call-minutes", type=float, default=float(env("AGENT_MAX_CALL_MINUTES", "30")),
                    help="end a call after this long (0: no limit)")
+    p.add_argument("--auth", default=env("AGENT_AUTH"),
+                   help="user:password for the page (login) and the API endpoints (HTTP Basic); "
+                        "prefer the AGENT_AUTH variable, which stays out of shell history")
+    p.add_argument("--max-calls-per-client", type=int, default=int(env("AGENT_MAX_CALLS_PER_CLIENT", "0")) or None,
+                   help="concurrent WebSocket calls from one address (default: none; 2 with --share)")
     p.add_argument("--drain-seconds", type=float, default=float(env("AGENT_DRAIN_SECONDS", str(ServerConfig.drain_seconds))),
                    help="on SIGTERM, how long live calls may go on before the server exits")
     return p.parse_args(argv)
@@ -56,7 +61,9 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Server
                         context=args.context, sampling=sampling),
             EngineConfig(max_sessions=args.max_sessions),
             ServerConfig(host=args.host, port=args.port, share=args.share, vad_silence_ms=args.vad_silence_ms,
-                         max_call_seconds=args.max_call_minutes * 60 or None, drain_seconds=args.drain_seconds))
+                         max_call_seconds=args.max_call_minutes * 60 or None, drain_seconds=args.drain_seconds,
+                         auth=args.auth,
+                         max_calls_per_client=args.max_calls_per_client or (2 if args.share else None)))
 
 
 def build(args: argparse.Namespace):
@@ -73,7 +80,14 @@ def build(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from agent.access import Credentials
     from agent.models import ModelLoadError
+
+    try:
+        Credentials.parse(args.auth)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     from agent.server import build_app, serve, serve_shared_link
 
     try:

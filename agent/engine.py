@@ -313,6 +313,8 @@ class FrameEngine:
         """Run one batched step for every seat that has an input frame. Returns how many stepped."""
         with self._lock:
             batch, pcm, exec_mask, reset, rows = self._take_batch()
+            if not batch:
+                self._pending_reset |= reset  # no step this tick: keep the resets for the next one
             self._last_tick = time.monotonic()
         if rows:
             self._apply_condition_rows(rows)
@@ -389,7 +391,7 @@ class FrameEngine:
                     return
                 idle = self._free_idle_seats(time.monotonic())
             for seat in idle:
-                self._release(seat, f"no audio for {self.config.idle_timeout_s:.0f} s")
+                self._release(seat, f"no audio for {self.config.idle_timeout_s:g} s")
             try:
                 self.step_once()
             except Exception:  # a failing step must not kill the loop for every caller

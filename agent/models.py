@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sentencepiece
 import torch
 from moshi.models import loaders
@@ -161,6 +163,45 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
+def _varied_audio(n_frames: int, seed: int) -> torch.Tensor:
+    """Deterministic audio whose tone, level and noise change every frame."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_frames * 1920) / 24_000
+    level = np.repeat(rng.uniform(0.05, 0.8, n_frames), 1920)
+    freq = np.repeat(rng.uniform(80, 3000, n_frames), 1920)
+    x = np.clip(level * (np.sin(2 * np.pi * freq * t) + 0.5 * rng.standard_normal(t.size)), -1, 1)
+    return torch.from_numpy(x.astype(np.float32))[None, None]
+
+
+@functools.cache
+def _fitted_codebooks(seed: int) -> dict[str, torch.Tensor]:
+    """Mimi's codebooks are filled by k-means during training; untrained they are all zero, so every
+    input would encode to code 0 and the model could not hear its caller. Fit them once with moshi's
+    own k-means initialisation on the encoder's latents of varied audio."""
+    mimi = loaders.get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mimi.load_state_dict(_random_mimi_state(seed))
+        quantizer = mimi.quantizer
+        with torch.no_grad():
+            latent = mimi._encode_to_unquantized_latent(_varied_audio(400, seed=99))
+            for rvq in (quantizer.rvq_first, quantizer.rvq_rest):
+                rvq.q_dropout = False
+            quantizer.train()
+            for _ in range(len(quantizer.rvq_rest.vq.layers) + 1):  # each pass initialises one more level
+                quantizer(latent, mimi.frame_rate)
+            quantizer.eval()
+    return {k: v.clone() for k, v in quantizer.state_dict().items()}
+
+
+@functools.cache
+def _random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng():
+        _seeded(seed)
+        mimi = loaders.get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
+    return {k: v.clone() for k, v in mimi.state_dict().items()}
+
+
 def build_tiny(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
                context: int | None = None) -> LoadedModel:
     tokenizer = sentencepiece.SentencePieceProcessor(str(tiny_tokenizer_path()))
@@ -170,6 +211,7 @@ def build_tiny(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
     _seeded(seed)
     mimi = loaders.get_mimi(None, tiny_mimi_config(), device=device, num_codebooks=8)
     lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device=device, dtype=dtype)
+    mimi.quantizer.load_state_dict(_fitted_codebooks(seed))
     return LoadedModel(TINY_MODEL, mimi, lm, tokenizer, device, dtype, random_weights=True)
 
 

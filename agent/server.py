@@ -30,6 +30,7 @@ from fastrtc import Stream
 from fastrtc.websocket import WebSocketHandler
 
 from agent import kyutai_api
+from agent.access import AccessMiddleware, Credentials, rtc_configuration_from_env
 from agent.service import AgentService
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,11 @@ class AgentStream(Stream):
         return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
 
 
-def build_stream(service: AgentService, rtc_configuration: dict | None = None,
-                 max_call_seconds: float | None = None) -> AgentStream:
+def build_stream(service: AgentService) -> AgentStream:
+    rtc = rtc_configuration_from_env()
     return AgentStream(service.handler(), modality="audio", mode="send-receive",
-                       concurrency_limit=service.engine.num_seats, rtc_configuration=rtc_configuration,
-                       time_limit=max_call_seconds, verbose=False)
+                       concurrency_limit=service.engine.num_seats, rtc_configuration=rtc,
+                       server_rtc_configuration=rtc, verbose=False)
 
 
 def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None:
@@ -136,9 +137,13 @@ def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None
 
 
 def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> FastAPI:
+    config = service.server_config
+    credentials = Credentials.parse(config.auth)
     app = FastAPI(title="Telugu voice agent")
     add_routes(app, service, stream)
-    return gr.mount_gradio_app(app, demo, path="/")
+    app.add_middleware(AccessMiddleware, credentials=credentials, max_calls_per_client=config.max_calls_per_client)
+    auth = (credentials.user, credentials.password) if credentials else None
+    return gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message="Telugu voice agent")
 
 
 class DrainingServer(uvicorn.Server):
@@ -196,6 +201,10 @@ def serve(app: FastAPI, service: AgentService, host: str, port: int) -> None:
 def serve_shared_link(service: AgentService, demo: gr.Blocks, stream: AgentStream, host: str, port: int) -> None:
     """`--share`: Gradio's own launcher makes the public link (it downloads its tunnel binary on first
     use, so it needs internet). The stream's endpoints are added to the same app."""
-    demo.launch(server_name=host, server_port=port, share=True, prevent_thread_lock=True)
+    credentials = Credentials.parse(service.server_config.auth)
+    demo.launch(server_name=host, server_port=port, share=True, prevent_thread_lock=True,
+                auth=(credentials.user, credentials.password) if credentials else None)
     add_routes(demo.app, service, stream)
+    demo.app.add_middleware(AccessMiddleware, credentials=credentials,
+                            max_calls_per_client=service.server_config.max_calls_per_client)
     demo.block_thread()

@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 from fastrtc import WebRTC
 
+from agent.access import rtc_configuration_from_env
 from agent.metrics import fmt_ms
 from agent.service import AgentService
 
@@ -92,7 +93,7 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
     return transcript, "\n".join(lines), frame
 
 
-def build_demo(service: AgentService, rtc_configuration: dict | None = None, max_call_seconds: float | None = None) -> gr.Blocks:
+def build_demo(service: AgentService) -> gr.Blocks:
     catalogue = service.catalogue
     values = service.conditioner_values()
     voice_support = catalogue.voice_support(service.model.name, values)
@@ -119,14 +120,15 @@ def build_demo(service: AgentService, rtc_configuration: dict | None = None, max
             gr.Markdown("⚠️ **Demo mode: random-weight model.** No trained weights are loaded, so the agent "
                         "answers with noise. Everything else (streaming, batching, latency figures) is real.",
                         elem_id="random-banner")
+        rtc = rtc_configuration_from_env()
         call = WebRTC(label="Call", modality="audio", mode="send-receive", elem_id="call", full_screen=False,
-                      rtc_configuration=rtc_configuration, time_limit=max_call_seconds,
+                      rtc_configuration=rtc, server_rtc_configuration=rtc,
                       track_constraints={"echoCancellation": True, "noiseSuppression": True,
                                          "autoGainControl": True, "sampleRate": {"ideal": 48000}})
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         call.stream(service.handler(), inputs=[call, voice, emotion], outputs=[call],
-                    concurrency_limit=service.engine.num_seats, time_limit=max_call_seconds)
+                    concurrency_limit=service.engine.num_seats)
 
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(lambda call_id: readouts(service, call_id), inputs=[call],

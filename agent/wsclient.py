@@ -70,13 +70,14 @@ class CallResult:
 
 async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_seconds: float = 1.0,
                websocket_id: str | None = None, chunk_seconds: float = CHUNK_SECONDS,
-               raw_messages: list[str] | None = None, stop: bool = True) -> CallResult:
+               raw_messages: list[str] | None = None, stop: bool = True,
+               headers: dict[str, str] | None = None) -> CallResult:
     """Stream `audio` (24 kHz float) to the agent, then `tail_seconds` of silence (as a live
     microphone would), and collect what comes back. `raw_messages` are sent verbatim first."""
     result = CallResult(np.zeros(0, np.float32))
     received: list[np.ndarray] = []
     chunk = int(SAMPLE_RATE * chunk_seconds)
-    async with websockets.connect(url, max_size=1 << 22) as ws:
+    async with websockets.connect(url, max_size=1 << 22, additional_headers=headers) as ws:
         await ws.send(json.dumps({"event": "start", "websocket_id": websocket_id or uuid.uuid4().hex}))
         result.started_at = time.monotonic()
 

@@ -72,20 +72,21 @@ def tiny_model(seed: int = 1234):
     return load_model(ModelConfig(model="tiny", device="cpu", seed=seed))
 
 
-def make_service(max_sessions: int = 3, **engine_kwargs):
+def make_service(max_sessions: int = 3, server_config: ServerConfig | None = None, **engine_kwargs):
     from agent.service import build_service
     return build_service(ModelConfig(model="tiny", device="cpu"),
-                         EngineConfig(max_sessions=max_sessions, **engine_kwargs), ServerConfig(), warm_up=False)
+                         EngineConfig(max_sessions=max_sessions, **engine_kwargs), server_config or ServerConfig(),
+                         warm_up=False)
 
 
 class LiveServer:
     """The real app (page + fastrtc endpoints) served by uvicorn on 127.0.0.1."""
 
-    def __init__(self, max_sessions: int = 3, **engine_kwargs):
+    def __init__(self, max_sessions: int = 3, server_config: ServerConfig | None = None, **engine_kwargs):
         from agent.server import BackgroundServer, build_app, build_stream
         from agent.ui import build_demo
 
-        self.service = make_service(max_sessions, **engine_kwargs)
+        self.service = make_service(max_sessions, server_config, **engine_kwargs)
         self.demo = build_demo(self.service)
         self.stream = build_stream(self.service)
         self.port = free_port()

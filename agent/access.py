@@ -1,0 +1,102 @@
+"""Access control for shared links: credentials on the API endpoints and a per-client call cap.
+
+The page itself is guarded by Gradio's own login (same credentials). Machine endpoints
+(`/websocket/offer`, `/webrtc/offer`, `/api/chat`, `/telephone/*`) take HTTP Basic auth
+(`Authorization: Basic base64(user:pass)`), since they have no login page. WebRTC and TURN
+settings come from the environment only, never from flags that land in shell history.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+API_PREFIXES = ("/websocket/offer", "/webrtc/offer", "/api/chat", "/telephone/")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str
+
+    @staticmethod
+    def parse(text: str | None) -> "Credentials | None":
+        if not text:
+            return None
+        user, sep, password = text.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth / AGENT_AUTH must look like user:password")
+        return Credentials(user, password)
+
+    def check_header(self, header: str | None) -> bool:
+        if not header or not header.lower().startswith("basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(user, self.user) & hmac.compare_digest(password, self.password)
+
+
+class AccessMiddleware:
+    """ASGI middleware: Basic auth on the API endpoints, and at most `max_calls_per_client`
+    concurrent WebSocket calls from one client address."""
+
+    def __init__(self, app, credentials: Credentials | None, max_calls_per_client: int | None):
+        self.app = app
+        self.credentials = credentials
+        self.max_calls = max_calls_per_client
+        self._calls: Counter[str] = Counter()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIXES):
+            return await self.app(scope, receive, send)
+        if self.credentials is not None:
+            headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+            if not self.credentials.check_header(headers.get("authorization")):
+                return await self._refuse(scope, send, 401, "authentication required (HTTP Basic)")
+        if scope["type"] != "websocket" or not self.max_calls:
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("?", 0))[0]
+        if self._calls[client] >= self.max_calls:
+            log.warning("refused a call from %s: %d calls already live", client, self._calls[client])
+            return await self._refuse(scope, send, 429, f"at most {self.max_calls} calls per client at once")
+        self._calls[client] += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self._calls[client] -= 1
+            if self._calls[client] <= 0:
+                del self._calls[client]
+
+    @staticmethod
+    async def _refuse(scope, send, status: int, reason: str) -> None:
+        if scope["type"] == "websocket":
+            # before accept: the client sees the handshake refused with this status and body
+            await send({"type": "websocket.http.response.start", "status": status,
+                        "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Basic")]})
+            await send({"type": "websocket.http.response.body", "body": reason.encode()})
+            return
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Basic")]})
+        await send({"type": "http.response.body", "body": reason.encode()})
+
+
+def rtc_configuration_from_env() -> dict | None:
+    """ICE servers for WebRTC from TURN_URLS (comma-separated), TURN_USERNAME, TURN_CREDENTIAL.
+    A public host (a pod behind NAT, a Space) needs a TURN relay; the WebSocket transport does not."""
+    urls = [u.strip() for u in os.environ.get("TURN_URLS", "").split(",") if u.strip()]
+    if not urls:
+        return None
+    server = {"urls": urls}
+    if os.environ.get("TURN_USERNAME"):
+        server |= {"username": os.environ["TURN_USERNAME"], "credential": os.environ.get("TURN_CREDENTIAL", "")}
+    return {"iceServers": [server]}

@@ -1,0 +1,95 @@
+"""Shared-link safety on a live server: credentials on the page and the API, a per-client call cap."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+import requests
+import websockets
+
+from agent import SAMPLE_RATE
+from agent.access import Credentials, rtc_configuration_from_env
+from agent.config import ServerConfig
+from agent.wsclient import talk
+from conftest import LiveServer
+
+BASIC = {"Authorization": "Basic " + base64.b64encode(b"ana:s3cret").decode()}
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    server = LiveServer(max_sessions=3, server_config=ServerConfig(auth="ana:s3cret", max_calls_per_client=1))
+    yield server
+    server.close()
+
+
+def refused_status(url: str, headers: dict | None = None) -> int:
+    async def go():
+        try:
+            async with websockets.connect(url, additional_headers=headers):
+                return 101
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+    return asyncio.run(go())
+
+
+def test_credentials_parse_and_check():
+    creds = Credentials.parse("ana:s3cret")
+    assert creds.check_header(BASIC["Authorization"])
+    assert not creds.check_header("Basic " + base64.b64encode(b"ana:wrong").decode())
+    assert not creds.check_header("Bearer s3cret") and not creds.check_header(None)
+    assert not creds.check_header("Basic !!!notbase64")
+    assert Credentials.parse(None) is None
+    with pytest.raises(ValueError, match="user:password"):
+        Credentials.parse("no-colon")
+
+
+def test_api_endpoints_need_credentials(guarded, telugu_speech):
+    assert refused_status(guarded.ws_url) == 401
+    assert refused_status(f"ws://127.0.0.1:{guarded.port}/api/chat") == 401
+    assert requests.post(guarded.url + "/webrtc/offer", json={}, timeout=5).status_code == 401
+    _, audio = telugu_speech
+    result = asyncio.run(talk(guarded.ws_url, audio[:SAMPLE_RATE], headers=BASIC, tail_seconds=0.3))
+    assert result.errors == [] and result.received_seconds > 0.5
+    # health and readiness stay open for probes
+    assert requests.get(guarded.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_page_needs_login(guarded):
+    assert requests.get(guarded.url + "/config", timeout=5).status_code == 401
+    bad = requests.post(guarded.url + "/login", data={"username": "ana", "password": "nope"}, timeout=5)
+    assert bad.status_code >= 400
+    session = requests.Session()
+    assert session.post(guarded.url + "/login", data={"username": "ana", "password": "s3cret"}, timeout=5).ok
+    assert session.get(guarded.url + "/config", timeout=5).status_code == 200
+
+
+def test_one_client_gets_at_most_its_cap(guarded, telugu_speech):
+    _, audio = telugu_speech
+
+    async def two_calls():
+        first = asyncio.create_task(talk(guarded.ws_url, audio[:2 * SAMPLE_RATE], headers=BASIC, tail_seconds=0.3))
+        await asyncio.sleep(0.5)
+        try:
+            await talk(guarded.ws_url, audio[:SAMPLE_RATE], headers=BASIC)
+            second = 101
+        except websockets.InvalidStatus as exc:
+            second = exc.response.status_code
+        return await first, second
+
+    first, second = asyncio.run(two_calls())
+    assert second == 429
+    assert first.errors == [] and first.received_seconds >= first.sent_seconds - 0.5  # untouched
+
+
+def test_turn_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("TURN_URLS", raising=False)
+    assert rtc_configuration_from_env() is None
+    monkeypatch.setenv("TURN_URLS", "turn:turn.example.org:3478?transport=tcp, turns:turn.example.org:5349")
+    monkeypatch.setenv("TURN_USERNAME", "agent")
+    monkeypatch.setenv("TURN_CREDENTIAL", "pw")
+    assert rtc_configuration_from_env() == {"iceServers": [{
+        "urls": ["turn:turn.example.org:3478?transport=tcp", "turns:turn.example.org:5349"],
+        "username": "agent", "credential": "pw"}]}
