@@ -54,8 +54,20 @@ def _model_note(service: AgentService) -> str:
     return text
 
 
-def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.DataFrame]:
-    """(transcript, readout markdown, plot frame) for one connection; engine figures if none."""
+def call_status(service: AgentService, call_id: str | None) -> str:
+    """One line for the caller: connected, or why the call ended and how to call again."""
+    session = service.registry.get(call_id)
+    if session is None:
+        return "Press **Record** to start a call." if not call_id else "Connecting…"
+    figures = session.figures()
+    if figures.closed_reason is None:
+        return f"🟢 **In call** · {figures.seconds:.0f} s · seat {figures.seat + 1} of {service.engine.num_seats}"
+    return (f"🔴 **The call ended**: {figures.closed_reason}. If the connection dropped, press **Record** "
+            "to call again.")
+
+
+def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.DataFrame, str]:
+    """(transcript, readout markdown, plot frame, call status) for one connection; engine figures if none."""
     step = service.engine.stats.step.summary()
     rtf = "–" if step["rtf"] is None else f"{step['rtf']:.2f}"
     lines = [
@@ -90,7 +102,7 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
     else:
         lines.append("| Call | not connected |")
     frame = pd.DataFrame(points, columns=["seconds", "ms", "series"])
-    return transcript, "\n".join(lines), frame
+    return transcript, "\n".join(lines), frame, call_status(service, call_id)
 
 
 def build_demo(service: AgentService) -> gr.Blocks:
@@ -125,6 +137,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
                       rtc_configuration=rtc, server_rtc_configuration=rtc,
                       track_constraints={"echoCancellation": True, "noiseSuppression": True,
                                          "autoGainControl": True, "sampleRate": {"ideal": 48000}})
+        status = gr.Markdown("Press **Record** to start a call.", elem_id="call-status")
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         call.stream(service.handler(), inputs=[call, voice, emotion], outputs=[call],
@@ -132,5 +145,5 @@ def build_demo(service: AgentService) -> gr.Blocks:
 
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(lambda call_id: readouts(service, call_id), inputs=[call],
-                   outputs=[transcript, stats, plot], show_progress="hidden", queue=False)
+                   outputs=[transcript, stats, plot, status], show_progress="hidden", queue=False)
     return demo

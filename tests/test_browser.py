@@ -67,6 +67,7 @@ def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
             assert wait_until(lambda: service.registry.live(), 30), "the browser's call never reached the engine"
             session = service.registry.live()[0]
 
+            page.get_by_text("In call").wait_for(timeout=15_000)
             # the readouts change while the call runs
             page.wait_for_function(
                 "() => /Frames in \\/ out/.test(document.querySelector('#readouts').innerText)", timeout=30_000)
@@ -99,5 +100,6 @@ def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
 
             page.locator("#call button", has_text="Stop").first.click()
             assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
+            page.get_by_text("The call ended").wait_for(timeout=15_000)  # the page tells the caller
         finally:
             browser.close()

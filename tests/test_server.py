@@ -57,10 +57,12 @@ def test_call_streams_back_at_real_time_pace_with_readouts(live_server, telugu_d
     assert figures.frame_latency_ms["p50"] is not None and figures.frame_latency_ms["p50"] > 0
     # both user turns of the dialogue were detected (the random model's reply is noise, not speech)
     assert len(session.latency.turns) == 2, session.latency.turns
-    transcript, table, plot = readouts(live_server.service, call_id)
+    transcript, table, plot, status = readouts(live_server.service, call_id)
     assert "Frame latency" in table and "Step" in table and " ms" in table
     assert set(plot["series"]) >= {"step"} and len(plot) > 10
     assert wait_for(lambda: live_server.service.engine.seats_in_use() == 0), "seat not freed after stop"
+    status = readouts(live_server.service, call_id)[3]
+    assert "call ended" in status.lower() and "client left" in status and "Record" in status
 
 
 def test_full_house_gets_a_clear_answer_and_others_go_on(live_server, telugu_speech):
