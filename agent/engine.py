@@ -208,6 +208,7 @@ class FrameEngine:
         self._seats: list[Seat | None] = [None] * self.num_seats
         self._pending_reset = torch.zeros(self.num_seats, dtype=torch.bool)
         self._pending_rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]] = {}  # index -> (seat, values, row)
+        self._default_row = self._condition_row(self._default_conditions) if self._default_conditions else None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_tick = 0.0
@@ -224,9 +225,8 @@ class FrameEngine:
                     new = Seat(self, index, owner, self.config)
                     self._seats[index] = new
                     self._pending_reset[index] = True
-                    if self._default_conditions:
-                        self._pending_rows[index] = (new, dict(self._default_conditions),
-                                                     self._condition_row(self._default_conditions))
+                    if self._default_row is not None:  # a new caller starts from the defaults
+                        self._pending_rows[index] = (new, dict(self._default_conditions), self._default_row)
                     self.stats.calls_started += 1
                     self.stats.seats_in_use += 1
                     log.debug("seat %d taken by %s (%d/%d in use)", index, owner,
