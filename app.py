@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=env("AGENT_MODEL"),
                    help="HF repo id (default on GPU: kyutai/moshiko-pytorch-bf16), a local checkpoint folder, "
-                        "'tiny' (random weights, default on CPU) or 'moshi-7b-random'")
+                        "'tiny' (random weights, default on CPU) or 'moshi-7b-random'. Several, comma-separated "
+                        "(e.g. kyutai/moshiko-pytorch-bf16,kyutai/moshika-pytorch-bf16), serve each voice from "
+                        "the model that has it")
     p.add_argument("--device", default=env("AGENT_DEVICE"), help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--dtype", default=env("AGENT_DTYPE"), help="bf16 (GPU default), fp16, fp32 (CPU default)")
     p.add_argument("--context", type=int, default=None, help="LM attention context in frames (12.5 per second)")
@@ -55,10 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, ServerConfig]:
+def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, ServerConfig]:
     sampling = SamplingConfig(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k, top_k_text=args.top_k_text)
-    return (ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
-                        context=args.context, sampling=sampling),
+    names = [name.strip() for name in (args.model or "").split(",") if name.strip()] or [None]
+    return ([ModelConfig(model=name, device=args.device, dtype=args.dtype, seed=args.seed, context=args.context,
+                         sampling=sampling) for name in names],
             EngineConfig(max_sessions=args.max_sessions),
             ServerConfig(host=args.host, port=args.port, share=args.share, vad_silence_ms=args.vad_silence_ms,
                          max_call_seconds=args.max_call_minutes * 60 or None, drain_seconds=args.drain_seconds,
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
-    if service.model.random_weights:
+    if service.random_weights:
         log.warning("Serving a RANDOM-WEIGHT model: the page works end to end but the agent's voice is noise.")
     log.info("Open http://%s:%d  (WebSocket endpoint: ws://%s:%d/websocket/offer)",
              args.host, args.port, args.host, args.port)

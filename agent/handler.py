@@ -119,6 +119,10 @@ class MoshiHandler(StreamHandler):
             self._warn_once("settings", str(exc))
             return
         if wanted != session.settings:
+            if self.hub.route(wanted) is not session.engine:
+                self._warn_once(f"model:{wanted.voice}", f"The voice {wanted.voice!r} runs on another model: "
+                                "hang up and call again to switch to it.")
+                return
             try:
                 session.change_settings(wanted)
             except ConditionError as exc:

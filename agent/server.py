@@ -107,7 +107,7 @@ class AgentStream(Stream):
 def build_stream(service: AgentService) -> AgentStream:
     rtc = rtc_configuration_from_env()
     return AgentStream(service.handler(), modality="audio", mode="send-receive",
-                       concurrency_limit=service.engine.num_seats, rtc_configuration=rtc,
+                       concurrency_limit=service.seats_total(), rtc_configuration=rtc,
                        server_rtc_configuration=rtc, verbose=False)
 
 
@@ -120,15 +120,16 @@ def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "model": service.model.name, "random_weights": service.model.random_weights,
-                "seats_total": service.engine.num_seats, "seats_in_use": service.engine.seats_in_use()}
+        return {"status": "ok", "models": [e.model.name for e in service.engines],
+                "random_weights": service.random_weights, "seats_total": service.seats_total(),
+                "seats_in_use": service.seats_in_use()}
 
     @app.get("/readyz")
     def readyz(response: Response) -> dict:
         ready, reason = service.readiness()
         response.status_code = 200 if ready else 503
-        return {"ready": ready, "reason": reason, "seats_total": service.engine.num_seats,
-                "seats_in_use": service.engine.seats_in_use()}
+        return {"ready": ready, "reason": reason, "seats_total": service.seats_total(),
+                "seats_in_use": service.seats_in_use()}
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -16,76 +16,107 @@ from agent.handler import MoshiHandler
 from agent.metrics import PrometheusExporter
 from agent.models import LoadedModel, load_model
 from agent.session import CallHub, SessionRegistry
-from agent.voices import Catalogue, load_catalogue
+from agent.voices import Catalogue, Support, load_catalogue
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class AgentService:
-    model: LoadedModel
-    engine: FrameEngine
+    engines: list[FrameEngine]  # one per loaded model; calls are routed by voice (CallHub.route)
     catalogue: Catalogue
     registry: SessionRegistry
     hub: CallHub
     server_config: ServerConfig
     exporter: PrometheusExporter
 
+    @property
+    def engine(self) -> FrameEngine:
+        """The primary engine (the first model): the one calls go to unless their voice needs another."""
+        return self.engines[0]
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.engine.model
+
+    @property
+    def random_weights(self) -> bool:
+        return any(e.model.random_weights for e in self.engines)
+
     def handler(self, input_sample_rate: int = 24_000) -> MoshiHandler:
         """The handler template fastrtc copies for each connection."""
         return MoshiHandler(self.hub, input_sample_rate=input_sample_rate)
 
-    def conditioner_values(self) -> dict[str, list[str]]:
-        return self.model.condition_values
+    def seats_total(self) -> int:
+        return sum(e.num_seats for e in self.engines)
+
+    def seats_in_use(self) -> int:
+        return sum(e.seats_in_use() for e in self.engines)
+
+    def voice_support(self) -> dict[str, Support]:
+        """A voice is supported if any loaded model has it."""
+        per_model = [self.catalogue.voice_support(e.model.name, e.condition_values) for e in self.engines]
+        return {v.id: next((m[v.id] for m in per_model if m[v.id].supported), per_model[0][v.id])
+                for v in self.catalogue.voices}
+
+    def emotion_support(self) -> dict[str, Support]:
+        per_model = [self.catalogue.emotion_support(e.condition_values) for e in self.engines]
+        return {x.id: next((m[x.id] for m in per_model if m[x.id].supported), per_model[0][x.id])
+                for x in self.catalogue.emotions}
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): ready means a new call would get a seat now."""
         if self.hub.draining:
             return False, "draining"
-        if self.engine.seats_in_use() >= self.engine.num_seats:
+        if self.seats_in_use() >= self.seats_total():
             return False, "all seats in use"
         return True, "ready"
 
     def metric_values(self) -> dict[str, float]:
-        stats = self.engine.stats
-        return {"calls_started": stats.calls_started, "calls_refused": stats.calls_refused,
-                "input_dropped": stats.input_dropped, "output_dropped": stats.output_dropped,
-                "late_ticks": stats.late_ticks, "seats_total": self.engine.num_seats,
-                "seats_in_use": self.engine.seats_in_use(), "draining": float(self.hub.draining)}
+        values = {"seats_total": self.seats_total(), "seats_in_use": self.seats_in_use(),
+                  "draining": float(self.hub.draining)}
+        for name in ("calls_started", "calls_refused", "input_dropped", "output_dropped", "late_ticks"):
+            values[name] = sum(getattr(e.stats, name) for e in self.engines)
+        return values
 
     def drain(self, timeout: float) -> bool:
         """Stop taking calls and wait up to `timeout` s for live ones to end. True if all ended."""
         self.hub.draining = True
-        log.info("draining: no new calls; waiting up to %.0f s for %d live call(s)", timeout,
-                 self.engine.seats_in_use())
+        log.info("draining: no new calls; waiting up to %.0f s for %d live call(s)", timeout, self.seats_in_use())
         deadline = time.monotonic() + timeout
-        while self.engine.seats_in_use() and time.monotonic() < deadline:
+        while self.seats_in_use() and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = self.engine.seats_in_use()
+        left = self.seats_in_use()
         log.info("drained" if not left else "drain timeout: %d call(s) still live", left)
         return left == 0
 
     def close(self) -> None:
-        self.engine.stop()
+        for engine in self.engines:
+            engine.stop()
 
 
-def build_service(model_config: ModelConfig | None = None, engine_config: EngineConfig | None = None,
-                  server_config: ServerConfig | None = None, warm_up: bool = True) -> AgentService:
-    model_config = model_config or ModelConfig()
+def build_service(model_configs: ModelConfig | list[ModelConfig] | None = None,
+                  engine_config: EngineConfig | None = None, server_config: ServerConfig | None = None,
+                  warm_up: bool = True) -> AgentService:
+    """Load each model (e.g. Moshiko and Moshika to serve both voices), an engine per model."""
+    if not isinstance(model_configs, list):
+        model_configs = [model_configs or ModelConfig()]
     server_config = server_config or ServerConfig()
-    model = load_model(model_config)
     exporter = PrometheusExporter(snapshot=lambda: {})
-    engine = FrameEngine(model, engine_config, model_config.sampling,
-                         on_step=lambda seconds, _batch: exporter.step_seconds.observe(seconds))
-    if warm_up:
-        engine.warm_up()
-    engine.start()
+    engines = []
+    for model_config in model_configs:
+        model = load_model(model_config)
+        engine = FrameEngine(model, engine_config, model_config.sampling,
+                             on_step=lambda seconds, _batch: exporter.step_seconds.observe(seconds))
+        if warm_up:
+            engine.warm_up()
+        engines.append(engine.start())
+        log.info("engine ready: %s, %d seats on %s", model.name, engine.num_seats, model.device)
     registry = SessionRegistry()
     catalogue = load_catalogue()
-    hub = CallHub(engine, registry, catalogue, silence_ms=server_config.vad_silence_ms,
+    hub = CallHub(engines, registry, catalogue, silence_ms=server_config.vad_silence_ms,
                   max_call_seconds=server_config.max_call_seconds,
                   on_turn_latency=exporter.voice_to_voice_seconds.observe)
-    log.info("engine ready: %d seats on %s", engine.num_seats, model.device)
-    service = AgentService(model, engine, catalogue, registry, hub, server_config, exporter)
+    service = AgentService(engines, catalogue, registry, hub, server_config, exporter)
     exporter.snapshot = service.metric_values
     return service

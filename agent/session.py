@@ -55,6 +55,7 @@ class Session:
                  max_seconds: float | None = None, on_turn_latency: Callable[[float], None] | None = None):
         self.call_id = call_id
         self.settings = settings
+        self.engine = engine
         self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
         self._available_conditions = engine.condition_values
         try:
@@ -195,9 +196,11 @@ class CallRefused(RuntimeError):
 
 @dataclass
 class CallHub:
-    """What every transport (fastrtc handler, Kyutai's /api/chat) shares to open and end calls."""
+    """What every transport (fastrtc handler, Kyutai's /api/chat) shares to open and end calls.
+    With several models loaded (e.g. Kyutai's Moshiko and Moshika), each call goes to the engine
+    whose model has the voice it asks for."""
 
-    engine: FrameEngine
+    engines: list[FrameEngine]
     registry: SessionRegistry
     catalogue: Catalogue
     silence_ms: int = 300
@@ -205,12 +208,20 @@ class CallHub:
     on_turn_latency: Callable[[float], None] | None = None
     draining: bool = False
 
+    def route(self, settings: CallSettings) -> FrameEngine:
+        """The engine whose model has this voice; the first engine if none has it."""
+        for engine in self.engines:
+            support = self.catalogue.voice_support(engine.model.name, engine.condition_values)
+            if support[settings.voice].supported:
+                return engine
+        return self.engines[0]
+
     def open(self, call_id: str, settings: CallSettings) -> Session:
         """A new call on a free seat, or CallRefused with a message for the caller."""
         if self.draining:
             raise CallRefused("The server is restarting; please reconnect in a moment.")
         try:
-            session = Session(self.engine, call_id, settings, self.silence_ms, self.max_call_seconds,
+            session = Session(self.route(settings), call_id, settings, self.silence_ms, self.max_call_seconds,
                               self.on_turn_latency)
         except (SeatsFullError, EngineStoppedError) as exc:
             raise CallRefused(str(exc)) from exc

@@ -27,9 +27,7 @@ def _choices(items, support) -> list[tuple[str, str]]:
 
 
 def _support_note(service: AgentService) -> str:
-    values = service.conditioner_values()
-    voices = service.catalogue.voice_support(service.model.name, values)
-    emotions = service.catalogue.emotion_support(values)
+    voices, emotions = service.voice_support(), service.emotion_support()
     lines = []
     if not any(s.supported for s in voices.values()):
         lines.append(f"**Voices:** {next(iter(voices.values())).reason}. The choice is kept with the call "
@@ -37,17 +35,20 @@ def _support_note(service: AgentService) -> str:
     if not any(s.supported for s in emotions.values()):
         lines.append(f"**Emotions:** {next(iter(emotions.values())).reason}. The choice is kept with the call "
                      "but does not change how it sounds.")
-    if not lines and service.model.random_weights:
+    if not lines and service.random_weights:
         lines.append("Voices and emotions are conditioned on this model, but its tables are random: "
                      "a choice changes the (noise) output, not to a real voice.")
     return "\n\n".join(lines) or "Every voice and emotion below is conditioned on this model."
 
 
 def _model_note(service: AgentService) -> str:
-    m = service.model
-    text = (f"**Model:** `{m.name}`  \n**Device:** {m.device.type} · {str(m.dtype).removeprefix('torch.')}  \n"
-            f"**Seats:** {service.engine.num_seats} (one batched step per 80 ms frame)")
-    if m.random_weights:
+    text = "  \n".join(
+        f"**Model:** `{e.model.name}` · {e.model.device.type} {str(e.model.dtype).removeprefix('torch.')} · "
+        f"{e.num_seats} seats" for e in service.engines)
+    text += "  \nEvery call on a model shares one batched step per 80 ms frame."
+    if len(service.engines) > 1:
+        text += " Each call goes to the model that has the voice it asks for."
+    if service.random_weights:
         text = ("⚠️ **Random weights — no trained model is loaded.** The agent's voice is noise and its "
                 "transcript is random pieces. Run on a GPU with `--model kyutai/moshiko-pytorch-bf16` "
                 "(or a fine-tuned Telugu folder) for real speech.\n\n" + text)
@@ -61,27 +62,29 @@ def call_status(service: AgentService, call_id: str | None) -> str:
         return "Press **Record** to start a call." if not call_id else "Connecting…"
     figures = session.figures()
     if figures.closed_reason is None:
-        return f"🟢 **In call** · {figures.seconds:.0f} s · seat {figures.seat + 1} of {service.engine.num_seats}"
+        return (f"🟢 **In call** · {figures.seconds:.0f} s · `{session.engine.model.name}` seat {figures.seat + 1} "
+                f"of {session.engine.num_seats}")
     return (f"🔴 **The call ended**: {figures.closed_reason}. If the connection dropped, press **Record** "
             "to call again.")
 
 
 def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.DataFrame, str]:
     """(transcript, readout markdown, plot frame, call status) for one connection; engine figures if none."""
-    step = service.engine.stats.step.summary()
+    session = service.registry.get(call_id)
+    engine = session.engine if session is not None else service.engine
+    step = engine.stats.step.summary()
     rtf = "–" if step["rtf"] is None else f"{step['rtf']:.2f}"
     lines = [
         "| Figure | Now |", "|---|---|",
         f"| Step (last / p50 / p95) | {fmt_ms(step['last_ms'])} / {fmt_ms(step['p50_ms'])} / {fmt_ms(step['p95_ms'])} |",
         f"| Real-time factor | {rtf} |",
-        f"| Seats in use | {service.engine.seats_in_use()} / {service.engine.num_seats} |",
+        f"| Seats in use | {service.seats_in_use()} / {service.seats_total()} |",
     ]
-    session = service.registry.get(call_id)
     transcript = ""
     now = time.monotonic()
     points: list[dict[str, Any]] = [
         {"seconds": round(at - now, 1), "ms": value, "series": "step"}
-        for at, value in service.engine.stats.step.total.items()[-PLOT_SECONDS * 13:]
+        for at, value in engine.stats.step.total.items()[-PLOT_SECONDS * 13:]
     ]
     if session is not None:
         fig = session.figures()
@@ -107,9 +110,7 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
 
 def build_demo(service: AgentService) -> gr.Blocks:
     catalogue = service.catalogue
-    values = service.conditioner_values()
-    voice_support = catalogue.voice_support(service.model.name, values)
-    emotion_support = catalogue.emotion_support(values)
+    voice_support, emotion_support = service.voice_support(), service.emotion_support()
     css = CSS_PATH.read_text() if CSS_PATH.exists() else None
 
     with gr.Blocks(title="Telugu voice agent (Moshi)", css=css, theme=gr.themes.Soft()) as demo:
@@ -123,12 +124,12 @@ def build_demo(service: AgentService) -> gr.Blocks:
             stats = gr.Markdown("| Call | not connected |", elem_id="readouts")
             plot = gr.LinePlot(x="seconds", y="ms", color="series", x_lim=[-PLOT_SECONDS, 0], height=200,
                                label="Last minute (ms)", elem_id="latency-plot")
-            with gr.Accordion("Model", open=service.model.random_weights):
+            with gr.Accordion("Model", open=service.random_weights):
                 gr.Markdown(_model_note(service), elem_id="model-note")
         gr.Markdown("# తెలుగు వాయిస్ ఏజెంట్ · Telugu voice agent\n"
                     "Press the microphone button and speak Telugu. The agent listens and talks at the same "
                     "time (full duplex), one 80 ms frame at a time.", elem_id="intro")
-        if service.model.random_weights:
+        if service.random_weights:
             gr.Markdown("⚠️ **Demo mode: random-weight model.** No trained weights are loaded, so the agent "
                         "answers with noise. Everything else (streaming, batching, latency figures) is real.",
                         elem_id="random-banner")
@@ -141,7 +142,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         call.stream(service.handler(), inputs=[call, voice, emotion], outputs=[call],
-                    concurrency_limit=service.engine.num_seats)
+                    concurrency_limit=service.seats_total())
 
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(lambda call_id: readouts(service, call_id), inputs=[call],

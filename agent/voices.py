@@ -95,7 +95,7 @@ class Catalogue:
         for v in self.voices:
             if values is not None:
                 out[v.id] = Support(v.id in values, "" if v.id in values else "not among this model's trained speakers")
-            elif v.released_checkpoint and model_name == v.released_checkpoint:
+            elif v.released_checkpoint and _same_checkpoint(model_name, v.released_checkpoint):
                 out[v.id] = Support(True, "this checkpoint's own fixed voice")
             else:
                 out[v.id] = Support(False, "this model has no speaker conditioning; its voice is fixed")
@@ -108,6 +108,11 @@ class Catalogue:
                               else "this model has no emotion conditioning" if values is None
                               else "not among this model's trained emotions")
                 for e in self.emotions}
+
+
+def _same_checkpoint(model_name: str, repo_id: str) -> bool:
+    """A repo id or a local copy of it (a folder named like the repo)."""
+    return model_name.rstrip("/").split("/")[-1] == repo_id.split("/")[-1]
 
 
 def _require(entry: dict, keys: tuple[str, ...], where: str) -> None:

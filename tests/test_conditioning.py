@@ -87,16 +87,19 @@ def test_unknown_condition_values_are_refused_clearly():
     seat.release()
 
 
+def unconditioned_folder(folder, seed: int = 11):
+    """A checkpoint folder shaped like Kyutai's released Moshiko/Moshika: an LM with no conditioners."""
+    from moshi.models import loaders
+    plain = load_model(ModelConfig(model="tiny", device="cpu", seed=seed))
+    kwargs = tiny_lm_kwargs(text_card=plain.tokenizer.vocab_size(), conditioned=False)
+    torch.manual_seed(seed)
+    plain.lm = loaders.get_moshi_lm(None, lm_kwargs=json.loads(json.dumps(kwargs)), device="cpu", dtype=torch.float32)
+    return write_checkpoint_folder(plain, folder, kwargs, tiny_mimi_config(), tiny_tokenizer_path())
+
+
 def test_unconditioned_checkpoint_ignores_conditions(tmp_path):
     """Like Kyutai's released Moshiko/Moshika: no conditioners, so nothing to set and nothing claimed."""
-    model = load_model(ModelConfig(model="tiny", device="cpu"))
-    spm = tiny_tokenizer_path()
-    kwargs = tiny_lm_kwargs(text_card=model.tokenizer.vocab_size(), conditioned=False)
-    plain = load_model(ModelConfig(model="tiny", device="cpu"))
-    from moshi.models import loaders
-    plain.lm = loaders.get_moshi_lm(None, lm_kwargs=json.loads(json.dumps(kwargs)), device="cpu",
-                                    dtype=torch.float32)
-    folder = write_checkpoint_folder(plain, tmp_path / "plain", kwargs, tiny_mimi_config(), spm)
+    folder = unconditioned_folder(tmp_path / "plain")
     loaded = load_model(ModelConfig(model=str(folder), device="cpu"))
     assert loaded.condition_values == {}
     eng = FrameEngine(loaded, EngineConfig(max_sessions=1), GREEDY)
@@ -122,3 +125,38 @@ def test_conditioned_checkpoint_roundtrip_and_missing_conditioner_weights(tmp_pa
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ModelLoadError, match="conditioner weights"):
         load_model(ModelConfig(model=str(folder), device="cpu"))
+
+
+def test_moshiko_and_moshika_together_route_calls_by_voice(tmp_path, telugu_speech, caplog):
+    """Two unconditioned checkpoints (local copies named like Kyutai's repos): each call goes to the
+    model whose fixed voice it asks for, and a mid-call switch across models is refused clearly."""
+    from agent.config import ServerConfig
+    from agent.handler import MoshiHandler
+    from agent.service import build_service
+
+    moshiko = unconditioned_folder(tmp_path / "moshiko-pytorch-bf16", seed=1)
+    moshika = unconditioned_folder(tmp_path / "moshika-pytorch-bf16", seed=2)
+    service = build_service([ModelConfig(model=str(moshiko), device="cpu"), ModelConfig(model=str(moshika), device="cpu")],
+                            EngineConfig(max_sessions=2), ServerConfig(), warm_up=False)
+    try:
+        assert all(s.supported for s in service.voice_support().values())  # together they have every voice
+        assert not any(s.supported for s in service.emotion_support().values())  # neither has emotions
+        catalogue = service.catalogue
+        by_voice = {v.id: service.hub.route(catalogue.settings(v.id)).model.name for v in catalogue.voices}
+        assert by_voice == {v.id: ("moshika" if v.gender == "female" else "moshiko") + "-pytorch-bf16"
+                            for v in catalogue.voices}
+
+        _, speech = telugu_speech
+        handler = MoshiHandler(service.hub)
+        handler.latest_args = ["__webrtc_value__", "id", "ravi", "neutral"]
+        handler.receive((24_000, speech[:4800]))
+        assert handler.session.engine.model.name == "moshiko-pytorch-bf16"
+        assert service.engines[0].seats_in_use() == 1 and service.engines[1].seats_in_use() == 0
+        handler.latest_args = ["__webrtc_value__", "id", "sravani", "neutral"]  # a female voice: Moshika
+        handler.receive((24_000, speech[4800:9600]))
+        assert handler.session.settings.voice == "ravi"  # the call stays on its model
+        assert "'sravani' runs on another model" in caplog.text
+        handler.shutdown()
+        assert service.seats_in_use() == 0
+    finally:
+        service.close()
