@@ -113,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _demo = None
+_service = None
 
 
 def __getattr__(name: str):
     """`from app import demo` builds the agent from the environment on first use (Spaces, notebooks)."""
-    global _demo
+    global _demo, _service
     if name == "demo":
         if _demo is None:
-            _, _demo, _ = build(parse_args([]))
+            _service, _demo, _ = build(parse_args([]))
         return _demo
     raise AttributeError(name)
 
