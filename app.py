@@ -20,8 +20,13 @@ from agent.config import EngineConfig, ModelConfig, SamplingConfig, ServerConfig
 log = logging.getLogger("app")
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    """An environment setting; set-but-empty counts as unset (templates often pass "")."""
+    return os.environ.get(name) or default
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
+    env = _env
     sampling = SamplingConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=env("AGENT_MODEL"),

@@ -87,7 +87,10 @@ class AgentService:
         while self.seats_in_use() and time.monotonic() < deadline:
             time.sleep(0.1)
         left = self.seats_in_use()
-        log.info("drained" if not left else "drain timeout: %d call(s) still live", left)
+        if left:
+            log.warning("drain timeout: %d call(s) still live", left)
+        else:
+            log.info("drained")
         return left == 0
 
     def close(self) -> None:
