@@ -6,7 +6,7 @@ import pytest
 from agent import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
 from agent.vad import REPLY_TIMEOUT_S, SpeechDetector, TurnLatencyTracker
 
-WINDOW_S = 0.032  # Silero's 512-sample window at 16 kHz: the resolution of every boundary
+WINDOW_S = 0.032  # Silero's 256-sample window at 8 kHz: the resolution of every boundary
 
 
 def silence(seconds: float) -> np.ndarray:

@@ -1,0 +1,42 @@
+"""The benchmark's functions run and report sane figures (speed itself is measured by the benchmark,
+never asserted here)."""
+
+import json
+import math
+
+from agent.bench import bench_e2e, bench_engine, bench_overhead, main, session_counts
+from agent.config import ModelConfig
+
+TINY = ModelConfig(model="tiny", device="cpu")
+
+
+def test_session_counts_double_up_to_the_pool():
+    assert session_counts(8) == [1, 2, 4, 8] and session_counts(6) == [1, 2, 4, 6] and session_counts(1) == [1]
+
+
+def test_engine_bench_structure(tmp_path):
+    result = bench_engine(TINY, pool=2, frames=5, warmup=2)
+    assert [p.sessions for p in result.points] == [1, 2]
+    for p in result.points:
+        assert 0 < p.step_ms["p50"] <= p.step_ms["p95"] <= p.step_ms["p99"]
+        assert p.encode_ms > 0 and p.lm_ms > 0 and p.decode_ms > 0 and p.rtf > 0 and p.rss_mib > 0
+    assert result.max_sessions_p99_under_frame in (0, 1, 2)
+    overhead = bench_overhead(TINY, batch=1, frames=5, warmup=2)
+    assert overhead.engine_ms > 0 and overhead.bare_ms > 0 and math.isclose(overhead.ratio, overhead.engine_ms / overhead.bare_ms)
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--model", "tiny", "--device", "cpu", "--max-sessions", "1", "--frames", "3",
+                 "--overhead-at", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["points"][0]["sessions"] == 1 and data["overhead"][0]["sessions"] == 1
+
+
+def test_e2e_bench_with_real_clients():
+    result = bench_e2e(TINY, clients=2, seconds=3)
+    assert result.errors == [] and len(result.sent_s) == 2
+    assert min(result.received_s) >= min(result.sent_s) - 0.6
+    assert result.frame_latency_ms is not None and result.frame_latency_ms["p50"] > 0
+    assert result.user_turns >= 2  # espeak Telugu speech: each client's turn was heard
+    assert result.rss_end_mib > 0
