@@ -1,0 +1,174 @@
+"""`python -m agent.train <stage> ...`: the pipeline's command line (see agent/train/__init__.py).
+
+Every option can also come from `--config FILE.json` (keys = the stage config's field names, e.g.
+{"road": "assembled", "gap_ms": [150, 700]}); flags given on the command line win. A road or a corpus
+recipe is thus a small JSON file, not a code change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent.train.common import UsageError
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, got {text!r}") from exc
+    if a > b:
+        raise argparse.ArgumentTypeError(f"MIN must not exceed MAX in {text!r}")
+    return a, b
+
+
+def _mapping(items: list[str] | None, what: str) -> dict[str, str] | None:
+    if items is None:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"{what} must look like KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
+    # default None everywhere: "not given" must be distinguishable so --config values survive.
+    if kwargs.get("action") == "store_true":
+        kwargs.update(action="store_const", const=True)
+    parser.add_argument(*names, default=None, **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser, needs_input: bool = True) -> None:
+    if needs_input:
+        _flag(parser, "--in", dest="inp", type=Path, metavar="MANIFEST", help="the previous stage's manifest.jsonl")
+    _flag(parser, "--out", type=Path, metavar="FOLDER", help="output folder of this stage")
+    _flag(parser, "--config", type=Path, help="JSON file of this stage's settings (flags override it)")
+    _flag(parser, "--force", action="store_true", help="redo every item even if an earlier run finished it")
+    _flag(parser, "--quiet", action="store_true", help="no progress bar, no per-item lines on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m agent.train", description=(
+        "Telugu fine-tuning data pipeline for Moshi (stages 1-4: ingest, segment, dialogues, align)."))
+    stages = parser.add_subparsers(dest="stage", required=True)
+
+    p = stages.add_parser("ingest", help="audio folders/manifests/datasets -> 24 kHz normalised WAVs + manifest")
+    _common(p, needs_input=False)
+    _flag(p, "--manifest", dest="manifests", action="append", type=Path,
+          help="JSONL/CSV/TSV rows: path, speaker, emotion, transcript, licence [, words, segments, agent_channel, "
+               "user_speaker, user_transcript, gender, id] (repeatable)")
+    _flag(p, "--folder", dest="folders", action="append", type=Path,
+          help="a folder of audio files, x.txt next to x.wav as its transcript (repeatable)")
+    _flag(p, "--hf-dataset", dest="hf_datasets", action="append", type=Path,
+          help="a Hugging Face dataset saved with save_to_disk (needs the `datasets` package) (repeatable)")
+    _flag(p, "--hf-column", dest="hf_columns", action="append", metavar="LABEL=COLUMN",
+          help="which dataset column holds a label, e.g. transcript=raw_transcription (repeatable)")
+    _flag(p, "--url", dest="urls", action="append", help="media URL to download with yt-dlp (repeatable)")
+    _flag(p, "--i-have-the-rights", dest="i_have_the_rights", action="store_true",
+          help="required with --url: you confirm you hold the rights to train on the downloaded media")
+    _flag(p, "--speaker", help="speaker for sources without a speaker column")
+    _flag(p, "--emotion", help="emotion (catalogue id) for sources without an emotion column")
+    _flag(p, "--licence", "--license", dest="licence", help="licence for sources without a licence column")
+    _flag(p, "--target-dbfs", type=float, help="RMS of the voiced part after normalisation (default -23)")
+    _flag(p, "--peak-dbfs", type=float, help="peak ceiling after normalisation (default -1)")
+    _flag(p, "--min-duration", type=float, help="seconds (default 0.3)")
+    _flag(p, "--max-duration", type=float, help="seconds (default 4 h)")
+    _flag(p, "--min-source-rate", type=int, help="lowest accepted source sample rate in Hz (default 8000)")
+    _flag(p, "--silence-dbfs", type=float, help="a file whose loudest 20 ms is below this is silent (default -50)")
+
+    p = stages.add_parser("segment", help="Silero VAD -> utterances (two-speaker recordings pass through)")
+    _common(p)
+    _flag(p, "--min-duration", type=float, help="seconds (default 0.3)")
+    _flag(p, "--max-duration", type=float, help="seconds (default 15)")
+    _flag(p, "--pad-ms", type=int, help="silence kept around each utterance (default 150)")
+    _flag(p, "--utterance-gap-ms", type=int, help="a pause this long ends an utterance (default 400)")
+    _flag(p, "--threshold", type=float, help="Silero speech probability (default 0.5)")
+
+    p = stages.add_parser("dialogues", help="stereo conversations, LEFT = agent, RIGHT = user")
+    _common(p)
+    _flag(p, "--road", choices=["auto", "assembled", "conversation"], help="default auto: by each input's kind")
+    _flag(p, "--seed", type=int, help="default 0")
+    _flag(p, "--count", type=int, help="assembled dialogues to make (default: about one use per agent utterance)")
+    _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="turns per assembled dialogue (default 4:10)")
+    _flag(p, "--max-seconds", type=float, help="assembled dialogue length limit (default 120)")
+    _flag(p, "--gap-ms", type=_pair, metavar="MIN:MAX", help="pause between turns (default 150:700)")
+    _flag(p, "--overlap-prob", type=float, help="chance a turn starts before the other ends (default 0.15)")
+    _flag(p, "--overlap-ms", type=_pair, metavar="MIN:MAX", help="overlap length (default 100:500)")
+    _flag(p, "--backchannel-prob", type=float, help="chance of a backchannel in a turn of >= 1.5 s (default 0.3)")
+    _flag(p, "--agent-voice", dest="agent_voices", action="append", metavar="SPEAKER=VOICE",
+          help="data speaker -> catalogue voice id; when given, only these speakers are agents (repeatable)")
+    _flag(p, "--emotion-policy", choices=["dialogue", "turn"], help="one agent emotion per dialogue (default) or per turn")
+
+    p = stages.add_parser("align", help="moshi-finetune word alignments (agent words, SPEAKER_MAIN)")
+    _common(p)
+    _flag(p, "--aligner", help="'proportional' (default, an approximation) or module:Class implementing Aligner")
+    _flag(p, "--include-user-words", action="store_true", help="also write user words, labelled SPEAKER_OTHER")
+    _flag(p, "--text-conditions", action="store_true",
+          help="add {speaker, emotion} as text_conditions to each alignment JSON (for a conditioned model)")
+    return parser
+
+
+def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
+    names = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read --config {args.config}: {exc}") from exc
+        unknown = sorted(set(loaded) - set(names))
+        if unknown:
+            raise UsageError(f"--config {args.config}: unknown settings {unknown}; known: {sorted(names)}")
+        values.update(loaded)
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values.update(given)
+    values.update({k: v for k, v in extra.items() if v is not None})
+    for key in ("inp", "out"):
+        if key in names and values.get(key) is None:
+            raise UsageError(f"--{'in' if key == 'inp' else key} is required")
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    for key in ("manifests", "folders", "hf_datasets"):
+        if key in values:
+            values[key] = [Path(v) for v in values[key]]
+    for key in ("gap_ms", "overlap_ms", "lead_in_s"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return cls(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.stage == "ingest":
+            from agent.train.ingest import IngestConfig, run_ingest
+            summary = run_ingest(_config(IngestConfig, args, {"hf_columns": _mapping(args.hf_columns, "--hf-column")}))
+        elif args.stage == "segment":
+            from agent.train.segment import SegmentConfig, run_segment
+            summary = run_segment(_config(SegmentConfig, args, {}))
+        elif args.stage == "dialogues":
+            from agent.train.dialogues import DialogueConfig, run_dialogues
+            turns = args.turns
+            extra = {"agent_voices": _mapping(args.agent_voices, "--agent-voice"),
+                     "min_turns": int(turns[0]) if turns else None, "max_turns": int(turns[1]) if turns else None}
+            summary = run_dialogues(_config(DialogueConfig, args, extra))
+        else:
+            from agent.train.align import AlignConfig, run_align
+            summary = run_align(_config(AlignConfig, args, {}))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

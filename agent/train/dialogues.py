@@ -1,0 +1,355 @@
+"""Stage 3, dialogues: stereo 24 kHz conversations, LEFT = the agent, RIGHT = the user, as
+moshi-finetune reads them -> dialogues/manifest.jsonl (DialogueRecord with per-turn labels).
+
+Two roads, chosen by configuration (`road`), not by different code paths for the later stages:
+- "conversation": a two-speaker recording (ingested with `agent_channel`) is already a dialogue; its
+  turns come from the VAD regions of each channel (pauses under `turn_gap_ms` stay inside a turn).
+- "assembled": turn-taking dialogues built from single-speaker utterances. Per dialogue one agent
+  speaker (round-robin over the agent speakers) and one user speaker (another speaker, seeded choice);
+  the agent keeps one emotion per dialogue (emotion_policy "dialogue", matching the per-file
+  conditioning moshi-finetune applies) or mixes them ("turn"). Between one side's last voiced instant
+  and the other's first: a gap drawn from `gap_ms`, or with `overlap_prob` an overlap from `overlap_ms`
+  (a user barge-in, or the agent starting before the user finishes). During a long turn the other side
+  may add a short backchannel (an utterance of at most `backchannel_max_s`). Agent turns need a
+  transcript (the text stream is trained on them); user turns need none. Every utterance of a pool is
+  used once before any repeats.
+- "auto" (default): each input record takes the road its kind calls for.
+Everything random comes from `random.Random(seed)`: the same input and seed give the same dialogues.
+Turn start/end are the first and last voiced instants of the turn (from the segment stage's VAD).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent import SAMPLE_RATE
+from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_wav, fingerprint,
+                                link_or_copy, progress, read_audio_checked, read_manifest, write_manifest)
+from agent.train.records import (AGENT, CONVERSATION, ROAD_ASSEMBLED, ROAD_CONVERSATION, USER, UTTERANCE,
+                                 DialogueRecord, SegmentRecord, Span, Turn, Word, from_dict, to_dict)
+from agent.voices import CatalogueError, load_catalogue
+
+ROADS = ("auto", ROAD_ASSEMBLED, ROAD_CONVERSATION)
+
+
+@dataclass
+class DialogueConfig:
+    inp: Path  # segment's manifest.jsonl
+    out: Path
+    road: str = "auto"
+    seed: int = 0
+    count: int | None = None  # assembled dialogues; None: enough to use each agent utterance about once
+    min_turns: int = 4
+    max_turns: int = 10
+    max_seconds: float = 120.0  # no turn starts that would end after this (moshi-finetune chunks longer files)
+    gap_ms: tuple[int, int] = (150, 700)
+    overlap_prob: float = 0.15
+    overlap_ms: tuple[int, int] = (100, 500)
+    backchannel_prob: float = 0.3  # per turn of at least 1.5 s
+    backchannel_max_s: float = 1.2
+    lead_in_s: tuple[float, float] = (0.2, 0.8)
+    tail_s: float = 0.5
+    user_first_prob: float = 0.6
+    agent_voices: dict[str, str] = field(default_factory=dict)  # data speaker -> catalogue voice; if set, only these are agents
+    emotion_policy: str = "dialogue"  # "dialogue": one agent emotion per dialogue; "turn": any per turn
+    turn_gap_ms: int = 800  # conversation road: a pause this long on one channel ends that side's turn
+    backchannel_turn_s: float = 1.0  # conversation road: a shorter turn inside the other side's turn is a backchannel
+    force: bool = False
+    quiet: bool = False
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in ("road", "seed", "count", "min_turns", "max_turns", "max_seconds",
+                                              "gap_ms", "overlap_prob", "overlap_ms", "backchannel_prob",
+                                              "backchannel_max_s", "lead_in_s", "tail_s", "user_first_prob",
+                                              "agent_voices", "emotion_policy", "turn_gap_ms", "backchannel_turn_s")}
+
+
+@dataclass
+class Placement:
+    role: str
+    segment: SegmentRecord
+    start: float  # where the segment file starts in the dialogue
+    backchannel: bool = False
+    overlap: float = 0.0
+
+    @property
+    def voiced(self) -> tuple[float, float]:
+        speech = self.segment.speech or [[0.0, self.segment.duration]]
+        return self.start + speech[0][0], self.start + speech[-1][1]
+
+
+class Cycler:
+    """Hands out a pool's items in shuffled rounds: each is used once before any repeats."""
+
+    def __init__(self, items: list[SegmentRecord], rng: random.Random):
+        self.items, self.rng, self.queue = list(items), rng, []
+
+    def next(self) -> SegmentRecord:
+        if not self.queue:
+            self.queue = list(self.items)
+            self.rng.shuffle(self.queue)
+        return self.queue.pop()
+
+
+def _other(role: str) -> str:
+    return USER if role == AGENT else AGENT
+
+
+def _shift_spans(spans: list[Span], offset: float) -> list[Span]:
+    return [[round(a + offset, 3), round(b + offset, 3)] for a, b in spans]
+
+
+# ---------------------------------------------------------------------------------------------- assembled
+
+@dataclass
+class Plan:
+    id: str
+    agent: str
+    user: str
+    emotion: str | None
+    placements: list[Placement]
+
+
+def plan_assembled(segments: list[SegmentRecord], config: DialogueConfig, report: Report) -> list[Plan]:
+    utterances = sorted((s for s in segments if s.kind == UTTERANCE), key=lambda s: s.id)
+    if not utterances:
+        return []
+    by_speaker: dict[str, list[SegmentRecord]] = defaultdict(list)
+    for u in utterances:
+        by_speaker[u.speaker].append(u)
+    speakers = sorted(by_speaker)
+    if config.agent_voices:
+        agents = [s for s in sorted(config.agent_voices) if by_speaker.get(s)]
+        for s in sorted(set(config.agent_voices) - set(agents)):
+            report.note(s, "agent_voices", f"agent speaker {s!r} has no utterances in the input")
+    else:
+        agents = speakers
+    agents = [a for a in agents if any(u.transcript for u in by_speaker[a])]
+    if len(speakers) < 2:
+        report.skip("assembled", str(config.inp), "assembled dialogues need at least two speakers, found "
+                    f"{speakers}")
+        return []
+    if not agents:
+        report.skip("assembled", str(config.inp), "no agent speaker has an utterance with a transcript "
+                    "(agent turns are trained as text)")
+        return []
+    rng = random.Random(config.seed)
+    cyclers: dict[tuple, Cycler] = {}
+
+    def pick(key: tuple, pool: list[SegmentRecord]) -> SegmentRecord:
+        if key not in cyclers:
+            cyclers[key] = Cycler(pool, rng)
+        return cyclers[key].next()
+
+    n_agent = sum(1 for a in agents for u in by_speaker[a] if u.transcript)
+    count = config.count or max(1, math.ceil(n_agent / max(1.0, (config.min_turns + config.max_turns) / 4)))
+    plans = []
+    for d in range(count):
+        agent = agents[d % len(agents)]
+        user = rng.choice([s for s in speakers if s != agent])
+        agent_pool = [u for u in by_speaker[agent] if u.transcript]
+        emotion = None
+        if config.emotion_policy == "dialogue":
+            emotions = sorted({u.emotion for u in agent_pool})
+            emotion = emotions[(d // len(agents)) % len(emotions)]  # rotate so every emotion gets dialogues
+            agent_pool = [u for u in agent_pool if u.emotion == emotion]
+        pools = {AGENT: agent_pool, USER: by_speaker[user]}
+        main = {role: [u for u in pool if u.duration > config.backchannel_max_s] or pool for role, pool in pools.items()}
+        short = {role: [u for u in pool if u.duration <= config.backchannel_max_s] for role, pool in pools.items()}
+        speaker_of = {AGENT: agent, USER: user}
+
+        placements: list[Placement] = []
+        free = {AGENT: 0.0, USER: 0.0}  # where each channel's last audio ends
+        first = USER if rng.random() < config.user_first_prob else AGENT
+        n_turns = rng.randint(config.min_turns, config.max_turns)
+        prev: Placement | None = None
+        for k in range(n_turns):
+            role = first if k % 2 == 0 else _other(first)
+            seg = pick((role, speaker_of[role], emotion if role == AGENT else None, "main"), main[role])
+            lead = seg.speech[0][0] if seg.speech else 0.0
+            overlap = 0.0
+            if prev is None:
+                start = rng.uniform(*config.lead_in_s)
+            else:
+                p_start, p_end = prev.voiced
+                if rng.random() < config.overlap_prob:
+                    voiced_start = p_end - min(rng.uniform(*config.overlap_ms) / 1000, 0.5 * (p_end - p_start))
+                else:
+                    voiced_start = p_end + rng.uniform(*config.gap_ms) / 1000
+                start = max(voiced_start - lead, free[role] + 0.05)  # never on top of this channel's own audio
+                overlap = max(0.0, p_end - (start + lead))
+            if start + seg.duration > config.max_seconds and k >= 2:
+                break
+            placement = Placement(role, seg, round(start, 3), False, round(overlap, 3))
+            placements.append(placement)
+            free[role] = start + seg.duration
+            prev = placement
+            other = _other(role)
+            v_start, v_end = placement.voiced
+            if short[other] and v_end - v_start >= 1.5 and rng.random() < config.backchannel_prob:
+                b = pick((other, speaker_of[other], emotion if other == AGENT else None, "short"), short[other])
+                b_lead = b.speech[0][0] if b.speech else 0.0
+                b_len = (b.speech[-1][1] if b.speech else b.duration) - b_lead
+                earliest = max(v_start + 0.5, free[other] + 0.05 + b_lead)
+                latest = v_end - b_len - 0.3
+                if latest > earliest:
+                    b_start = rng.uniform(earliest, latest) - b_lead
+                    placements.append(Placement(other, b, round(b_start, 3), True, 0.0))
+                    free[other] = b_start + b.duration
+        plans.append(Plan(f"dlg-s{config.seed}-{d:05d}", agent, user, emotion, placements))
+    return plans
+
+
+def _plan_key(plan: Plan) -> dict:
+    return {"id": plan.id, "agent": plan.agent, "user": plan.user, "emotion": plan.emotion,
+            "placements": [[p.role, p.segment.id, fingerprint(to_dict(p.segment)), p.start, p.backchannel, p.overlap]
+                           for p in plan.placements]}
+
+
+def render_assembled(plan: Plan, in_dir: Path, config: DialogueConfig) -> DialogueRecord:
+    """Mix the plan into a stereo WAV; ValueError if a source segment cannot be read."""
+    end = max(p.start + p.segment.duration for p in plan.placements) + config.tail_s
+    stereo = np.zeros((int(math.ceil(end * SAMPLE_RATE)), 2), np.float32)
+    turns = []
+    for p in plan.placements:
+        audio = read_audio_checked(in_dir / p.segment.path, SAMPLE_RATE, 1)[:, 0]
+        a = int(round(p.start * SAMPLE_RATE))
+        channel = 0 if p.role == AGENT else 1  # LEFT = the agent (moshi-finetune's layout), RIGHT = the user
+        stereo[a:a + audio.size, channel] += audio
+        v_start, v_end = p.voiced
+        seg = p.segment
+        turns.append(Turn(
+            role=p.role, start=round(v_start, 3), end=round(v_end, 3), speaker=seg.speaker, emotion=seg.emotion,
+            transcript=seg.transcript, source=seg.id, speech=_shift_spans(seg.speech, p.start),
+            words=[w.shifted(p.start) for w in seg.words] if seg.words else None,
+            backchannel=p.backchannel, overlap=p.overlap))
+    turns.sort(key=lambda t: t.start)
+    rel = f"audio/{plan.id}.wav"
+    atomic_write_wav(Path(config.out) / rel, stereo, SAMPLE_RATE)
+    agent_emotions = {t.emotion for t in turns if t.role == AGENT}
+    return DialogueRecord(
+        id=plan.id, path=rel, duration=round(stereo.shape[0] / SAMPLE_RATE, 4), road=ROAD_ASSEMBLED,
+        agent_speaker=plan.agent, agent_voice=config.agent_voices.get(plan.agent),
+        emotion=agent_emotions.pop() if len(agent_emotions) == 1 else None,
+        licences=sorted({p.segment.licence for p in plan.placements}),
+        sources=sorted({p.segment.id for p in plan.placements}), turns=turns, user_speakers=[plan.user],
+        seed=config.seed)
+
+
+# ---------------------------------------------------------------------------------------------- conversation
+
+def _merge(regions: list[Span], gap: float) -> list[Span]:
+    merged: list[Span] = []
+    for a, b in regions:
+        if merged and a - merged[-1][1] < gap:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def build_conversation(seg: SegmentRecord, in_dir: Path, config: DialogueConfig) -> DialogueRecord:
+    read_audio_checked(in_dir / seg.path, SAMPLE_RATE, 2)  # stereo, 24 kHz, readable
+    gap = config.turn_gap_ms / 1000
+    sides = {AGENT: (seg.speech, seg.speaker), USER: (seg.user_speech or [], seg.user_speaker or "unknown")}
+    spans = {role: _merge([list(r) for r in regions], gap) for role, (regions, _) in sides.items()}
+    turns = []
+    for role, (regions, speaker) in sides.items():
+        for a, b in spans[role]:
+            words: list[Word] | None = None
+            if role == AGENT and seg.words:
+                words = [w for w in seg.words if a - 0.05 <= w.mid <= b + 0.05] or None
+            inside = [[max(x, a), min(y, b)] for x, y in regions if min(y, b) > max(x, a)]
+            other = spans[_other(role)]
+            backchannel = (b - a) < config.backchannel_turn_s and any(x <= a and b <= y for x, y in other)
+            turns.append(Turn(role=role, start=round(a, 3), end=round(b, 3), speaker=speaker,
+                              emotion=seg.emotion if role == AGENT else None,
+                              transcript=" ".join(w.text for w in words) if words else None, source=seg.id,
+                              speech=inside, words=words, backchannel=backchannel))
+    turns.sort(key=lambda t: t.start)
+    for i, turn in enumerate(turns):
+        previous = [t for t in turns[:i] if t.role != turn.role and not t.backchannel]
+        if previous:
+            turn.overlap = round(max(0.0, previous[-1].end - turn.start), 3) if not turn.backchannel else 0.0
+    dialogue_id = f"conv-{seg.parent_id}"
+    rel = f"audio/{dialogue_id}.wav"
+    link_or_copy(in_dir / seg.path, Path(config.out) / rel)
+    return DialogueRecord(
+        id=dialogue_id, path=rel, duration=seg.duration, road=ROAD_CONVERSATION, agent_speaker=seg.speaker,
+        agent_voice=config.agent_voices.get(seg.speaker), emotion=seg.emotion, licences=[seg.licence],
+        sources=[seg.id], turns=turns, user_speakers=[seg.user_speaker or "unknown"],
+        agent_transcript=seg.transcript if not seg.words else None)
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+def _check_config(config: DialogueConfig, segments: list[SegmentRecord], report: Report) -> None:
+    if config.road not in ROADS:
+        raise UsageError(f"road must be one of {ROADS}, got {config.road!r}")
+    if config.emotion_policy not in ("dialogue", "turn"):
+        raise UsageError(f"emotion_policy must be 'dialogue' or 'turn', got {config.emotion_policy!r}")
+    if not 2 <= config.min_turns <= config.max_turns:
+        raise UsageError("need 2 <= min_turns <= max_turns (a dialogue has both sides)")
+    catalogue = load_catalogue()
+    genders = {s.speaker: s.gender for s in segments if s.gender}
+    for speaker, voice_id in config.agent_voices.items():
+        try:
+            voice = catalogue.voice(voice_id)
+        except CatalogueError as exc:
+            raise UsageError(f"agent voice for {speaker!r}: {exc}") from exc
+        if genders.get(speaker) and genders[speaker] != voice.gender:
+            report.note(speaker, "agent_voices", f"speaker is labelled {genders[speaker]} but trains voice "
+                        f"{voice.id!r} ({voice.gender})")
+
+
+def run_dialogues(config: DialogueConfig) -> Summary:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report("dialogues", out, config.quiet)
+    segments = read_manifest(Path(config.inp), SegmentRecord, report)
+    _check_config(config, segments, report)
+    in_dir = Path(config.inp).parent
+    markers = Markers(out, config.force)
+    conversations = [s for s in segments if s.kind == CONVERSATION]
+    utterances = [s for s in segments if s.kind == UTTERANCE]
+    if config.road == ROAD_ASSEMBLED and conversations:
+        report.note("conversation", str(config.inp), f"road 'assembled': {len(conversations)} two-speaker recordings ignored")
+        conversations = []
+    if config.road == ROAD_CONVERSATION and utterances:
+        report.note("assembled", str(config.inp), f"road 'conversation': {len(utterances)} utterances ignored")
+        utterances = []
+    jobs: list[tuple[str, dict, object]] = []
+    for seg in conversations:
+        jobs.append((f"conv-{seg.parent_id}", {"segment": to_dict(seg)}, seg))
+    for plan in plan_assembled(utterances, config, report):
+        jobs.append((plan.id, _plan_key(plan), plan))
+    records: list[DialogueRecord] = []
+    made = reused = 0
+    for key, plan_key, job in progress(jobs, "dialogues", quiet=config.quiet):
+        signature = fingerprint(plan_key, config.settings())
+        payload = markers.load(key, signature, report)
+        if payload is not None:
+            records.append(from_dict(DialogueRecord, payload))
+            reused += 1
+            continue
+        source = job.source if isinstance(job, SegmentRecord) else f"{len(job.placements)} segments"
+        try:
+            record = (build_conversation(job, in_dir, config) if isinstance(job, SegmentRecord)
+                      else render_assembled(job, in_dir, config))
+        except ValueError as exc:
+            report.skip(key, source, f"source segment: {exc}")
+            continue
+        if not any(t.role == AGENT for t in record.turns):
+            report.skip(key, source, "no agent speech in the dialogue")
+            continue
+        markers.save(key, signature, [out / record.path], to_dict(record))
+        records.append(record)
+        made += 1
+    write_manifest(out / MANIFEST, records)
+    return report.finish(len(records), made, reused, sum(r.duration for r in records))
