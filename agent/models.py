@@ -53,6 +53,10 @@ class LoadedModel:
     dtype: torch.dtype
     random_weights: bool  # True: no trained weights are loaded, the voice is random noise
     lm_gen_config: dict = field(default_factory=dict)
+    # How it was built, so training can rebuild and export it in Kyutai's folder layout:
+    lm_config: dict = field(default_factory=dict)  # LMModel kwargs as config.json holds them
+    mimi_config: dict | None = None  # None: Kyutai's default Mimi
+    tokenizer_path: Path | None = None
 
     @property
     def description(self) -> str:
@@ -212,7 +216,8 @@ def build_tiny(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
     mimi = loaders.get_mimi(None, tiny_mimi_config(), device=device, num_codebooks=8)
     lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device=device, dtype=dtype)
     mimi.quantizer.load_state_dict(_fitted_codebooks(seed))
-    return LoadedModel(TINY_MODEL, mimi, lm, tokenizer, device, dtype, random_weights=True)
+    return LoadedModel(TINY_MODEL, mimi, lm, tokenizer, device, dtype, random_weights=True,
+                       lm_config=lm_kwargs, mimi_config=tiny_mimi_config(), tokenizer_path=tiny_tokenizer_path())
 
 
 def build_random_7b(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
@@ -224,8 +229,8 @@ def build_random_7b(device: torch.device, dtype: torch.dtype, seed: int = 424242
         lm_kwargs["context"] = context
     _seeded(seed)
     mimi = loaders.get_mimi(None, copy.deepcopy(loaders._mimi_config), device=device, num_codebooks=8)
-    lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
-    return LoadedModel(RANDOM_7B_MODEL, mimi, lm, None, device, dtype, random_weights=True)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device=device, dtype=dtype)
+    return LoadedModel(RANDOM_7B_MODEL, mimi, lm, None, device, dtype, random_weights=True, lm_config=lm_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +286,8 @@ def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
     info = checkpoint_info(spec)
     if context is not None:
         info.lm_config = dict(info.lm_config or loaders._lm_kwargs, context=context)
+    # Before loading: moshi's loader writes runtime entries (device, output_dim) into the nested dicts.
+    lm_config = copy.deepcopy(info.lm_config or loaders._lm_kwargs)
     try:
         mimi = info.get_mimi(device=device)
         lm = info.get_moshi(device=device, dtype=dtype)
@@ -293,8 +300,29 @@ def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
         raise ModelLoadError(f"{spec}: the weights do not match the config: {str(exc)[:600]}") from exc
     if tokenizer.vocab_size() < lm.text_card:
         raise ModelLoadError(f"{spec}: tokenizer has {tokenizer.vocab_size()} pieces, the LM expects {lm.text_card}")
+    # A model fine-tuned from `tiny` (tests, pipeline dry runs) started from random weights: still noise.
+    from_random = (info.model_id or {}).get("base") in (TINY_MODEL, RANDOM_7B_MODEL)
     return LoadedModel(Path(spec).name if Path(spec).is_dir() else spec, mimi, lm, tokenizer, device, dtype,
-                       random_weights=False, lm_gen_config=dict(info.lm_gen_config))
+                       random_weights=from_random, lm_gen_config=dict(info.lm_gen_config),
+                       lm_config=lm_config,
+                       mimi_config=info.mimi_config, tokenizer_path=Path(info.tokenizer))
+
+
+def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> tuple[MimiModel, dict | None]:
+    """Only the codec of `--model` (and its config, None for Kyutai's default): what encoding audio
+    to training tokens needs, without loading a 7B LM."""
+    if name == TINY_MODEL:
+        mimi = loaders.get_mimi(None, tiny_mimi_config(), device=device, num_codebooks=8)
+        mimi.load_state_dict(_random_mimi_state(seed))  # the same weights build_tiny draws from this seed
+        mimi.quantizer.load_state_dict(_fitted_codebooks(seed))
+        return mimi, tiny_mimi_config()
+    if name == RANDOM_7B_MODEL:
+        return build_random_7b(device, torch.float32, seed).mimi, None
+    info = checkpoint_info(name)
+    try:
+        return info.get_mimi(device=device), info.mimi_config
+    except (RuntimeError, KeyError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{name}: cannot load its Mimi codec: {str(exc)[:600]}") from exc
 
 
 def load_model(config: ModelConfig) -> LoadedModel:

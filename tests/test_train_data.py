@@ -429,3 +429,56 @@ def test_roads_and_aligners_are_configuration(work, tmp_path):
             assert set(record["methods"]) == {"even", "user:even"}
     assert main(["align", "--in", str(work / "dialogues/manifest.jsonl"), "--out", str(tmp_path / "al2"),
                  "--aligner", "no_such_module:Nothing", "--quiet"]) == 2
+
+
+def test_monologue_road_agent_speaks_right_is_silent(work, tmp_path):
+    """Telugu adaptation data: one speaker's utterances back to back on the LEFT, the RIGHT exactly silent."""
+    work, _ = work
+    segments = [s for s in _jsonl(work / "segments/manifest.jsonl") if s["kind"] == "utterance"]
+    road = tmp_path / "monologue.json"
+    road.write_text(json.dumps({"road": "monologue", "monologue_gap_ms": [300, 900], "max_seconds": 10.0}))
+    args = ["dialogues", "--in", str(work / "segments/manifest.jsonl"), "--config", str(road), "--seed", "3",
+            "--agent-voice", "kiran_te=kiran", "--agent-voice", "lakshmi_f3=lakshmi"]
+    summary = _run(*args, "--out", str(tmp_path / "mono"))
+    assert _run(*args, "--out", str(tmp_path / "mono2"))["kept"] == summary["kept"]
+    manifest = (tmp_path / "mono/manifest.jsonl").read_bytes()
+    assert manifest == (tmp_path / "mono2/manifest.jsonl").read_bytes()  # the seed decides everything
+    assert any("two-speaker recordings ignored" in x["reason"] for x in _jsonl(tmp_path / "mono/report.jsonl"))
+    monologues = _jsonl(tmp_path / "mono/manifest.jsonl")
+    assert len(monologues) >= 2 and summary["skipped"] == 0
+    # With --count unset every transcribed utterance is used exactly once.
+    used = [t["source"] for d in monologues for t in d["turns"]]
+    assert sorted(used) == sorted(s["id"] for s in segments if s["transcript"])
+    voices = {"kiran_te": "kiran", "lakshmi_f3": "lakshmi"}
+    for d in monologues:
+        assert d["road"] == "monologue" and d["id"].startswith("mono-") and d["user_speakers"] == []
+        assert d["agent_voice"] == voices[d["agent_speaker"]]
+        assert all(t["role"] == "agent" for t in d["turns"])
+        assert {t["speaker"] for t in d["turns"]} == {d["agent_speaker"]}  # one speaker per file
+        assert {t["emotion"] for t in d["turns"]} == {d["emotion"]}  # one emotion per file (default policy)
+        assert all(t["transcript"] and not t["backchannel"] and t["overlap"] == 0 for t in d["turns"])
+        assert len({t["source"] for t in d["turns"]}) == len(d["turns"])  # no utterance twice in a file
+        audio, rate = sf.read(tmp_path / "mono" / d["path"], dtype="int16")
+        assert rate == SAMPLE_RATE and audio.shape[1] == 2
+        assert not audio[:, 1].any()  # the user channel is digital silence
+        assert len(d["turns"]) == 1 or d["duration"] <= 10.0  # max_seconds
+        for t in d["turns"]:
+            a, b = int(t["start"] * rate), int(t["end"] * rate)
+            assert _rms_db(audio[a:b, 0].astype(np.float64) / 32768) > -40, (d["id"], t)
+        for prev, nxt in zip(d["turns"], d["turns"][1:]):
+            assert 0.29 <= nxt["start"] - prev["end"] <= 1.5, (d["id"], prev, nxt)
+
+    assert _run("align", "--in", str(tmp_path / "mono/manifest.jsonl"), "--out", str(tmp_path / "al"))["kept"] == \
+        len(monologues)
+    by_id = {d["id"]: d for d in monologues}
+    for record in _jsonl(tmp_path / "al/manifest.jsonl"):
+        dialogue = by_id[record["id"]]
+        data = json.loads((tmp_path / "al" / record["alignment"]).read_text(encoding="utf-8"))
+        alignments = data["alignments"]
+        assert alignments and record["n_words"] == len(alignments)
+        assert {a[2] for a in alignments} == {"SPEAKER_MAIN"}
+        assert " ".join(a[0] for a in alignments) == " ".join(t["transcript"] for t in dialogue["turns"])
+        for _, (start, end), _ in alignments:
+            assert any(t["start"] - 0.06 <= start and end <= t["end"] + 0.06 for t in dialogue["turns"])
+    # Never chosen by "auto": the default road makes no monologues.
+    assert not any(d["road"] == "monologue" for d in _jsonl(work / "dialogues/manifest.jsonl"))

@@ -1,20 +1,28 @@
-"""Telugu fine-tuning pipeline, first half: data preparation for moshi-finetune.
+"""Telugu fine-tuning pipeline for Moshi: raw audio in, a model folder the app loads out.
 
     python -m agent.train ingest    --out W/ingest    --manifest rows.jsonl --folder clips/ ...
     python -m agent.train segment   --in W/ingest/manifest.jsonl    --out W/segments
     python -m agent.train dialogues --in W/segments/manifest.jsonl  --out W/dialogues --seed 0
     python -m agent.train align     --in W/dialogues/manifest.jsonl --out W/align
+    python -m agent.train tokenizer --in W/align/manifest.jsonl     --out W/tokenizer --text extra.txt
+    python -m agent.train tokens    --in W/align/manifest.jsonl     --out W/tokens --tokenizer W/tokenizer/tokenizer.model
+    python -m agent.train train     --in W/tokens/manifest.jsonl    --out W/run --tokenizer ... --config assets/train/X.json
+    python -m agent.train export    --in W/run                      --out models/telugu [--fused]
 
-Each stage reads the previous stage's manifest.jsonl, writes its own (records in `records.py`),
-report.jsonl (one line per skipped item or note) and summary.json, resumes where it stopped, and
-never stops on bad data. `W/align/train.jsonl` + `W/align/data/` is a moshi-finetune dataset.
-Stages 5-8 (tokenizer, tokens, train, export) are not built yet: see docs/training.md.
+Stages 1-6 read the previous stage's manifest.jsonl, write their own (records in `records.py`),
+report.jsonl (one line per skipped item or note) and summary.json, resume where they stopped, and never
+stop on bad data. `W/align/train.jsonl` + `W/align/data/` is also a moshi-finetune dataset. Training
+checkpoints and resumes exactly (trainer.py); `torchrun` runs it on several processes. Export writes
+Kyutai's folder layout: `python app.py --model models/telugu`. See docs/training.md.
 """
 
 from agent.train.align import AlignConfig, Aligner, ProportionalAligner, run_align
 from agent.train.dialogues import DialogueConfig, run_dialogues
 from agent.train.ingest import IngestConfig, run_ingest
 from agent.train.segment import SegmentConfig, run_segment
+from agent.train.tokenizer import TokenizerConfig, resize_text_vocab, run_tokenizer
+from agent.train.tokens import TokensConfig, run_tokens
 
 __all__ = ["AlignConfig", "Aligner", "DialogueConfig", "IngestConfig", "ProportionalAligner", "SegmentConfig",
-           "run_align", "run_dialogues", "run_ingest", "run_segment"]
+           "TokenizerConfig", "TokensConfig", "resize_text_vocab", "run_align", "run_dialogues", "run_ingest",
+           "run_segment", "run_tokenizer", "run_tokens"]

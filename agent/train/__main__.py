@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -57,7 +58,8 @@ def _common(parser: argparse.ArgumentParser, needs_input: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m agent.train", description=(
-        "Telugu fine-tuning data pipeline for Moshi (stages 1-4: ingest, segment, dialogues, align)."))
+        "Telugu fine-tuning pipeline for Moshi: ingest, segment, dialogues, align, tokenizer, tokens, train, "
+        "export. Each stage reads the previous one's output folder and resumes where it stopped."))
     stages = parser.add_subparsers(dest="stage", required=True)
 
     p = stages.add_parser("ingest", help="audio folders/manifests/datasets -> 24 kHz normalised WAVs + manifest")
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stages.add_parser("dialogues", help="stereo conversations, LEFT = agent, RIGHT = user")
     _common(p)
-    _flag(p, "--road", choices=["auto", "assembled", "conversation"], help="default auto: by each input's kind")
+    _flag(p, "--road", choices=["auto", "assembled", "conversation", "monologue"], help="default auto: by each input's kind")
     _flag(p, "--seed", type=int, help="default 0")
     _flag(p, "--count", type=int, help="assembled dialogues to make (default: about one use per agent utterance)")
     _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="turns per assembled dialogue (default 4:10)")
@@ -113,7 +115,54 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--include-user-words", action="store_true", help="also write user words, labelled SPEAKER_OTHER")
     _flag(p, "--text-conditions", action="store_true",
           help="add {speaker, emotion} as text_conditions to each alignment JSON (for a conditioned model)")
+
+    p = stages.add_parser("tokenizer", help="SentencePiece on Telugu (+English) text, Moshi's special ids")
+    _common(p)
+    _flag(p, "--text", dest="text_files", action="append", type=Path,
+          help="plain-text corpus, one sentence per line (repeatable; --in is then optional)")
+    _flag(p, "--vocab-size", type=int, help="default 8000 (a small corpus gives fewer; tokenizer.json says how many)")
+    _flag(p, "--model-type", choices=["unigram", "bpe", "char", "word"], help="default unigram")
+    _flag(p, "--base-tokenizer", type=Path, help="the base model's tokenizer, for the overlap statistics only")
+    _flag(p, "--seed", type=int, help="default 0")
+
+    p = stages.add_parser("tokens", help="Mimi codes + the 12.5 Hz text stream per dialogue, encoded once")
+    _common(p)
+    _flag(p, "--model", help="whose Mimi encodes: a repo id, a Kyutai folder, or tiny (default tiny)")
+    _flag(p, "--tokenizer", type=Path, help="stage 5's tokenizer.model (default: the tiny model's own)")
+    _flag(p, "--device", help="cpu or cuda (default: cuda when present)")
+    _flag(p, "--seed", type=int, help="the tiny model's weights seed (must match training and the app)")
+
+    from agent.train.trainer import TrainConfig
+    p = stages.add_parser("train", help="LoRA + text embeddings + speaker/emotion conditioners on the shards "
+                                        "(torchrun for several processes)")
+    _common(p)
+    _dataclass_flags(p, TrainConfig, skip={"inp", "out", "force", "quiet"})
+
+    p = stages.add_parser("export", help="a checkpoint -> a folder `python app.py --model FOLDER` loads")
+    _flag(p, "--in", dest="inp", type=Path, metavar="RUN", help="a training run folder (latest checkpoint) or a step-N folder")
+    _flag(p, "--out", type=Path, metavar="FOLDER", help="the model folder to write")
+    _flag(p, "--config", type=Path, help="JSON file of this stage's settings (flags override it)")
+    _flag(p, "--fused", action="store_true", help="fold the LoRA into the weights (default: a separate adapter)")
+    _flag(p, "--dtype", choices=["bf16", "fp16", "fp32"], help="of the weights written (default bf16)")
+    _flag(p, "--force", action="store_true", help="overwrite a non-empty --out")
+    _flag(p, "--quiet", action="store_true", help="no progress lines")
     return parser
+
+
+def _dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    """--kebab-case flags for a config dataclass's fields; the field comments in its module explain them."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"default {f.default}")
+        else:
+            caster = int if kind.startswith("int") else float if kind.startswith("float") else \
+                Path if kind.startswith("Path") else str
+            parser.add_argument(flag, dest=f.name, default=None, type=caster, help=f"default {f.default}")
 
 
 def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
@@ -124,6 +173,7 @@ def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
             loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"cannot read --config {args.config}: {exc}") from exc
+        loaded = {k: v for k, v in loaded.items() if not k.startswith("_")}  # "_about" etc.: comments
         unknown = sorted(set(loaded) - set(names))
         if unknown:
             raise UsageError(f"--config {args.config}: unknown settings {unknown}; known: {sorted(names)}")
@@ -132,11 +182,12 @@ def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
     values.update(given)
     values.update({k: v for k, v in extra.items() if v is not None})
     for key in ("inp", "out"):
-        if key in names and values.get(key) is None:
+        optional = key == "inp" and values.get("text_files")  # the tokenizer can learn from text alone
+        if key in names and values.get(key) is None and not optional:
             raise UsageError(f"--{'in' if key == 'inp' else key} is required")
         if values.get(key) is not None:
             values[key] = Path(values[key])
-    for key in ("manifests", "folders", "hf_datasets"):
+    for key in ("manifests", "folders", "hf_datasets", "text_files"):
         if key in values:
             values[key] = [Path(v) for v in values[key]]
     for key in ("gap_ms", "overlap_ms", "lead_in_s"):
@@ -160,13 +211,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = {"agent_voices": _mapping(args.agent_voices, "--agent-voice"),
                      "min_turns": int(turns[0]) if turns else None, "max_turns": int(turns[1]) if turns else None}
             summary = run_dialogues(_config(DialogueConfig, args, extra))
-        else:
+        elif args.stage == "align":
             from agent.train.align import AlignConfig, run_align
             summary = run_align(_config(AlignConfig, args, {}))
+        elif args.stage == "tokenizer":
+            from agent.train.tokenizer import TokenizerConfig, run_tokenizer
+            summary = run_tokenizer(_config(TokenizerConfig, args, {}))
+        elif args.stage == "tokens":
+            from agent.train.tokens import TokensConfig, run_tokens
+            summary = run_tokens(_config(TokensConfig, args, {}))
+        elif args.stage == "train":
+            from agent.train.trainer import TrainConfig, run_train
+            summary = run_train(_config(TrainConfig, args, {}))
+        else:
+            from agent.train.export import ExportConfig, run_export
+            summary = run_export(_config(ExportConfig, args, {}))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary.line())
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per torchrun process
+        print(summary.line())
     return 0
 
 

@@ -1,7 +1,7 @@
 """Stage 3, dialogues: stereo 24 kHz conversations, LEFT = the agent, RIGHT = the user, as
 moshi-finetune reads them -> dialogues/manifest.jsonl (DialogueRecord with per-turn labels).
 
-Two roads, chosen by configuration (`road`), not by different code paths for the later stages:
+Three roads, chosen by configuration (`road`), not by different code paths for the later stages:
 - "conversation": a two-speaker recording (ingested with `agent_channel`) is already a dialogue; its
   turns come from the VAD regions of each channel (pauses under `turn_gap_ms` stay inside a turn).
 - "assembled": turn-taking dialogues built from single-speaker utterances. Per dialogue one agent
@@ -13,7 +13,16 @@ Two roads, chosen by configuration (`road`), not by different code paths for the
   may add a short backchannel (an utterance of at most `backchannel_max_s`). Agent turns need a
   transcript (the text stream is trained on them); user turns need none. Every utterance of a pool is
   used once before any repeats.
-- "auto" (default): each input record takes the road its kind calls for.
+- "monologue" (only when asked for; "auto" never picks it): for Telugu adaptation on single-speaker
+  speech. One agent speaker per file, its utterances back to back on the LEFT with a pause drawn from
+  `monologue_gap_ms` between one's last voiced instant and the next's first; the RIGHT channel is
+  exact digital silence. No utterance appears twice in a file; a file ends before an utterance that
+  would take it (with `tail_s`) past `max_seconds` (`min_turns`/`max_turns` do not apply). The emotion policy is the
+  assembled road's: one agent emotion per file ("dialogue") or mixed ("turn"). With `count` unset,
+  every agent utterance with a transcript is used exactly once; with `count`, files take the agent
+  speakers round-robin (and rotate emotions) and each pool is used once before any repeats. Turns are
+  all role "agent", so align, tokens and training read these files like any other dialogue.
+- "auto" (default): each input record takes the road its kind calls for (assembled or conversation).
 Everything random comes from `random.Random(seed)`: the same input and seed give the same dialogues.
 Turn start/end are the first and last voiced instants of the turn (from the segment stage's VAD).
 """
@@ -31,11 +40,11 @@ import numpy as np
 from agent import SAMPLE_RATE
 from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_wav, fingerprint,
                                 link_or_copy, progress, read_audio_checked, read_manifest, write_manifest)
-from agent.train.records import (AGENT, CONVERSATION, ROAD_ASSEMBLED, ROAD_CONVERSATION, USER, UTTERANCE,
-                                 DialogueRecord, SegmentRecord, Span, Turn, Word, from_dict, to_dict)
+from agent.train.records import (AGENT, CONVERSATION, ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE, USER,
+                                 UTTERANCE, DialogueRecord, SegmentRecord, Span, Turn, Word, from_dict, to_dict)
 from agent.voices import CatalogueError, load_catalogue
 
-ROADS = ("auto", ROAD_ASSEMBLED, ROAD_CONVERSATION)
+ROADS = ("auto", ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE)
 
 
 @dataclass
@@ -44,7 +53,7 @@ class DialogueConfig:
     out: Path
     road: str = "auto"
     seed: int = 0
-    count: int | None = None  # assembled dialogues; None: enough to use each agent utterance about once
+    count: int | None = None  # assembled/monologue files; None: each agent utterance about once (monologue: exactly)
     min_turns: int = 4
     max_turns: int = 10
     max_seconds: float = 120.0  # no turn starts that would end after this (moshi-finetune chunks longer files)
@@ -60,6 +69,7 @@ class DialogueConfig:
     emotion_policy: str = "dialogue"  # "dialogue": one agent emotion per dialogue; "turn": any per turn
     turn_gap_ms: int = 800  # conversation road: a pause this long on one channel ends that side's turn
     backchannel_turn_s: float = 1.0  # conversation road: a shorter turn inside the other side's turn is a backchannel
+    monologue_gap_ms: tuple[int, int] = (300, 900)  # monologue road: pause between one utterance and the next
     force: bool = False
     quiet: bool = False
 
@@ -67,7 +77,8 @@ class DialogueConfig:
         return {k: getattr(self, k) for k in ("road", "seed", "count", "min_turns", "max_turns", "max_seconds",
                                               "gap_ms", "overlap_prob", "overlap_ms", "backchannel_prob",
                                               "backchannel_max_s", "lead_in_s", "tail_s", "user_first_prob",
-                                              "agent_voices", "emotion_policy", "turn_gap_ms", "backchannel_turn_s")}
+                                              "agent_voices", "emotion_policy", "turn_gap_ms", "backchannel_turn_s",
+                                              "monologue_gap_ms")}
 
 
 @dataclass
@@ -96,6 +107,17 @@ class Cycler:
             self.rng.shuffle(self.queue)
         return self.queue.pop()
 
+    def peek(self) -> SegmentRecord:
+        """The item next() will hand out (starting a new round if needed, exactly as next() would)."""
+        if not self.queue:
+            self.queue = list(self.items)
+            self.rng.shuffle(self.queue)
+        return self.queue[-1]
+
+    @property
+    def left_in_round(self) -> int:
+        return len(self.queue)
+
 
 def _other(role: str) -> str:
     return USER if role == AGENT else AGENT
@@ -111,26 +133,36 @@ def _shift_spans(spans: list[Span], offset: float) -> list[Span]:
 class Plan:
     id: str
     agent: str
-    user: str
+    user: str | None  # None on the monologue road
     emotion: str | None
     placements: list[Placement]
+    road: str = ROAD_ASSEMBLED
 
 
-def plan_assembled(segments: list[SegmentRecord], config: DialogueConfig, report: Report) -> list[Plan]:
-    utterances = sorted((s for s in segments if s.kind == UTTERANCE), key=lambda s: s.id)
-    if not utterances:
-        return []
+def _by_speaker(segments: list[SegmentRecord]) -> dict[str, list[SegmentRecord]]:
     by_speaker: dict[str, list[SegmentRecord]] = defaultdict(list)
-    for u in utterances:
+    for u in sorted((s for s in segments if s.kind == UTTERANCE), key=lambda s: s.id):
         by_speaker[u.speaker].append(u)
-    speakers = sorted(by_speaker)
+    return by_speaker
+
+
+def _agents(by_speaker: dict[str, list[SegmentRecord]], config: DialogueConfig, report: Report) -> list[str]:
+    """The agent speakers (those of agent_voices if set), keeping only those with a transcribed utterance."""
     if config.agent_voices:
         agents = [s for s in sorted(config.agent_voices) if by_speaker.get(s)]
         for s in sorted(set(config.agent_voices) - set(agents)):
             report.note(s, "agent_voices", f"agent speaker {s!r} has no utterances in the input")
     else:
-        agents = speakers
-    agents = [a for a in agents if any(u.transcript for u in by_speaker[a])]
+        agents = sorted(by_speaker)
+    return [a for a in agents if any(u.transcript for u in by_speaker[a])]
+
+
+def plan_assembled(segments: list[SegmentRecord], config: DialogueConfig, report: Report) -> list[Plan]:
+    by_speaker = _by_speaker(segments)
+    if not by_speaker:
+        return []
+    speakers = sorted(by_speaker)
+    agents = _agents(by_speaker, config, report)
     if len(speakers) < 2:
         report.skip("assembled", str(config.inp), "assembled dialogues need at least two speakers, found "
                     f"{speakers}")
@@ -207,13 +239,13 @@ def plan_assembled(segments: list[SegmentRecord], config: DialogueConfig, report
 
 
 def _plan_key(plan: Plan) -> dict:
-    return {"id": plan.id, "agent": plan.agent, "user": plan.user, "emotion": plan.emotion,
+    return {"id": plan.id, "road": plan.road, "agent": plan.agent, "user": plan.user, "emotion": plan.emotion,
             "placements": [[p.role, p.segment.id, fingerprint(to_dict(p.segment)), p.start, p.backchannel, p.overlap]
                            for p in plan.placements]}
 
 
 def render_assembled(plan: Plan, in_dir: Path, config: DialogueConfig) -> DialogueRecord:
-    """Mix the plan into a stereo WAV; ValueError if a source segment cannot be read."""
+    """Mix the plan (assembled or monologue) into a stereo WAV; ValueError if a source segment cannot be read."""
     end = max(p.start + p.segment.duration for p in plan.placements) + config.tail_s
     stereo = np.zeros((int(math.ceil(end * SAMPLE_RATE)), 2), np.float32)
     turns = []
@@ -234,12 +266,79 @@ def render_assembled(plan: Plan, in_dir: Path, config: DialogueConfig) -> Dialog
     atomic_write_wav(Path(config.out) / rel, stereo, SAMPLE_RATE)
     agent_emotions = {t.emotion for t in turns if t.role == AGENT}
     return DialogueRecord(
-        id=plan.id, path=rel, duration=round(stereo.shape[0] / SAMPLE_RATE, 4), road=ROAD_ASSEMBLED,
+        id=plan.id, path=rel, duration=round(stereo.shape[0] / SAMPLE_RATE, 4), road=plan.road,
         agent_speaker=plan.agent, agent_voice=config.agent_voices.get(plan.agent),
         emotion=agent_emotions.pop() if len(agent_emotions) == 1 else None,
         licences=sorted({p.segment.licence for p in plan.placements}),
-        sources=sorted({p.segment.id for p in plan.placements}), turns=turns, user_speakers=[plan.user],
+        sources=sorted({p.segment.id for p in plan.placements}), turns=turns,
+        user_speakers=[plan.user] if plan.user else [],
         seed=config.seed)
+
+
+# ---------------------------------------------------------------------------------------------- monologue
+
+def plan_monologue(segments: list[SegmentRecord], config: DialogueConfig, report: Report) -> list[Plan]:
+    """One agent speaker per file, utterances back to back on the LEFT, nothing on the RIGHT."""
+    by_speaker = _by_speaker(segments)
+    if not by_speaker:
+        return []
+    agents = _agents(by_speaker, config, report)
+    if not agents:
+        report.skip("monologue", str(config.inp), "no agent speaker has an utterance with a transcript "
+                    "(agent turns are trained as text)")
+        return []
+    rng = random.Random(config.seed)
+    cyclers: dict[tuple, Cycler] = {}
+    pools: dict[str, dict[str | None, list[SegmentRecord]]] = {}
+    for agent in agents:
+        transcribed = [u for u in by_speaker[agent] if u.transcript]
+        if config.emotion_policy == "dialogue":
+            pools[agent] = {e: [u for u in transcribed if u.emotion == e] for e in sorted({u.emotion for u in transcribed})}
+        else:
+            pools[agent] = {None: transcribed}
+
+    def fill(d: int, agent: str, emotion: str | None, round_only: bool) -> Plan:
+        key = (agent, emotion)
+        if key not in cyclers:
+            cyclers[key] = Cycler(pools[agent][emotion], rng)
+        cycler = cyclers[key]
+        placements: list[Placement] = []
+        used: set[str] = set()
+        free = 0.0
+        while True:
+            if round_only and placements and cycler.left_in_round == 0:
+                break  # every utterance of the pool is in a file: no repeats when count is unset
+            seg = cycler.peek()
+            if seg.id in used:
+                break  # the pool is smaller than a file could hold: no utterance twice in one file
+            lead = seg.speech[0][0] if seg.speech else 0.0
+            if not placements:
+                start = rng.uniform(*config.lead_in_s)
+            else:
+                voiced_start = placements[-1].voiced[1] + rng.uniform(*config.monologue_gap_ms) / 1000
+                start = max(voiced_start - lead, free)  # never on top of the previous utterance's audio
+                if start + seg.duration + config.tail_s > config.max_seconds:
+                    break  # the file, its tail included, stays within max_seconds
+            cycler.next()
+            used.add(seg.id)
+            placements.append(Placement(AGENT, seg, round(start, 3)))
+            free = start + seg.duration
+        return Plan(f"mono-s{config.seed}-{d:05d}", agent, None, emotion, placements, ROAD_MONOLOGUE)
+
+    plans: list[Plan] = []
+    if config.count is None:  # each transcribed agent utterance exactly once
+        for agent in agents:
+            for emotion, pool in pools[agent].items():
+                taken = 0
+                while taken < len(pool):
+                    plans.append(fill(len(plans), agent, emotion, round_only=True))
+                    taken += len(plans[-1].placements)
+        return plans
+    for d in range(config.count):
+        agent = agents[d % len(agents)]
+        emotions = list(pools[agent])
+        plans.append(fill(d, agent, emotions[(d // len(agents)) % len(emotions)], round_only=False))
+    return plans
 
 
 # ---------------------------------------------------------------------------------------------- conversation
@@ -296,6 +395,13 @@ def _check_config(config: DialogueConfig, segments: list[SegmentRecord], report:
         raise UsageError(f"emotion_policy must be 'dialogue' or 'turn', got {config.emotion_policy!r}")
     if not 2 <= config.min_turns <= config.max_turns:
         raise UsageError("need 2 <= min_turns <= max_turns (a dialogue has both sides)")
+    try:
+        low, high = (float(x) for x in config.monologue_gap_ms)
+    except (TypeError, ValueError):
+        low = high = -1.0
+    if not 0 <= low <= high:
+        raise UsageError(f"monologue_gap_ms must be [MIN, MAX] with 0 <= MIN <= MAX, got {config.monologue_gap_ms!r}")
+    config.monologue_gap_ms = tuple(config.monologue_gap_ms)  # a JSON --config gives a list
     catalogue = load_catalogue()
     genders = {s.speaker: s.gender for s in segments if s.gender}
     for speaker, voice_id in config.agent_voices.items():
@@ -318,8 +424,9 @@ def run_dialogues(config: DialogueConfig) -> Summary:
     markers = Markers(out, config.force)
     conversations = [s for s in segments if s.kind == CONVERSATION]
     utterances = [s for s in segments if s.kind == UTTERANCE]
-    if config.road == ROAD_ASSEMBLED and conversations:
-        report.note("conversation", str(config.inp), f"road 'assembled': {len(conversations)} two-speaker recordings ignored")
+    if config.road in (ROAD_ASSEMBLED, ROAD_MONOLOGUE) and conversations:
+        report.note("conversation", str(config.inp),
+                    f"road {config.road!r}: {len(conversations)} two-speaker recordings ignored")
         conversations = []
     if config.road == ROAD_CONVERSATION and utterances:
         report.note("assembled", str(config.inp), f"road 'conversation': {len(utterances)} utterances ignored")
@@ -327,7 +434,8 @@ def run_dialogues(config: DialogueConfig) -> Summary:
     jobs: list[tuple[str, dict, object]] = []
     for seg in conversations:
         jobs.append((f"conv-{seg.parent_id}", {"segment": to_dict(seg)}, seg))
-    for plan in plan_assembled(utterances, config, report):
+    planner = plan_monologue if config.road == ROAD_MONOLOGUE else plan_assembled
+    for plan in planner(utterances, config, report):
         jobs.append((plan.id, _plan_key(plan), plan))
     records: list[DialogueRecord] = []
     made = reused = 0

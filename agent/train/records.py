@@ -6,8 +6,9 @@ inside the file the record describes.
 
     ingest     AudioRecord     one kept source file, 24 kHz, loudness-normalised
     segment    SegmentRecord   one utterance (or a whole two-speaker recording, passed through)
-    dialogues  DialogueRecord  one stereo conversation, LEFT = agent, RIGHT = user, with its Turns
+    dialogues  DialogueRecord  one stereo conversation (or monologue), LEFT = agent, RIGHT = user, with its Turns
     align      AlignedRecord   one dialogue ready for moshi-finetune (WAV + alignment JSON)
+    tokens     TokenRecord     one dialogue as Mimi codes + the per-frame text stream (what training reads)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 UTTERANCE, CONVERSATION = "utterance", "conversation"  # kinds of source: one speaker, or two on two channels
 AGENT, USER = "agent", "user"
-ROAD_ASSEMBLED, ROAD_CONVERSATION = "assembled", "conversation"
+ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE = "assembled", "conversation", "monologue"
 
 Span = list[float]  # [start, end] in seconds
 
@@ -194,7 +195,9 @@ class DialogueRecord:
     id: str
     path: str
     duration: float
-    road: str  # "assembled" from single-speaker utterances, or "conversation" (a two-speaker recording)
+    # "assembled" from single-speaker utterances, "conversation" (a two-speaker recording), or "monologue"
+    # (one speaker's utterances back to back on the LEFT, the RIGHT silent: Telugu adaptation data)
+    road: str
     agent_speaker: str
     agent_voice: str | None  # the catalogue voice id the agent speaker trains, when mapped
     emotion: str | None  # the agent's emotion if it is one for the whole dialogue, else None
@@ -221,6 +224,23 @@ class AlignedRecord:
     n_words: int  # agent words written
     methods: dict[str, int]  # words per method: "given", "proportional", or a plug-in aligner's name
     text_conditions: dict[str, str] | None = None  # conditioner name -> value (speaker/emotion) for stage 7
+
+
+@dataclass
+class TokenRecord:
+    """tokens/manifest.jsonl: one dialogue encoded once, so training reads tokens, not audio."""
+
+    id: str
+    path: str  # codes/<id>.safetensors: "audio" int16 [2K, T] (agent K codebooks, then user K), "text" int32 [T]
+    frames: int  # T, at Mimi's 12.5 Hz
+    duration: float
+    agent_speaker: str
+    agent_voice: str | None
+    emotion: str | None
+    licences: list[str]
+    n_words: int  # agent words placed in the text stream
+    n_text_tokens: int  # text tokens placed (the rest of the stream is padding)
+    conditions: dict[str, str | None] = field(default_factory=dict)  # conditioner name -> value (speaker, emotion)
 
 
 def to_dict(record: Any) -> dict:

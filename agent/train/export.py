@@ -1,0 +1,135 @@
+"""Stage 8, export: a training checkpoint -> a folder in Kyutai's layout that `python app.py --model
+<folder>` (and `moshi.server`, `moshi.run_inference`) loads.
+
+    config.json         the LM config (with the speaker/emotion conditioners and the new text_card when
+                        training added them), moshi_name/mimi_name/tokenizer_name, and for an unfused
+                        export "lora": true, "lora_rank", "lora_scaling", "lora_name" as Kyutai's loader reads them
+    model.safetensors   the base weights, with the trained text layers and conditioner tables in place
+                        (unfused), or everything with the LoRA folded in (fused)
+    lora.safetensors    unfused only: the LoRA A/B matrices (moshi.models.loaders.get_lora_moshi loads them)
+    mimi.safetensors    the codec the shards were encoded with (+ mimi_config.json when it is not Kyutai's)
+    tokenizer.model     the text tokenizer the model was trained with
+    training.json       provenance: base, steps, losses, data licences (CC-BY data needs attribution)
+
+Unfused keeps the adapter separate (small to ship when the base is already at hand, and swappable);
+fused has no LoRA matmuls at inference. Both are self-contained: when the tokenizer or conditioners
+changed, the base weights changed too, so model.safetensors is always written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from moshi.modules.lora import replace_lora_with_linear
+from safetensors.torch import save_file
+
+from agent.train.common import UsageError, atomic_write_json
+from agent.train.trainer import (CHECKPOINTS, RUN_FILE, TRAINABLE_FILE, TrainConfig, build_train_model,
+                                 latest_checkpoint, load_trainable)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ExportConfig:
+    inp: Path  # a training run folder (its latest checkpoint is exported) or one checkpoint folder (step-N)
+    out: Path
+    fused: bool = False
+    dtype: str = "bf16"  # of the weights written
+    force: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    checkpoint: Path
+    fused: bool
+    files: dict[str, int]
+
+    def line(self) -> str:
+        size = sum(self.files.values()) / 2 ** 20
+        kind = "fused" if self.fused else "base + LoRA adapter"
+        return f"export: {self.checkpoint.name} -> {self.out} ({kind}, {len(self.files)} files, {size:.1f} MiB)"
+
+
+def _locate(inp: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder)."""
+    if (inp / TRAINABLE_FILE).is_file():
+        return inp.parent.parent, inp
+    if (inp / RUN_FILE).is_file():
+        checkpoint = latest_checkpoint(inp)
+        if checkpoint is None:
+            raise UsageError(f"{inp} has no checkpoint yet (under {inp / CHECKPOINTS})")
+        return inp, checkpoint
+    raise UsageError(f"{inp} is neither a training run folder (with {RUN_FILE}) nor a checkpoint")
+
+
+def _train_config(run: Path) -> TrainConfig:
+    saved = json.loads((run / RUN_FILE).read_text())["config"]
+    for key in ("inp", "out", "tokenizer"):
+        if saved.get(key) is not None:
+            saved[key] = Path(saved[key])
+    return TrainConfig(**saved)
+
+
+def run_export(config: ExportConfig) -> ExportResult:
+    if config.dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    run, checkpoint = _locate(Path(config.inp))
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.force:
+        raise UsageError(f"{out} is not empty; pass --force to overwrite it")
+    train_config = _train_config(run)
+    run_info = json.loads((run / RUN_FILE).read_text())
+    dtype = DTYPES[config.dtype]
+    # Rebuild the training model on the CPU exactly as training built it, then put the trained values in.
+    model = build_train_model(train_config, torch.device("cpu"), torch.float32)
+    load_trainable(model.lm, checkpoint)
+    lm = model.lm.eval()
+    lm_config = dict(model.lm_config)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def save(tensors: dict[str, torch.Tensor], name: str) -> None:
+        save_file({k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in tensors.items()}, str(tmp / name))
+
+    if config.fused:
+        replace_lora_with_linear(lm)
+        save(lm.state_dict(), "model.safetensors")
+    else:
+        state = lm.state_dict()
+        adapter = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+        base = {k.replace(".frozen_W.", "."): v for k, v in state.items() if k not in adapter}
+        save(base, "model.safetensors")
+        save(adapter, "lora.safetensors")
+        lm_config.update(lora=True, lora_rank=train_config.lora_rank, lora_scaling=train_config.lora_scaling,
+                         lora_name="lora.safetensors")
+    save_file({k: v.contiguous() for k, v in model.base.mimi.state_dict().items()}, str(tmp / "mimi.safetensors"))
+    shutil.copyfile(model.tokenizer_path, tmp / "tokenizer.model")
+    lm_config.update(moshi_name="model.safetensors", mimi_name="mimi.safetensors", tokenizer_name="tokenizer.model",
+                     model_id={"base": train_config.model, "step": int(checkpoint.name.removeprefix("step-")),
+                               "fused": config.fused})
+    if model.base.mimi_config is not None:
+        (tmp / "mimi_config.json").write_text(json.dumps(model.base.mimi_config, indent=1))
+        lm_config["mimi_config_name"] = "mimi_config.json"
+    if model.base.lm_gen_config:
+        lm_config["lm_gen_config"] = model.base.lm_gen_config
+    atomic_write_json(tmp / "config.json", lm_config)
+    atomic_write_json(tmp / "training.json", {
+        "base": train_config.model, "checkpoint": str(checkpoint), "step": lm_config["model_id"]["step"],
+        "fused": config.fused, "dtype": config.dtype, "notes": model.notes,
+        "data_licences": run_info.get("licences", []), "train_dialogues": run_info.get("train_dialogues"),
+        "weights_licence": "Moshi and Mimi weights: CC-BY 4.0 (Kyutai); attribute them and your data sources"})
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    return ExportResult(out, checkpoint, config.fused, files)

@@ -1,0 +1,173 @@
+"""Stage 6, tokens: encode every aligned dialogue once with Mimi and lay its words on the 12.5 Hz
+text stream -> tokens/codes/<id>.safetensors + tokens/manifest.jsonl (TokenRecord) + tokens/tokens.json.
+
+Training then reads small integer tensors instead of decoding and encoding audio every epoch. Each
+shard holds "audio" int16 [2K, T] (the agent's K codebooks from the LEFT channel, then the user's K
+from the RIGHT, the order `LMModel.forward` expects after the text row) and "text" int32 [T].
+
+The text stream follows moshi-finetune's Interleaver (keep_main_only=True), so a model trained here
+sees what a model trained there sees: only SPEAKER_MAIN words count; a word's tokens start at the
+frame holding its start time and follow one per frame; a word arriving while the previous one is still
+being written replaces the remainder; frames without a token are text padding (3), and the padding
+frame just before a word becomes end-of-padding (0). Shards depend on the tokenizer (stage 5, or the
+base model's own) and on the codec of `model`; tokens.json records both and the trainer checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+from safetensors.torch import save_file
+
+from agent import FRAME_SIZE, SAMPLE_RATE
+from agent.config import ModelConfig
+from agent.models import ModelLoadError, load_mimi, resolve_device, tiny_tokenizer_path
+from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_json, fingerprint,
+                                progress, read_audio_checked, read_manifest, write_manifest)
+from agent.train.records import AlignedRecord, TokenRecord, from_dict, to_dict
+from agent.voices import EMOTION, SPEAKER, load_catalogue
+
+FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 Hz
+TEXT_PADDING, END_OF_PADDING = 3, 0  # Moshi's text_padding_token_id and end_of_text_padding_id
+MAIN_SPEAKER = "SPEAKER_MAIN"
+INFO = "tokens.json"
+
+
+@dataclass
+class TokensConfig:
+    inp: Path  # align's manifest.jsonl
+    out: Path
+    model: str = "tiny"  # whose Mimi encodes: a repo id, a Kyutai folder, or "tiny"
+    tokenizer: Path | None = None  # stage 5's tokenizer.model; None: the base model's own
+    device: str | None = None
+    seed: int = ModelConfig.seed  # the tiny model's weights come from it
+    force: bool = False
+    quiet: bool = False
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def text_stream(words: list[tuple[list[int], float]], frames: int) -> list[int]:
+    """moshi-finetune's Interleaver.build_token_stream for (tokens, start seconds) words, sorted by start."""
+    stream = [TEXT_PADDING] * frames
+    pending: deque[int] = deque()
+    i = 0
+    for t in range(frames):
+        while i < len(words) and words[i][1] * FRAME_RATE < t + 1:
+            pending = deque(words[i][0])  # a new word cuts what is left of the previous one
+            i += 1
+        if pending:
+            if t > 0 and stream[t - 1] == TEXT_PADDING:
+                stream[t - 1] = END_OF_PADDING
+            stream[t] = pending.popleft()
+    return stream
+
+
+def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: Report) -> dict[str, str | None]:
+    """The agent's speaker/emotion as conditioner values; anything the catalogue lacks trains unconditioned."""
+    given = dict(record.text_conditions or {})
+    wanted = {SPEAKER: given.get(SPEAKER, record.agent_voice), EMOTION: given.get(EMOTION, record.emotion)}
+    out: dict[str, str | None] = {}
+    for name, value in wanted.items():
+        if value is not None and value not in known[name]:
+            report.note(record.id, record.path, f"{name} {value!r} is not in the catalogue: trained without one "
+                                                f"(map data speakers to voices with dialogues --agent-voice)")
+            value = None
+        out[name] = value
+    return out
+
+
+def encode_record(record: AlignedRecord, in_dir: Path, mimi, tokenizer: sentencepiece.SentencePieceProcessor,
+                  device: torch.device) -> tuple[torch.Tensor, list[int], int, int]:
+    """(audio codes [2K, T], text stream [T], words placed, text tokens placed); ValueError for bad data."""
+    audio = read_audio_checked(in_dir / record.path, SAMPLE_RATE, 2)
+    try:
+        alignments = json.loads((in_dir / record.alignment).read_text(encoding="utf-8"))["alignments"]
+        words = sorted(((str(w), float(span[0])) for w, span, who in alignments if who == MAIN_SPEAKER
+                        and float(span[1]) > float(span[0])), key=lambda x: x[1])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"unreadable alignment {record.alignment}: {exc}") from exc
+    frames = math.ceil(audio.shape[0] / FRAME_SIZE)
+    padded = np.zeros((2, frames * FRAME_SIZE), np.float32)
+    padded[:, :audio.shape[0]] = audio.T  # LEFT (agent) and RIGHT (user) as a batch of two
+    with torch.no_grad():
+        codes = mimi.encode(torch.from_numpy(padded)[:, None].to(device))  # [2, K, T]
+    codes = codes[..., :frames].reshape(-1, frames).to(torch.int16).cpu()
+    tokenized = [(tokenizer.encode(w), start) for w, start in words]
+    stream = text_stream([(t, s) for t, s in tokenized if t], frames)
+    placed = sum(1 for x in stream if x not in (TEXT_PADDING, END_OF_PADDING))
+    return codes, stream, len(words), placed
+
+
+def run_tokens(config: TokensConfig) -> Summary:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report("tokens", out, config.quiet)
+    aligned = read_manifest(Path(config.inp), AlignedRecord, report)
+    in_dir = Path(config.inp).parent
+    tokenizer_path = Path(config.tokenizer) if config.tokenizer else None
+    if tokenizer_path is None:
+        if config.model != "tiny":
+            raise UsageError("--tokenizer is required unless --model is tiny (stage 5 writes tokenizer.model; "
+                             "for Kyutai's own English tokenizer pass its tokenizer_spm_32k_3.model)")
+        tokenizer_path = tiny_tokenizer_path()
+    if not tokenizer_path.is_file():
+        raise UsageError(f"tokenizer {tokenizer_path} does not exist (run the tokenizer stage first)")
+    tokenizer = sentencepiece.SentencePieceProcessor(str(tokenizer_path))
+    device = resolve_device(config.device)
+    try:
+        mimi, _ = load_mimi(config.model, device, config.seed)
+    except ModelLoadError as exc:
+        raise UsageError(str(exc)) from exc
+    catalogue = load_catalogue()
+    known = {SPEAKER: {v.id for v in catalogue.voices}, EMOTION: {e.id for e in catalogue.emotions}}
+    info = {"model": config.model, "seed": config.seed if config.model == "tiny" else None,
+            "tokenizer": str(tokenizer_path.resolve()), "tokenizer_sha": file_digest(tokenizer_path),
+            "text_vocab": tokenizer.vocab_size(), "num_codebooks": int(mimi.num_codebooks),
+            "frame_rate": FRAME_RATE, "text_padding": TEXT_PADDING, "end_of_padding": END_OF_PADDING}
+    settings = {k: v for k, v in info.items() if k != "tokenizer"}
+    markers = Markers(out, config.force)
+    records: list[TokenRecord] = []
+    made = reused = 0
+    for record in progress(aligned, "tokens", quiet=config.quiet):
+        signature = fingerprint(to_dict(record), settings)
+        payload = markers.load(record.id, signature, report)
+        if payload is not None:
+            records.append(from_dict(TokenRecord, payload))
+            reused += 1
+            continue
+        mark = report.mark()
+        try:
+            codes, stream, n_words, n_tokens = encode_record(record, in_dir, mimi, tokenizer, device)
+        except ValueError as exc:
+            report.skip(record.id, record.path, str(exc))
+            continue
+        if n_tokens == 0:
+            report.skip(record.id, record.path, "no text tokens: every agent word encoded to nothing")
+            continue
+        shard = out / "codes" / f"{record.id}.safetensors"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shard.with_name(f".{shard.name}.tmp")
+        save_file({"audio": codes.contiguous(), "text": torch.tensor(stream, dtype=torch.int32)}, str(tmp))
+        tmp.replace(shard)
+        result = TokenRecord(
+            id=record.id, path=f"codes/{record.id}.safetensors", frames=codes.shape[-1], duration=record.duration,
+            agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
+            licences=record.licences, n_words=n_words, n_text_tokens=n_tokens,
+            conditions=_conditions(record, known, report))
+        markers.save(record.id, signature, [shard], to_dict(result), report.notes_since(mark))
+        records.append(result)
+        made += 1
+    write_manifest(out / MANIFEST, records)
+    atomic_write_json(out / INFO, info)
+    return report.finish(len(records), made, reused, sum(r.duration for r in records))
