@@ -49,6 +49,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora, replace_lora_with_linear
 from moshi.modules.transformer import StreamingTransformer
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from agent.config import ModelConfig
 from agent.models import LoadedModel, ModelLoadError, load_model, voice_conditioners
@@ -541,6 +542,8 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
     last_loss = eval_loss = None
     checkpoint = resume
     started, frames_done = time.monotonic(), 0
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", file=sys.stderr,
+               disable=report.quiet, dynamic_ncols=True, mininterval=0.5)
     while step < config.max_steps:
         ks = list(range(step * config.batch_size + group.rank * per_rank,
                         step * config.batch_size + (group.rank + 1) * per_rank))
@@ -555,6 +558,7 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
+        bar.update(1)
         frames_done += codes.shape[0] * codes.shape[-1]
         values = {k: v.detach() for k, v in losses.items()}
         if group.world > 1:
@@ -584,6 +588,7 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
             group.barrier()
         if config.stop_after is not None and step >= config.stop_after:
             break
+    bar.close()
     return TrainResult(out, step, checkpoint, last_loss, eval_loss, model.notes)
 
 
@@ -627,4 +632,4 @@ class Console:
 
     def say(self, line: str) -> None:
         if not self.quiet:
-            print(line, file=sys.stderr, flush=True)
+            tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
