@@ -61,7 +61,7 @@ class LoadedModel:
     @property
     def description(self) -> str:
         params = sum(p.numel() for p in self.lm.parameters())
-        kind = "RANDOM WEIGHTS (no trained model loaded: the voice is noise)" if self.random_weights else "trained"
+        kind = "RANDOM WEIGHTS (not a trained speech model: the voice is noise)" if self.random_weights else "trained"
         return f"{self.name} · {params / 1e6:.1f} M LM params · {self.device.type} {str(self.dtype).removeprefix('torch.')} · {kind}"
 
     @property
@@ -337,7 +337,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     else:
         model = load_checkpoint(name, device, dtype, config.context)
     if model.random_weights:
-        log.warning("Model %s has RANDOM weights: no trained model is loaded, so the agent's voice is noise.",
+        log.warning("Model %s has RANDOM weights (or was fine-tuned from them): not a trained speech model, "
+                    "so the agent's voice is noise.",
                     model.name)
     log.info("Loaded %s", model.description)
     return model

@@ -49,7 +49,8 @@ def _model_note(service: AgentService) -> str:
     if len(service.engines) > 1:
         text += " Each call goes to the model that has the voice it asks for."
     if service.random_weights:
-        text = ("⚠️ **Random weights — no trained model is loaded.** The agent's voice is noise and its "
+        text = ("⚠️ **Random weights — not a trained speech model** (or one fine-tuned from the random test model). "
+                "The agent's voice is noise and its "
                 "transcript is random pieces. Run on a GPU with `--model kyutai/moshiko-pytorch-bf16` "
                 "(or a fine-tuned Telugu folder) for real speech.\n\n" + text)
     return text

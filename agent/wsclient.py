@@ -107,7 +107,14 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
             result.sent_seconds = (i + chunk) / SAMPLE_RATE
             if realtime:
                 await asyncio.sleep(max(0.0, t0 + result.sent_seconds - time.monotonic()))
-        await asyncio.sleep(0.3)  # the last frames' answers
+        # The last frames' answers: wait until as much came back as went out, or nothing more arrives.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            got = sum(x.size for x in received)
+            quiet_for = time.monotonic() - (result.arrivals[-1][0] if result.arrivals else t0)
+            if got >= audio.size or (quiet_for > 0.5 and time.monotonic() - t0 > result.sent_seconds + 0.3):
+                break
+            await asyncio.sleep(0.02)
         if stop:
             try:
                 await ws.send(json.dumps({"event": "stop"}))
