@@ -182,8 +182,8 @@ def _fitted_codebooks(seed: int) -> dict[str, torch.Tensor]:
     """Mimi's codebooks are filled by k-means during training; untrained they are all zero, so every
     input would encode to code 0 and the model could not hear its caller. Fit them once with moshi's
     own k-means initialisation on the encoder's latents of varied audio."""
-    mimi = loaders.get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # leaves the caller's RNG alone, cached or not
+        mimi = loaders.get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
         torch.manual_seed(seed)
         mimi.load_state_dict(_random_mimi_state(seed))
         quantizer = mimi.quantizer
@@ -206,6 +206,15 @@ def _random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in mimi.state_dict().items()}
 
 
+def _tiny_mimi(device: torch.device, seed: int) -> MimiModel:
+    """The tiny Mimi: random weights drawn from `seed`, codebooks fitted by k-means (see above).
+    It draws from the global RNG as building it always did, so the LM built next keeps its weights."""
+    mimi = loaders.get_mimi(None, tiny_mimi_config(), device=device, num_codebooks=8)
+    mimi.load_state_dict(_random_mimi_state(seed))
+    mimi.quantizer.load_state_dict(_fitted_codebooks(seed))
+    return mimi
+
+
 def build_tiny(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
                context: int | None = None) -> LoadedModel:
     tokenizer = sentencepiece.SentencePieceProcessor(str(tiny_tokenizer_path()))
@@ -213,9 +222,8 @@ def build_tiny(device: torch.device, dtype: torch.dtype, seed: int = 42424242,
     if context is not None:
         lm_kwargs["context"] = context
     _seeded(seed)
-    mimi = loaders.get_mimi(None, tiny_mimi_config(), device=device, num_codebooks=8)
+    mimi = _tiny_mimi(device, seed)
     lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device=device, dtype=dtype)
-    mimi.quantizer.load_state_dict(_fitted_codebooks(seed))
     return LoadedModel(TINY_MODEL, mimi, lm, tokenizer, device, dtype, random_weights=True,
                        lm_config=lm_kwargs, mimi_config=tiny_mimi_config(), tokenizer_path=tiny_tokenizer_path())
 
@@ -312,10 +320,7 @@ def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> 
     """Only the codec of `--model` (and its config, None for Kyutai's default): what encoding audio
     to training tokens needs, without loading a 7B LM."""
     if name == TINY_MODEL:
-        mimi = loaders.get_mimi(None, tiny_mimi_config(), device=device, num_codebooks=8)
-        mimi.load_state_dict(_random_mimi_state(seed))  # the same weights build_tiny draws from this seed
-        mimi.quantizer.load_state_dict(_fitted_codebooks(seed))
-        return mimi, tiny_mimi_config()
+        return _tiny_mimi(device, seed), tiny_mimi_config()
     if name == RANDOM_7B_MODEL:
         return build_random_7b(device, torch.float32, seed).mimi, None
     info = checkpoint_info(name)

@@ -28,12 +28,10 @@ import torch
 from moshi.modules.lora import replace_lora_with_linear
 from safetensors.torch import save_file
 
+from agent.models import ModelLoadError, resolve_dtype
 from agent.train.common import UsageError, atomic_write_json
 from agent.train.trainer import (CHECKPOINTS, RUN_FILE, TRAINABLE_FILE, TrainConfig, build_train_model,
                                  latest_checkpoint, load_trainable)
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 @dataclass
 class ExportConfig:
@@ -79,15 +77,16 @@ def _train_config(run: Path) -> TrainConfig:
 
 
 def run_export(config: ExportConfig) -> ExportResult:
-    if config.dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    try:
+        dtype = resolve_dtype(config.dtype, torch.device("cpu"))
+    except ModelLoadError as exc:
+        raise UsageError(str(exc)) from exc
     run, checkpoint = _locate(Path(config.inp))
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not config.force:
         raise UsageError(f"{out} is not empty; pass --force to overwrite it")
     train_config = _train_config(run)
     run_info = json.loads((run / RUN_FILE).read_text())
-    dtype = DTYPES[config.dtype]
     # Rebuild the training model on the CPU exactly as training built it, then put the trained values in.
     model = build_train_model(train_config, torch.device("cpu"), torch.float32)
     load_trainable(model.lm, checkpoint)

@@ -31,6 +31,7 @@ import sentencepiece
 import torch
 from torch import nn
 
+from agent.train.align import MAIN_SPEAKER  # the only label whose words become the text stream
 from agent.train.common import (Markers, Report, Summary, UsageError, atomic_write_json, fingerprint,
                                 read_manifest)
 from agent.train.records import AlignedRecord, RecordError, Word, clean_text
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from moshi.models.lm import LMModel
 
 TOKENIZER_FILE, VOCAB_FILE, INFO = "tokenizer.model", "tokenizer.vocab", "tokenizer.json"
-MAIN_SPEAKER = "SPEAKER_MAIN"  # the only label whose words become Moshi's text stream (moshi-finetune)
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3  # Moshi: 3 = text padding, 0 = end of padding
 SPECIAL_IDS = (UNK_ID, BOS_ID, EOS_ID, PAD_ID)
 MODEL_TYPES = ("unigram", "bpe", "char", "word")

@@ -29,15 +29,15 @@ from safetensors.torch import save_file
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import ModelConfig
-from agent.models import ModelLoadError, load_mimi, resolve_device, tiny_tokenizer_path
+from agent.models import TEXT_PADDING_ID, ModelLoadError, load_mimi, resolve_device, tiny_tokenizer_path
+from agent.train.align import MAIN_SPEAKER
 from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_json, fingerprint,
                                 progress, read_audio_checked, read_manifest, write_manifest)
 from agent.train.records import AlignedRecord, TokenRecord, from_dict, to_dict
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 Hz
-TEXT_PADDING, END_OF_PADDING = 3, 0  # Moshi's text_padding_token_id and end_of_text_padding_id
-MAIN_SPEAKER = "SPEAKER_MAIN"
+TEXT_PADDING, END_OF_PADDING = TEXT_PADDING_ID, 0  # Moshi's text_padding_token_id and end_of_text_padding_id
 INFO = "tokens.json"
 
 

@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from agent.config import ModelConfig
-from agent.models import LoadedModel, ModelLoadError, load_model, voice_conditioners
+from agent.models import LoadedModel, ModelLoadError, load_model, resolve_dtype, voice_conditioners
 from agent.train.common import Report, UsageError, atomic_write_json, read_manifest
 from agent.train.records import TokenRecord
 from agent.train.tokens import INFO as TOKENS_INFO
@@ -417,13 +417,6 @@ def load_trainable(lm: LMModel, path: Path) -> None:
             params[name].copy_(value.to(params[name].dtype))
 
 
-def _resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-            "fp16": torch.float16, "float16": torch.float16}[name]
-
-
 def _check_tokens(config: TrainConfig, model: TrainModel) -> dict:
     info_path = Path(config.inp).parent / TOKENS_INFO
     if not info_path.is_file():
@@ -435,7 +428,7 @@ def _check_tokens(config: TrainConfig, model: TrainModel) -> dict:
     if info["num_codebooks"] < model.lm.dep_q:
         raise UsageError(f"shards hold {info['num_codebooks']} codebooks per side, the model needs {model.lm.dep_q}")
     if info["model"] != config.model and not Path(config.model).is_dir():
-        print(f"note: shards were encoded with {info['model']}'s Mimi, training {config.model}", file=sys.stderr)
+        model.notes.append(f"the shards were encoded with {info['model']}'s Mimi, training {config.model}")
     return info
 
 
@@ -479,7 +472,10 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
         if previous.get("fingerprint") != config.fingerprint():
             raise UsageError(f"{out} holds a run with other settings ({previous.get('config')}); "
                              "use another --out, or --force to start over")
-    dtype = _resolve_dtype(config.dtype, device)
+    try:
+        dtype = resolve_dtype(config.dtype, device)
+    except ModelLoadError as exc:
+        raise UsageError(str(exc)) from exc
     torch.manual_seed(config.data_seed)
     model = build_train_model(config, device, dtype)
     info = _check_tokens(config, model)
