@@ -39,10 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=None, help="LM attention context in frames (12.5 per second)")
     p.add_argument("--max-sessions", type=int, default=int(env("AGENT_MAX_SESSIONS", "0")) or None,
                    help="seats: calls served at once in one batch (default: from device memory; 4 on CPU)")
-    p.add_argument("--temp", type=float, default=sampling.temp, help="audio sampling temperature")
-    p.add_argument("--temp-text", type=float, default=sampling.temp_text, help="text sampling temperature")
-    p.add_argument("--top-k", type=int, default=sampling.top_k, help="audio top-k")
-    p.add_argument("--top-k-text", type=int, default=sampling.top_k_text, help="text top-k")
+    p.add_argument("--temp", type=float, default=sampling.temp, help="every call's starting audio temperature (a call may choose its own)")
+    p.add_argument("--temp-text", type=float, default=sampling.temp_text, help="every call's starting text temperature")
+    p.add_argument("--top-k", type=int, default=sampling.top_k, help="every call's starting audio top-k")
+    p.add_argument("--top-k-text", type=int, default=sampling.top_k_text, help="every call's starting text top-k")
     p.add_argument("--seed", type=int, default=ModelConfig.seed, help="seed for random-weight models")
     p.add_argument("--host", default=env("AGENT_HOST", env("GRADIO_SERVER_NAME", ServerConfig.host)), help="0.0.0.0 to serve the network")
     p.add_argument("--port", type=int, default=int(env("AGENT_PORT", env("GRADIO_SERVER_PORT", str(ServerConfig.port)))))
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
+    from agent.service import settle_heap
+    settle_heap()
     if service.random_weights:
         log.warning("Serving a RANDOM-WEIGHT model: the page works end to end but the agent's voice is noise.")
     log.info("Open http://%s:%d  (WebSocket endpoint: ws://%s:%d/websocket/offer)",

@@ -264,7 +264,7 @@ def bench_e2e(config: ModelConfig, clients: int, seconds: float) -> E2EResult:
 
     from agent.config import ServerConfig
     from agent.server import BackgroundServer, build_app, build_stream
-    from agent.service import build_service
+    from agent.service import build_service, settle_heap
     from agent.ui import build_demo
 
     service = build_service(config, EngineConfig(max_sessions=clients), ServerConfig())
@@ -272,6 +272,7 @@ def bench_e2e(config: ModelConfig, clients: int, seconds: float) -> E2EResult:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1", port).start()
+    settle_heap()  # as app.py does once everything is built
     ids = [uuid.uuid4().hex for _ in range(clients)]
     rss_start = rss_mib()
     samples: list[tuple[float, float]] = []  # (seconds since start, RSS MiB), once a second

@@ -32,12 +32,12 @@ from typing import Callable
 import numpy as np
 import torch
 from moshi.conditioners import ConditionAttributes
-from moshi.models.lm import LMGen
 
 from agent import FRAME_SECONDS, FRAME_SIZE
 from agent.config import EngineConfig, SamplingConfig
 from agent.metrics import StepTimes
 from agent.models import LoadedModel
+from agent.sampling import SeatLMGen, SeatSampler, SeatSampling
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Seat:
         self.counters = SeatCounters()
         self.closed_reason: str | None = None
         self.conditions: dict[str, str] = {}  # what the LM is conditioned on for this seat, once applied
+        self.sampling: SeatSampling | None = None  # how this seat is sampled, once applied
         self.last_input_at = time.monotonic()
         self._engine = engine
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
@@ -138,6 +139,11 @@ class Seat:
         """Condition this seat (e.g. {"speaker": "ravi", "emotion": "sad"}) from its next frame on;
         other seats are untouched. Raises ConditionError for a value the model does not know."""
         self._engine._set_conditions(self, conditions)
+
+    def set_sampling(self, settings: SeatSampling) -> None:
+        """Sample this seat with these settings from its next frame on; other seats are untouched.
+        Raises SamplingError for values outside what the server allows."""
+        self._engine._set_sampling(self, settings)
 
     def _deliver(self, frame: OutputFrame) -> None:  # engine lock held
         if len(self._outputs) >= self._max_out:
@@ -196,10 +202,8 @@ class FrameEngine:
         if model.lm.fuser is not None:
             condition_tensors = model.lm.condition_provider.prepare_and_provide(
                 [ConditionAttributes(text=dict(self._default_conditions))] * self.num_seats)
-        self.lm_gen = LMGen(model.lm, use_sampling=sampling.use_sampling, temp=sampling.temp,
-                            temp_text=sampling.temp_text, top_k=sampling.top_k,
-                            top_k_text=sampling.top_k_text, support_out_of_sync=True,
-                            condition_tensors=condition_tensors)
+        self.sampler = SeatSampler(self.num_seats, model.device, sampling)
+        self.lm_gen = SeatLMGen(model.lm, self.sampler, support_out_of_sync=True, condition_tensors=condition_tensors)
         model.mimi.streaming_forever(self.num_seats)
         self.lm_gen.streaming_forever(self.num_seats)
         self.stats = EngineStats(seats_total=self.num_seats)
@@ -208,6 +212,7 @@ class FrameEngine:
         self._seats: list[Seat | None] = [None] * self.num_seats
         self._pending_reset = torch.zeros(self.num_seats, dtype=torch.bool)
         self._pending_rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]] = {}  # index -> (seat, values, row)
+        self._pending_sampling: dict[int, tuple[Seat, SeatSampling]] = {}
         self._default_row = self._condition_row(self._default_conditions) if self._default_conditions else None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -225,8 +230,10 @@ class FrameEngine:
                     new = Seat(self, index, owner, self.config)
                     self._seats[index] = new
                     self._pending_reset[index] = True
-                    if self._default_row is not None:  # a new caller starts from the defaults
+                    # a new caller starts from the defaults
+                    if self._default_row is not None:
                         self._pending_rows[index] = (new, dict(self._default_conditions), self._default_row)
+                    self._pending_sampling[index] = (new, self.sampler.default)
                     self.stats.calls_started += 1
                     self.stats.seats_in_use += 1
                     log.debug("seat %d taken by %s (%d/%d in use)", index, owner,
@@ -278,13 +285,24 @@ class FrameEngine:
             condition_sum[index].copy_(row)
             seat.conditions = values
 
+    def _set_sampling(self, seat: Seat, settings: SeatSampling) -> None:
+        settings = settings.checked(self.sampler.config)
+        with self._lock:
+            if self._seats[seat.index] is seat:
+                self._pending_sampling[seat.index] = (seat, settings)
+
+    def _apply_sampling(self, pending: dict[int, tuple[Seat, SeatSampling]]) -> None:
+        for index, (seat, settings) in pending.items():
+            self.sampler.set(index, settings)
+            seat.sampling = settings
+
     def seats_in_use(self) -> int:
         with self._lock:
             return self.stats.seats_in_use
 
     # -- the tick ------------------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, torch.Tensor, torch.Tensor, dict]:
+    def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, torch.Tensor, torch.Tensor, dict, dict]:
         """Pop one frame per ready seat (engine lock held)."""
         batch: list[tuple[Seat, float]] = []
         pcm = np.zeros((self.num_seats, 1, FRAME_SIZE), np.float32)
@@ -306,18 +324,21 @@ class FrameEngine:
         reset = self._pending_reset.clone()
         self._pending_reset.zero_()
         rows, self._pending_rows = self._pending_rows, {}
-        return batch, pcm, exec_mask, reset, rows
+        sampling, self._pending_sampling = self._pending_sampling, {}
+        return batch, pcm, exec_mask, reset, rows, sampling
 
     @torch.no_grad()
     def step_once(self) -> int:
         """Run one batched step for every seat that has an input frame. Returns how many stepped."""
         with self._lock:
-            batch, pcm, exec_mask, reset, rows = self._take_batch()
+            batch, pcm, exec_mask, reset, rows, sampling = self._take_batch()
             if not batch:
                 self._pending_reset |= reset  # no step this tick: keep the resets for the next one
             self._last_tick = time.monotonic()
         if rows:
             self._apply_condition_rows(rows)
+        if sampling:
+            self._apply_sampling(sampling)
         if not batch:
             return 0
         mimi, device = self.model.mimi, self.model.device

@@ -2,8 +2,7 @@
 
 It turns transport calls into session calls and nothing more. `receive` runs in fastrtc's worker
 threads and only queues frames; the Moshi step runs on the engine's own thread, so a slow step
-never blocks receiving. `emit` waits briefly on the session's output queue (fastrtc's WebSocket
-path calls it in a tight loop; returning None at once would flood the send queue).
+never blocks receiving. `emit` waits on the session's output queue (see EMIT_WAIT_S).
 """
 
 from __future__ import annotations
@@ -21,12 +20,19 @@ from fastrtc.utils import CloseStream, current_context
 from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError, to_int16
 from agent.engine import ConditionError, EngineStoppedError
+from agent.sampling import SamplingError, sampling_request
 from agent.session import CallHub, CallRefused, Session
 from agent.voices import CallSettings, CatalogueError
 
 log = logging.getLogger(__name__)
 
-EMIT_WAIT_S = 0.02
+# fastrtc's WebSocket path queues whatever emit() returns, None included, and sends one item per
+# 20 ms at most: an emit that gave up every 20 ms fed it faster than it drains, and the agent's
+# audio fell seconds behind over a long call. Waiting up to 100 ms keeps it to ~12.5 frames a second.
+EMIT_WAIT_S = 0.1
+# The page's inputs after the call component, in order (ui.build_demo); other clients may send fewer.
+INPUT_NAMES = ("voice", "emotion", "text_temperature", "text_topk", "audio_temperature", "audio_topk")
+WEBRTC_MARKER = "__webrtc_value__"
 
 
 class MoshiHandler(StreamHandler):
@@ -49,12 +55,18 @@ class MoshiHandler(StreamHandler):
         ctx = current_context.get()
         return ctx.webrtc_id if ctx is not None and ctx.webrtc_id else f"call-{uuid.uuid4().hex[:12]}"
 
+    def _inputs(self) -> dict[str, Any]:
+        """The page's inputs by name. fastrtc stores them as [WebRTCData, *inputs] or as
+        [marker, webrtc id, *inputs] (tracks.StreamHandler.set_args)."""
+        args = self.latest_args if isinstance(self.latest_args, list) else []
+        values = args[2:] if args[:1] == [WEBRTC_MARKER] else args[1:]
+        return dict(zip(INPUT_NAMES, values))
+
     def _requested_settings(self) -> CallSettings:
-        """Voice and emotion from the page's inputs (latest_args: [webrtc value, voice, emotion])."""
-        args: list[Any] = [a for a in self.latest_args if isinstance(a, str) and a != "__webrtc_value__"]
-        voice = next((a for a in args if a in {v.id for v in self.hub.catalogue.voices}), None)
-        emotion = next((a for a in args if a in {e.id for e in self.hub.catalogue.emotions}), None)
-        return self.hub.catalogue.settings(voice, emotion)
+        """Voice, emotion and sampling from the page's inputs (CatalogueError/SamplingError if bad)."""
+        inputs = self._inputs()
+        voice, emotion = (inputs.get(k) if isinstance(inputs.get(k), str) else None for k in ("voice", "emotion"))
+        return self.hub.catalogue.settings(voice, emotion, sampling_request(inputs))
 
     # -- messages to the client -----------------------------------------------------------------
 
@@ -84,7 +96,11 @@ class MoshiHandler(StreamHandler):
             if self._refused is not None:
                 return None
             try:
-                self.session = self.hub.open(self._call_id(), self._requested_settings())
+                try:
+                    settings = self._requested_settings()
+                except (CatalogueError, SamplingError) as exc:
+                    raise CallRefused(str(exc)) from exc
+                self.session = self.hub.open(self._call_id(), settings)
             except CallRefused as exc:
                 self._refused = str(exc)
                 log.warning("call refused: %s", exc)
@@ -115,8 +131,8 @@ class MoshiHandler(StreamHandler):
     def _apply_settings(self, session: Session) -> None:
         try:
             wanted = self._requested_settings()
-        except CatalogueError as exc:
-            self._warn_once("settings", str(exc))
+        except (CatalogueError, SamplingError) as exc:
+            self._warn_once(f"settings:{exc}", str(exc))
             return
         if wanted != session.settings:
             if self.hub.route(wanted) is not session.engine:
@@ -125,10 +141,10 @@ class MoshiHandler(StreamHandler):
                 return
             try:
                 session.change_settings(wanted)
-            except ConditionError as exc:
-                self._warn_once(f"cond:{wanted}", str(exc))
+            except (ConditionError, SamplingError) as exc:
+                self._warn_once(f"settings:{wanted}", str(exc))
                 return
-            log.info("call %s: voice/emotion -> %s", session.call_id, wanted)
+            log.info("call %s: settings -> %s", session.call_id, wanted)
 
     def emit(self):
         session = self.session

@@ -7,7 +7,9 @@ Binary messages, first byte = kind:
   0x02  server -> client: UTF-8 text pieces of the agent's inner monologue
   0x05  server -> client: UTF-8 error message (e.g. all seats are in use), then the socket closes
 
-Each connection is one call on the same engine as every other transport.
+Each connection is one call on the same engine as every other transport. Query parameters:
+`voice`, `emotion` (catalogue ids) and the sampling names of Kyutai's web client (`text_temperature`,
+`text_topk`, `audio_temperature`, `audio_topk`); bad values get a 0x05 error and the socket closes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError
+from agent.sampling import sampling_request
 from agent.session import CallHub, CallRefused, Session
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,9 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
     await ws.accept()
     call_id = f"kyutai-{uuid.uuid4().hex[:12]}"
     try:
-        session = hub.open(call_id, hub.catalogue.settings(ws.query_params.get("voice"),
-                                                           ws.query_params.get("emotion")))
+        params = ws.query_params
+        session = hub.open(call_id, hub.catalogue.settings(params.get("voice"), params.get("emotion"),
+                                                           sampling_request(params)))
     except (CallRefused, ValueError) as exc:
         await ws.send_bytes(ERROR + str(exc).encode())
         await ws.close(code=1013)  # try again later

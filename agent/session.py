@@ -19,7 +19,8 @@ from agent import FRAME_SECONDS, SAMPLE_RATE
 from agent.audio import ChunkReport, InputAudio
 from agent.engine import ConditionError, EngineStoppedError, FrameEngine, OutputFrame, Seat, SeatsFullError
 from agent.metrics import RollingWindow
-from agent.vad import Turn, TurnLatencyTracker
+from agent.sampling import SamplingError, SeatSampling
+from agent.vad import TurnLatencyTracker, VadHub
 from agent.voices import CallSettings, Catalogue
 
 log = logging.getLogger(__name__)
@@ -48,28 +49,37 @@ class SessionFigures:
     latency_series: list[tuple[float, float]] = field(default_factory=list)
     closed_reason: str | None = None
     conditioned: bool = False  # the LM is conditioned on this call's voice and emotion
+    sampling: SeatSampling | None = None  # how the LM samples this call (once the engine applied it)
 
 
 class Session:
     def __init__(self, engine: FrameEngine, call_id: str, settings: CallSettings, silence_ms: int = 300,
-                 max_seconds: float | None = None, on_turn_latency: Callable[[float], None] | None = None):
+                 max_seconds: float | None = None, on_turn_latency: Callable[[float], None] | None = None,
+                 vad: VadHub | None = None):
+        """`vad`: the hub that judges this call's audio with every other call's; None judges it
+        here, on the transport's threads (one call alone: tools and tests)."""
         self.call_id = call_id
         self.settings = settings
         self.engine = engine
         self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
         self._available_conditions = engine.condition_values
         try:
-            self.seat.set_conditions(settings.conditions(self._available_conditions))
+            self._apply(settings)
         except ValueError:
-            self.seat.release("voice/emotion not available")
+            self.seat.release("settings not available")
             raise
         self.started_at = time.monotonic()
         self._input = InputAudio()
         self._input_report = ChunkReport()
         self.bad_chunks = 0
         self.max_seconds = max_seconds
-        self.latency = TurnLatencyTracker(silence_ms=silence_ms, on_latency=on_turn_latency)
-        self.frame_latency = RollingWindow()  # input frame complete -> its output frame ready
+        self.latency = TurnLatencyTracker(silence_ms=silence_ms, on_latency=on_turn_latency, label=call_id)
+        self._vad = vad
+        if vad is not None:
+            vad.add(self.latency)
+        # input frame complete -> its output frame handed to the transport (so a transport that
+        # reads late shows here, not only a slow step)
+        self.frame_latency = RollingWindow()
         self._transcript: deque[str] = deque()
         self._transcript_chars = 0
         self._lock = threading.Lock()
@@ -84,29 +94,36 @@ class Session:
         return self.max_seconds is not None and time.monotonic() - self.started_at > self.max_seconds
 
     def change_settings(self, settings: CallSettings) -> None:
-        """A new voice/emotion takes effect on this call's next frame (ConditionError if the model
-        does not know it; the call keeps its current settings then)."""
-        self.seat.set_conditions(settings.conditions(self._available_conditions))
+        """A new voice/emotion/sampling takes effect on this call's next frame (ConditionError if the
+        model does not know the voice, SamplingError for sampling out of range; the call keeps its
+        current settings then)."""
+        self._apply(settings)
         self.settings = settings
 
-    def receive(self, rate: int, samples: np.ndarray) -> list[Turn]:
-        """Any client chunk in (raises AudioFormatError for audio it cannot read). Returns user
-        turns that ended in this chunk."""
+    def sampling(self, settings: CallSettings) -> SeatSampling:
+        """The sampling these settings mean on this call's engine (its defaults, then the request)."""
+        return self.engine.sampler.default.with_request(settings.sampling)
+
+    def _apply(self, settings: CallSettings) -> None:
+        sampling = self.sampling(settings).checked(self.engine.sampler.config)  # check both before either
+        self.seat.set_conditions(settings.conditions(self._available_conditions))
+        self.seat.set_sampling(sampling)
+
+    def receive(self, rate: int, samples: np.ndarray) -> None:
+        """Any client chunk in (raises AudioFormatError for audio it cannot read)."""
         arrived = time.monotonic()
         try:
             frames = self._input.push(rate, samples, self._input_report)
         except ValueError:
             self.bad_chunks += 1
             raise
-        ended: list[Turn] = []
         pending_s = self._input.framer.pending / SAMPLE_RATE
         for k, frame in enumerate(frames):
             done_at = arrived - pending_s - (len(frames) - 1 - k) * FRAME_SECONDS
             self.seat.push(frame, done_at)
-            ended += self.latency.on_user_audio(frame, done_at - FRAME_SECONDS)
-        for turn in ended:
-            log.info("call %s: user turn ended (%.2f s of speech)", self.call_id, turn.user_end - turn.user_start)
-        return ended
+            self.latency.on_user_audio(frame, done_at - FRAME_SECONDS)
+        if self._vad is None:
+            self.latency.process()
 
     def next_output(self, timeout: float) -> OutputFrame | None:
         """The agent's next frame, waiting up to `timeout`; None if none is ready."""
@@ -114,9 +131,10 @@ class Session:
         if frame is None:
             return None
         now = time.monotonic()
-        self.frame_latency.add(1e3 * (frame.produced_at - frame.input_done_at))
-        for turn in self.latency.on_agent_audio(frame.pcm, now):
-            log.info("call %s: voice-to-voice latency %.0f ms", self.call_id, turn.latency_ms)
+        self.frame_latency.add(1e3 * (now - frame.input_done_at))
+        self.latency.on_agent_audio(frame.pcm, now)
+        if self._vad is None:
+            self.latency.process()
         if frame.text:
             with self._lock:
                 self._transcript.append(frame.text)
@@ -144,6 +162,7 @@ class Session:
             latency_series=self.latency.latencies.items(),
             closed_reason=self.seat.closed_reason,
             conditioned=self._conditioned(),
+            sampling=self.seat.sampling,
         )
 
     def _conditioned(self) -> bool:
@@ -156,6 +175,8 @@ class Session:
             log.info("call %s ended: %s (%d frames in, %d out)", self.call_id, reason,
                      self.seat.counters.frames_in, self.seat.counters.frames_out)
         self.seat.release(reason)
+        if self._vad is not None:
+            self._vad.remove(self.latency)
 
 
 class SessionRegistry:
@@ -206,6 +227,7 @@ class CallHub:
     silence_ms: int = 300
     max_call_seconds: float | None = None
     on_turn_latency: Callable[[float], None] | None = None
+    vad: VadHub | None = None  # judges every call's audio in one batch (None: each call on its own)
     draining: bool = False
 
     def route(self, settings: CallSettings) -> FrameEngine:
@@ -222,11 +244,13 @@ class CallHub:
             raise CallRefused("The server is restarting; please reconnect in a moment.")
         try:
             session = Session(self.route(settings), call_id, settings, self.silence_ms, self.max_call_seconds,
-                              self.on_turn_latency)
+                              self.on_turn_latency, self.vad)
         except (SeatsFullError, EngineStoppedError) as exc:
             raise CallRefused(str(exc)) from exc
         except ConditionError as exc:
             raise CallRefused(f"That voice or emotion is not available on this model: {exc}") from exc
+        except SamplingError as exc:
+            raise CallRefused(f"Those sampling settings are not allowed: {exc}") from exc
         self.registry.add(session)
         return session
 

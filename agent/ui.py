@@ -14,6 +14,7 @@ from fastrtc import WebRTC
 
 from agent.access import rtc_configuration_from_env
 from agent.metrics import fmt_ms
+from agent.sampling import MAX_TEMP
 from agent.service import AgentService
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
@@ -99,6 +100,9 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
             f"| Voice · emotion | {fig.settings.voice} · {fig.settings.emotion}"
             f"{' (conditioned)' if fig.conditioned else ''} |",
         ]
+        if fig.sampling is not None:
+            s = fig.sampling
+            lines.append(f"| Sampling text · audio | T {s.temp_text:g}, top-{s.top_k_text} · T {s.temp:g}, top-{s.top_k} |")
         if fig.closed_reason:
             lines.append(f"| Call | ended: {fig.closed_reason} |")
         points += [{"seconds": round(at - now, 1), "ms": value, "series": "voice-to-voice"}
@@ -107,6 +111,21 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
         lines.append("| Call | not connected |")
     frame = pd.DataFrame(points, columns=["seconds", "ms", "series"])
     return transcript, "\n".join(lines), frame, call_status(service, call_id)
+
+
+def _sampling_inputs(service: AgentService) -> list[gr.Slider]:
+    """Sliders for this call's sampling (Kyutai's web client has the same four); 0 is greedy."""
+    default, config = service.engine.sampler.default, service.engine.sampler.config
+    with gr.Accordion("Sampling", open=False, elem_id="sampling"):
+        gr.Markdown("Lower temperature: steadier, more repetitive speech; higher: livelier, riskier. "
+                    "Changes apply to this call only, from the next frame.", elem_classes=["small-note"])
+        return [
+            gr.Slider(0, MAX_TEMP, value=default.temp_text, step=0.05, label="Text temperature", elem_id="text-temp"),
+            gr.Slider(1, config.max_top_k_text, value=default.top_k_text, step=1, label="Text top-k",
+                      elem_id="text-topk"),
+            gr.Slider(0, MAX_TEMP, value=default.temp, step=0.05, label="Audio temperature", elem_id="audio-temp"),
+            gr.Slider(1, config.max_top_k, value=default.top_k, step=1, label="Audio top-k", elem_id="audio-topk"),
+        ]
 
 
 def build_demo(service: AgentService) -> gr.Blocks:
@@ -121,6 +140,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
             emotion = gr.Dropdown(_choices(catalogue.emotions, emotion_support), value=catalogue.default_emotion,
                                   label="Emotion · భావం", elem_id="emotion")
             gr.Markdown(_support_note(service), elem_id="support-note", elem_classes=["small-note"])
+            sampling = _sampling_inputs(service)
             gr.Markdown("### Live figures")
             stats = gr.Markdown("| Call | not connected |", elem_id="readouts")
             plot = gr.LinePlot(x="seconds", y="ms", color="series", x_lim=[-PLOT_SECONDS, 0], height=200,
@@ -142,7 +162,8 @@ def build_demo(service: AgentService) -> gr.Blocks:
         status = gr.Markdown("Press **Record** to start a call.", elem_id="call-status")
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
-        call.stream(service.handler(), inputs=[call, voice, emotion], outputs=[call],
+        # The handler reads these by position (handler.INPUT_NAMES).
+        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling], outputs=[call],
                     concurrency_limit=service.seats_total())
 
         timer = gr.Timer(POLL_SECONDS)

@@ -1,4 +1,4 @@
-"""Silero VAD on both directions of a call, and voice-to-voice latency per user turn.
+"""Silero VAD on both directions of every call, and voice-to-voice latency per user turn.
 
 Method (pipecat's): a user turn ends when the VAD has heard `silence_ms` of silence after speech;
 the end of the turn is placed at the last voiced window, i.e. the silence window is subtracted
@@ -7,62 +7,98 @@ that end, minus the end. Both times are wall-clock (`time.monotonic()`) at the s
 the input side is stamped when its audio arrived, the output side when its audio was handed to
 the transport. Network and client playout buffering are not included.
 
-Silero's weights come from the `silero-vad` wheel (no download). Each stream holds its own copy
-of the model because Silero keeps its recurrent state inside the module. It runs at 8 kHz, and
-windows below -55 dBFS count as silence without a model call.
+Cost, which matters on a server (a profile once put Silero at a third of a CPU server's time):
+- Silero's weights come from the `silero-vad` wheel (no download) and are loaded once per process.
+  Its 8 kHz network is called as a pure function of (window, context, recurrent state), with each
+  stream's state kept beside the stream, so one call serves many streams.
+- `VadHub` runs every call's two streams on one thread: per 32 ms window round, one batched Silero
+  call for all loud windows (16 streams cost about what 2 cost one by one). Audio arrives in each
+  call's inbox from the transport threads, which never wait for the VAD.
+- Windows below -55 dBFS count as silence without a model call.
 """
 
 from __future__ import annotations
 
-import copy
+import bisect
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from agent import SAMPLE_RATE
+from agent import FRAME_SECONDS, SAMPLE_RATE
 from agent.audio import StreamResampler
 from agent.metrics import RollingWindow
 
+log = logging.getLogger(__name__)
+
 VAD_RATE = 8_000  # Silero's cheaper rate (a quarter less CPU per window than 16 kHz); ample for speech
 WINDOW = 256  # Silero's window at 8 kHz: 32 ms
+CONTEXT = 32  # samples of the previous window Silero sees before each window at 8 kHz
 # Windows quieter than this are silence without asking Silero (it would say so too). In a call most
 # windows on at least one side are silent, and Silero is the largest per-call CPU cost on a server.
 SILENCE_RMS = 10 ** (-55 / 20)
 REPLY_TIMEOUT_S = 8.0  # a turn with no agent speech within this long is closed as "no reply"
 PAUSE_MERGE_FACTOR = 2.0  # speech resuming within 2x the silence window continues the same turn
 
-_base_model = None
-_base_lock = threading.Lock()
 
+class Silero:
+    """Silero VAD's 8 kHz network as a function: (windows [N, 256], contexts [N, 32], states
+    [2, N, 128]) -> (speech probabilities [N], new states). The package's own `model(x, sr)` keeps
+    one batch's state inside the module; this is the network it calls (silero_vad.jit's
+    `_model_8k`), with the state passed in, so streams can join and leave a batch freely.
+    tests/test_vad.py checks it against the package's own stateful call."""
 
-def _new_silero() -> torch.nn.Module:
-    global _base_model
-    with _base_lock:
-        if _base_model is None:
-            from silero_vad import load_silero_vad
-            _base_model = load_silero_vad()
-        return copy.deepcopy(_base_model)
+    _shared: "Silero | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self):
+        threads = torch.get_num_threads()
+        from silero_vad import load_silero_vad  # its import sets torch's thread count to 1 ...
+        torch.set_num_threads(threads)  # ... for the whole process: the engine's choice, not the VAD's
+        self._net = load_silero_vad()._model_8k
+        if self._net.context_size_samples != CONTEXT:
+            raise RuntimeError(f"unexpected Silero VAD build: 8 kHz context {self._net.context_size_samples}")
+
+    @classmethod
+    def shared(cls) -> "Silero":
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    @staticmethod
+    def initial_state(n: int = 1) -> torch.Tensor:
+        return torch.zeros(2, n, 128)
+
+    @torch.no_grad()
+    def __call__(self, windows: np.ndarray, contexts: np.ndarray, states: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        x = torch.from_numpy(np.concatenate([contexts, windows], axis=1).astype(np.float32, copy=False))
+        out, states = self._net(x, states)
+        return out[:, 0].numpy(), states
 
 
 @dataclass
 class Segment:
     start: float  # seconds of stream time
     end: float | None = None
+    reported_at: float = 0.0  # stream time of the window that decided it (start + min speech, end + silence)
 
 
 class SpeechDetector:
-    """Streaming speech start/end detection on one 24 kHz stream, in stream seconds."""
+    """Streaming speech start/end detection on one 24 kHz stream, in stream seconds. `push` runs it
+    alone; `run_detectors` runs many at once (what `VadHub` does)."""
 
     def __init__(self, threshold: float = 0.5, silence_ms: int = 300, min_speech_ms: int = 120):
         self.threshold = threshold
         self.neg_threshold = max(threshold - 0.15, 0.01)
         self.silence_s = silence_ms / 1000
         self.min_speech_s = min_speech_ms / 1000
-        self._model = _new_silero()
+        self.state = Silero.initial_state()  # Silero's recurrent state for this stream
+        self.context = np.zeros(CONTEXT, np.float32)  # the tail of the previous window
         self._resampler = StreamResampler(VAD_RATE)
         self._buffer = np.zeros(0, np.float32)
         self._windows_done = 0
@@ -75,37 +111,66 @@ class SpeechDetector:
         """Stream time processed so far (end of the last full window)."""
         return self._windows_done * WINDOW / VAD_RATE
 
-    @torch.no_grad()
-    def push(self, samples: np.ndarray) -> list[Segment]:
-        """Feed 24 kHz mono float samples; returns segments that just started or ended.
-        A segment is reported once when it starts (end None) and once when it ends."""
-        events: list[Segment] = []
+    def feed(self, samples: np.ndarray) -> None:
+        """Queue 24 kHz mono float samples (resampled to 8 kHz now; judged by `run_detectors`)."""
         data = self._resampler.process(SAMPLE_RATE, samples.astype(np.float32, copy=False))
         self._buffer = np.concatenate([self._buffer, data])
-        while self._buffer.size >= WINDOW:
-            window, self._buffer = self._buffer[:WINDOW], self._buffer[WINDOW:]
-            if np.sqrt(np.mean(np.square(window))) < SILENCE_RMS:
-                prob = 0.0
-            else:
-                prob = float(self._model(torch.from_numpy(window.copy()), VAD_RATE))
-            start = self.stream_seconds
-            self._windows_done += 1
-            end = self.stream_seconds
-            if prob >= self.threshold:
-                self._silence_from = None
-                if self._current is None:
-                    self._current = Segment(start)
-                if not self.speaking and end - self._current.start >= self.min_speech_s:
-                    self.speaking = True
-                    events.append(Segment(self._current.start))
-            elif prob < self.neg_threshold and self._current is not None:
-                if self._silence_from is None:
-                    self._silence_from = start
-                if end - self._silence_from >= self.silence_s:
-                    if self.speaking:
-                        events.append(Segment(self._current.start, self._silence_from))
-                    self._current, self._silence_from, self.speaking = None, None, False
+
+    def next_window(self) -> np.ndarray | None:
+        if self._buffer.size < WINDOW:
+            return None
+        window, self._buffer = self._buffer[:WINDOW], self._buffer[WINDOW:]
+        return window
+
+    def push(self, samples: np.ndarray) -> list[Segment]:
+        """Feed samples and judge every full window now; returns segments that just started or
+        ended. A segment is reported once when it starts (end None) and once when it ends."""
+        self.feed(samples)
+        return run_detectors([self])[0]
+
+    def on_probability(self, prob: float) -> list[Segment]:
+        """Advance one window whose speech probability is `prob`."""
+        events: list[Segment] = []
+        start = self.stream_seconds
+        self._windows_done += 1
+        end = self.stream_seconds
+        if prob >= self.threshold:
+            self._silence_from = None
+            if self._current is None:
+                self._current = Segment(start)
+            if not self.speaking and end - self._current.start >= self.min_speech_s:
+                self.speaking = True
+                events.append(Segment(self._current.start, reported_at=end))
+        elif prob < self.neg_threshold and self._current is not None:
+            if self._silence_from is None:
+                self._silence_from = start
+            if end - self._silence_from >= self.silence_s:
+                if self.speaking:
+                    events.append(Segment(self._current.start, self._silence_from, reported_at=end))
+                self._current, self._silence_from, self.speaking = None, None, False
         return events
+
+
+def run_detectors(detectors: Sequence[SpeechDetector]) -> list[list[Segment]]:
+    """Judge every full window of every detector: per round, each detector's next window, and one
+    Silero call for all the loud ones. Returns each detector's events, in order."""
+    events: list[list[Segment]] = [[] for _ in detectors]
+    while True:
+        ready = [(i, w) for i, d in enumerate(detectors) if (w := d.next_window()) is not None]
+        if not ready:
+            return events
+        windows = np.stack([w for _, w in ready])
+        probs = np.zeros(len(ready))
+        loud = np.flatnonzero(np.sqrt(np.mean(np.square(windows), axis=1)) >= SILENCE_RMS)
+        if loud.size:
+            judged = [detectors[ready[k][0]] for k in loud]
+            probs[loud], states = Silero.shared()(windows[loud], np.stack([d.context for d in judged]),
+                                                  torch.cat([d.state for d in judged], dim=1))
+            for j, d in enumerate(judged):
+                d.state = states[:, j:j + 1]
+        for k, (i, window) in enumerate(ready):
+            detectors[i].context = window[-CONTEXT:]
+            events[i] += detectors[i].on_probability(float(probs[k]))
 
 
 @dataclass
@@ -123,25 +188,39 @@ class Turn:
 
 
 class _Clock:
-    """Maps stream seconds to wall-clock time from the most recent chunk (streams run in real time)."""
+    """Maps stream seconds to wall-clock time from the chunk that carried them (streams run in real
+    time): each chunk marks where it started in both; a time maps through the latest mark at or
+    before it. Marks are kept for a while because the VAD judges audio a little after it arrived."""
 
-    def __init__(self):
-        self.wall_at = 0.0
-        self.stream_at = 0.0
+    def __init__(self, keep: int = 256):
+        self._stream: deque[float] = deque(maxlen=keep)
+        self._wall: deque[float] = deque(maxlen=keep)
 
     def mark(self, wall_start: float, stream_start: float) -> None:
-        self.wall_at, self.stream_at = wall_start, stream_start
+        self._stream.append(stream_start)
+        self._wall.append(wall_start)
+
+    @property
+    def latest_wall(self) -> float:
+        return self._wall[-1] if self._wall else 0.0
 
     def wall(self, stream_seconds: float) -> float:
-        return self.wall_at + (stream_seconds - self.stream_at)
+        if not self._stream:
+            return stream_seconds
+        k = max(0, bisect.bisect_right(self._stream, stream_seconds) - 1)
+        return self._wall[k] + (stream_seconds - self._stream[k])
 
 
 @dataclass
 class TurnLatencyTracker:
-    """Both VAD streams of one call and the turns measured between them."""
+    """Both VAD streams of one call and the turns measured between them.
+
+    The transport threads hand audio in (`on_user_audio`, `on_agent_audio`: queued, never judged on
+    their thread); `process()` judges what is queued, or a `VadHub` does it for many calls at once."""
 
     silence_ms: int = 300
     on_latency: Callable[[float], None] | None = None  # seconds, for each answered turn
+    label: str = ""  # the call's id, for the log
     turns: list[Turn] = field(default_factory=list)
     latencies: RollingWindow = field(default_factory=RollingWindow)
 
@@ -152,13 +231,40 @@ class TurnLatencyTracker:
         self._user_seconds = 0.0
         self._agent_seconds = 0.0
         self._agent_onsets: deque[float] = deque(maxlen=16)
+        self._inbox: list[tuple[bool, np.ndarray, float]] = []  # (from the user?, samples, wall start)
+        self._inbox_lock = threading.Lock()
+        self._judging = threading.Lock()  # one judge at a time (the hub, or process() after removal)
 
-    def on_user_audio(self, samples: np.ndarray, wall_start: float) -> list[Turn]:
-        """User audio (24 kHz) whose first sample arrived at `wall_start`. Returns turns that ended."""
-        self._user_clock.mark(wall_start, self._user_seconds)
-        self._user_seconds += samples.size / SAMPLE_RATE
+    def on_user_audio(self, samples: np.ndarray, wall_start: float) -> None:
+        """User audio (24 kHz) whose first sample arrived at `wall_start`."""
+        with self._inbox_lock:
+            self._inbox.append((True, samples, wall_start))
+
+    def on_agent_audio(self, samples: np.ndarray, wall_start: float) -> None:
+        """Agent audio (24 kHz) handed to the transport at `wall_start`."""
+        with self._inbox_lock:
+            self._inbox.append((False, samples, wall_start))
+
+    def process(self) -> list[Turn]:
+        """Judge the queued audio now (this call alone). Returns turns that ended or were answered."""
+        return process_trackers([self])[0]
+
+    def _feed_detectors(self) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        for from_user, samples, wall_start in inbox:
+            if from_user:
+                self._user_clock.mark(wall_start, self._user_seconds)
+                self._user_seconds += samples.size / SAMPLE_RATE
+                self.user.feed(samples)
+            else:
+                self._agent_clock.mark(wall_start, self._agent_seconds)
+                self._agent_seconds += samples.size / SAMPLE_RATE
+                self.agent.feed(samples)
+
+    def _on_user_segments(self, segments: list[Segment]) -> list[Turn]:
         ended = []
-        for seg in self.user.push(samples):
+        for seg in segments:
             if seg.end is None:
                 # The user speaks again. An unanswered end just before this was a pause inside the
                 # turn (merged away); an older one was a turn that got no reply.
@@ -168,9 +274,10 @@ class TurnLatencyTracker:
                 self._close_open_turns(before=resumed)
                 continue
             turn = Turn(self._user_clock.wall(seg.start), self._user_clock.wall(seg.end),
-                        detected_at=self._user_clock.wall(self.user.stream_seconds),
+                        detected_at=self._user_clock.wall(seg.reported_at),
                         agent_was_speaking=self.agent.speaking)
             self.turns.append(turn)
+            log.info("call %s: user turn ended (%.2f s of speech)", self.label, turn.user_end - turn.user_start)
             # The agent may have started before the silence window let us declare the end.
             onset = next((t for t in self._agent_onsets if t >= turn.user_end), None)
             if onset is not None:
@@ -178,12 +285,9 @@ class TurnLatencyTracker:
             ended.append(turn)
         return ended
 
-    def on_agent_audio(self, samples: np.ndarray, wall_start: float) -> list[Turn]:
-        """Agent audio (24 kHz) handed to the transport at `wall_start`. Returns turns answered."""
-        self._agent_clock.mark(wall_start, self._agent_seconds)
-        self._agent_seconds += samples.size / SAMPLE_RATE
+    def _on_agent_segments(self, segments: list[Segment]) -> list[Turn]:
         answered = []
-        for seg in self.agent.push(samples):
+        for seg in segments:
             if seg.end is not None:
                 continue
             onset = self._agent_clock.wall(seg.start)
@@ -192,12 +296,13 @@ class TurnLatencyTracker:
                 if not turn.closed and onset >= turn.user_end:
                     self._answer(turn, onset)
                     answered.append(turn)
-        self._close_open_turns(before=wall_start - REPLY_TIMEOUT_S)
+        self._close_open_turns(before=self._agent_clock.latest_wall - REPLY_TIMEOUT_S)
         return answered
 
     def _answer(self, turn: Turn, onset: float) -> None:
         turn.agent_start, turn.closed = onset, True
         self.latencies.add(turn.latency_ms)
+        log.info("call %s: voice-to-voice latency %.0f ms", self.label, turn.latency_ms)
         if self.on_latency is not None:
             self.on_latency(turn.latency_ms / 1e3)
 
@@ -206,3 +311,65 @@ class TurnLatencyTracker:
             if not turn.closed and turn.user_end < before:
                 turn.closed = True
         del self.turns[:-50]  # keep the recent history only
+
+
+def process_trackers(trackers: Sequence[TurnLatencyTracker]) -> list[list[Turn]]:
+    """Judge every tracker's queued audio with one batched Silero call per window round."""
+    for tracker in trackers:
+        tracker._judging.acquire()
+    try:
+        for tracker in trackers:
+            tracker._feed_detectors()
+        events = run_detectors([d for t in trackers for d in (t.user, t.agent)])
+        return [t._on_user_segments(events[2 * i]) + t._on_agent_segments(events[2 * i + 1])
+                for i, t in enumerate(trackers)]
+    finally:
+        for tracker in trackers:
+            tracker._judging.release()
+
+
+class VadHub:
+    """Runs the VAD of every live call on one thread, a round every `period_s`."""
+
+    def __init__(self, period_s: float = FRAME_SECONDS):
+        self.period_s = period_s
+        self._trackers: list[TurnLatencyTracker] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, tracker: TurnLatencyTracker) -> None:
+        with self._lock:
+            self._trackers.append(tracker)
+
+    def remove(self, tracker: TurnLatencyTracker) -> None:
+        """Stop judging this call here; what it had queued is judged now, on the caller's thread."""
+        with self._lock:
+            if tracker in self._trackers:
+                self._trackers.remove(tracker)
+        tracker.process()
+
+    def run_once(self) -> None:
+        with self._lock:
+            trackers = list(self._trackers)
+        if trackers:
+            process_trackers(trackers)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.run_once()
+            except Exception:  # one bad round must not end latency measurement for every call
+                log.exception("VAD round failed")
+
+    def start(self) -> "VadHub":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="vad-hub", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.sampling import SamplingRequest
+
 CATALOGUE_PATH = Path(__file__).resolve().parent.parent / "assets" / "catalogue.json"
 GENDERS = ("female", "male")
 SPEAKER, EMOTION = "speaker", "emotion"  # the LM's conditioner names for a voice and an emotion
@@ -50,6 +52,7 @@ class Emotion:
 class CallSettings:
     voice: str
     emotion: str
+    sampling: SamplingRequest = ()  # the caller's own temperatures/top-k; () = the server's defaults
 
     def conditions(self, available: dict[str, list[str]]) -> dict[str, str]:
         """The conditioner values for this call, for the conditioners the model has."""
@@ -84,10 +87,11 @@ class Catalogue:
                 return e
         raise CatalogueError(f"unknown emotion {emotion_id!r}; choose one of {[e.id for e in self.emotions]}")
 
-    def settings(self, voice: str | None = None, emotion: str | None = None) -> CallSettings:
+    def settings(self, voice: str | None = None, emotion: str | None = None,
+                 sampling: SamplingRequest = ()) -> CallSettings:
         """Validated call settings; None means the catalogue's default."""
         return CallSettings(self.voice(voice or self.default_voice).id,
-                            self.emotion(emotion or self.default_emotion).id)
+                            self.emotion(emotion or self.default_emotion).id, sampling)
 
     def voice_support(self, model_name: str, conditioner_values: dict[str, list[str]]) -> dict[str, Support]:
         values = conditioner_values.get(SPEAKER)

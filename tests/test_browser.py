@@ -98,6 +98,15 @@ def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
             if os.environ.get("AGENT_SCREENSHOT"):
                 shutil.copy(shot, os.environ["AGENT_SCREENSHOT"])
 
+            # the sampling sliders reach the seat's sampler: greedy text for this call from here on
+            page.locator("#sampling").get_by_text("Sampling").first.click()
+            box = page.locator("#text-temp input[type=number]")
+            box.fill("0")
+            box.press("Enter")
+            assert wait_until(lambda: session.seat.sampling is not None and session.seat.sampling.temp_text == 0, 15), \
+                session.seat.sampling
+            page.wait_for_function("() => /T 0, top-25/.test(document.querySelector('#readouts').innerText)",
+                                   timeout=15_000)
             page.locator("#call button", has_text="Stop").first.click()
             assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
             page.get_by_text("The call ended").wait_for(timeout=15_000)  # the page tells the caller

@@ -2,9 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
 from agent import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
-from agent.vad import REPLY_TIMEOUT_S, SpeechDetector, TurnLatencyTracker
+from agent.audio import resample
+from agent.vad import (REPLY_TIMEOUT_S, VAD_RATE, WINDOW, Silero, SpeechDetector, TurnLatencyTracker, VadHub,
+                       run_detectors)
 
 WINDOW_S = 0.032  # Silero's 256-sample window at 8 kHz: the resolution of every boundary
 
@@ -69,8 +72,9 @@ def test_voice_to_voice_latency_arithmetic(telugu_speech, reply_gap):
     t0 = 1000.0  # arbitrary monotonic origin: both streams stamped in real time
     ended = []
     for (at, u), (_, a) in zip(frames(user[:n]), frames(agent[:n])):
-        ended += tracker.on_user_audio(u, t0 + at)
+        tracker.on_user_audio(u, t0 + at)
         tracker.on_agent_audio(a, t0 + at)
+        ended += [t for t in tracker.process() if t not in ended]
     assert ended, "the user's turn end was not detected"
     turn = ended[-1]
     assert turn.user_end == pytest.approx(t0 + user_end, abs=0.15)
@@ -91,10 +95,89 @@ def test_turn_without_reply_is_closed_without_latency(telugu_speech):
     for at, u in frames(user):
         tracker.on_user_audio(u, at)
         tracker.on_agent_audio(np.zeros(FRAME_SIZE, np.float32), at)
+        tracker.process()
         t = at
     assert tracker.turns and not tracker.turns[-1].closed
     # the agent stays silent past the reply timeout: the turn closes, no latency is invented
     for k in range(int(REPLY_TIMEOUT_S / FRAME_SECONDS) + 2):
         tracker.on_agent_audio(np.zeros(FRAME_SIZE, np.float32), t + (k + 1) * FRAME_SECONDS)
+        tracker.process()
     assert tracker.turns[-1].closed and tracker.turns[-1].latency_ms is None
     assert len(tracker.latencies) == 0
+
+
+def test_silero_as_a_function_matches_the_packages_own_stateful_call(telugu_speech):
+    """Silero (state passed in and out) against silero_vad's `model(x, 8000)` (state kept inside)."""
+    from silero_vad import load_silero_vad
+    _, speech = telugu_speech
+    audio = resample(np.concatenate([silence(0.3), speech]), SAMPLE_RATE, VAD_RATE)
+    windows = audio[:audio.size // WINDOW * WINDOW].reshape(-1, WINDOW)
+    package = load_silero_vad()
+    want = np.array([float(package(torch.from_numpy(w.copy()), VAD_RATE)) for w in windows])
+    silero, state, context, got = Silero(), Silero.initial_state(), np.zeros((1, 32), np.float32), []
+    for w in windows:
+        prob, state = silero(w[None], context, state)
+        context = w[None, -32:]
+        got.append(prob[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert want.max() > 0.9 and want.min() < 0.1  # speech and silence both there: the check can fail
+
+
+def test_many_streams_judged_together_match_each_judged_alone(telugu_speech):
+    """One batched Silero call per window round gives each stream what it gets alone."""
+    _, speech = telugu_speech
+    rng = np.random.default_rng(3)
+    streams = [np.concatenate([silence(0.4), speech, silence(1.0)]),
+               np.concatenate([silence(1.2), speech[:SAMPLE_RATE * 2], silence(2.2)]),
+               (0.05 * rng.standard_normal(speech.size + SAMPLE_RATE * 14 // 10)).astype(np.float32),
+               silence(speech.size / SAMPLE_RATE + 1.4)]
+    n = min(s.size for s in streams) // FRAME_SIZE * FRAME_SIZE
+
+    def judge(groups: list[list[int]]) -> list[list]:
+        detectors = [SpeechDetector() for _ in streams]
+        events: list[list] = [[] for _ in streams]
+        for start in range(0, n, FRAME_SIZE):
+            for d, s in zip(detectors, streams):
+                d.feed(s[start:start + FRAME_SIZE])
+            for group in groups:
+                for i, got in zip(group, run_detectors([detectors[i] for i in group])):
+                    events[i] += got
+        return events
+
+    together, alone = judge([[0, 1, 2, 3]]), judge([[0], [1], [2], [3]])
+    assert together == alone
+    assert together[0] and together[1] and not together[3]  # speech found where it is, none in silence
+
+
+def test_vad_hub_measures_each_call_as_it_would_alone(telugu_speech):
+    """Three calls with different reply gaps on one hub: each call's latency is its own."""
+    _, speech = telugu_speech
+    first, last = voiced_extent(speech)
+    gaps = [0.2, 0.45, 0.7]
+    hub = VadHub()  # rounds run by hand here; the server runs them on the hub's thread
+    trackers = [TurnLatencyTracker(silence_ms=300) for _ in gaps]
+    alone = [TurnLatencyTracker(silence_ms=300) for _ in gaps]
+    for t in trackers:
+        hub.add(t)
+    user = np.concatenate([silence(0.96), speech, silence(3.0)])
+    agents = [np.concatenate([silence(0.96 + last + gap - first), speech]) for gap in gaps]
+    n = min([user.size] + [a.size for a in agents]) // FRAME_SIZE * FRAME_SIZE
+    for at, u in frames(user[:n]):
+        k = int(round(at * SAMPLE_RATE))
+        for t, s, a in zip(trackers, alone, agents):
+            for tracker in (t, s):
+                tracker.on_user_audio(u, at)
+                tracker.on_agent_audio(a[k:k + FRAME_SIZE], at)
+            s.process()
+        hub.run_once()
+    measured = [t.latencies.last for t in trackers]
+    assert measured == [s.latencies.last for s in alone]
+    for got, gap in zip(measured, gaps):
+        assert got == pytest.approx(1e3 * gap, abs=1e3 * (3 * WINDOW_S + 0.05))
+    hub.remove(trackers[0])
+    judged = trackers[0].user.stream_seconds
+    trackers[0].on_user_audio(speech[:FRAME_SIZE], 99.0)
+    hub.run_once()
+    assert trackers[0].user.stream_seconds == judged  # removed: the hub no longer judges it
+    trackers[0].process()
+    assert trackers[0].user.stream_seconds > judged
