@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,9 @@ class OverheadResult:
     engine_ms: float  # median step time through the engine
     bare_ms: float  # median of the bare loop on the same model and batch
     ratio: float
+    # the engine with every seat on its own sampling settings (the per-row sampler; one seat can
+    # only agree with itself, so None at 1 session)
+    per_seat_sampling_ms: float | None = None
 
 
 @dataclass
@@ -171,11 +174,22 @@ def bench_overhead(config: ModelConfig, batch: int, frames: int, warmup: int = 1
     engine = FrameEngine(engine_model, EngineConfig(max_sessions=batch), config.sampling)
     bare = BareLoop(bare_model, batch, config.sampling)
     seats = [engine.acquire(f"bench-{i}") for i in range(batch)]
+    mixed, mixed_seats = None, []
+    if batch > 1:
+        mixed = FrameEngine(load_model(config), EngineConfig(max_sessions=batch), config.sampling)
+        default = mixed.sampler.default
+        for i in range(batch):
+            mixed_seats.append(mixed.acquire(f"bench-mixed-{i}"))
+            mixed_seats[-1].set_sampling(replace(default, temp=0.5 + 0.5 * i / batch, top_k=default.top_k - i))
     data = noise_frames(warmup + frames, batch, seed=batch)
     device = engine_model.device
-    engine_ms, bare_ms = [], []
+    engine_ms, bare_ms, mixed_ms = [], [], []
     for t in range(warmup + frames):
         e = timed_engine_step(engine, seats, data[t])
+        if mixed is not None:
+            m = timed_engine_step(mixed, mixed_seats, data[t])
+            if t >= warmup:
+                mixed_ms.append(m)
         pcm = torch.from_numpy(data[t][:, None, :]).to(device)
         sync(device)
         t0 = time.perf_counter()
@@ -186,7 +200,7 @@ def bench_overhead(config: ModelConfig, batch: int, frames: int, warmup: int = 1
             engine_ms.append(e)
             bare_ms.append(b)
     e_med, b_med = float(np.median(engine_ms)), float(np.median(bare_ms))
-    return OverheadResult(batch, e_med, b_med, e_med / b_med)
+    return OverheadResult(batch, e_med, b_med, e_med / b_med, float(np.median(mixed_ms)) if mixed_ms else None)
 
 
 def print_engine(result: EngineBench) -> None:
@@ -201,6 +215,9 @@ def print_engine(result: EngineBench) -> None:
     for o in result.overhead:
         print(f"engine overhead at {o.sessions} session(s): engine {o.engine_ms:.2f} ms / bare loop {o.bare_ms:.2f} ms "
               f"= {o.ratio:.3f} ({100 * (o.ratio - 1):+.1f} %)")
+        if o.per_seat_sampling_ms is not None:
+            print(f"  with every seat on its own sampling settings: engine {o.per_seat_sampling_ms:.2f} ms "
+                  f"= {o.per_seat_sampling_ms / o.bare_ms:.3f} of the bare loop")
 
 
 # ---------------------------------------------------------------------------------------------

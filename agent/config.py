@@ -19,7 +19,9 @@ class SamplingConfig:
     top_k: int = 250
     top_k_text: int = 25
     use_sampling: bool = True  # False: every call starts greedy
-    max_top_k: int = 500
+    # Caps on a call's top-k: the sampler takes the top max_top_k of every row, 8 times a step for
+    # audio, so the audio cap stays at Moshi's default (a call may lower it, not raise it).
+    max_top_k: int = 250
     max_top_k_text: int = 100
 
     def __post_init__(self):

@@ -7,7 +7,9 @@ Each tick takes at most one input frame per seat and runs
     mimi.encode -> LMGen.step -> mimi.decode
 
 once for the whole batch. A seat that takes a new caller is reset alone (`reset_streaming(mask)`);
-a seat with no input this tick is frozen (`set_exec_mask`) so its state does not advance.
+a seat with no input this tick is frozen (`set_exec_mask`) so its state does not advance. Each seat
+has its own condition row (voice, emotion) and its own sampling settings (agent.sampling), both
+written into fixed-size tensors between ticks.
 
 Jitter policy (per seat, counted in `SeatCounters`):
 - input backlog is bounded (`EngineConfig.input_queue_frames`); when full the oldest frame is dropped;
@@ -210,7 +212,13 @@ class FrameEngine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._seats: list[Seat | None] = [None] * self.num_seats
-        self._pending_reset = torch.zeros(self.num_seats, dtype=torch.bool)
+        self._pending_reset = np.zeros(self.num_seats, bool)
+        # LM steps each seat has run since its reset: the host's copy of LMGen's offsets, so the
+        # engine knows which seats have audio yet (Moshi's acoustic delay) without asking the device
+        self._steps = np.zeros(self.num_seats, np.int64)
+        # the exec mask each streaming model holds now: set again only when it changes (on a CPU a
+        # set walks every streaming module, ~1 % of a tiny step each time)
+        self._masks: dict[str, bytes | None] = {"mimi": None, "lm": None}
         self._pending_rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]] = {}  # index -> (seat, values, row)
         self._pending_sampling: dict[int, tuple[Seat, SeatSampling]] = {}
         self._default_row = self._condition_row(self._default_conditions) if self._default_conditions else None
@@ -302,11 +310,11 @@ class FrameEngine:
 
     # -- the tick ------------------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, torch.Tensor, torch.Tensor, dict, dict]:
+    def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, np.ndarray, np.ndarray, dict, dict]:
         """Pop one frame per ready seat (engine lock held)."""
         batch: list[tuple[Seat, float]] = []
         pcm = np.zeros((self.num_seats, 1, FRAME_SIZE), np.float32)
-        exec_mask = torch.zeros(self.num_seats, dtype=torch.bool)
+        exec_mask = np.zeros(self.num_seats, bool)
         for seat in self._seats:
             if seat is None:
                 continue
@@ -321,8 +329,8 @@ class FrameEngine:
             pcm[seat.index, 0] = frame
             exec_mask[seat.index] = True
             batch.append((seat, done_at))
-        reset = self._pending_reset.clone()
-        self._pending_reset.zero_()
+        reset = self._pending_reset.copy()
+        self._pending_reset[:] = False
         rows, self._pending_rows = self._pending_rows, {}
         sampling, self._pending_sampling = self._pending_sampling, {}
         return batch, pcm, exec_mask, reset, rows, sampling
@@ -344,25 +352,28 @@ class FrameEngine:
         mimi, device = self.model.mimi, self.model.device
         t0 = time.perf_counter()
         if reset.any():
-            reset_dev = reset.to(device)
+            reset_dev = torch.from_numpy(reset).to(device)
             mimi.reset_streaming(reset_dev)
             self.lm_gen.reset_streaming(reset_dev)
-        exec_dev = exec_mask.to(device)
-        mimi.set_exec_mask(exec_dev)
+            self._steps[reset] = 0
+            self._masks = {"mimi": None, "lm": None}  # a reset also sets the reset seats' masks
+        self._set_mask("mimi", mimi, exec_mask)
         codes = mimi.encode(torch.from_numpy(pcm).to(device))
         t1 = time.perf_counter()
-        self.lm_gen.set_exec_mask(exec_dev)
+        self._set_mask("lm", self.lm_gen, exec_mask)
         tokens = self.lm_gen.step(codes)
         assert tokens is not None  # support_out_of_sync: never None, not-ready slots are -2
         t2 = time.perf_counter()
-        audio_tokens = tokens[:, 1:]
-        # Decode only slots with real tokens: the first frame after a reset has none yet (delay).
-        voiced = exec_dev & (audio_tokens >= 0).all(dim=1)[:, 0]
-        mimi.set_exec_mask(voiced)
-        out = mimi.decode(audio_tokens.clamp(min=0))
+        self._steps[exec_mask] += 1
+        # Decode only seats with real tokens: until a seat has stepped past the LM's largest delay,
+        # LMGen gives it -2 (Moshi's acoustic delay) and its output is silence.
+        voiced_np = exec_mask & (self._steps > self.lm_gen.max_delay)
+        self._set_mask("mimi", mimi, voiced_np)
+        out = mimi.decode(tokens[:, 1:].clamp(min=0))
         out_np = out[:, 0].float().cpu().numpy()
+        if not np.isfinite(out_np).all():
+            out_np = np.nan_to_num(out_np, nan=0.0, posinf=0.0, neginf=0.0)
         text_np = tokens[:, 0, 0].cpu().numpy()
-        voiced_np = voiced.cpu().numpy()
         t3 = time.perf_counter()
 
         produced_at = time.monotonic()
@@ -375,12 +386,18 @@ class FrameEngine:
                 is_voiced = bool(voiced_np[i])
                 token = int(text_np[i])
                 seat._deliver(OutputFrame(
-                    pcm=np.nan_to_num(out_np[i]).astype(np.float32) if is_voiced else self._zeros.copy(),
+                    pcm=out_np[i].copy() if is_voiced else self._zeros.copy(),
                     text=self.model.decode_text(token), text_token=token, input_done_at=done_at,
                     produced_at=produced_at, voiced=is_voiced))
         if self.on_step is not None:  # after delivery: telemetry never delays audio
             self.on_step(t3 - t0, len(batch))
         return len(batch)
+
+    def _set_mask(self, name: str, module, mask: np.ndarray) -> None:
+        key = mask.tobytes()
+        if self._masks[name] != key:
+            module.set_exec_mask(torch.from_numpy(mask).to(self.model.device))
+            self._masks[name] = key
 
     # -- the loop ------------------------------------------------------------------------------
 

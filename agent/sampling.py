@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 from moshi.models.lm import LMGen, LMModel
-from moshi.utils.sampling import multinomial
+from moshi.utils.sampling import multinomial, sample_token
 
 from agent.config import SamplingConfig
 
@@ -93,44 +93,57 @@ def sampling_request(params: Mapping[str, Any]) -> SamplingRequest:
     return tuple(sorted(request))
 
 
-def sample_rows(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, k_max: int) -> torch.Tensor:
-    """Sample logits [B, ..., card] -> tokens [B, ...], row b with temperature temp[b] (0 = argmax)
-    and top-k top_k[b] <= k_max. No host sync: safe inside a CUDA graph."""
-    logits = logits.float()
+def sample_rows(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Sample logits [B, ..., card] -> tokens [B, ...]: row b from the softmax of logits / temp[b]
+    over its top_k[b] largest. `rank` is arange(k_max), k_max >= every top_k. Greedy rows come as
+    top_k 1 (the argmax at any temperature). No host sync: safe inside a CUDA graph."""
     shape = (logits.shape[0],) + (1,) * (logits.dim() - 1)
-    scaled = logits / temp.clamp(min=1e-6).view(shape)
-    values, indices = torch.topk(scaled, min(k_max, logits.shape[-1]), dim=-1)  # sorted, largest first
-    rank = torch.arange(values.shape[-1], device=logits.device)
+    values, indices = torch.topk(logits.float() / temp.view(shape), rank.numel(), dim=-1)  # largest first
     values = values.masked_fill(rank >= top_k.view(shape), float("-inf"))
-    choice = multinomial(torch.softmax(values, dim=-1), num_samples=1)
-    sampled = indices.gather(-1, choice)[..., 0]
-    greedy = (temp <= 0).view(shape[:-1])
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    choice = multinomial(torch.softmax(values, dim=-1), num_samples=1)  # moshi's: no host sync either
+    return indices.gather(-1, choice)[..., 0]
 
 
 class SeatSampler:
-    """Per-seat settings as device tensors, written in place (CUDA-graph safe)."""
+    """Per-seat settings as device tensors, written in place (CUDA-graph safe).
+
+    When every seat has the same settings and no CUDA graph records the sampling (a CPU), moshi's
+    own scalar sampler runs instead: the same distribution for less work per step (the engine's
+    overhead over a bare moshi loop is held under 5 % on a CPU). On CUDA the per-row path always
+    runs, because a captured graph replays whichever path it recorded."""
 
     def __init__(self, num_seats: int, device: torch.device, config: SamplingConfig):
-        default = SeatSampling.defaults(config)
         self.config = config
-        self.default = default
-        self.k_max: dict[Stream, int] = {"audio": config.max_top_k, "text": config.max_top_k_text}
-        self.temp: dict[Stream, torch.Tensor] = {
-            "audio": torch.full((num_seats,), float(default.temp), device=device),
-            "text": torch.full((num_seats,), float(default.temp_text), device=device)}
+        self.default = SeatSampling.defaults(config)
+        self._rows = [self.default] * num_seats  # the host's copy, to know when all seats agree
+        self._uniform: SeatSampling | None = self.default
+        self._scalar_allowed = device.type != "cuda"
+        self.rank: dict[Stream, torch.Tensor] = {
+            "audio": torch.arange(config.max_top_k, device=device),
+            "text": torch.arange(config.max_top_k_text, device=device)}
+        self.temp: dict[Stream, torch.Tensor] = {s: torch.ones(num_seats, device=device) for s in ("audio", "text")}
         self.top_k: dict[Stream, torch.Tensor] = {
-            "audio": torch.full((num_seats,), default.top_k, device=device, dtype=torch.long),
-            "text": torch.full((num_seats,), default.top_k_text, device=device, dtype=torch.long)}
+            s: torch.ones(num_seats, device=device, dtype=torch.long) for s in ("audio", "text")}
+        for index in range(num_seats):
+            self.set(index, self.default)
 
     def set(self, index: int, settings: SeatSampling) -> None:
-        self.temp["audio"][index] = settings.temp
-        self.temp["text"][index] = settings.temp_text
-        self.top_k["audio"][index] = settings.top_k
-        self.top_k["text"][index] = settings.top_k_text
+        self._rows[index] = settings
+        self._uniform = settings if all(row == settings for row in self._rows) else None
+        for stream, temp, top_k in (("audio", settings.temp, settings.top_k),
+                                    ("text", settings.temp_text, settings.top_k_text)):
+            greedy = temp <= 0  # top-1 is the argmax; temperature 1 keeps the division harmless
+            self.temp[stream][index] = 1.0 if greedy else temp
+            self.top_k[stream][index] = 1 if greedy else top_k
 
     def sample(self, logits: torch.Tensor, stream: Stream) -> torch.Tensor:
-        return sample_rows(logits, self.temp[stream], self.top_k[stream], self.k_max[stream])
+        uniform = self._uniform
+        if uniform is not None and self._scalar_allowed:
+            temp, top_k = (uniform.temp, uniform.top_k) if stream == "audio" else (uniform.temp_text, uniform.top_k_text)
+            return sample_token(logits.float(), temp > 0, temp, top_k)
+        if self.rank[stream].numel() > logits.shape[-1]:  # a cap above the vocabulary: the whole of it
+            self.rank[stream] = self.rank[stream][:logits.shape[-1]]
+        return sample_rows(logits, self.temp[stream], self.top_k[stream], self.rank[stream])
 
 
 class SeatLMGen(LMGen):

@@ -45,6 +45,17 @@ REPLY_TIMEOUT_S = 8.0  # a turn with no agent speech within this long is closed 
 PAUSE_MERGE_FACTOR = 2.0  # speech resuming within 2x the silence window continues the same turn
 
 
+def load_silero_package() -> torch.jit.ScriptModule:
+    """A new copy of the silero-vad package's own model (it keeps one batch's state inside).
+    Importing the package sets torch's thread count to 1 for the whole process; the caller's count
+    is restored, since that is the engine's choice, not the VAD's."""
+    threads = torch.get_num_threads()
+    from silero_vad import load_silero_vad
+    model = load_silero_vad()
+    torch.set_num_threads(threads)
+    return model
+
+
 class Silero:
     """Silero VAD's 8 kHz network as a function: (windows [N, 256], contexts [N, 32], states
     [2, N, 128]) -> (speech probabilities [N], new states). The package's own `model(x, sr)` keeps
@@ -56,10 +67,7 @@ class Silero:
     _lock = threading.Lock()
 
     def __init__(self):
-        threads = torch.get_num_threads()
-        from silero_vad import load_silero_vad  # its import sets torch's thread count to 1 ...
-        torch.set_num_threads(threads)  # ... for the whole process: the engine's choice, not the VAD's
-        self._net = load_silero_vad()._model_8k
+        self._net = load_silero_package()._model_8k
         if self._net.context_size_samples != CONTEXT:
             raise RuntimeError(f"unexpected Silero VAD build: 8 kHz context {self._net.context_size_samples}")
 

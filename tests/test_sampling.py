@@ -17,8 +17,7 @@ from tiny_helpers import GREEDY, frames_of, varied_audio
 from agent.config import EngineConfig, SamplingConfig
 from agent.engine import FrameEngine, OutputFrame, Seat
 from agent.handler import MoshiHandler
-from agent.sampling import (SamplingError, SeatLMGen, SeatSampler, SeatSampling, sample_rows,
-                            sampling_request)
+from agent.sampling import SamplingError, SeatLMGen, SeatSampler, SeatSampling, sampling_request
 
 CARD = 16
 DRAWS = 20_000
@@ -35,9 +34,11 @@ def total_variation(p: np.ndarray, q: np.ndarray) -> float:
 def test_each_row_is_sampled_with_its_own_temperature_and_top_k():
     torch.manual_seed(0)
     logits = torch.randn(CARD) * 2
-    temps = torch.tensor([0.0, 1.3, 0.5, 1.5, 1.0])
-    top_k = torch.tensor([CARD, 1, CARD, CARD, 4])
-    tokens = sample_rows(logits.expand(5, DRAWS, CARD), temps, top_k, k_max=CARD)
+    sampler = SeatSampler(5, torch.device("cpu"), SamplingConfig())
+    rows = [(0.0, CARD), (1.3, 1), (0.5, CARD), (1.5, CARD), (1.0, 4)]  # (temperature, top-k) per seat
+    for index, (temp, top_k) in enumerate(rows):
+        sampler.set(index, SeatSampling(temp=temp, temp_text=0.7, top_k=top_k, top_k_text=25))
+    tokens = sampler.sample(logits.expand(5, DRAWS, CARD), "audio")
     assert tokens.shape == (5, DRAWS)
     best = int(logits.argmax())
     assert (tokens[0] == best).all(), "temperature 0 is greedy"
@@ -53,8 +54,10 @@ def test_each_row_is_sampled_with_its_own_temperature_and_top_k():
     assert total_variation(frequencies(tokens[4]), want.numpy()) < 0.03
 
 
-def test_seat_lmgen_all_greedy_matches_moshis_lmgen_exactly():
-    """SeatLMGen replaces moshi's sampling only: greedy everywhere, it must be moshi's own output."""
+@pytest.mark.parametrize("config", [SamplingConfig(use_sampling=False), SamplingConfig()], ids=["greedy", "sampled"])
+def test_seat_lmgen_with_every_seat_alike_is_moshis_lmgen_draw_for_draw(config):
+    """SeatLMGen replaces moshi's sampling only: with every seat on the same settings (on a CPU,
+    moshi's own scalar sampler then runs) it must give moshi's own tokens, same seed, same draws."""
     steps, batch = 16, 3
 
     def run(make) -> list[torch.Tensor]:
@@ -64,13 +67,15 @@ def test_seat_lmgen_all_greedy_matches_moshis_lmgen_exactly():
         gen = make(lm, lm.condition_provider.prepare_and_provide([attributes] * batch))
         codes = torch.randint(0, lm.card, (steps, batch, lm.num_codebooks - lm.dep_q - 1, 1),
                               generator=torch.Generator().manual_seed(5))
+        torch.manual_seed(11)
         with gen.streaming(batch):
             return [gen.step(codes[t]) for t in range(steps)]
 
-    want = run(lambda lm, conditions: LMGen(lm, use_sampling=False, support_out_of_sync=True,
+    want = run(lambda lm, conditions: LMGen(lm, use_sampling=config.use_sampling, temp=config.temp,
+                                            temp_text=config.temp_text, top_k=config.top_k,
+                                            top_k_text=config.top_k_text, support_out_of_sync=True,
                                             condition_tensors=conditions))
-    sampler_config = SamplingConfig(use_sampling=False)
-    got = run(lambda lm, conditions: SeatLMGen(lm, SeatSampler(batch, lm.device, sampler_config),
+    got = run(lambda lm, conditions: SeatLMGen(lm, SeatSampler(batch, lm.device, config),
                                                support_out_of_sync=True, condition_tensors=conditions))
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
@@ -125,8 +130,10 @@ def test_changing_one_seats_sampling_mid_call_leaves_the_others_bit_identical():
     feeds = [frames_of(varied_audio(14, seed)) for seed in (40, 41, 42)]
 
     def run(changes):
+        # seat 2 has its own settings from the start, so both runs sample per row throughout (on a
+        # CPU, seats that all agree take moshi's scalar sampler, which draws its noise differently)
         engine = FrameEngine(tiny_model(), EngineConfig(max_sessions=3), SamplingConfig())
-        return outputs(engine, feeds, changes, first={})[0]
+        return outputs(engine, feeds, changes, first={2: HOT_SEAT})[0]
 
     plain = run({})
     changed = run({1: (6, GREEDY_SEAT)})
@@ -142,6 +149,7 @@ def test_changing_one_seats_sampling_mid_call_leaves_the_others_bit_identical():
     (SeatSampling(temp=0.8, temp_text=-0.1, top_k=250, top_k_text=25), "text temperature"),
     (SeatSampling(temp=float("nan"), temp_text=0.7, top_k=250, top_k_text=25), "audio temperature"),
     (SeatSampling(temp=0.8, temp_text=0.7, top_k=0, top_k_text=25), "audio top-k"),
+    (SeatSampling(temp=0.8, temp_text=0.7, top_k=251, top_k_text=25), "audio top-k"),
     (SeatSampling(temp=0.8, temp_text=0.7, top_k=250, top_k_text=101), "text top-k"),
 ])
 def test_out_of_range_settings_are_refused_and_the_seat_keeps_its_own(settings, message):

@@ -54,9 +54,9 @@ class SileroRegions:
     """Speech probabilities once per channel, then voiced regions at any grouping (seconds)."""
 
     def __init__(self, config: SegmentConfig):
-        from agent.vad import _new_silero  # the project's private-copy helper (Silero keeps state inside)
+        from agent.vad import load_silero_package
         self.config = config
-        self.model = _new_silero()
+        self.model = load_silero_package()
 
     @torch.no_grad()
     def probabilities(self, audio: np.ndarray) -> tuple[list[float], int]:
