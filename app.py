@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         Credentials.parse(args.auth)
+        configs(args)  # bad settings (e.g. --temp 5) are told before any model loads
     except ValueError as exc:
         log.error("%s", exc)
         return 2

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 DEFAULT_GPU_MODEL = "kyutai/moshiko-pytorch-bf16"
 TINY_MODEL = "tiny"
 RANDOM_7B_MODEL = "moshi-7b-random"
+MAX_TEMP = 2.0  # sampling temperatures above this make Moshi's output noise; a caller asking more is told so
 
 
 @dataclass
@@ -27,6 +28,8 @@ class SamplingConfig:
     def __post_init__(self):
         if self.top_k < 1 or self.top_k_text < 1:
             raise ValueError("top-k must be at least 1 (1 is greedy)")
+        if not (0 <= self.temp <= MAX_TEMP and 0 <= self.temp_text <= MAX_TEMP):
+            raise ValueError(f"temperatures must be from 0 (greedy) to {MAX_TEMP:g}")
         self.max_top_k = max(self.max_top_k, self.top_k)
         self.max_top_k_text = max(self.max_top_k_text, self.top_k_text)
 

@@ -91,8 +91,11 @@ class MoshiHandler(StreamHandler):
 
     def _ensure_session(self) -> Session | None:
         with self._lock:
-            if self.session is not None and not self.session.closed:
-                return self.session
+            if self.session is not None:
+                if not self.session.closed:
+                    return self.session
+                # the engine freed the seat (no audio for a while): end that call properly first
+                self.hub.close(self.session, "its seat was freed by the engine")
             if self._refused is not None:
                 return None
             try:

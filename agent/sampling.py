@@ -25,10 +25,9 @@ import torch
 from moshi.models.lm import LMGen, LMModel
 from moshi.utils.sampling import multinomial, sample_token
 
-from agent.config import SamplingConfig
+from agent.config import MAX_TEMP, SamplingConfig
 
 Stream = Literal["text", "audio"]
-MAX_TEMP = 2.0  # beyond this Moshi's output is noise; a client asking more is told so
 # Kyutai's web client sends these query parameters; we take the same names everywhere.
 REQUEST_NAMES = {"text_temperature": "temp_text", "text_topk": "top_k_text",
                  "audio_temperature": "temp", "audio_topk": "top_k"}
@@ -41,7 +40,7 @@ class SamplingError(ValueError):
 
 @dataclass(frozen=True)
 class SeatSampling:
-    """One call's sampling settings (the names of Kyutai's web client, without the prefixes)."""
+    """One call's sampling settings (moshi LMGen's names; `REQUEST_NAMES` maps Kyutai's client's)."""
 
     temp: float
     temp_text: float

@@ -14,7 +14,7 @@ from fastrtc import WebRTC
 
 from agent.access import rtc_configuration_from_env
 from agent.metrics import fmt_ms
-from agent.sampling import MAX_TEMP
+from agent.config import MAX_TEMP
 from agent.service import AgentService
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"

@@ -346,6 +346,11 @@ class VadHub:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def __len__(self) -> int:
+        """Calls being judged here now."""
+        with self._lock:
+            return len(self._trackers)
+
     def add(self, tracker: TurnLatencyTracker) -> None:
         with self._lock:
             self._trackers.append(tracker)
@@ -355,7 +360,10 @@ class VadHub:
         with self._lock:
             if tracker in self._trackers:
                 self._trackers.remove(tracker)
-        tracker.process()
+        try:
+            tracker.process()
+        except Exception:  # the call is ending: its last figures are not worth an error to the caller
+            log.exception("VAD: the last audio of call %s was not judged", tracker.label)
 
     def run_once(self) -> None:
         with self._lock:

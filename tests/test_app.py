@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,7 +27,10 @@ def test_import_app_alone_loads_no_model():
     assert proc.stdout.strip() == "a,b"
 
 
-def test_bad_auth_flag_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "app.py", "--auth", "nocolon", "--model", "tiny"], cwd=ROOT,
+@pytest.mark.parametrize("flags, message", [(["--auth", "nocolon"], "user:password"),
+                                            (["--temp", "5"], "temperatures must be"),
+                                            (["--top-k", "0"], "top-k must be")])
+def test_bad_flags_are_a_clear_error(flags, message):
+    proc = subprocess.run([sys.executable, "app.py", *flags, "--model", "tiny"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, NO_TORCH_COMPILE="1"))
-    assert proc.returncode == 2 and "user:password" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -171,3 +171,25 @@ def test_page_inputs_reach_the_session(live_server, voice, emotion):
         assert handler.session.settings.voice == "kiran"
     finally:
         handler.shutdown()
+
+
+def test_a_call_whose_seat_the_engine_freed_is_ended_before_the_next_opens():
+    """No audio for the idle timeout frees the seat; the next chunk opens a new call, and the old
+    one leaves the registry and the VAD thread (nothing of it lingers)."""
+    from conftest import make_service
+
+    service = make_service(max_sessions=1, idle_timeout_s=0.3)
+    handler = MoshiHandler(service.hub)
+    try:
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        first = handler.session
+        assert first is not None and len(service.vad) == 1
+        assert wait_for(lambda: first.closed, timeout=5), "the idle seat was not freed"
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        second = handler.session
+        assert second is not first and not second.closed
+        assert service.registry.live() == [second] and len(service.vad) == 1
+    finally:
+        handler.shutdown()
+        service.close()
+    assert len(service.vad) == 0 and service.registry.live() == []
