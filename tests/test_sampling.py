@@ -175,14 +175,17 @@ def test_page_sliders_reach_the_seat(live_server):
     """The page sends [webrtc value, voice, emotion, text T, text k, audio T, audio k] (ui.build_demo)."""
     handler = MoshiHandler(live_server.service.hub)
     handler.latest_args = ["__webrtc_value__", "some-webrtc-id", "ravi", "sad", 0.0, 1.0, 0.5, 10.0]
+
+    def applied(want: SeatSampling) -> bool:
+        """Audio keeps coming, as in a call: new settings apply at the engine's next tick."""
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        return handler.session.figures().sampling == want
+
     try:
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        assert wait_until(lambda: applied(SeatSampling(temp=0.5, temp_text=0.0, top_k=10, top_k_text=1)))
         session = handler.session
-        want = SeatSampling(temp=0.5, temp_text=0.0, top_k=10, top_k_text=1)
-        assert wait_until(lambda: session.figures().sampling == want)
         handler.latest_args[4:] = [0.9, 30.0, 1.1, 200.0]
-        handler.receive((24_000, np.zeros(1920, np.int16)))
-        assert wait_until(lambda: session.figures().sampling == SeatSampling(1.1, 0.9, 200, 30))
+        assert wait_until(lambda: applied(SeatSampling(1.1, 0.9, 200, 30)))
         handler.latest_args[4] = 7.0  # out of range: a warning, the call keeps its settings
         handler.receive((24_000, np.zeros(1920, np.int16)))
         assert session.settings.sampling == (("temp", 1.1), ("temp_text", 0.9), ("top_k", 200), ("top_k_text", 30))
