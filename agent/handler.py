@@ -56,8 +56,13 @@ class MoshiHandler(StreamHandler):
         return ctx.webrtc_id if ctx is not None and ctx.webrtc_id else f"call-{uuid.uuid4().hex[:12]}"
 
     def _inputs(self) -> dict[str, Any]:
-        """The page's inputs by name. fastrtc stores them as [WebRTCData, *inputs] or as
-        [marker, webrtc id, *inputs] (tracks.StreamHandler.set_args)."""
+        """The call's choices by name (INPUT_NAMES). A fastrtc WebSocket client gives them in its URL's
+        query (`/websocket/offer?voice=ravi&audio_temperature=0.6`, the names of /api/chat); the page
+        as its inputs, which fastrtc stores as [WebRTCData, *inputs] or [marker, webrtc id, *inputs]
+        (tracks.StreamHandler.set_args)."""
+        ctx = current_context.get()
+        if ctx is not None and ctx.websocket is not None:
+            return {name: ctx.websocket.query_params.get(name) for name in INPUT_NAMES}
         args = self.latest_args if isinstance(self.latest_args, list) else []
         values = args[2:] if args[:1] == [WEBRTC_MARKER] else args[1:]
         return dict(zip(INPUT_NAMES, values))

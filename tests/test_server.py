@@ -193,3 +193,20 @@ def test_a_call_whose_seat_the_engine_freed_is_ended_before_the_next_opens():
         handler.shutdown()
         service.close()
     assert len(service.vad) == 0 and service.registry.live() == []
+
+
+def test_websocket_client_chooses_voice_and_sampling_in_its_url(live_server, telugu_speech):
+    """fastrtc's WebSocket clients have no page inputs: the URL's query carries their choices."""
+    from agent.sampling import SeatSampling
+
+    _, speech = telugu_speech
+    call_id = uuid.uuid4().hex
+    query = "?voice=kiran&emotion=happy&audio_temperature=0.3&text_topk=5"
+    result = asyncio.run(talk(live_server.ws_url + query, speech[:SAMPLE_RATE], websocket_id=call_id))
+    assert result.received_seconds > 0.5 and not result.errors
+    session = live_server.service.registry.get(call_id)
+    assert (session.settings.voice, session.settings.emotion) == ("kiran", "happy")
+    assert session.figures().sampling == SeatSampling(temp=0.3, temp_text=0.7, top_k=250, top_k_text=5)
+
+    refused = asyncio.run(talk(live_server.ws_url + "?audio_topk=many", speech[:SAMPLE_RATE // 2]))
+    assert any("audio_topk" in e for e in refused.errors), refused.messages
