@@ -74,18 +74,25 @@ class Word:
         return cls(text, start, end)
 
 
-def parse_words(value: Any) -> list[Word] | None:
+def _list_cell(value: Any, name: str, shape: str) -> list | None:
+    """A list given as is or as JSON in a CSV cell; None when empty. RecordError otherwise."""
     if value is None or value == "":
         return None
     if isinstance(value, str):  # a CSV cell holds JSON
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise RecordError(f"words is not JSON: {exc}") from exc
+            raise RecordError(f"{name} is not JSON: {exc}") from exc
     if not isinstance(value, list):
-        raise RecordError("words must be a list of [word, start, end]")
-    words = sorted((Word.parse(w) for w in value), key=lambda w: w.start)
-    return words or None
+        raise RecordError(f"{name} must be a list of {shape}")
+    return value
+
+
+def parse_words(value: Any) -> list[Word] | None:
+    items = _list_cell(value, "words", "[word, start, end]")
+    if items is None:
+        return None
+    return sorted((Word.parse(w) for w in items), key=lambda w: w.start) or None
 
 
 @dataclass
@@ -110,16 +117,10 @@ class GivenSegment:
 
 
 def parse_segments(value: Any) -> list[GivenSegment] | None:
-    if value is None or value == "":
+    items = _list_cell(value, "segments", "{start, end, transcript}")
+    if items is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise RecordError(f"segments is not JSON: {exc}") from exc
-    if not isinstance(value, list):
-        raise RecordError("segments must be a list of {start, end, transcript}")
-    return sorted((GivenSegment.parse(s) for s in value), key=lambda s: s.start) or None
+    return sorted((GivenSegment.parse(s) for s in items), key=lambda s: s.start) or None
 
 
 @dataclass
