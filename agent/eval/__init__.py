@@ -7,6 +7,7 @@ One idea per module, data flowing one way:
     timing     Silero VAD segments as FDB v1.5 times them (merged gaps, stop/response intervals)
     transcript words or segments of the agent's speech, output.json, the "took the turn" rule
     asr        pluggable Telugu ASR backends with word timings (lazily imported)
+    runner     a set through the live calls' engine, many samples in one batch -> output.wav
     score      per-task figures (TOR, latencies, backchannels) and the paper-like table
 
 `python -m agent.eval` is the command line (agent/eval/__main__.py); docs/evaluation.md explains it.

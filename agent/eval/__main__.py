@@ -1,8 +1,9 @@
 """python -m agent.eval: Full-Duplex-Bench-style evaluation of the agent (docs/evaluation.md).
 
+    python -m agent.eval run DIR [DIR ...] --model kyutai/moshiko-pytorch-bf16 [--seats 16] [--greedy]
     python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel [--json FILE]
 
-Exit status: 0 done, 2 bad input (a clear message on stderr, nothing half-written).
+Exit status: 0 done, 2 bad input or settings (a clear message on stderr naming the file or value).
 """
 
 from __future__ import annotations
@@ -27,11 +28,57 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from agent.config import ModelConfig, SamplingConfig
+    from agent.eval.layout import find_samples
+    from agent.eval.runner import RunConfig, SeatOptions, run_set
+    from agent.models import load_model
+    from agent.voices import load_catalogue
+    samples = [s for folder in args.dirs for s in find_samples(folder)]
+    load_catalogue().settings(args.voice, args.emotion)  # an unknown voice fails before the model loads
+    sampling = SamplingConfig(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
+                              top_k_text=args.top_k_text, use_sampling=not args.greedy)
+    model = load_model(ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                                   sampling=sampling))
+    config = RunConfig(seats=args.seats, sampling=sampling, seed=args.seed, output_rate=args.output_rate,
+                       prefix=args.prefix, skip_existing=args.skip_existing)
+    report = run_set(model, samples, SeatOptions(voice=args.voice, emotion=args.emotion), config)
+    print(f"{report.samples} samples ({report.audio_s:.1f} s of audio) in {report.wall_s:.1f} s "
+          f"({report.realtime_factor:.1f}x real time, {config.seats} seats, {report.steps} batched steps); "
+          f"{report.skipped} skipped (output present)")
+    if model.random_weights:
+        print(f"note: {model.name} has RANDOM weights: its outputs are noise, not speech")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from agent.config import ModelConfig, SamplingConfig
     from agent.eval.score import TASKS
     p = argparse.ArgumentParser(prog="python -m agent.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="write output.wav beside every input.wav, through the live engine")
+    r.add_argument("dirs", type=Path, nargs="+", help="task folders (one folder per sample) or sample folders")
+    r.add_argument("--model", default=None, help="HF repo id, a local checkpoint folder, 'tiny' or "
+                   "'moshi-7b-random' (default: kyutai/moshiko-pytorch-bf16 on a GPU, tiny on a CPU)")
+    r.add_argument("--device", default=None, help="cuda, cpu (default: cuda if present)")
+    r.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--seats", type=int, default=8, help="samples stepped together in one batch (default 8)")
+    r.add_argument("--voice", default=None, help="a voice id from assets/catalogue.json")
+    r.add_argument("--emotion", default=None, help="an emotion id from assets/catalogue.json")
+    r.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    r.add_argument("--temp", type=float, default=SamplingConfig.temp, help="audio temperature")
+    r.add_argument("--temp-text", type=float, default=SamplingConfig.temp_text, help="text temperature")
+    r.add_argument("--top-k", type=int, default=SamplingConfig.top_k, help="audio top-k")
+    r.add_argument("--top-k-text", type=int, default=SamplingConfig.top_k_text, help="text top-k")
+    r.add_argument("--seed", type=int, default=ModelConfig.seed, help="sampling seed (and tiny-model weights)")
+    r.add_argument("--output-rate", type=int, default=None,
+                   help="output.wav's rate (default: the input's; FDB's backchannel scorer assumes 16000)")
+    r.add_argument("--prefix", default="", choices=["", "clean_"],
+                   help="v1.5: 'clean_' runs clean_input.wav into clean_output.wav")
+    r.add_argument("--skip-existing", action="store_true", help="keep outputs already there (resume)")
+    r.set_defaults(func=_run)
 
     s = sub.add_parser("score", help="score input.wav/output.wav pairs as Full-Duplex-Bench does")
     s.add_argument("dir", type=Path, help="a task folder (one folder per sample) or one sample folder")
@@ -49,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     from agent.eval.asr import AsrError
     from agent.eval.layout import EvalDataError
     from agent.eval.transcript import TranscriptError
+    from agent.models import ModelLoadError
+    from agent.voices import CatalogueError
     try:
         return args.func(args)
-    except (EvalDataError, TranscriptError, AsrError, OSError, ValueError) as exc:
+    except (EvalDataError, TranscriptError, AsrError, ModelLoadError, CatalogueError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
 

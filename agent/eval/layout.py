@@ -127,10 +127,12 @@ def fit_length(audio: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def write_output(folder: Path, pcm: np.ndarray, pcm_rate: int, rate: int, n_samples: int) -> Path:
-    """Write the agent's audio as `output.wav` at `rate`, exactly `n_samples` long."""
+def write_output(folder: Path, pcm: np.ndarray, pcm_rate: int, rate: int, n_samples: int,
+                 name: str = OUTPUT) -> Path:
+    """Write the agent's audio as `name` (output.wav) at `rate`, exactly `n_samples` long; the
+    transcript of an earlier output (output.json) no longer describes it and is removed."""
     audio = fit_length(resample(pcm, pcm_rate, rate), n_samples)
-    path = folder / OUTPUT
+    path = folder / name
     sf.write(str(path), np.clip(audio, -1.0, 1.0), rate, subtype="PCM_16")
-    (folder / TRANSCRIPT).unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
     return path

@@ -1,0 +1,171 @@
+"""Running a Full-Duplex-Bench-style set through the engine a live call uses, many samples at once.
+
+Contract: `run_set(model, samples, options, config)` takes each sample's `{prefix}input.wav` (any
+rate, channels, sample format), gives it a seat of one `FrameEngine` (the live calls' engine: same
+encode -> LM step -> decode per 80 ms frame, same per-seat reset, conditioning and sampling), and
+steps every seat together, one batched step per frame, as fast as the model runs. When a sample ends
+its seat is freed and the next sample takes it (the engine resets a seat alone), so a set of N
+samples runs in about N / seats batches of frames.
+
+Each sample gets `{prefix}output.wav` beside its input, the benchmark's layout: mono 16-bit PCM,
+time-aligned (output frame k answers input frame k; Moshi's first frame is silent, its acoustic
+delay, which is also where FDB's own Moshi client puts one frame of zeros), exactly as long as the
+input, at the input's rate unless `RunConfig.output_rate` says otherwise (FDB's backchannel scorer
+assumes 16 kHz; ICC's inputs are 16 kHz). The agent's text stream goes to `{prefix}output.txt`.
+
+Per-seat choices (voice, emotion; prompts later) live in `SeatOptions`, applied when a sample takes
+its seat: the options dataclass is where new per-call settings are added.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent import SAMPLE_RATE
+from agent.audio import resample
+from agent.config import EngineConfig, SamplingConfig
+from agent.engine import FrameEngine, Seat
+from agent.eval.layout import EvalDataError, Sample, read_audio, write_output
+from agent.infer import to_frames
+from agent.models import LoadedModel
+from agent.voices import load_catalogue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeatOptions:
+    """What each sample's seat is set to, as a live call would choose it. None: the catalogue's default."""
+
+    voice: str | None = None
+    emotion: str | None = None
+
+    def apply(self, seat: Seat, model: LoadedModel) -> None:
+        """Set up a freshly acquired seat (raises CatalogueError/ConditionError for unknown values)."""
+        settings = load_catalogue().settings(self.voice, self.emotion)
+        seat.set_conditions(settings.conditions(model.condition_values))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seats: int = 8  # samples stepped together in one batch
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 42424242  # torch's RNG before the first step (sampled runs depend on batch order too)
+    output_rate: int | None = None  # None: each output at its input's rate
+    prefix: str = ""  # "clean_": v1.5's clean_input.wav -> clean_output.wav
+    skip_existing: bool = False  # keep outputs already written (resume an interrupted run)
+
+
+@dataclass
+class RunReport:
+    samples: int = 0
+    skipped: int = 0
+    audio_s: float = 0.0
+    wall_s: float = 0.0
+    steps: int = 0
+
+    @property
+    def realtime_factor(self) -> float:
+        """Seconds of input audio processed per wall second (all seats together)."""
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class _Job:
+    """One sample in its seat: its input frames and the agent's output so far."""
+
+    sample: Sample
+    seat: Seat
+    frames: np.ndarray  # (n, 1920) float32 at 24 kHz
+    rate: int  # the input's rate
+    n_samples: int  # the input's length in samples at `rate`
+    pcm: list[np.ndarray] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.pcm) == len(self.frames)
+
+
+def _paths(sample: Sample, prefix: str) -> tuple[Path, Path, Path]:
+    folder = sample.folder
+    return folder / f"{prefix}input.wav", folder / f"{prefix}output.wav", folder / f"{prefix}output.txt"
+
+
+def _start(engine: FrameEngine, sample: Sample, options: SeatOptions, config: RunConfig) -> _Job:
+    in_path, _, _ = _paths(sample, config.prefix)
+    audio, rate = read_audio(in_path)
+    if audio.size == 0:
+        raise EvalDataError(f"{in_path}: empty")
+    seat = engine.acquire(f"eval:{sample.name}")
+    try:
+        options.apply(seat, engine.model)
+    except Exception:
+        seat.release("bad options")
+        raise
+    return _Job(sample, seat, to_frames(resample(audio, rate, SAMPLE_RATE)), rate, audio.size)
+
+
+def _finish(job: _Job, config: RunConfig) -> None:
+    job.seat.release("sample done")
+    _, out_path, text_path = _paths(job.sample, config.prefix)
+    rate = config.output_rate or job.rate
+    n_out = round(job.n_samples * rate / job.rate)
+    pcm = np.concatenate(job.pcm)
+    audio = write_output(job.sample.folder, pcm, SAMPLE_RATE, rate, n_out, name=out_path.name)
+    text_path.write_text("".join(job.text).strip() + "\n", encoding="utf-8")
+    log.info("%s: %.1f s -> %s", job.sample.name, job.n_samples / job.rate, audio)
+
+
+def run_set(model: LoadedModel, samples: list[Sample], options: SeatOptions | None = None,
+            config: RunConfig | None = None) -> RunReport:
+    """Run every sample through one engine on `model` (which must not back another engine)."""
+    options = options or SeatOptions()
+    config = config or RunConfig()
+    report = RunReport()
+    queue = []
+    for sample in samples:
+        in_path, out_path, _ = _paths(sample, config.prefix)
+        if not in_path.is_file():
+            raise EvalDataError(f"{sample.folder}: no {in_path.name}")
+        if config.skip_existing and out_path.exists():
+            report.skipped += 1
+        else:
+            queue.append(sample)
+    if not queue:
+        return report
+    engine = FrameEngine(model, EngineConfig(max_sessions=min(config.seats, len(queue))), config.sampling)
+    torch.manual_seed(config.seed)
+    active: list[_Job] = []
+    started = time.perf_counter()
+    try:
+        while queue or active:
+            while queue and len(active) < engine.num_seats:
+                active.append(_start(engine, queue.pop(0), options, config))
+            for job in active:
+                job.seat.push(job.frames[len(job.pcm)])
+            engine.step_once()
+            report.steps += 1
+            for job in active:
+                out = job.seat.pull()
+                if out is None:
+                    raise RuntimeError(f"the engine gave no frame for {job.sample.name}")
+                job.pcm.append(out.pcm)
+                job.text.append(out.text)
+            for job in [j for j in active if j.done]:
+                _finish(job, config)
+                active.remove(job)
+                report.samples += 1
+                report.audio_s += job.n_samples / job.rate
+    finally:
+        for job in active:
+            job.seat.release("run stopped")
+        engine.stop()
+    report.wall_s = time.perf_counter() - started
+    return report
