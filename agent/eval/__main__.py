@@ -1,7 +1,8 @@
 """python -m agent.eval: Full-Duplex-Bench-style evaluation of the agent (docs/evaluation.md).
 
     python -m agent.eval run DIR [DIR ...] --model kyutai/moshiko-pytorch-bf16 [--seats 16] [--greedy]
-    python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel [--json FILE]
+    python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel [--json FILE] [--asr SPEC]
+    python -m agent.eval asr DIR [DIR ...] --asr whisper [--json FILE]
 
 Exit status: 0 done, 2 bad input or settings (a clear message on stderr naming the file or value).
 """
@@ -20,11 +21,29 @@ log = logging.getLogger("agent.eval")
 def _score(args: argparse.Namespace) -> int:
     from agent.eval.score import format_table, score, write_json
     transcriber = None
+    if args.asr:
+        from agent.eval.asr import load_transcriber
+        transcriber = load_transcriber(args.asr, device=args.device)
     gt = json.loads(args.gt_distribution.read_text(encoding="utf-8")) if args.gt_distribution else None
     result = score(args.dir, args.task, transcriber, gt)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
+    return 0
+
+
+def _asr(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from agent.eval.asr import load_transcriber
+    from agent.eval.intelligibility import format_table, transcribe_set
+    from agent.eval.layout import find_samples
+    samples = [s for folder in args.dirs for s in find_samples(folder)]
+    result = transcribe_set(samples, load_transcriber(args.asr, device=args.device, language=args.language))
+    print(format_table(result))
+    if args.json:
+        data = {"intelligibility": {**asdict(result.rates), "asr": result.backend},
+                "samples": [asdict(t) for t in result.samples]}
+        args.json.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
     return 0
 
 
@@ -84,9 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", type=Path, help="a task folder (one folder per sample) or one sample folder")
     s.add_argument("--task", required=True, choices=TASKS)
     s.add_argument("--json", type=Path, default=None, help="write the figures and per-sample rows here")
+    s.add_argument("--asr", default=None, help="word timings from an ASR backend (whisper[:MODEL], "
+                   "faster-whisper[:MODEL], nemo[:MODEL]), also written as output.json; default: an "
+                   "output.json already there, else Silero VAD segments")
+    s.add_argument("--device", default=None, help="the ASR's device (default: cuda if present)")
     s.add_argument("--gt-distribution", type=Path, default=None,
                    help="backchannel: FDB's icc_gt_distribution.json, for the JSD")
     s.set_defaults(func=_score)
+
+    a = sub.add_parser("asr", help="CER/WER of the agent's speech (output.wav) against its reference text")
+    a.add_argument("dirs", type=Path, nargs="+", help="task folders or sample folders with output.wav")
+    a.add_argument("--asr", required=True, help="whisper[:MODEL], faster-whisper[:MODEL], nemo[:MODEL], "
+                   "whisper:tiny-random (noise; for smoke runs)")
+    a.add_argument("--device", default=None, help="the ASR's device (default: cuda if present)")
+    a.add_argument("--language", default="te", help="the ASR's language (default te)")
+    a.add_argument("--json", type=Path, default=None, help="write the figures and each transcript here")
+    a.set_defaults(func=_asr)
     return p
 
 
