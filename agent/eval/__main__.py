@@ -3,6 +3,7 @@
     python -m agent.eval run DIR [DIR ...] --model kyutai/moshiko-pytorch-bf16 [--seats 16] [--greedy]
     python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel [--json FILE] [--asr SPEC]
     python -m agent.eval asr DIR [DIR ...] --asr whisper [--json FILE]
+    python -m agent.eval make-set OUT [--per-task 3]
 
 Exit status: 0 done, 2 bad input or settings (a clear message on stderr naming the file or value).
 """
@@ -32,6 +33,13 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_set(args: argparse.Namespace) -> int:
+    from agent.eval.evalset import make_set
+    for task, folder in make_set(args.out, args.per_task).items():
+        print(f"{task:<18} {args.per_task} samples in {folder}")
+    return 0
+
+
 def _asr(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from agent.eval.asr import load_transcriber
@@ -55,6 +63,9 @@ def _run(args: argparse.Namespace) -> int:
     from agent.voices import load_catalogue
     samples = [s for folder in args.dirs for s in find_samples(folder)]
     load_catalogue().settings(args.voice, args.emotion)  # an unknown voice fails before the model loads
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
                               top_k_text=args.top_k_text, use_sampling=not args.greedy)
     model = load_model(ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
@@ -96,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output.wav's rate (default: the input's; FDB's backchannel scorer assumes 16000)")
     r.add_argument("--prefix", default="", choices=["", "clean_"],
                    help="v1.5: 'clean_' runs clean_input.wav into clean_output.wav")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; on a busy CPU 1 can be several times faster)")
     r.add_argument("--skip-existing", action="store_true", help="keep outputs already there (resume)")
     r.set_defaults(func=_run)
 
@@ -119,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--language", default="te", help="the ASR's language (default te)")
     a.add_argument("--json", type=Path, default=None, help="write the figures and each transcript here")
     a.set_defaults(func=_asr)
+
+    m = sub.add_parser("make-set", help="write a small generated Telugu set (espeak-ng) in FDB's layout")
+    m.add_argument("out", type=Path)
+    m.add_argument("--per-task", type=int, default=3, help="samples per task (default 3)")
+    m.set_defaults(func=_make_set)
     return p
 
 
@@ -127,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from agent.eval.asr import AsrError
     from agent.eval.layout import EvalDataError
+    from agent.eval.speech import SpeechError
     from agent.eval.transcript import TranscriptError
     from agent.models import ModelLoadError
     from agent.voices import CatalogueError
     try:
         return args.func(args)
-    except (EvalDataError, TranscriptError, AsrError, ModelLoadError, CatalogueError, OSError, ValueError) as exc:
+    except (EvalDataError, TranscriptError, AsrError, SpeechError, ModelLoadError, CatalogueError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
 
