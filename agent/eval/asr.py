@@ -9,7 +9,7 @@ package behind each backend is imported only then:
 |---|---|---|
 | `whisper[:MODEL]` | transformers (4.46.1 here) | `vasista22/whisper-telugu-large-v2` (Whisper fine-tuned on Telugu) |
 | `faster-whisper[:MODEL]` | faster-whisper | `large-v3` (multilingual, `language="te"`) |
-| `nemo[:MODEL]` | nemo_toolkit[asr] | `ai4bharat/indicconformer_stt_te_hybrid_rnnt_large` (a `.nemo` path or an HF id) |
+| `nemo[:MODEL]` | NeMo (AI4Bharat's fork for IndicConformer) | `ai4bharat/indicconformer_stt_te_hybrid_ctc_rnnt_large` (an HF id or a `.nemo` path) |
 | `whisper:tiny-random` | transformers | a tiny Whisper with random weights built here (tests, offline smoke runs: its words are noise) |
 
 MODEL may be a local folder. None of these packages is a runtime requirement of the agent; tests use
@@ -38,7 +38,7 @@ WHISPER_CHUNK_S = 30  # Whisper hears 30 s windows; longer audio is chunked by t
 DEFAULT_MODELS = {
     "whisper": "vasista22/whisper-telugu-large-v2",
     "faster-whisper": "large-v3",
-    "nemo": "ai4bharat/indicconformer_stt_te_hybrid_rnnt_large",
+    "nemo": "ai4bharat/indicconformer_stt_te_hybrid_ctc_rnnt_large",
 }
 TINY_RANDOM = "tiny-random"
 
@@ -123,12 +123,13 @@ class FasterWhisperTranscriber:
 
 
 class NemoTranscriber:
-    """NeMo ASR (AI4Bharat's IndicConformer for Telugu; FDB itself uses NeMo's parakeet for English)
-    with `timestamps=True` word times. *Unverified here* (no NeMo on this machine): written against
-    NeMo 2.x's `ASRModel.transcribe(..., timestamps=True)` as FDB's get_transcript/asr.py calls it."""
+    """NeMo ASR with `timestamps=True` word times: AI4Bharat's IndicConformer for Telugu (its model card
+    loads it with AI4Bharat's NeMo fork, branch nemo-v2, and passes `language_id`), or NeMo's
+    `nvidia/parakeet-tdt-0.6b-v2`, the English ASR FDB itself uses. *Unverified here* (no NeMo on this
+    machine): written against `ASRModel.transcribe(..., timestamps=True)` as FDB's asr.py calls it."""
 
     def __init__(self, model: str, device: str | None = None, language: str = "te"):
-        nemo_asr = _import("nemo.collections.asr", "nemo_toolkit[asr]")
+        nemo_asr = _import("nemo.collections.asr", "nemo_toolkit[asr] (or AI4Bharat's NeMo fork)")
         self.name = f"nemo:{model}"
         self.language = language
         if Path(model).suffix == ".nemo":
@@ -143,7 +144,10 @@ class NemoTranscriber:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "audio.wav"
             sf.write(str(path), pcm, ASR_RATE)
-            result = self._model.transcribe([str(path)], timestamps=True)[0]
+            try:  # IndicConformer (multilingual heads) takes the language; other NeMo models do not
+                result = self._model.transcribe([str(path)], timestamps=True, language_id=self.language)[0]
+            except TypeError:
+                result = self._model.transcribe([str(path)], timestamps=True)[0]
         if isinstance(result, (list, tuple)):  # hybrid models may return (best, all) hypotheses
             result = result[0]
         stamps = getattr(result, "timestamp", None) or {}
