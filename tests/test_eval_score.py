@@ -181,3 +181,13 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, clips, capsys):
     with pytest.raises(EvalDataError, match="no sample folders"):
         (tmp_path / "empty").mkdir()
         find_samples(tmp_path / "empty")
+
+
+def test_eval_v15_interval_lists_by_hand():
+    from agent.eval.timing import merge_gaps, overlaps, response_gaps
+    assert merge_gaps([(3.0, 4.0), (0.0, 1.0), (1.5, 2.0), (4.5, 5.0)], 0.5) == [(0.0, 2.0), (3.0, 5.0)]
+    user, model = [(0.0, 2.0), (3.0, 5.0)], [(1.0, 3.5), (4.8, 6.0)]
+    assert overlaps(user, model) == [(1.0, 2.0), (3.0, 3.5), (4.8, 5.0)]
+    # one response per model start, from the latest user end before it
+    assert response_gaps([(0.0, 1.0), (1.2, 2.0), (3.0, 5.0)], [(2.5, 2.8), (5.3, 6.0)]) == [(2.0, 2.5), (5.0, 5.3)]
+    assert response_gaps([(0.0, 1.0)], [(0.5, 0.9)]) == []  # the model never starts after the user ends

@@ -20,7 +20,8 @@ Figures (means over samples; lower is better for pause TOR, backchannel TOR and 
   turn; otherwise its words decide (> 3 words, or >= 1 s, or > 2 words: turn; else backchannel), the
   last segment deciding as in their code; every segment up to the first > 3 s one counts as a
   backchannel for the frequency (per second of output) and the 0.2 s-binned JSD against a human
-  distribution (`gt_distribution`, FDB's icc_gt_distribution.json; no backchannel -> 1).
+  distribution (`gt_distribution`, FDB's icc_gt_distribution.json; no backchannel -> 1). Segment
+  times are rounded to 0.1 s first, as Silero's `return_seconds=True` in their scorer rounds them.
 Every row also carries v1.5's interval lists (stop and response intervals of merged segments).
 """
 
@@ -179,7 +180,9 @@ def score_sample(sample: Sample, task: str, transcriber: "Transcriber | None" = 
                 raise EvalDataError(f"{sample.folder}: no human distribution for {sample.name!r}")
             gt = gt_distribution[sample.name]
         duration = audio.size / rate
-        row.took_turn, row.backchannels, row.jsd = _backchannel(speech, raw_model, duration, gt)
+        # FDB's backchannel scorer asks Silero for seconds, which rounds them to 0.1 s
+        segments = [(round(s, 1), round(e, 1)) for s, e in raw_model]
+        row.took_turn, row.backchannels, row.jsd = _backchannel(speech, segments, duration, gt)
         row.backchannel_freq = row.backchannels / duration if duration > 0 else 0.0
     return row
 

@@ -11,7 +11,9 @@ model). `overlaps` and `response_gaps` are v1.5's two interval lists:
 - response intervals: [user segment end, first model start after it], keeping the latest user end
   per model start.
 
-Times are seconds from the start of the file. Audio of any rate is resampled to 16 kHz first.
+Times are seconds from the start of the file (interval lists rounded to ms, as v1.5 writes them).
+Audio of any rate is resampled to 16 kHz first. Checked against FDB's get_timing.py on generated
+samples: the same interval lists.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def overlaps(user: list[Interval], model: list[Interval]) -> list[Interval]:
         key = round(end * 1000)
         if key not in shortest or end - start < shortest[key][1] - shortest[key][0]:
             shortest[key] = (start, end)
-    return sorted(shortest.values(), key=lambda iv: iv[1])
+    return [(round(s, 3), round(e, 3)) for s, e in sorted(shortest.values(), key=lambda iv: iv[1])]
 
 
 def response_gaps(user: list[Interval], model: list[Interval]) -> list[Interval]:
@@ -93,7 +95,7 @@ def response_gaps(user: list[Interval], model: list[Interval]) -> list[Interval]
         start = next((s for s, _ in model if s > user_end), None)
         if start is None:
             continue
-        key = round(start * 1000)
-        if key not in latest or user_end > latest[key][0]:
-            latest[key] = (user_end, start)
+        key, candidate = round(start * 1000), (round(user_end, 3), round(start, 3))
+        if key not in latest or candidate[0] > latest[key][0]:
+            latest[key] = candidate
     return sorted(latest.values(), key=lambda iv: iv[1])
