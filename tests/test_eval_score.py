@@ -191,3 +191,17 @@ def test_eval_v15_interval_lists_by_hand():
     # one response per model start, from the latest user end before it
     assert response_gaps([(0.0, 1.0), (1.2, 2.0), (3.0, 5.0)], [(2.5, 2.8), (5.3, 6.0)]) == [(2.0, 2.5), (5.0, 5.3)]
     assert response_gaps([(0.0, 1.0)], [(0.5, 0.9)]) == []  # the model never starts after the user ends
+
+
+def test_eval_interruption_words_before_the_interruption_end_do_not_count(tmp_path, clips):
+    """An output.json transcribed without FDB's crop: the agent's words before the interruption's
+    end are not its reply."""
+    meta = {"interrupt.json": [{"context": "...", "interrupt": "...", "timestamp": [3.0, 4.0]}]}
+    write_sample(tmp_path / "0", [(0.5, clips["question"])], [], meta)
+    write_words(tmp_path / "0" / "output.json", [Word(f"w{i}", 1.0 + 0.3 * i, 1.2 + 0.3 * i) for i in range(6)]
+                + [Word("later", 4.5, 4.8)])
+    row, = score(tmp_path, "interruption").samples
+    assert not row.took_turn  # one short word after the end
+    write_words(tmp_path / "0" / "output.json", [Word(f"w{i}", 4.2 + 0.3 * i, 4.4 + 0.3 * i) for i in range(5)])
+    row, = score(tmp_path, "interruption").samples
+    assert row.took_turn and row.latency_s == pytest.approx(0.2)

@@ -104,8 +104,9 @@ def _model_speech(sample: Sample, audio: np.ndarray, rate: int, transcriber: "Tr
         words = transcriber.words(audio[start:], rate, offset_s=crop_s)
         write_words(sample.transcript, words)
         return Speech.from_words(words), f"asr:{transcriber.name}"
-    if sample.transcript.exists():
-        return Speech.from_words(read_words(sample.transcript)), "output.json"
+    if sample.transcript.exists():  # FDB's asr.py crops interruption outputs; an uncropped one is cut here
+        words = [w for w in read_words(sample.transcript) if w.start >= crop_s]
+        return Speech.from_words(words), "output.json"
     segments = merge_gaps(speech_segments(audio, rate), MODEL_MERGE_GAP_S)
     return Speech.from_segments([(max(s, crop_s), e) for s, e in segments if e > crop_s]), "vad"
 
