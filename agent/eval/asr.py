@@ -166,7 +166,10 @@ def load_transcriber(spec: str, device: str | None = None, language: str = "te")
     model = model or DEFAULT_MODELS[backend]
     if backend == "whisper" and model == TINY_RANDOM:
         log.warning("ASR whisper:tiny-random has RANDOM weights: its words are noise (for tests and smoke runs)")
-        model = str(build_tiny_whisper(Path(tempfile.gettempdir()) / "agent-eval-tiny-whisper"))
+        transcriber = WhisperTranscriber(str(build_tiny_whisper(Path(tempfile.gettempdir()) / "agent-eval-tiny-whisper")),
+                                         device=device, language=language)
+        transcriber.name = f"whisper:{TINY_RANDOM}"
+        return transcriber
     return BACKENDS[backend](model, device=device, language=language)
 
 
