@@ -62,3 +62,8 @@ def test_eval_run_and_score_end_to_end_on_tiny_model(eval_set, tmp_path, capsys)
         assert data[key]["n"] == 1 and data[key]["tor"] in (0.0, 1.0)
         assert len(data["samples"]) == 1
     assert "backchannel" in capsys.readouterr().out
+    everything = tmp_path / "all.json"
+    assert main(["score", str(eval_set), "--task", "all", "--json", str(everything)]) == 0
+    data = json.loads(everything.read_text())
+    assert sorted(data) == sorted(TASK_FOLDERS) and data["turn_taking"]["turn_taking"]["n"] == 1
+    assert main(["score", str(tmp_path), "--task", "all"]) == 2  # no task folders there

@@ -1,7 +1,7 @@
 """python -m agent.eval: Full-Duplex-Bench-style evaluation of the agent (docs/evaluation.md).
 
     python -m agent.eval run DIR [DIR ...] --model kyutai/moshiko-pytorch-bf16 [--seats 16] [--greedy]
-    python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel [--json FILE] [--asr SPEC]
+    python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel|all [--json FILE] [--asr SPEC]
     python -m agent.eval asr DIR [DIR ...] --asr whisper [--json FILE]
     python -m agent.eval make-set OUT [--per-task 3]
 
@@ -20,12 +20,19 @@ log = logging.getLogger("agent.eval")
 
 
 def _score(args: argparse.Namespace) -> int:
-    from agent.eval.score import format_table, score, write_json
+    from agent.eval.score import format_table, score, score_all, write_json
     transcriber = None
     if args.asr:
         from agent.eval.asr import load_transcriber
         transcriber = load_transcriber(args.asr, device=args.device)
     gt = json.loads(args.gt_distribution.read_text(encoding="utf-8")) if args.gt_distribution else None
+    if args.task == "all":
+        results = score_all(args.dir, transcriber, gt)
+        print("\n\n".join(format_table(r, label=name) for name, r in results.items()))
+        if args.json:
+            data = {name: r.to_json() for name, r in results.items()}
+            args.json.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        return 0
     result = score(args.dir, args.task, transcriber, gt)
     print(format_table(result))
     if args.json:
@@ -113,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
 
     s = sub.add_parser("score", help="score input.wav/output.wav pairs as Full-Duplex-Bench does")
-    s.add_argument("dir", type=Path, help="a task folder (one folder per sample) or one sample folder")
-    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("dir", type=Path, help="a task folder (one folder per sample) or one sample folder; "
+                   "with --task all, a set's root (each task folder scored as its name says)")
+    s.add_argument("--task", required=True, choices=[*TASKS, "all"])
     s.add_argument("--json", type=Path, default=None, help="write the figures and per-sample rows here")
     s.add_argument("--asr", default=None, help="word timings from an ASR backend (whisper[:MODEL], "
                    "faster-whisper[:MODEL], nemo[:MODEL]), also written as output.json; default: an "

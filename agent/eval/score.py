@@ -196,11 +196,31 @@ def score(root: Path, task: str, transcriber: "Transcriber | None" = None,
     return TaskScore(task, [score_sample(s, task, transcriber, gt_distribution) for s in samples])
 
 
+def task_of_folder(name: str) -> str | None:
+    """The task a set's folder holds, by FDB's names and make-set's (candor_turn_taking, turn_taking,
+    synthetic_pause_handling, user_interruption, icc_backchannel, ...); None for anything else."""
+    for key, task in (("turn_taking", "turn-taking"), ("pause", "pause"), ("interruption", "interruption"),
+                      ("backchannel", "backchannel")):
+        if key in name:
+            return task
+    return None
+
+
+def score_all(root: Path, transcriber: "Transcriber | None" = None,
+              gt_distribution: dict[str, list[float]] | None = None) -> dict[str, TaskScore]:
+    """Every task folder directly under `root`, scored as its name says; folder name -> scores."""
+    folders = sorted(f for f in Path(root).iterdir() if f.is_dir() and task_of_folder(f.name))
+    if not folders:
+        raise EvalDataError(f"{root}: no task folders (names with turn_taking, pause, interruption or backchannel)")
+    return {f.name: score(f, task_of_folder(f.name), transcriber,
+                          gt_distribution if task_of_folder(f.name) == "backchannel" else None) for f in folders}
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def format_table(result: TaskScore) -> str:
+def format_table(result: TaskScore, label: str = "") -> str:
     """The figures as the paper's table has them, one row for this run."""
     s = result.summary()
     columns = {
@@ -212,7 +232,7 @@ def format_table(result: TaskScore) -> str:
     head = f"{'task':<14}{'n':>5}" + "".join(f"{name:>14}" for name, _ in columns) + "   speech from"
     row = f"{result.task:<14}{s['n']:>5}" + "".join(f"{_fmt(v):>14}" for _, v in columns) \
         + "   " + ", ".join(s["speech_from"])
-    return head + "\n" + row
+    return head + "\n" + row + (f"   ({label})" if label else "")
 
 
 def write_json(result: TaskScore, path: Path) -> None:
