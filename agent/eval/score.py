@@ -97,8 +97,9 @@ class TaskScore:
 
 
 def _model_speech(sample: Sample, audio: np.ndarray, rate: int, transcriber: "Transcriber | None",
-                  crop_s: float = 0.0) -> tuple[Speech, str]:
-    """The agent's speech in `audio` from `crop_s` on, in file seconds, and where it came from."""
+                  segments: list[tuple[float, float]], crop_s: float = 0.0) -> tuple[Speech, str]:
+    """The agent's speech in `audio` from `crop_s` on, in file seconds, and where it came from
+    (`segments`: its merged VAD segments, the fallback)."""
     if transcriber is not None:
         start = int(round(crop_s * rate))
         words = transcriber.words(audio[start:], rate, offset_s=crop_s)
@@ -107,7 +108,6 @@ def _model_speech(sample: Sample, audio: np.ndarray, rate: int, transcriber: "Tr
     if sample.transcript.exists():  # FDB's asr.py crops interruption outputs; an uncropped one is cut here
         words = [w for w in read_words(sample.transcript) if w.start >= crop_s]
         return Speech.from_words(words), "output.json"
-    segments = merge_gaps(speech_segments(audio, rate), MODEL_MERGE_GAP_S)
     return Speech.from_segments([(max(s, crop_s), e) for s, e in segments if e > crop_s]), "vad"
 
 
@@ -129,7 +129,7 @@ def _backchannel(speech: Speech, segments: list[tuple[float, float]], duration_s
             took = True
             break
         words = speech.count_in(start, end) if speech.are_words else 0
-        took = words > 3 or (end - start) >= 1 or words > 2
+        took = words > 2 or end - start >= 1  # FDB's branches (> 3 words; < 1 s and <= 2 words) reduce to this
         found.append((start, end))
     if not found:
         return took, 0, (1.0 if gt is not None else None)
@@ -159,14 +159,14 @@ def score_sample(sample: Sample, task: str, transcriber: "Transcriber | None" = 
         if sample.interrupt_s is None:
             raise EvalDataError(f"{sample.folder}: the interruption task needs interrupt.json")
         crop = sample.interrupt_s[1]
-        speech, row.speech_from = _model_speech(sample, audio, rate, transcriber, crop_s=crop)
+        speech, row.speech_from = _model_speech(sample, audio, rate, transcriber, model, crop_s=crop)
         row.took_turn = speech.took_turn()
         if row.took_turn:
             row.latency_s = max(0.0, speech.start - crop)
         row.stop_s = _stop_latency(model, sample.interrupt_s)
         return row
 
-    speech, row.speech_from = _model_speech(sample, audio, rate, transcriber)
+    speech, row.speech_from = _model_speech(sample, audio, rate, transcriber, model)
     row.took_turn = speech.took_turn()
     if task == "turn-taking":
         turn_end = sample.turn_end_s if sample.turn_end_s is not None else (user[-1][1] if user else None)
