@@ -171,9 +171,10 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, clips, capsys):
     turn_taking_set(tmp_path, clips)
     (tmp_path / "2" / "output.wav").unlink()
     assert main(["score", str(tmp_path), "--task", "turn-taking"]) == 2
-    (tmp_path / "0" / "turn_taking.json").write_text("{not json")
-    with pytest.raises(EvalDataError, match="turn_taking.json"):
-        find_samples(tmp_path)
+    for bad in ("{not json", "[]", '[{"timestamp": []}]', '[{"timestamp": ["soon"]}]'):
+        (tmp_path / "0" / "turn_taking.json").write_text(bad)
+        with pytest.raises(EvalDataError, match="turn_taking.json"):
+            find_samples(tmp_path)
     (tmp_path / "0" / "turn_taking.json").unlink()
     (tmp_path / "1" / "input.wav").write_bytes(b"RIFF junk")
     with pytest.raises(EvalDataError, match="input.wav"):

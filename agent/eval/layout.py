@@ -71,8 +71,10 @@ def _timestamp(path: Path) -> list[float]:
     """timestamp of the first entry of a list-of-dicts json (turn_taking.json, interrupt.json)."""
     data = _json(path)
     try:
-        stamp = data[0]["timestamp"]
-        return [float(t) for t in stamp]
+        stamp = [float(t) for t in data[0]["timestamp"]]
+        if not stamp:
+            raise ValueError("empty timestamp")
+        return stamp
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise EvalDataError(f"{path}: expected [{{\"timestamp\": [start, end], ...}}] ({exc})") from exc
 
