@@ -14,7 +14,8 @@ input, at the input's rate unless `RunConfig.output_rate` says otherwise (FDB's 
 assumes 16 kHz; ICC's inputs are 16 kHz). The agent's text stream goes to `{prefix}output.txt`.
 
 Per-seat choices (voice, emotion; prompts later) live in `SeatOptions`, applied when a sample takes
-its seat: the options dataclass is where new per-call settings are added.
+its seat, before its first frame: the options dataclass is where new per-call settings are added
+(through the seat's public API, as a live call sets them).
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def run_set(model: LoadedModel, samples: list[Sample], options: SeatOptions | No
     if not queue:
         return report
     engine = FrameEngine(model, EngineConfig(max_sessions=min(config.seats, len(queue))), config.sampling)
+    if model.device.type == "cuda":
+        engine.warm_up()  # as the server does: CUDA graphs captured before the first sample's frames
     torch.manual_seed(config.seed)
     active: list[_Job] = []
     started = time.perf_counter()
