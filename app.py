@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    from agent.server import build_app, serve, serve_shared_link
+    from agent.server import build_app, serve
+    from agent.share import serve_shared_link
 
     try:
         service, demo, stream = build(args)
@@ -111,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("Open http://%s:%d  (WebSocket endpoint: ws://%s:%d/websocket/offer)",
              args.host, args.port, args.host, args.port)
     try:
-        if args.share:
-            serve_shared_link(service, demo, stream, args.host, args.port)
-        else:
-            serve(build_app(service, demo, stream), service, args.host, args.port)
+        app = build_app(service, demo, stream)  # the same app, guarded the same way, with or without a link
+        (serve_shared_link if args.share else serve)(app, service, args.host, args.port)
     finally:
         service.close()
     return 0

@@ -198,14 +198,3 @@ class BackgroundServer:
 def serve(app: FastAPI, service: AgentService, host: str, port: int) -> None:
     DrainingServer(server_config(app, host, port), service).run()
 
-
-def serve_shared_link(service: AgentService, demo: gr.Blocks, stream: AgentStream, host: str, port: int) -> None:
-    """`--share`: Gradio's own launcher makes the public link (it downloads its tunnel binary on first
-    use, so it needs internet). The stream's endpoints are added to the same app."""
-    credentials = Credentials.parse(service.server_config.auth)
-    demo.launch(server_name=host, server_port=port, share=True, prevent_thread_lock=True,
-                auth=(credentials.user, credentials.password) if credentials else None)
-    add_routes(demo.app, service, stream)
-    demo.app.add_middleware(AccessMiddleware, credentials=credentials,
-                            max_calls_per_client=service.server_config.max_calls_per_client)
-    demo.block_thread()
