@@ -5,19 +5,19 @@ the readouts are polled by a `gr.Timer` from the session registry by connection 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 from fastrtc import WebRTC
 
+from agent import ASSETS
 from agent.access import rtc_configuration_from_env
 from agent.metrics import fmt_ms
 from agent.config import MAX_TEMP
 from agent.service import AgentService
 
-CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
+CSS_PATH = ASSETS / "style.css"
 POLL_SECONDS = 0.5
 PLOT_SECONDS = 60
 

@@ -32,10 +32,10 @@ def has_internet() -> bool:
 
 
 class AppProcess:
-    """`python app.py ARGS` with its merged output collected line by line."""
+    """`python app.py ARGS` (or another command line) with its merged output collected line by line."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd, env=env,
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], command: list[str] | None = None):
+        self.proc = subprocess.Popen([*(command or [sys.executable, str(ROOT / "app.py")]), *args], cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
