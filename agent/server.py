@@ -188,11 +188,21 @@ class BackgroundServer:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError(f"server did not start on {self.url}")
             time.sleep(0.05)
+        host = self.server.config.host
+        self.url = f"http://{host}:{listening_port(self.server, self.server.config.port)}"  # port 0: the OS's choice
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def listening_port(server: uvicorn.Server, asked: int) -> int:
+    """The port a started server listens on: the one asked for, or the one the OS chose for port 0."""
+    for listener in server.servers:
+        for sock in listener.sockets:
+            return sock.getsockname()[1]
+    return asked
 
 
 def serve(app: FastAPI, service: AgentService, host: str, port: int) -> None:

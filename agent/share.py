@@ -21,7 +21,7 @@ from urllib.parse import urlparse, urlunparse
 from fastapi import FastAPI
 from gradio import networking, tunneling
 
-from agent.server import DrainingServer, server_config
+from agent.server import DrainingServer, listening_port, server_config
 from agent.service import AgentService
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,6 @@ def _causes(exc: BaseException | None) -> str:
             parts.append(text)
         exc = exc.__cause__ or exc.__context__
     return ": ".join(parts)
-
-
-def _listening_port(server: DrainingServer, asked: int) -> int:
-    """The port the server listens on (the one asked for, or the one the OS chose for port 0)."""
-    for listener in server.servers:
-        for sock in listener.sockets:
-            return sock.getsockname()[1]
-    return asked
 
 
 def open_share_link(host: str, port: int) -> ShareOutcome:
@@ -89,7 +81,7 @@ def serve_shared_link(app: FastAPI, service: AgentService, host: str, port: int)
             if server.should_exit:
                 return
             time.sleep(0.1)
-        bound = _listening_port(server, port)
+        bound = listening_port(server, port)
         announce(open_share_link(host, bound), f"http://{host}:{bound}")
 
     threading.Thread(target=share_when_listening, name="share-link", daemon=True).start()
