@@ -45,15 +45,20 @@ def mic_wav(tmp_path_factory, telugu_speech) -> Path:
     return path
 
 
-def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
+def launch_chromium(playwright, mic_wav: Path):
+    """Debian's headless Chromium whose fake microphone plays `mic_wav`."""
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required"])
+
+
+def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required"])
+        browser = launch_chromium(p, mic_wav)
         try:
             context = browser.new_context(permissions=["microphone"], viewport={"width": 1400, "height": 900})
             page = context.new_page()
@@ -129,14 +134,10 @@ UNCOVERED_JS = """(el) => {
 def test_phone_page_opens_on_the_call_and_settings_are_one_tap_away(live_server, mic_wav, tmp_path):
     """At 390 x 844 with touch, as a phone opens a shared link: the control that starts a call is on screen and
     not covered; a call runs; voice and figures are one tap away and back."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required"])
+        browser = launch_chromium(p, mic_wav)
         try:
             context = browser.new_context(permissions=["microphone"], viewport={"width": 390, "height": 844},
                                           device_scale_factor=2, is_mobile=True, has_touch=True)
