@@ -120,7 +120,7 @@ class RunningAgent:
         return (f'<iframe src="{self.url}/" width="100%" height="760" frameborder="0" '
                 'allow="autoplay; microphone"></iframe>')
 
-    def __enter__(self) -> "RunningAgent":
+    def __enter__(self) -> RunningAgent:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,7 +21,8 @@ def outputs_of(cell) -> tuple[str, list[dict]]:
 
 def test_notebook_quickstart_runs_a_call_and_plots_its_latency():
     stored = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not c.get("outputs") for c in stored.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    assert all(not c.get("outputs") for c in stored.cells if c.cell_type == "code"), \
+        "commit the notebook without outputs"
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # raises CellExecutionError, with the cell and its traceback, if any cell fails
     NotebookClient(notebook, timeout=300, kernel_name="python3",
@@ -43,7 +44,9 @@ def test_notebook_quickstart_runs_a_call_and_plots_its_latency():
 
     # the figures: a plot, and numbers that are measurements
     assert any("image/png" in d for d in rich)
-    figures = re.search(r"frames (\d+): round trip p50 (-?\d+) ms, p95 (-?\d+) ms; step p50 ([\d.]+) ms", "".join(texts))
+    figures = re.search(r"frames (\d+): round trip p50 (-?\d+) ms, p95 (-?\d+) ms; step p50 ([\d.]+) ms",
+                        "".join(texts))
     assert figures, texts
-    frames, p50, p95, step = int(figures.group(1)), int(figures.group(2)), int(figures.group(3)), float(figures.group(4))
+    frames, p50, p95 = (int(figures.group(i)) for i in (1, 2, 3))
+    step = float(figures.group(4))
     assert frames >= 12 and 0 < p50 <= p95 < 5000 and step > 0
