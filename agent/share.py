@@ -21,6 +21,7 @@ from urllib.parse import urlparse, urlunparse
 from fastapi import FastAPI
 from gradio import networking, tunneling
 
+from agent.access import rtc_configuration_from_env
 from agent.server import DrainingServer, listening_port, server_config
 from agent.service import AgentService
 
@@ -64,6 +65,10 @@ def announce(outcome: ShareOutcome, local_url: str) -> None:
     if outcome.url:
         log.info("Public link: %s  (expires after a week; it serves this machine while the process runs)",
                  outcome.url)
+        if rtc_configuration_from_env() is None:
+            log.warning("No TURN relay is set (TURN_URLS, TURN_USERNAME, TURN_CREDENTIAL): the page's WebRTC call "
+                        "may not connect for people outside this network. The WebSocket endpoint goes through "
+                        "the link as it is.")
         return
     binary = "" if os.path.exists(tunneling.BINARY_PATH) else f", not there yet: it goes to {tunneling.BINARY_PATH}"
     log.warning("No public link: %s. --share needs internet: Gradio's share server (%s) and its tunnel binary, "
