@@ -110,7 +110,6 @@ def test_share_without_internet_serves_the_page_guarded_and_says_why(tmp_path):
     assert code == 0, app.output[-3000:]
 
 
-
 def test_share_on_a_space_tries_no_tunnel(monkeypatch):
     from agent.share import open_share_link
 
