@@ -176,8 +176,6 @@ def test_phone_page_opens_on_the_call_and_settings_are_one_tap_away(live_server,
                                    timeout=30_000)
             page.locator("#readouts").scroll_into_view_if_needed()
             page.screenshot(path=str(tmp_path / "phone-settings.png"))
-            if os.environ.get("AGENT_PHONE_SCREENSHOT"):
-                shutil.copy(tmp_path / "phone-settings.png", os.environ["AGENT_PHONE_SCREENSHOT"])
 
             # one tap back to the call, whose controls are uncovered again
             page.locator("#settings .toggle-button").tap()
@@ -187,8 +185,9 @@ def test_phone_page_opens_on_the_call_and_settings_are_one_tap_away(live_server,
             stop = page.locator("#call button", has_text="Stop").first
             assert stop.evaluate(UNCOVERED_JS) == "ok"
             page.screenshot(path=str(tmp_path / "phone-in-call.png"))
-            if os.environ.get("AGENT_PHONE_SCREENSHOT"):
-                shutil.copy(tmp_path / "phone-in-call.png", os.environ["AGENT_PHONE_SCREENSHOT"].replace(".png", "-call.png"))
+            if os.environ.get("AGENT_PHONE_SCREENSHOTS"):  # a folder for docs/screenshot-phone.png and a look
+                for shot in ("phone-before-call.png", "phone-settings.png", "phone-in-call.png"):
+                    shutil.copy(tmp_path / shot, Path(os.environ["AGENT_PHONE_SCREENSHOTS"]) / shot)
             stop.tap()
             assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
         finally:
