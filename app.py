@@ -2,7 +2,8 @@
 
     python app.py                      # tiny random model on CPU, Kyutai's Moshiko on a GPU
     python app.py --model kyutai/moshika-pytorch-bf16 --share
-    from app import demo; demo.launch()   # notebooks and Hugging Face Spaces
+    agent = app.start(["--port", "0"])    # notebooks: page and endpoints from a thread (examples/quickstart.ipynb)
+    from app import demo; demo.launch()   # Gradio's convention: the page only
 
 Settings also come from environment variables (AGENT_MODEL, AGENT_DEVICE, AGENT_DTYPE,
 AGENT_MAX_SESSIONS, AGENT_HOST/GRADIO_SERVER_NAME, AGENT_PORT/GRADIO_SERVER_PORT) so a Space or a notebook can set them.
@@ -14,8 +15,16 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.config import EngineConfig, ModelConfig, SamplingConfig, ServerConfig
+
+if TYPE_CHECKING:  # app.py imports no model code until something is built
+    import gradio as gr
+
+    from agent.server import BackgroundServer
+    from agent.service import AgentService
 
 log = logging.getLogger("app")
 
@@ -85,6 +94,56 @@ def build(args: argparse.Namespace):
     return service, build_demo(service), build_stream(service)
 
 
+@dataclass
+class RunningAgent:
+    """An agent serving from a background thread of this process (a notebook): the page and every endpoint,
+    as `python app.py` serves them. Shown in a notebook, it is the page inline; `close()` stops it."""
+
+    service: AgentService
+    demo: gr.Blocks
+    server: BackgroundServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def ws_url(self) -> str:
+        """fastrtc's WebSocket endpoint, for `agent.wsclient.talk`."""
+        return "ws" + self.url.removeprefix("http") + "/websocket/offer"
+
+    def close(self) -> None:
+        self.server.stop()
+        self.service.close()
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe src="{self.url}/" width="100%" height="760" frameborder="0" '
+                'allow="autoplay; microphone"></iframe>')
+
+    def __enter__(self) -> RunningAgent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start(argv: list[str] | None = None) -> RunningAgent:
+    """Build the agent from `python app.py`'s flags (and the same environment variables) and serve it from
+    a background thread; `--port 0` takes a free port. For notebooks: `agent = app.start(["--port", "0"])`."""
+    from agent.server import BackgroundServer, build_app
+
+    args = parse_args(argv)
+    service, demo, stream = build(args)
+    try:
+        server = BackgroundServer(build_app(service, demo, stream), args.host, args.port).start()
+    except BaseException:
+        service.close()
+        raise
+    if service.random_weights:
+        log.warning("Serving a RANDOM-WEIGHT model: the page works end to end but the agent's voice is noise.")
+    return RunningAgent(service, demo, server)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -97,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    from agent.server import build_app, serve, serve_shared_link
+    from agent.server import build_app, serve
+    from agent.share import serve_shared_link
 
     try:
         service, demo, stream = build(args)
@@ -111,10 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("Open http://%s:%d  (WebSocket endpoint: ws://%s:%d/websocket/offer)",
              args.host, args.port, args.host, args.port)
     try:
-        if args.share:
-            serve_shared_link(service, demo, stream, args.host, args.port)
-        else:
-            serve(build_app(service, demo, stream), service, args.host, args.port)
+        app = build_app(service, demo, stream)  # the same app, guarded the same way, with or without a link
+        (serve_shared_link if args.share else serve)(app, service, args.host, args.port)
     finally:
         service.close()
     return 0

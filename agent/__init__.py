@@ -5,6 +5,7 @@ Audio flows one way: client audio -> `audio` (resample, 1920-sample frames) -> `
 """
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -19,3 +20,8 @@ elif os.environ.get("NO_TORCH_COMPILE") == "0":
 SAMPLE_RATE = 24_000
 FRAME_SIZE = 1920  # samples per Mimi frame: 80 ms at 24 kHz
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
+
+# The catalogue, styles and corpora: `assets/` beside the package in a checkout; inside it
+# (`agent/assets/`) in an installed wheel, where pyproject.toml maps the folder.
+_PACKAGE = Path(__file__).resolve().parent
+ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"

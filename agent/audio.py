@@ -180,3 +180,36 @@ class InputAudio:
                                    f"{MAX_CHUNK_SECONDS:.0f} s limit; stream smaller chunks")
         mono = to_mono_float(array, report)
         return self.framer.push(self.resampler.process(rate, mono))
+
+
+# G.711 μ-law, as fastrtc's WebSocket protocol carries it (bit-exact with Python's audioop, which
+# Python 3.13 removed): 16-bit PCM is cut to 14 bits, biased by 33, and stored as sign, a 3-bit
+# segment (the magnitude's octave) and 4 mantissa bits, all bits inverted.
+_ULAW_BIAS = 33  # 0x84 >> 2, in the 14-bit domain
+_ULAW_CLIP = 8159  # largest 14-bit magnitude before the bias
+_ULAW_SEGMENT_ENDS = np.array([(0x40 << seg) - 1 for seg in range(8)])
+
+
+def _ulaw_to_int16(code: int) -> int:
+    code = ~code & 0xFF
+    magnitude = (((code & 0x0F) << 3) + 0x84) << ((code & 0x70) >> 4)
+    return 0x84 - magnitude if code & 0x80 else magnitude - 0x84
+
+
+_ULAW_DECODE = np.array([_ulaw_to_int16(code) for code in range(256)], dtype=np.int16)
+
+
+def ulaw_encode(pcm: np.ndarray) -> bytes:
+    """int16 samples -> one μ-law byte per sample."""
+    value = np.asarray(pcm, dtype=np.int16).astype(np.int32) >> 2
+    mask = np.where(value < 0, 0x7F, 0xFF)
+    magnitude = np.minimum(np.abs(value), _ULAW_CLIP) + _ULAW_BIAS
+    segment = np.searchsorted(_ULAW_SEGMENT_ENDS, magnitude)  # first segment whose end holds it
+    code = np.where(segment >= 8, 0x7F,
+                    (segment << 4) | ((magnitude >> (np.minimum(segment, 7) + 1)) & 0x0F))
+    return (code ^ mask).astype(np.uint8).tobytes()
+
+
+def ulaw_decode(data: bytes) -> np.ndarray:
+    """μ-law bytes -> int16 samples."""
+    return _ULAW_DECODE[np.frombuffer(data, dtype=np.uint8)]

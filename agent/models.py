@@ -27,12 +27,12 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
+from agent import ASSETS
 from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TINY_MODEL, ModelConfig
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_CORPUS = ASSETS / "telugu_sentences.txt"
 TEXT_PADDING_ID = 3  # Moshi's "no word" token; 0 is its end-of-padding marker
 

@@ -188,6 +188,8 @@ class BackgroundServer:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError(f"server did not start on {self.url}")
             time.sleep(0.05)
+        host = self.server.config.host
+        self.url = f"http://{host}:{listening_port(self.server, self.server.config.port)}"  # port 0: the OS's choice
         return self
 
     def stop(self) -> None:
@@ -195,17 +197,14 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
+def listening_port(server: uvicorn.Server, asked: int) -> int:
+    """The port a started server listens on: the one asked for, or the one the OS chose for port 0."""
+    for listener in server.servers:
+        for sock in listener.sockets:
+            return sock.getsockname()[1]
+    return asked
+
+
 def serve(app: FastAPI, service: AgentService, host: str, port: int) -> None:
     DrainingServer(server_config(app, host, port), service).run()
 
-
-def serve_shared_link(service: AgentService, demo: gr.Blocks, stream: AgentStream, host: str, port: int) -> None:
-    """`--share`: Gradio's own launcher makes the public link (it downloads its tunnel binary on first
-    use, so it needs internet). The stream's endpoints are added to the same app."""
-    credentials = Credentials.parse(service.server_config.auth)
-    demo.launch(server_name=host, server_port=port, share=True, prevent_thread_lock=True,
-                auth=(credentials.user, credentials.password) if credentials else None)
-    add_routes(demo.app, service, stream)
-    demo.app.add_middleware(AccessMiddleware, credentials=credentials,
-                            max_calls_per_client=service.server_config.max_calls_per_client)
-    demo.block_thread()

@@ -5,19 +5,27 @@ the readouts are polled by a `gr.Timer` from the session registry by connection 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 from fastrtc import WebRTC
 
+from agent import ASSETS
 from agent.access import rtc_configuration_from_env
 from agent.metrics import fmt_ms
 from agent.config import MAX_TEMP
 from agent.service import AgentService
 
-CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
+CSS_PATH = ASSETS / "style.css"
+PHONE_MAX_WIDTH = 768  # Gradio's own breakpoint: at or below it an open sidebar covers the whole page
+# The sidebar starts closed, so a phone opens on the call; on load the browser says whether the window is
+# wider than a phone, and if so the sidebar opens beside the call.
+IS_WIDE_SCREEN_JS = f"(wide) => [!window.matchMedia('(max-width: {PHONE_MAX_WIDTH}px)').matches]"
+OPEN_SIDEBAR_JS = """() => {
+  const sidebar = document.querySelector("#settings");
+  if (sidebar && !sidebar.classList.contains("open")) sidebar.querySelector(".toggle-button").click();
+}"""
 POLL_SECONDS = 0.5
 PLOT_SECONDS = 60
 
@@ -134,7 +142,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
     css = CSS_PATH.read_text() if CSS_PATH.exists() else None
 
     with gr.Blocks(title="Telugu voice agent (Moshi)", css=css, theme=gr.themes.Soft()) as demo:
-        with gr.Sidebar(open=True, width=380):
+        with gr.Sidebar(open=False, width=380, elem_id="settings") as sidebar:
             voice = gr.Dropdown(_choices(catalogue.voices, voice_support), value=catalogue.default_voice,
                                 label="Speaker voice · స్వరం", elem_id="voice")
             emotion = gr.Dropdown(_choices(catalogue.emotions, emotion_support), value=catalogue.default_emotion,
@@ -160,11 +168,19 @@ def build_demo(service: AgentService) -> gr.Blocks:
                       track_constraints={"echoCancellation": True, "noiseSuppression": True,
                                          "autoGainControl": True, "sampleRate": {"ideal": 48000}})
         status = gr.Markdown("Press **Record** to start a call.", elem_id="call-status")
+        # On a phone the sidebar is closed and its own toggle is a small arrow: this opens it (CSS hides it on
+        # wider screens, where the sidebar is open beside the call).
+        gr.Button("⚙️ Voice & emotion · live figures", elem_id="open-settings", size="sm",
+                  variant="secondary").click(None, js=OPEN_SIDEBAR_JS)
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
         call.stream(service.handler(), inputs=[call, voice, emotion, *sampling], outputs=[call],
                     concurrency_limit=service.seats_total())
+
+        wide_screen = gr.Checkbox(visible=False)  # set by the browser on load (IS_WIDE_SCREEN_JS)
+        demo.load(lambda wide: gr.Sidebar(open=True) if wide else gr.update(), inputs=[wide_screen],
+                  outputs=[sidebar], js=IS_WIDE_SCREEN_JS, queue=False, show_progress="hidden")
 
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(lambda call_id: readouts(service, call_id), inputs=[call],

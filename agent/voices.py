@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import ASSETS
 from agent.sampling import SamplingRequest
 
-CATALOGUE_PATH = Path(__file__).resolve().parent.parent / "assets" / "catalogue.json"
+CATALOGUE_PATH = ASSETS / "catalogue.json"
 GENDERS = ("female", "male")
 SPEAKER, EMOTION = "speaker", "emotion"  # the LM's conditioner names for a voice and an emotion
 

@@ -23,31 +23,25 @@ import base64
 import json
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import websockets
 
 from agent import SAMPLE_RATE
-from agent.audio import to_int16
-
-with warnings.catch_warnings():  # fastrtc's protocol is μ-law; audioop is what fastrtc itself uses
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop
+from agent.audio import to_int16, ulaw_decode, ulaw_encode
 
 CHUNK_SECONDS = 0.02
 
 
 def encode_media(samples: np.ndarray) -> dict:
     """float [-1, 1] samples -> a fastrtc media event (μ-law)."""
-    ulaw = audioop.lin2ulaw(to_int16(samples).tobytes(), 2)
+    ulaw = ulaw_encode(to_int16(samples))
     return {"event": "media", "media": {"payload": base64.b64encode(ulaw).decode()}}
 
 
 def decode_media(message: dict) -> np.ndarray:
-    pcm = audioop.ulaw2lin(base64.b64decode(message["media"]["payload"]), 2)
-    return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
+    return ulaw_decode(base64.b64decode(message["media"]["payload"])).astype(np.float32) / 32768.0
 
 
 @dataclass

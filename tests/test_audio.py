@@ -139,3 +139,47 @@ def test_framer_remainder_and_int16_roundtrip():
     assert [f.tolist() for f in framer.push(np.arange(10, 12, dtype=np.float32))] == [[8, 9, 10, 11]]
     x = np.linspace(-1, 1, 101, dtype=np.float32)
     np.testing.assert_allclose(to_int16(x).astype(np.float32) / 32767, x, atol=1 / 32767)
+
+
+def test_ulaw_is_bit_exact_with_audioop():
+    """Every 16-bit sample and every μ-law byte against Python's own G.711 code (gone in 3.13)."""
+    audioop = pytest.importorskip("audioop", reason="Python 3.13 removed audioop; the G.711 points below still run")
+    from agent.audio import ulaw_decode, ulaw_encode
+
+    every_sample = np.arange(-32768, 32768, dtype=np.int16)
+    assert ulaw_encode(every_sample) == audioop.lin2ulaw(every_sample.tobytes(), 2)
+    every_byte = bytes(range(256))
+    np.testing.assert_array_equal(ulaw_decode(every_byte),
+                                  np.frombuffer(audioop.ulaw2lin(every_byte, 2), dtype=np.int16))
+
+
+def test_ulaw_g711_reference_points():
+    from agent.audio import ulaw_decode, ulaw_encode
+
+    # G.711 μ-law: 0 is 0xFF, full scale is 0x80 / 0x00, the decoder's peak is ±32124, and the
+    # encoder's first segment steps by 8 (in 16-bit terms) around zero.
+    assert ulaw_encode(np.array([0, 32767, -32768, 8, -8], np.int16)) == bytes([0xFF, 0x80, 0x00, 0xFE, 0x7E])
+    assert ulaw_decode(bytes([0xFF, 0x7F, 0x80, 0x00])).tolist() == [0, 0, 32124, -32124]
+    x = np.random.default_rng(0).integers(-32768, 32768, 10_000).astype(np.int16)
+    back = ulaw_decode(ulaw_encode(x)).astype(np.int32)
+    # μ-law keeps the relative error under ~3 % above the first segments
+    big = np.abs(x) > 1000
+    assert np.max(np.abs(back[big] - x[big]) / np.abs(x[big])) < 0.035
+    assert ulaw_decode(b"").shape == (0,) and ulaw_encode(np.zeros(0, np.int16)) == b""
+
+
+def test_wsclient_runs_without_audioop():
+    """Python 3.13 has no audioop: the client must import and code μ-law without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['audioop'] = None\n"
+            "import numpy as np\n"
+            "from agent.wsclient import decode_media, encode_media\n"
+            "x = np.sin(np.arange(480) / 10).astype(np.float32) * 0.5\n"
+            "y = decode_media(encode_media(x))\n"
+            "assert y.shape == x.shape and np.max(np.abs(y - x)) < 0.02, np.max(np.abs(y - x))\n")
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
