@@ -263,6 +263,23 @@ class StageRun:
                                   sum(getattr(r, "duration", 0.0) for r in self.records))
 
 
+def parallel_map(fn: Any, jobs: list, workers: int) -> Iterator:
+    """fn over jobs, results in order: in this process (workers <= 1) or in `workers` spawned processes
+    (spawn, not fork: the parent may hold torch threads). fn and the jobs must pickle; an item's result
+    must not depend on which process made it, so any worker count gives the same output."""
+    if workers <= 1 or len(jobs) <= 1:
+        return map(fn, jobs)
+    import multiprocessing
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+
+    def results() -> Iterator:
+        try:
+            yield from pool.imap(fn, jobs)
+        finally:
+            pool.terminate()
+    return results()
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:
     return iter(tqdm(items, desc=desc, total=total, unit="item", disable=quiet, file=sys.stderr,
                      mininterval=0.5, dynamic_ncols=True))
