@@ -272,7 +272,7 @@ class LLMWriter:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        inputs = self.tokenizer(text, return_tensors="pt").to(self.device)
+        inputs = self.tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(self.device)
         self.torch.manual_seed(int(fingerprint(seed)[:8], 16))
         with self.torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=True, top_p=0.9,

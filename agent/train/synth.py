@@ -133,7 +133,6 @@ def place(script: ScriptRecord, speech: list[Speech], config: SynthConfig, rng: 
             item.start = floor.end + rng.uniform(*config.same_speaker_gap_ms) / 1000
         elif turn.interrupts:
             item.start = floor.start + rng.uniform(0.35, 0.75) * floor.length
-            floor.cut = min(floor.length, item.start - floor.start + rng.uniform(0.1, 0.3))
         elif turn.overlap:
             overlap = min(max(rng.lognormvariate(math.log(config.overlap_median_ms / 1000), 0.5), 0.1), 1.0)
             item.start = floor.end - min(overlap, 0.5 * floor.length)
@@ -145,6 +144,13 @@ def place(script: ScriptRecord, speech: list[Speech], config: SynthConfig, rng: 
             offset = min(max(rng.gauss(mean, sd), low), high) / 1000
             item.start = floor.end + max(offset, -0.5 * floor.length)
         item.start = round(max(item.start, channel_end[turn.speaker] + (0.05 if channel_end[turn.speaker] else 0)), 4)
+        if turn.interrupts and floor is not None and floor.role != turn.speaker and item.start < floor.end:
+            # the interrupted side stops a reaction time after the other starts
+            floor.cut = round(item.start - floor.start + rng.uniform(0.1, 0.3), 4)
+            if floor.cut >= floor.length:
+                floor.cut = None
+            else:
+                channel_end[floor.role] = floor.end
         if turn.kind != BACKCHANNEL or floor is None:
             floor = item
         placed.append(item)

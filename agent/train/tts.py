@@ -22,6 +22,8 @@ import ctypes
 import ctypes.util
 import importlib
 import math
+import os
+import pickle
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,13 +144,13 @@ class EspeakBackend:
             self._lib = ctypes.CDLL(path)
         except OSError as exc:
             raise TTSError(f"espeak-ng's library is missing ({exc}): apt-get install espeak-ng") from exc
-        self.rate = self._lib.espeak_Initialize(2, 0, None, 0)  # AUDIO_OUTPUT_SYNCHRONOUS
-        if self.rate <= 0:
-            raise TTSError("espeak-ng failed to initialise")
         self.language = language
         self._chunks: list[np.ndarray] = []
         self._events: list[tuple[int, int, int, int]] = []
         self._callback = _CALLBACK(self._collect)  # kept referenced: the library calls it
+        self.rate = self._lib.espeak_Initialize(2, 0, None, 0)  # AUDIO_OUTPUT_SYNCHRONOUS
+        if self.rate <= 0:
+            raise TTSError("espeak-ng failed to initialise")
         self._lib.espeak_SetSynthCallback(self._callback)
         self._lib.espeak_Info.restype = ctypes.c_char_p
         self.version = self._lib.espeak_Info(None).decode()
@@ -184,6 +186,32 @@ class EspeakBackend:
                 "its output audio is not covered)", "url": "https://github.com/espeak-ng/espeak-ng"}
 
     def synthesize(self, items: list[tuple[str, Style]]) -> list[Speech | TTSError]:
+        """In a forked child: espeak-ng carries state from one utterance into the next (its wave generator
+        and echo buffers; espeak_Terminate can block in synchronous mode, so it cannot be reset), so every
+        call starts from this process's pristine, never-used engine. The same items then give the same
+        samples whatever came before: a resumed run or another worker count reproduces a run exactly."""
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: synthesise, send the results, exit without running any parent cleanup
+            try:
+                os.close(read_end)
+                try:
+                    payload = pickle.dumps(self._all(items))
+                except BaseException as exc:  # noqa: BLE001 - whatever happens, the parent gets an answer
+                    payload = pickle.dumps([TTSError(f"espeak-ng worker failed: {exc!r}")] * len(items))
+                with os.fdopen(write_end, "wb") as pipe:
+                    pipe.write(payload)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            payload = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if not payload:
+            return [TTSError(f"espeak-ng worker died (wait status {status})")] * len(items)
+        return pickle.loads(payload)
+
+    def _all(self, items: list[tuple[str, Style]]) -> list[Speech | TTSError]:
         out: list[Speech | TTSError] = []
         for text, style in items:
             try:
