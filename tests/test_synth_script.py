@@ -265,3 +265,32 @@ def test_script_llm_writes_with_a_tiny_random_model(tmp_path):
     for script in kept:
         assert {t["speaker"] for t in script["turns"]} == {"agent", "user"}
         assert all(set(t["text"].split()) <= set(words) for t in script["turns"] if t["kind"] == "turn")
+
+
+def test_synth_parler_backend_with_a_tiny_random_model(tmp_path):
+    """The real parler-tts code path (batched generate, left-padded transcripts, audios_length cuts) on a tiny
+    random model; its speech is noise, so only the plumbing and the labels are checked."""
+    pytest.importorskip("parler_tts")
+    from synth_helpers import build_tiny_parler
+
+    from agent.train.tts import ParlerBackend, Style
+    build_tiny_parler(tmp_path / "parler")
+    lines = [_line(id="one"), _line(id="two", voice="sravani", emotion="surprised")]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), "utf-8")
+    _cli("script", "--from", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "A"))
+    _cli("synth", "--in", str(tmp_path / "A"), "--tts", "parler", "--parler-model", str(tmp_path / "parler"),
+         "--device", "cpu", "--batch-size", "3", "--out", str(tmp_path / "B"))
+    records = _jsonl(tmp_path / "B/manifest.jsonl")
+    assert [r["id"] for r in records] == ["one", "two"]
+    for record in records:
+        assert record["methods"] == {"proportional": len(json.loads((tmp_path / "B" / record["alignment"])
+                                                                   .read_text())["alignments"])}
+        audio, rate = sf.read(tmp_path / "B" / record["path"], dtype="float32", always_2d=True)
+        assert rate == 24_000 and audio.shape[1] == 2 and _active(audio[:, 0]).any() and _active(audio[:, 1]).any()
+        assert record["n_words"] == sum(len(t["words"]) for t in record["turns"] if t["role"] == "agent")
+    card = json.loads((tmp_path / "B/card.json").read_text())
+    assert card["generator"]["tts"]["name"] == "Indic Parler-TTS" and card["generator"]["tts"]["licence"] == "Apache-2.0"
+    # Each catalogue voice and emotion reads as its own description; the card's named Telugu speakers are used.
+    descriptions = {ParlerBackend.description(Style(v.id, v.gender, e.id))
+                    for v in CATALOGUE.voices for e in CATALOGUE.emotions}
+    assert len(descriptions) == 20 and any(d.startswith("Lalitha ") for d in descriptions)
