@@ -351,7 +351,7 @@ def run_synth(config: SynthConfig) -> Summary:
         if share_alike(script.licence):
             run.report.note(script.id, script.source, f"licence {script.licence!r} is share-alike: the data made "
                                                       "from it must carry the same licence")
-        signature = fingerprint(to_dict(script), config.settings(), PIPELINE_VERSION)
+        signature = fingerprint(to_dict(script), config.settings())
         if not run.reuse(script.id, signature, SynthRecord):
             jobs.append((script, signature))
     results = parallel_map(synth_dialogue, [(to_dict(s), config) for s, _ in jobs], config.workers)
