@@ -150,10 +150,12 @@ def test_script_from_jsonl_skips_bad_lines_with_reasons(tmp_path):
     assert [k["id"] for k in kept] == ["jsonl-000001"] and kept[0]["turns"][3]["interrupts"] is True
     reasons = [r["reason"] for r in _jsonl(tmp_path / "A/report.jsonl")]
     assert len(reasons) == 1 + len(bad)
-    for expected in ("not JSON", "empty text", "too long (401", "unknown voice 'robot'", "unknown emotion 'bored'",
+    for expected in ("not JSON", "empty text (turn 1)", "too long (turn 1: 401", "unknown voice 'robot'", "unknown emotion 'bored'",
                      "speaker must be", "by both the agent and the user", "must follow the other side",
                      "no licence"):
         assert any(expected in r for r in reasons), (expected, reasons)
+    kinds = json.loads((tmp_path / "A/summary.json").read_text())["reasons"]  # skips grouped by problem
+    assert kinds["empty text"] == kinds["text too long"] == kinds["not JSON"] == 1
 
 
 def test_script_is_deterministic_by_seed_and_worker_count(tmp_path):
@@ -190,7 +192,7 @@ def test_synth_tts_failure_skips_that_dialogue_and_flags_share_alike(tmp_path):
     report = _jsonl(tmp_path / "B/report.jsonl")
     skipped = [r for r in report if r["action"] == "skipped"]
     assert [(r["item"], r["reason"]) for r in skipped] == [
-        ("broken", "tts failed on turn 1 (user): engine crashed (injected)")]
+        ("broken", "tts failed (turn 1, user): engine crashed (injected)")]
     assert any(r["item"] == "shared" and "share-alike" in r["reason"] for r in report)
     card = json.loads((tmp_path / "B/card.json").read_text())
     assert card["share_alike"] == ["CC-BY-SA-4.0 (OpenSLR SLR66)"] and card["skipped"] == 1

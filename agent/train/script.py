@@ -89,33 +89,33 @@ def validate(script: ScriptRecord, catalogue: Catalogue, max_chars: int) -> Scri
         raise RecordError("no licence")
     turns: list[ScriptTurn] = []
     for n, turn in enumerate(script.turns, 1):
-        where = f"turn {n}"
+        where = f"turn {n}"  # said after the problem, so the report groups skips by problem
         if turn.speaker not in (AGENT, USER):
-            raise RecordError(f"{where}: speaker must be 'agent' or 'user', got {turn.speaker!r}")
+            raise RecordError(f"speaker must be 'agent' or 'user', got {turn.speaker!r} ({where})")
         if turn.kind not in (TURN, BACKCHANNEL):
-            raise RecordError(f"{where}: kind must be 'turn' or 'backchannel', got {turn.kind!r}")
+            raise RecordError(f"kind must be 'turn' or 'backchannel', got {turn.kind!r} ({where})")
         text = clean_text(turn.text) if isinstance(turn.text, str) else None
         if not text or not has_letters(text):
-            raise RecordError(f"{where}: empty text")
+            raise RecordError(f"empty text ({where})")
         if len(text) > max_chars:
-            raise RecordError(f"{where}: text too long ({len(text)} characters, at most {max_chars})")
+            raise RecordError(f"text too long ({where}: {len(text)} characters, at most {max_chars})")
         if turn.speaker == AGENT and turn.emotion not in emotions:
-            raise RecordError(f"{where}: unknown emotion {turn.emotion!r} (catalogue: {sorted(emotions)})")
+            raise RecordError(f"unknown emotion {turn.emotion!r} ({where}; catalogue: {sorted(emotions)})")
         if turn.speaker == USER and turn.emotion is not None:
-            raise RecordError(f"{where}: a user turn carries no emotion label")
+            raise RecordError(f"a user turn carries no emotion label ({where})")
         mains = [t for t in turns if t.kind == TURN]
         if turn.kind == BACKCHANNEL:
             if len(text.split()) > BACKCHANNEL_MAX_WORDS:
-                raise RecordError(f"{where}: a backchannel has at most {BACKCHANNEL_MAX_WORDS} words")
+                raise RecordError(f"a backchannel has at most {BACKCHANNEL_MAX_WORDS} words ({where})")
             if not mains or mains[-1].speaker == turn.speaker:
-                raise RecordError(f"{where}: a backchannel must follow the other side's turn")
+                raise RecordError(f"a backchannel must follow the other side's turn ({where})")
         if turn.interrupts or turn.overlap:
             if turn.interrupts and turn.overlap:
-                raise RecordError(f"{where}: either interrupts or overlap, not both")
+                raise RecordError(f"either interrupts or overlap, not both ({where})")
             if turn.kind != TURN or not mains or mains[-1].speaker == turn.speaker:
-                raise RecordError(f"{where}: only a turn that follows the other side's turn can cut in")
+                raise RecordError(f"only a turn that follows the other side's turn can cut in ({where})")
         if turn.pause_ms is not None and not (isinstance(turn.pause_ms, int) and 0 <= turn.pause_ms <= 10_000):
-            raise RecordError(f"{where}: pause_ms must be an integer in 0..10000")
+            raise RecordError(f"pause_ms must be an integer in 0..10000 ({where})")
         turns.append(ScriptTurn(turn.speaker, text, turn.emotion, turn.kind, bool(turn.interrupts),
                                 bool(turn.overlap), turn.pause_ms))
     mains = [t for t in turns if t.kind == TURN]

@@ -271,9 +271,9 @@ def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
     rendered = backend.synthesize(items)
     for n, (turn, result) in enumerate(zip(script.turns, rendered), 1):
         if isinstance(result, TTSError):
-            return "skip", f"tts failed on turn {n} ({turn.speaker}): {result}"
+            return "skip", f"tts failed (turn {n}, {turn.speaker}): {result}"
     if isinstance(rendered[-1], TTSError):
-        return "skip", f"tts failed on the voice prompt: {rendered[-1]}"
+        return "skip", f"tts failed (the voice prompt): {rendered[-1]}"
     speech: list[Speech] = rendered[:-1]  # type: ignore[assignment]
     placed = place(script, speech, config, rng)
     stereo, acoustics = mix(placed, config, np_rng)
