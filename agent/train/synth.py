@@ -43,11 +43,11 @@ from agent import SAMPLE_RATE
 from agent.train.align import MAIN_SPEAKER, OTHER_SPEAKER
 from agent.train.common import (PIPELINE_VERSION, StageRun, Summary, UsageError, atomic_write_json,
                                 atomic_write_text, atomic_write_wav, fingerprint, parallel_map, progress)
-from agent.train.records import (AGENT, BACKCHANNEL, RecordError, ScriptRecord, SynthRecord, Word, from_dict,
+from agent.train.records import (AGENT, BACKCHANNEL, USER, RecordError, ScriptRecord, SynthRecord, Word, from_dict,
                                  to_dict)
 from agent.train.script import validate
 from agent.train.tts import Backend, Speech, Style, TTSError, load_backend
-from agent.voices import EMOTION, SPEAKER, load_catalogue
+from agent.voices import EMOTION, GENDERS, SPEAKER, load_catalogue
 
 CARD, CARD_JSON, PROMPTS, GENERATOR = "README.md", "card.json", "prompts", "generator.json"
 SHARE_ALIKE = ("-SA", "SHARE-ALIKE", "SHAREALIKE", "BY-SA", "GPL")  # licences whose derivatives keep them
@@ -119,9 +119,10 @@ class Placed:
 
 
 def place(script: ScriptRecord, speech: list[Speech], config: SynthConfig, rng: random.Random) -> list[Placed]:
+    """Each turn's start in the dialogue (and the cut of an interrupted turn), per the module docstring."""
     placed: list[Placed] = []
     floor: Placed | None = None  # the last main turn
-    channel_end = {AGENT: 0.0, "user": 0.0}
+    channel_end = {AGENT: 0.0, USER: 0.0}
     for n, (turn, clip) in enumerate(zip(script.turns, speech)):
         item = Placed(n, turn.speaker, turn.kind, 0.0, clip)
         if turn.kind == BACKCHANNEL and floor is not None:
@@ -196,7 +197,7 @@ def mix(placed: list[Placed], config: SynthConfig, rng: np.random.Generator) -> 
     """(stereo float32 [T, 2], what was done to the user channel)."""
     duration = max(p.end for p in placed) + config.tail_ms / 1000
     n = int(math.ceil(duration * SAMPLE_RATE))
-    channels = {AGENT: np.zeros(n), "user": np.zeros(n)}
+    channels = {AGENT: np.zeros(n), USER: np.zeros(n)}
     fade = int(0.02 * SAMPLE_RATE)
     for p in placed:
         clip = p.speech.audio[:int(round(p.length * SAMPLE_RATE))].astype(np.float64)
@@ -204,7 +205,7 @@ def mix(placed: list[Placed], config: SynthConfig, rng: np.random.Generator) -> 
             clip[-fade:] *= np.linspace(1, 0, fade)
         at = int(round(p.start * SAMPLE_RATE))
         channels[p.role][at:at + clip.size] += clip[:n - at]
-    user, acoustics = channels["user"], {}
+    user, acoustics = channels[USER], {}
     if rng.random() < config.user_room_prob:
         acoustics["room_rt60_s"] = round(float(rng.uniform(*config.room_rt60_s)), 3)
         user = room(user, acoustics["room_rt60_s"], rng)
@@ -249,8 +250,40 @@ def backend_for(config: SynthConfig) -> Backend:
     return _BACKEND[config.tts]
 
 
+def labels(script: ScriptRecord, placed: list[Placed], agent: str, user: str) -> tuple[list, list[dict]]:
+    """(moshi-finetune alignments sorted by start, per-turn label rows) of the placed turns."""
+    alignments, rows = [], []
+    for p in placed:
+        turn, words = script.turns[p.index], p.words()
+        alignments.extend([w.text, [w.start, w.end], MAIN_SPEAKER if p.role == AGENT else OTHER_SPEAKER]
+                          for w in words)
+        row = {"role": p.role, "kind": p.kind, "start": round(p.start, 4), "end": round(p.end, 4), "text": turn.text,
+               "emotion": turn.emotion, "voice": agent if p.role == AGENT else user,
+               "interrupted": p.cut is not None, "words": [[w.text, w.start, w.end] for w in words]}
+        if p.role == AGENT:  # acoustic figures per label, for the card
+            clip = p.speech.audio[:int(p.length * SAMPLE_RATE)]
+            row["rms_db"] = round(20 * math.log10(max(float(np.sqrt(np.mean(clip ** 2))), 1e-9)), 2)
+            row["words_per_s"] = round(len(words) / max(p.length, 1e-3), 3)
+            row["f0_hz"] = f0_median(clip)
+        rows.append(row)
+    return sorted(alignments, key=lambda a: a[1][0]), rows
+
+
+def count_events(script: ScriptRecord, placed: list[Placed]) -> dict[str, float]:
+    events: Counter = Counter()
+    for turn in script.turns:
+        events["backchannels"] += turn.kind == BACKCHANNEL
+        events["interruptions"] += bool(turn.interrupts)
+        events["overlaps"] += bool(turn.overlap)
+        events["pauses"] += turn.pause_ms is not None
+    both = [(a, b) for a in placed for b in placed if a.role == AGENT and b.role != AGENT]
+    events["overlapping_seconds"] = round(sum(max(0.0, min(a.end, b.end) - max(a.start, b.start)) for a, b in both), 3)
+    return dict(events)
+
+
 def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
-    """("ok", SynthRecord dict) with its files written, or ("skip", reason)."""
+    """("ok", {"record": SynthRecord dict, "generator": about}) with its files written, ("skip", reason), or
+    ("fatal", why no dialogue can be made)."""
     script_dict, config = job
     script = from_dict(ScriptRecord, script_dict)
     out = Path(config.out)
@@ -258,12 +291,11 @@ def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
         backend = backend_for(config)
     except TTSError as exc:
         return "fatal", str(exc)
-    catalogue = load_catalogue()
-    voice = catalogue.voice(script.voice)
+    voice = load_catalogue().voice(script.voice)
     rng = random.Random(f"synth/{config.seed}/{script.id}")
     np_rng = np.random.default_rng(int(fingerprint("synth", config.seed, script.id)[:12], 16))
-    user = rng.choice([s for s in backend.user_styles() if s.gender == rng.choice(["female", "male"])]
-                      or backend.user_styles())
+    gender = rng.choice(GENDERS)
+    user = rng.choice([s for s in backend.user_styles() if s.gender == gender] or backend.user_styles())
     styles = [Style(voice.id, voice.gender, t.emotion or "neutral") if t.speaker == AGENT else user
               for t in script.turns]
     prompt_text = script.prompt_text or f"నమస్కారం, నేను {voice.name_te} మాట్లాడుతున్నాను."
@@ -277,47 +309,24 @@ def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
     speech: list[Speech] = rendered[:-1]  # type: ignore[assignment]
     placed = place(script, speech, config, rng)
     stereo, acoustics = mix(placed, config, np_rng)
-    wav, js, prompt = out / "data" / f"{script.id}.wav", out / "data" / f"{script.id}.json", \
-        out / PROMPTS / f"{script.id}.wav"
-    atomic_write_wav(wav, stereo, SAMPLE_RATE)
-    atomic_write_wav(prompt, normalise(rendered[-1].audio.astype(np.float64), config.agent_lufs), SAMPLE_RATE)
-    alignments, turns = [], []
-    for p in placed:
-        turn = script.turns[p.index]
-        words = p.words()
-        who = MAIN_SPEAKER if p.role == AGENT else OTHER_SPEAKER
-        alignments.extend([w.text, [w.start, w.end], who] for w in words)
-        clip = p.speech.audio[:int(p.length * SAMPLE_RATE)]
-        row = {"role": p.role, "kind": p.kind, "start": round(p.start, 4), "end": round(p.end, 4), "text": turn.text,
-               "emotion": turn.emotion, "voice": voice.id if p.role == AGENT else user.voice,
-               "interrupted": p.cut is not None, "words": [[w.text, w.start, w.end] for w in words]}
-        if p.role == AGENT:  # acoustic figures per label, for the card
-            row["rms_db"] = round(20 * math.log10(max(float(np.sqrt(np.mean(clip ** 2))), 1e-9)), 2)
-            row["words_per_s"] = round(len(words) / max(p.length, 1e-3), 3)
-            row["f0_hz"] = f0_median(clip)
-        turns.append(row)
-    alignments.sort(key=lambda a: a[1][0])
+    alignments, turns = labels(script, placed, voice.id, user.voice)
     emotions = {t.emotion for t in script.turns if t.speaker == AGENT}
     conditions = {SPEAKER: voice.id, **({EMOTION: next(iter(emotions))} if len(emotions) == 1 else {})}
+    wav, js, prompt = (out / "data" / f"{script.id}.wav", out / "data" / f"{script.id}.json",
+                       out / PROMPTS / f"{script.id}.wav")
+    atomic_write_wav(wav, stereo, SAMPLE_RATE)
+    atomic_write_wav(prompt, normalise(rendered[-1].audio.astype(np.float64), config.agent_lufs), SAMPLE_RATE)
     atomic_write_json(js, {"alignments": alignments, "text_conditions": conditions})
-    events = Counter()
-    for t, p in zip(script.turns, placed):
-        events["backchannels"] += t.kind == BACKCHANNEL
-        events["interruptions"] += bool(t.interrupts)
-        events["overlaps"] += bool(t.overlap)
-        events["pauses"] += t.pause_ms is not None
-    others = [(a, b) for a in placed for b in placed if a.role == AGENT and b.role != AGENT]
-    events["overlapping_seconds"] = round(sum(max(0.0, min(a.end, b.end) - max(a.start, b.start))
-                                              for a, b in others), 3)
     about = backend.about()
     record = SynthRecord(
-        id=script.id, path=f"data/{script.id}.wav", alignment=f"data/{script.id}.json",
+        id=script.id, path=str(wav.relative_to(out)), alignment=str(js.relative_to(out)),
         duration=round(stereo.shape[0] / SAMPLE_RATE, 4), agent_speaker=voice.id, agent_voice=voice.id,
         emotion=conditions.get(EMOTION), licences=[script.licence],
         n_words=sum(1 for a in alignments if a[2] == MAIN_SPEAKER), methods={speech[0].method: len(alignments)},
         text_conditions=conditions, persona=script.persona, user_voice=user.voice,
-        voice_prompt=f"{PROMPTS}/{script.id}.wav", tts=f"{about['name']} {about.get('version', '')}".strip(),
-        source=script.source, seed=script.seed, events=dict(events), turns=turns, acoustics=acoustics)
+        voice_prompt=str(prompt.relative_to(out)), tts=f"{about['name']} {about.get('version', '')}".strip(),
+        source=script.source, seed=script.seed, events=count_events(script, placed), turns=turns,
+        acoustics=acoustics)
     return "ok", {"record": to_dict(record), "generator": about}
 
 
