@@ -97,6 +97,12 @@ def test_script_synth_chain_gives_labelled_stereo_dialogues_the_app_loads(made, 
     assert card["dialogues"] == 20 and card["hours"] > 0.05 and set(card["agent_voices"]) == VOICES
     assert set(card["agent_turns_per_emotion"]) == EMOTIONS and card["user_voices"] >= 8
     assert card["generator"]["tts"]["name"] == "espeak-ng" and card["generator"]["script_seeds"] == [7]
+    # Measured on the audio: each emotion's settings change pitch, rate and level the way they should.
+    effects = card["emotion_effects"]
+    assert effects["neutral"] == {"f0_ratio": 1.0, "rate_ratio": 1.0, "level_db": 0.0}
+    assert effects["surprised"]["f0_ratio"] > effects["happy"]["f0_ratio"] > 1.05 > 0.95 > effects["sad"]["f0_ratio"]
+    assert effects["sad"]["rate_ratio"] < 0.9 < 1.05 < effects["angry"]["rate_ratio"]
+    assert effects["sad"]["level_db"] < -1 and effects["angry"]["level_db"] > 1
     assert "MIT" in (b / "README.md").read_text()
 
     # tokens reads synth's folder as align's; a tiny training run; export; the app's loader loads it.

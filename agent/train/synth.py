@@ -219,9 +219,10 @@ def mix(placed: list[Placed], config: SynthConfig, rng: np.random.Generator) -> 
     return stereo.astype(np.float32), acoustics
 
 
-def f0_median(x: np.ndarray, fmin: float = 70.0, fmax: float = 400.0) -> float | None:
-    """Median pitch (Hz) of the voiced 40 ms frames, by autocorrelation; None when nothing is voiced."""
-    frame, hop = int(0.04 * SAMPLE_RATE), int(0.02 * SAMPLE_RATE)
+def f0_median(x: np.ndarray, fmin: float = 60.0, fmax: float = 400.0) -> float | None:
+    """Median pitch (Hz) of the clearly voiced 60 ms frames by autocorrelation (unbiased; of the peaks within
+    15 % of the best, the shortest lag, against octave errors); None when nothing is voiced."""
+    frame, hop = int(0.06 * SAMPLE_RATE), int(0.02 * SAMPLE_RATE)
     lo, hi = int(SAMPLE_RATE / fmax), int(SAMPLE_RATE / fmin)
     level = np.sqrt(np.mean(x ** 2)) if x.size else 0.0
     values = []
@@ -229,10 +230,13 @@ def f0_median(x: np.ndarray, fmin: float = 70.0, fmax: float = 400.0) -> float |
         f = x[start:start + frame] - np.mean(x[start:start + frame])
         if np.sqrt(np.mean(f ** 2)) < level:
             continue  # quieter than the clip's average: not clearly voiced
-        ac = np.correlate(f, f, "full")[frame - 1:]
-        lag = lo + int(np.argmax(ac[lo:hi]))
-        if ac[lag] > 0.3 * ac[0]:
-            values.append(SAMPLE_RATE / lag)
+        ac = np.correlate(f, f, "full")[frame - 1:] / (frame - np.arange(frame))
+        seg = ac[lo:hi]
+        if seg.max() <= 0.3 * ac[0]:
+            continue
+        peaks = np.flatnonzero((seg[1:-1] >= seg[:-2]) & (seg[1:-1] >= seg[2:]) & (seg[1:-1] >= 0.85 * seg.max()))
+        lag = lo + (int(peaks[0]) + 1 if peaks.size else int(np.argmax(seg)))
+        values.append(SAMPLE_RATE / lag)
     return round(float(np.median(values)), 1) if values else None
 
 
@@ -383,10 +387,39 @@ def run_synth(config: SynthConfig) -> Summary:
     return summary
 
 
+ACOUSTIC_KEYS = ("f0_hz", "rms_db", "words_per_s")
+
+
+def emotion_effects(records: list[SynthRecord]) -> dict[str, dict[str, float | None]]:
+    """Per emotion, how the agent's turns differ from the same voice's neutral turns (medians per voice,
+    then the mean over voices that have both): F0 and speaking rate as ratios, level in dB. Measured on the
+    audio, so it says whether an emotion setting (espeak) or description (Parler) changes the speech."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in records:
+        for t in r.turns:
+            if t["role"] == AGENT and t["kind"] != BACKCHANNEL and t.get("emotion"):
+                cell = values.setdefault((t["voice"], t["emotion"]), {k: [] for k in ACOUSTIC_KEYS})
+                for key in ACOUSTIC_KEYS:
+                    if t.get(key) is not None:
+                        cell[key].append(float(t[key]))
+    median = {k: {key: (float(np.median(v)) if v else None) for key, v in cell.items()} for k, cell in values.items()}
+    effects: dict[str, dict[str, float | None]] = {}
+    for emotion in sorted({e for _, e in median}):
+        out: dict[str, float | None] = {}
+        for key, name in (("f0_hz", "f0_ratio"), ("words_per_s", "rate_ratio"), ("rms_db", "level_db")):
+            diffs = []
+            for (voice, e), m in median.items():
+                base = median.get((voice, "neutral"), {}).get(key)
+                if e == emotion and m[key] is not None and base:
+                    diffs.append(m[key] - base if key == "rms_db" else m[key] / base)
+            out[name] = round(float(np.mean(diffs)), 3) if diffs else None
+        effects[emotion] = out
+    return effects
+
+
 def card_data(records: list[SynthRecord], config: SynthConfig, about: dict, summary: Summary) -> dict:
     voices, emotions, turns_by, events, sources, licences = Counter(), Counter(), Counter(), Counter(), Counter(), \
         Counter()
-    acoustic: dict[str, dict[str, list[float]]] = {}
     users = set()
     for r in records:
         voices[r.agent_voice] += 1
@@ -400,18 +433,13 @@ def card_data(records: list[SynthRecord], config: SynthConfig, about: dict, summ
             turns_by[t["role"]] += 1
             if t["role"] == AGENT and t["emotion"]:
                 emotions[t["emotion"]] += 1
-                stats = acoustic.setdefault(t["emotion"], {"rms_db": [], "words_per_s": [], "f0_hz": []})
-                for key in stats:
-                    if t.get(key) is not None:
-                        stats[key].append(float(t[key]))
     return {
         "dialogues": len(records), "hours": round(sum(r.duration for r in records) / 3600, 4),
         "turns": dict(turns_by), "agent_voices": dict(sorted(voices.items())),
         "agent_turns_per_emotion": dict(sorted(emotions.items())), "user_voices": len(users),
         "events": {k: round(v, 3) for k, v in sorted(events.items())}, "sources": dict(sources),
         "licences": dict(licences), "share_alike": sorted(lic for lic in licences if share_alike(lic)),
-        "emotion_acoustics": {e: {k: (round(float(np.median(v)), 2) if v else None) for k, v in s.items()}
-                              for e, s in sorted(acoustic.items())},
+        "emotion_effects": emotion_effects(records),
         "generator": {"tts": about, "pipeline_version": PIPELINE_VERSION, "synth_seed": config.seed,
                       "script_seeds": sorted({r.seed for r in records if r.seed is not None}),
                       "settings": config.settings()},
@@ -425,9 +453,9 @@ def write_card(out: Path, records: list[SynthRecord], config: SynthConfig, about
     licences = ", ".join(f"{k} ({v} dialogues)" for k, v in data["licences"].items()) or "none"
     flagged = ("\n**Share-alike:** " + ", ".join(data["share_alike"]) + " — data made from these must keep "
                "their licence.\n") if data["share_alike"] else ""
-    emo = "\n".join(f"| {e} | {n} | {data['emotion_acoustics'].get(e, {}).get('f0_hz')} | "
-                    f"{data['emotion_acoustics'].get(e, {}).get('rms_db')} | "
-                    f"{data['emotion_acoustics'].get(e, {}).get('words_per_s')} |"
+    effects = data["emotion_effects"]
+    emo = "\n".join(f"| {e} | {n} | " + " | ".join(str(effects.get(e, {}).get(k)) for k in
+                                                  ("f0_ratio", "level_db", "rate_ratio")) + " |"
                     for e, n in data["agent_turns_per_emotion"].items())
     text = f"""---
 language: [te]
@@ -451,9 +479,12 @@ times; `prompts/<id>.wav` is the agent's voice on another sentence. **Every voic
 | events | {json.dumps(data['events'])} |
 | skipped | {data['skipped']} {json.dumps(data['skip_reasons'])} |
 
-## Agent emotions: turns and what they do to the audio (medians per agent turn)
+## Agent emotions: turns, and what each does to the audio against the same voice's neutral turns
 
-| emotion | turns | F0 (Hz) | RMS (dBFS, before channel normalisation) | words/s |
+Medians per voice, then the mean over voices: F0 and speaking rate as ratios, level in dB (before the
+channel's loudness normalisation). Values near 1 (and 0 dB) mean the emotion did not change the speech.
+
+| emotion | turns | F0 vs neutral | level vs neutral (dB) | rate vs neutral |
 |---|---|---|---|---|
 {emo}
 
