@@ -5,13 +5,15 @@ Audio flows one way: client audio -> `audio` (resample, 1920-sample frames) -> `
 """
 
 import os
-
-import torch
+from pathlib import Path
 
 # moshi wraps a few small kernels in torch.compile, decided when moshi is imported. On a CPU that
 # costs ~15 s at the first step and is no faster at our sizes (measured: 31 ms vs 35 ms per batch-8
 # tiny step), so CPU-only hosts skip it; GPU hosts keep it. NO_TORCH_COMPILE=0/1 overrides.
-if "NO_TORCH_COMPILE" not in os.environ and not torch.cuda.is_available():
+# The GPU is looked for by its driver, not through torch, so that light modules (the voice
+# catalogue, the settings) import without pulling torch in.
+_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+if "NO_TORCH_COMPILE" not in os.environ and not _NVIDIA_DRIVER.exists():
     os.environ["NO_TORCH_COMPILE"] = "1"
 elif os.environ.get("NO_TORCH_COMPILE") == "0":
     del os.environ["NO_TORCH_COMPILE"]

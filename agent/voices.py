@@ -3,6 +3,9 @@
 What a loaded model really supports is asked of the model, never assumed: a checkpoint with
 `speaker`/`emotion` LUT conditioners supports the values it was trained with; Kyutai's released
 Moshiko (male) and Moshika (female) have no conditioners and speak in one fixed voice each.
+
+Reading the catalogue imports neither torch nor moshi (a page, a client or a script may need it
+without a model).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.sampling import SamplingRequest
+from agent.config import SamplingRequest
 
 CATALOGUE_PATH = Path(__file__).resolve().parent.parent / "assets" / "catalogue.json"
 GENDERS = ("female", "male")
