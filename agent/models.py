@@ -260,12 +260,13 @@ def tiny_personaplex_folder(seed: int = ModelConfig.seed, cache_dir: Path | None
     depformer saved in the stacked form (`self_attn.in_proj_weight`), and preset voices as WAVs
     under voices/ (PersonaPlex's names; tones, not people). Loading it runs the real PersonaPlex code."""
     cache_dir = cache_dir or Path(os.environ.get("AGENT_CACHE", Path.home() / ".cache" / "telugu-voice-agent"))
-    folder = cache_dir / f"tiny-personaplex-v1-{seed}"
+    folder = cache_dir / f"tiny-personaplex-v2-{seed}"
     if (folder / "config.json").exists():
         return folder
     tokenizer_file = tiny_tokenizer_path(cache_dir)
     text_card = sentencepiece.SentencePieceProcessor(str(tokenizer_file)).vocab_size()
-    config = tiny_lm_kwargs(text_card=text_card, conditioned=False)
+    # a longer context than `tiny`'s, so English personas (many pieces in the Telugu tokenizer) fit
+    config = dict(tiny_lm_kwargs(text_card=text_card, conditioned=False), context=1000)
     with torch.random.fork_rng():
         _seeded(seed)
         mimi = _tiny_mimi(torch.device("cpu"), seed)
