@@ -220,3 +220,26 @@ def test_prompt_parity_cached_prompts_in_one_batch_equal_a_plain_single_row_run(
             assert_same_call(outs[i], refs[i], f"call {i}, round {round_}")
         assert engine.stats.prompt_prefills == 2  # round 2: both from the cache
     assert engine.stats.prompts_restored == 4 and len(engine.prompt_cache) == 2
+
+
+def test_prompt_call_ends_before_its_prompt_leaves_the_context(persona_folder):
+    """Past the context the model no longer attends to its prompt (voice and persona forgotten): the
+    call is ended with a reason the caller sees; a call without a prompt goes on."""
+    from agent.engine import PROMPT_CONTEXT_MARGIN
+
+    context = 120
+    model = load_checkpoint(str(persona_folder), torch.device("cpu"), torch.float32, context=context)
+    engine = FrameEngine(model, EngineConfig(max_sessions=2), GREEDY)
+    prompted, plain = engine.acquire("prompted"), engine.acquire("plain")
+    prompted.set_prompt(PromptSpec("NATF0"))
+    length = len(engine.prompts.frames(PromptSpec("NATF0")))
+    audio = frames_of(varied_audio(context, 5))
+    for k, frame in enumerate(audio):
+        if prompted.closed:
+            break
+        prompted.push(frame)
+        plain.push(frame)
+        engine.step_once()
+    assert prompted.closed and "context" in prompted.closed_reason and "persona" in prompted.closed_reason
+    assert prompted.counters.frames_out == context - PROMPT_CONTEXT_MARGIN - length
+    assert not plain.closed
