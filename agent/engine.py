@@ -331,6 +331,10 @@ class FrameEngine:
             self.sampler.set(index, settings)
             seat.sampling = settings
 
+    def prompt_presets(self) -> list[str] | None:
+        """The model's preset voices if it takes voice/text prompts; None if it does not."""
+        return sorted(self.model.preset_voices) if self.prompts is not None else None
+
     def _set_prompt(self, seat: Seat, spec: PromptSpec) -> None:
         if self.prompts is None:
             raise PromptError(f"{self.model.name} does not take voice or text prompts (a PersonaPlex "

@@ -10,6 +10,9 @@ Binary messages, first byte = kind:
 Each connection is one call on the same engine as every other transport. Query parameters:
 `voice`, `emotion` (catalogue ids) and the sampling names of Kyutai's web client (`text_temperature`,
 `text_topk`, `audio_temperature`, `audio_topk`); bad values get a 0x05 error and the socket closes.
+PersonaPlex's web client's names work too: `voice_prompt` (a preset such as `NATF2.pt`, or a catalogue
+voice id), `text_prompt` (the persona) and `seed` (an integer; accepted, but in a shared batch one
+call's sampling cannot be seeded on its own: greedy sampling is the reproducible choice).
 """
 
 from __future__ import annotations
@@ -72,13 +75,24 @@ async def _receive_user(ws: WebSocket, session: Session) -> None:
                 log.info("/api/chat: %s", exc)
 
 
+def check_seed(raw: str | None) -> None:
+    """PersonaPlex's `seed`: an integer or absent (ValueError otherwise)."""
+    if raw not in (None, "", "-1"):
+        try:
+            int(raw)
+        except ValueError:
+            raise ValueError(f"seed must be a whole number, got {raw!r}") from None
+
+
 async def chat(ws: WebSocket, hub: CallHub) -> None:
     await ws.accept()
     call_id = f"kyutai-{uuid.uuid4().hex[:12]}"
     try:
         params = ws.query_params
+        check_seed(params.get("seed"))
         session = hub.open(call_id, hub.catalogue.settings(params.get("voice"), params.get("emotion"),
-                                                           sampling_request(params)))
+                                                           sampling_request(params), params.get("voice_prompt"),
+                                                           params.get("text_prompt")))
     except (CallRefused, ValueError) as exc:
         await ws.send_bytes(ERROR + str(exc).encode())
         await ws.close(code=1013)  # try again later

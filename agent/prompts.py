@@ -54,6 +54,7 @@ MIN_VOICE_SECONDS = 0.5
 MAX_TEXT_CHARS = 2000
 MAX_TEXT_TOKENS = 400  # 32 s of forced frames; the whole prompt must stay well inside the context
 AUDIO_CODEBOOKS = 8
+MAX_ENCODED_VOICES = 64
 
 
 class PromptError(ValueError):
@@ -62,7 +63,8 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """What a call asks for: a voice (a preset name of the model, or a WAV path) and a persona text."""
+    """What a call runs on: a voice (a preset name of the model, or a WAV path the server trusts:
+    the catalogue's or a local user's, never a caller's) and a persona text."""
 
     voice: str | None = None
     text: str | None = None
@@ -97,6 +99,7 @@ class PromptBuilder:
         self.model = model
         self._mimi = copy.deepcopy(model.mimi)
         self._lock = threading.Lock()
+        self._voices: dict[str, tuple[tuple[int, int], np.ndarray, str]] = {}  # path -> (stat, codes, id)
         context = model.lm.transformer.layers[0].self_attn.context or 3000
         # a prompt leaves at least three quarters of the context to the conversation
         self.max_frames = max_frames or context // 4
@@ -158,11 +161,20 @@ class PromptBuilder:
             raise PromptError(f"voice {voice!r} is a saved PersonaPlex embedding (.pt), which this server "
                               "cannot replay on stock moshi yet: use its WAV")
         try:
+            stat = path.stat()
+            known = self._voices.get(str(path))
+            if known is not None and known[0] == (stat.st_mtime_ns, stat.st_size):
+                return known[1], known[2]  # encoded before: a cached prompt costs no Mimi pass
             content = path.read_bytes()
             audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
         except (OSError, sf.SoundFileError, RuntimeError) as exc:
             raise PromptError(f"cannot read the voice WAV {path.name}: {exc}") from exc
-        return self.encode_voice(audio.mean(axis=1), rate), hashlib.sha256(content).hexdigest()
+        codes, voice_id = self.encode_voice(audio.mean(axis=1), rate), hashlib.sha256(content).hexdigest()
+        with self._lock:
+            self._voices[str(path)] = ((stat.st_mtime_ns, stat.st_size), codes, voice_id)
+            while len(self._voices) > MAX_ENCODED_VOICES:
+                self._voices.pop(next(iter(self._voices)))
+        return codes, voice_id
 
     def encode_voice(self, audio: np.ndarray, rate: int) -> np.ndarray:
         """Mono audio at any rate -> [N, 8] codes (24 kHz, -24 LUFS, 1920-sample frames)."""

@@ -16,6 +16,7 @@ from agent.access import rtc_configuration_from_env
 from agent.metrics import fmt_ms
 from agent.config import MAX_TEMP
 from agent.service import AgentService
+from agent.voices import MAX_TEXT_PROMPT_CHARS
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
 POLL_SECONDS = 0.5
@@ -128,6 +129,23 @@ def _sampling_inputs(service: AgentService) -> list[gr.Slider]:
         ]
 
 
+def _persona_input(service: AgentService) -> gr.Textbox:
+    """The call's text prompt (its persona), with ready ones from the catalogue to start from."""
+    prompted = any(e.prompt_presets() is not None for e in service.engines)
+    note = ("The persona and the voice are how a call starts: set them before you press Record; a change "
+            "applies from the next call." if prompted else
+            "This model takes no text prompt (NVIDIA PersonaPlex does): the persona is kept with the call "
+            "but changes nothing.")
+    with gr.Accordion("Persona · పాత్ర", open=prompted, elem_id="persona-box"):
+        ready = gr.Dropdown([(p.name, p.text) for p in service.catalogue.personas], value=None,
+                            label="Ready personas", elem_id="persona-ready")
+        persona = gr.Textbox(label="Persona (text prompt)", lines=3, max_length=MAX_TEXT_PROMPT_CHARS,
+                             placeholder="You are … / మీరు …", elem_id="persona")
+        gr.Markdown(note, elem_classes=["small-note"], elem_id="persona-note")
+        ready.change(lambda text: text or "", inputs=[ready], outputs=[persona], queue=False)
+    return persona
+
+
 def build_demo(service: AgentService) -> gr.Blocks:
     catalogue = service.catalogue
     voice_support, emotion_support = service.voice_support(), service.emotion_support()
@@ -140,6 +158,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
             emotion = gr.Dropdown(_choices(catalogue.emotions, emotion_support), value=catalogue.default_emotion,
                                   label="Emotion · భావం", elem_id="emotion")
             gr.Markdown(_support_note(service), elem_id="support-note", elem_classes=["small-note"])
+            persona = _persona_input(service)
             sampling = _sampling_inputs(service)
             gr.Markdown("### Live figures")
             stats = gr.Markdown("| Call | not connected |", elem_id="readouts")
@@ -163,7 +182,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
-        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling], outputs=[call],
+        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling, persona], outputs=[call],
                     concurrency_limit=service.seats_total())
 
         timer = gr.Timer(POLL_SECONDS)

@@ -1,0 +1,186 @@
+"""Calls that start from a voice/text prompt: the catalogue, the call hub, /api/chat with
+PersonaPlex's query names, fastrtc's WebSocket query, /metrics. A real server on 127.0.0.1 serving
+the tiny PersonaPlex-layout checkpoint (random weights)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.parse
+import urllib.request
+
+import aiohttp
+import pytest
+import websockets
+
+from agent import FRAME_SIZE, SAMPLE_RATE
+from agent.config import TINY_MODEL, TINY_PERSONAPLEX_MODEL, EngineConfig, ModelConfig, ServerConfig
+from agent.prompts import PromptSpec
+from agent.session import CallRefused
+from agent.voices import CatalogueError, load_catalogue
+from agent.wsclient import encode_media
+from conftest import free_port
+from tiny_helpers import varied_audio
+
+PERSONA = "మీరు రవి, ఒక స్నేహపూర్వక ప్రయాణ సహాయకుడు."
+
+
+def test_persona_catalogue_maps_each_voice_to_a_prompt_and_offers_personas(tmp_path):
+    cat = load_catalogue()
+    assert {v.id: v.prompt for v in cat.voices} == {"lakshmi": "NATF0", "sravani": "NATF1", "ravi": "NATM0",
+                                                    "kiran": "NATM1"}
+    assert {p.language for p in cat.personas} == {"te", "en"} and len(cat.personas) >= 4
+    presets = ["NATF0", "NATF1", "NATF2", "NATM0", "NATM1"]
+    resolve = lambda **kw: cat.prompt_voice(cat.settings(**kw), presets)  # noqa: E731
+    assert resolve(voice="ravi") == "NATM0"
+    assert resolve(voice_prompt="NATF2.pt") == "NATF2"  # as PersonaPlex's web client sends it
+    assert resolve(voice_prompt="kiran") == "NATM1"
+    for bad in ("NOBODY.pt", "/etc/passwd", "../voices/NATF0.wav", str(tmp_path / "x.wav")):
+        with pytest.raises(CatalogueError, match="unknown voice prompt"):
+            resolve(voice_prompt=bad)
+    assert cat.voice_support("m", {}, presets)["ravi"].supported
+    assert not cat.voice_support("m", {}, ["NATF0"])["ravi"].supported
+    with pytest.raises(CatalogueError, match="characters"):
+        cat.settings(text_prompt="x" * 5000)
+
+
+def test_persona_catalogue_wav_voice_needs_a_licence_line(tmp_path):
+    raw = json.loads((load_catalogue.__defaults__[0]).read_text(encoding="utf-8"))
+    raw["voices"][0]["prompt"] = "voices/lakshmi.wav"
+    path = tmp_path / "cat.json"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    with pytest.raises(CatalogueError, match="prompt_licence"):
+        load_catalogue(path)
+    raw["voices"][0]["prompt_licence"] = "Recorded by the operator with the speaker's written consent; CC-BY-4.0"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    assert load_catalogue(path).voices[0].prompt_licence.startswith("Recorded")
+
+
+@pytest.fixture(scope="module")
+def persona_server():
+    from agent.server import BackgroundServer, build_app, build_stream
+    from agent.service import build_service
+    from agent.ui import build_demo
+
+    service = build_service(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu"), EngineConfig(max_sessions=3),
+                            ServerConfig(), warm_up=False)
+    app = build_app(service, build_demo(service), build_stream(service))
+    server = BackgroundServer(app, "127.0.0.1", free_port()).start()
+    yield service, server
+    server.stop()
+    service.close()
+
+
+def wait_for(condition, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_prompt_call_hub_starts_each_call_from_its_prompt(persona_server):
+    service, _ = persona_server
+    hub = service.hub
+    session = hub.open("hub-call", hub.catalogue.settings("sravani", text_prompt=PERSONA))
+    try:
+        for frame in varied_audio(3, 1).reshape(-1, FRAME_SIZE):
+            session.receive(SAMPLE_RATE, frame)
+        assert wait_for(lambda: session.seat.prompt) == PromptSpec("NATF1", PERSONA)
+    finally:
+        hub.close(session, "done")
+    with pytest.raises(CallRefused, match="unknown voice prompt"):
+        hub.open("bad", hub.catalogue.settings(voice_prompt="SOMEONE.wav"))
+    assert service.seats_in_use() == 0  # a refused prompt leaves no seat taken
+
+
+def test_prompt_model_without_prompts_ignores_them():
+    """Kyutai's checkpoints (here: tiny, the same layout) take no prompt: calls start as before."""
+    from agent.service import build_service
+
+    service = build_service(ModelConfig(model=TINY_MODEL, device="cpu"), EngineConfig(max_sessions=1), warm_up=False)
+    try:
+        assert service.engine.prompt_presets() is None
+        session = service.hub.open("plain", service.catalogue.settings(text_prompt=PERSONA, voice_prompt="NATF2"))
+        assert session.seat.prompt is None
+        service.hub.close(session, "done")
+    finally:
+        service.close()
+
+
+async def api_chat(url: str, n_frames: int = 8, while_connected=lambda: None) -> tuple[bytes, int]:
+    """Connect, send n Opus frames of audio, return (first message, audio messages received);
+    `while_connected()` is called before hanging up."""
+    import sphn
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        first = await ws.receive_bytes(timeout=30)
+        if first != b"\x00":
+            return first, 0
+        writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+        received = 0
+        for frame in varied_audio(n_frames, 3).reshape(-1, FRAME_SIZE):
+            pages = writer.append_pcm(frame)
+            if len(pages):
+                await ws.send_bytes(b"\x01" + pages)
+            await asyncio.sleep(0.08)
+        deadline = asyncio.get_running_loop().time() + 10
+        while received < 2 and asyncio.get_running_loop().time() < deadline:
+            try:
+                msg = await ws.receive_bytes(timeout=1)
+            except asyncio.TimeoutError:
+                continue
+            received += msg[:1] == b"\x01"
+        while_connected()
+        return first, received
+
+
+def test_prompt_api_chat_takes_personaplex_query_names(persona_server):
+    service, server = persona_server
+    base = server.url.replace("http", "ws") + "/api/chat"
+    query = urllib.parse.urlencode({"voice_prompt": "NATM1.pt", "text_prompt": PERSONA, "seed": "42"})
+    calls = []
+    first, audio_messages = asyncio.run(api_chat(f"{base}?{query}", while_connected=lambda: calls.extend(
+        s for s in service.registry.live() if s.call_id.startswith("kyutai-"))))
+    assert first == b"\x00" and audio_messages >= 1
+    assert len(calls) == 1 and calls[0].seat.prompt == PromptSpec("NATM1", PERSONA)
+    assert calls[0].settings.text_prompt == PERSONA
+    for bad, message in (("voice_prompt=NOBODY.pt", b"unknown voice prompt"), ("seed=abc", b"seed"),
+                         ("text_prompt=" + "x" * 2500, b"characters")):
+        first, _ = asyncio.run(api_chat(f"{base}?{bad}", n_frames=0))
+        assert first[:1] == b"\x05" and message in first, first
+    metrics = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    assert "agent_prompt_cache_entries" in metrics and "agent_prompts_restored_total" in metrics
+    entries = float(next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith("agent_prompt_cache_entries ")))
+    assert entries >= 1
+
+
+def test_prompt_websocket_query_parameters_choose_the_persona(persona_server):
+    service, server = persona_server
+    query = urllib.parse.urlencode({"voice": "lakshmi", "text_prompt": PERSONA})
+    url = f"ws://127.0.0.1:{server.url.rsplit(':', 1)[1]}/websocket/offer?{query}"
+
+    async def call() -> int:
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"event": "start", "websocket_id": "persona-ws"}))
+            audio = varied_audio(6, 4)
+            for k in range(0, audio.size, 480):
+                await ws.send(json.dumps(encode_media(audio[k:k + 480])))
+                await asyncio.sleep(0.02)
+            got = 0
+            deadline = asyncio.get_running_loop().time() + 10
+            while got < 3 and asyncio.get_running_loop().time() < deadline:
+                try:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 1))
+                except asyncio.TimeoutError:
+                    continue
+                got += msg.get("event") == "media"
+            return got
+
+    assert asyncio.run(call()) >= 1
+    session = wait_for(lambda: service.registry.get("persona-ws"))
+    assert session.seat.prompt == PromptSpec("NATF0", PERSONA)
