@@ -243,3 +243,27 @@ def test_prompt_call_ends_before_its_prompt_leaves_the_context(persona_folder):
     assert prompted.closed and "context" in prompted.closed_reason and "persona" in prompted.closed_reason
     assert prompted.counters.frames_out == context - PROMPT_CONTEXT_MARGIN - length
     assert not plain.closed
+
+
+def test_prompt_offline_infer_runs_the_same_prompt_path(persona_folder, tmp_path, monkeypatch):
+    """`python -m agent.infer --voice-prompt ... --text-prompt ... --greedy` equals the plain run."""
+    import soundfile as sf
+
+    from agent import infer as infer_cli
+
+    audio = varied_audio(10, 21)
+    wav, out = tmp_path / "in.wav", tmp_path / "out.wav"
+    sf.write(str(wav), audio, 24_000, subtype="FLOAT")
+    monkeypatch.setenv("AGENT_CACHE", str(persona_folder.parent))
+    voice = str(persona_folder / "voices" / "NATM0.wav")  # a WAV file, as a local user may give
+    assert infer_cli.main(["--model", "tiny-personaplex", "--device", "cpu", "--greedy", "--voice-prompt", voice,
+                           "--text-prompt", PERSONA_TE, str(wav), str(out)]) == 0
+    model = persona_model(persona_folder)
+    texts, _ = reference_run(model, PromptBuilder(model).frames(PromptSpec(voice, PERSONA_TE)), audio)
+    result = infer_cli.infer(persona_model(persona_folder), audio, GREEDY, prompt=PromptSpec("NATM0", PERSONA_TE))
+    assert result.text_tokens == texts
+    assert sf.read(str(out))[0].size == audio.size
+    # a model without prompts says so
+    assert infer_cli.main(["--model", "tiny", "--device", "cpu", "--text-prompt", "x", str(wav), str(out)]) == 2
+    assert infer_cli.main(["--model", "tiny-personaplex", "--device", "cpu", "--voice-prompt", "NOBODY",
+                           str(wav), str(out)]) == 2
