@@ -69,7 +69,7 @@ class PromptLMGen(SeatLMGen):
         lm.set_streaming_state({name: None for name in live})
         try:
             with lm.streaming(1):
-                transformer_out, text_logits = lm.forward_text(sequence[:, :, :length])
+                transformer_out, text_logits = self._forward(sequence[:, :, :length], frames.voice_embeddings)
                 keys, values = [], []
                 for state in lm.get_streaming_state().values():
                     kv = getattr(state, "kv_cache", None)
@@ -86,6 +86,43 @@ class PromptLMGen(SeatLMGen):
         column[0] = text_token[0]
         column[1] = first_codebook
         return PromptState(length, tuple(keys), tuple(values), column)
+
+    def _forward(self, sequence: torch.Tensor, embeddings: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """moshi's `forward_text`, with a saved voice's embeddings in place of its first positions."""
+        lm = self.lm_model
+        if embeddings is None:
+            return lm.forward_text(sequence)
+        x = self.embed(sequence)
+        x[:, :embeddings.shape[0]] = embeddings.to(x)
+        out = lm.transformer(x)
+        if lm.out_norm:
+            out = lm.out_norm(out)
+        return out, lm.text_linear(out)[:, None]
+
+    def embed(self, sequence: torch.Tensor) -> torch.Tensor:
+        """The LM's summed input embeddings of ring positions [B, K, T] -> [B, T, dim], as moshi's
+        `forward_text` (and PersonaPlex's `embed_codes`) compute them."""
+        lm = self.lm_model
+        x = None
+        for cb in range(lm.num_audio_codebooks):  # moshi's order: audio codebooks, then text
+            emb = lm.emb[cb](sequence[:, cb + lm.audio_offset])
+            x = emb if x is None else x + emb
+        text = lm.text_emb(sequence[:, 0])
+        return text if x is None else x + text
+
+    @torch.no_grad()
+    def save_voice_embeddings(self, frames: PromptFrames, path) -> None:
+        """Write the voice phase of `frames` as PersonaPlex's .pt voice: the summed input embeddings
+        of positions 0..N-2 and the token ring (4 wide, as theirs) after N steps. Needs no state."""
+        n = frames.voice_frames
+        sequence = self._delayed(frames)
+        embeddings = self.embed(sequence[:, :, :n - 1])[0][:, None, None]  # [N-1, 1, 1, dim]
+        ring = torch.full((1, self.lm_model.num_codebooks, 4), self.lm_model.zero_token_id, dtype=torch.long)
+        for position in (n - 1, n):
+            column = sequence[0, :, position].cpu() if position < sequence.shape[-1] else None
+            if column is not None:
+                ring[0, :, position % 4] = column
+        torch.save({"embeddings": embeddings.cpu(), "cache": ring}, path)
 
     def _delayed(self, frames: PromptFrames) -> torch.Tensor:
         """Ring positions 0..P as the LM reads them: stream k at position p holds frame p - d_k,

@@ -11,6 +11,11 @@ a text: the persona) into `PromptFrames`: P frames, each forcing all 17 streams 
 | text    | one per token      | "<system> TEXT <system>" | SILENCE              | SINE           |
 | silence | 6                  | pad                | SILENCE                    | SINE           |
 
+- A preset voice saved by PersonaPlex (`voices/NAME.pt`: `{"embeddings": [N-1, 1, 1, dim], "cache":
+  int64 [1, 17, 4]}`, their `LMGen` after the voice phase) is replayed as they do: its N-1 summed
+  input embeddings stand in for ring positions 0..N-2, and its token ring gives the voice's last
+  two frames (positions N-1 and N). Read from their code; not checked against their files, which
+  cannot be downloaded here. `save_voice_embeddings` (agent/prompt_state.py) writes one from a WAV.
 - The voice WAV is read at any rate and channel count, mixed to mono, resampled to 24 kHz,
   loudness-normalised to -24 LUFS with pyloudnorm, cut in 1920-sample frames (the last padded
   with zeros) and encoded frame by frame by a batch-1 streaming Mimi, as their server does.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import math
 import threading
 from dataclasses import dataclass
@@ -84,6 +90,8 @@ class PromptFrames:
     user: np.ndarray  # [P, 8] int64
     voice_frames: int
     text_tokens: int
+    # a PersonaPlex .pt voice: summed input embeddings for ring positions 0..voice_frames-2
+    voice_embeddings: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.text.shape[0])
@@ -117,7 +125,7 @@ class PromptBuilder:
         return sorted(self.model.preset_voices)
 
     def frames(self, spec: PromptSpec) -> PromptFrames:
-        voice_codes, voice_id = self._voice(spec.voice)
+        voice_codes, voice_id, embeddings = self._voice(spec.voice)
         text_ids = self.text_tokens(spec.text)
         silence = [self.silence] * SILENCE_FRAMES
         agent = list(voice_codes) + silence + [self.silence] * len(text_ids) + silence
@@ -128,7 +136,7 @@ class PromptBuilder:
         key = hashlib.sha256(f"{self.model.name}\0{voice_id}\0{spec.text or ''}".encode()).hexdigest()[:24]
         return PromptFrames(key=key, text=np.array(text, np.int64), agent=np.stack(agent).astype(np.int64),
                             user=np.tile(self.sine, (len(agent), 1)).astype(np.int64),
-                            voice_frames=len(voice_codes), text_tokens=len(text_ids))
+                            voice_frames=len(voice_codes), text_tokens=len(text_ids), voice_embeddings=embeddings)
 
     def text_tokens(self, text: str | None) -> list[int]:
         if text is None or not text.strip():
@@ -147,10 +155,11 @@ class PromptBuilder:
 
     # -- the voice ---------------------------------------------------------------------------
 
-    def _voice(self, voice: str | None) -> tuple[np.ndarray, str]:
-        """[N, 8] Mimi codes and an id that changes when the voice's content does."""
+    def _voice(self, voice: str | None) -> tuple[np.ndarray, str, torch.Tensor | None]:
+        """[N, 8] Mimi codes, an id that changes when the voice's content does, and for a .pt
+        voice its input embeddings."""
         if not voice:
-            return np.zeros((0, AUDIO_CODEBOOKS), np.int64), ""
+            return np.zeros((0, AUDIO_CODEBOOKS), np.int64), "", None
         path = self.model.preset_voices.get(voice) or self.model.preset_voices.get(Path(voice).stem)
         if path is None:
             path = Path(voice)
@@ -158,13 +167,12 @@ class PromptBuilder:
                 raise PromptError(f"unknown voice {voice!r}: use one of this model's voices "
                                   f"{self.voices()} or a WAV from the voice catalogue")
         if path.suffix == ".pt":
-            raise PromptError(f"voice {voice!r} is a saved PersonaPlex embedding (.pt), which this server "
-                              "cannot replay on stock moshi yet: use its WAV")
+            return self._saved_voice(path)
         try:
             stat = path.stat()
             known = self._voices.get(str(path))
             if known is not None and known[0] == (stat.st_mtime_ns, stat.st_size):
-                return known[1], known[2]  # encoded before: a cached prompt costs no Mimi pass
+                return known[1], known[2], None  # encoded before: a cached prompt costs no Mimi pass
             content = path.read_bytes()
             audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
         except (OSError, sf.SoundFileError, RuntimeError) as exc:
@@ -174,7 +182,33 @@ class PromptBuilder:
             self._voices[str(path)] = ((stat.st_mtime_ns, stat.st_size), codes, voice_id)
             while len(self._voices) > MAX_ENCODED_VOICES:
                 self._voices.pop(next(iter(self._voices)))
-        return codes, voice_id
+        return codes, voice_id, None
+
+    def _saved_voice(self, path: Path) -> tuple[np.ndarray, str, torch.Tensor]:
+        """A PersonaPlex .pt voice (see the module notes) as codes for its last two frames plus the
+        embeddings of the ones before."""
+        lm = self.model.lm
+        try:
+            content = path.read_bytes()
+            saved = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+            embeddings, ring = saved["embeddings"], saved["cache"]
+        except Exception as exc:  # a pickle, a truncated file, missing keys: all unusable the same way
+            raise PromptError(f"cannot read the voice file {path.name}: {type(exc).__name__}: {exc}") from exc
+        n = embeddings.shape[0] + 1
+        if (embeddings.dim() != 4 or embeddings.shape[1:3] != (1, 1) or embeddings.shape[3] != lm.dim
+                or ring.dim() != 3 or ring.shape[:2] != (1, lm.num_codebooks) or n < 2):
+            raise PromptError(f"{path.name} is not a PersonaPlex voice for this model (embeddings "
+                              f"{tuple(embeddings.shape)}, cache {tuple(ring.shape)}; the LM has dim {lm.dim} "
+                              f"and {lm.num_codebooks} streams)")
+        if n / 12.5 > MAX_VOICE_SECONDS:
+            raise PromptError(f"the voice is {n / 12.5:.1f} s long; use at most {MAX_VOICE_SECONDS:g} s")
+        width = ring.shape[2]
+        last, after = ring[0, :, (n - 1) % width].numpy(), ring[0, :, n % width].numpy()
+        codes = np.tile(self.silence, (n, 1)).astype(np.int64)  # rows before N-2 are never read
+        codes[n - 2, 1:] = last[2:1 + AUDIO_CODEBOOKS]  # frame N-2's acoustic codes sit at position N-1
+        codes[n - 1, 0] = last[1]
+        codes[n - 1, 1:] = after[2:1 + AUDIO_CODEBOOKS]
+        return codes, hashlib.sha256(content).hexdigest(), embeddings[:, 0, 0].float()
 
     def encode_voice(self, audio: np.ndarray, rate: int) -> np.ndarray:
         """Mono audio at any rate -> [N, 8] codes (24 kHz, -24 LUFS, 1920-sample frames)."""

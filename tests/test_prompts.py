@@ -267,3 +267,35 @@ def test_prompt_offline_infer_runs_the_same_prompt_path(persona_folder, tmp_path
     assert infer_cli.main(["--model", "tiny", "--device", "cpu", "--text-prompt", "x", str(wav), str(out)]) == 2
     assert infer_cli.main(["--model", "tiny-personaplex", "--device", "cpu", "--voice-prompt", "NOBODY",
                            str(wav), str(out)]) == 2
+
+
+def test_prompt_personaplex_pt_voice_replays_like_its_wav(persona_folder, tmp_path):
+    """A preset saved in PersonaPlex's .pt format (summed input embeddings + token ring) gives the same
+    greedy conversation as the WAV it was made from; a file that is not one is refused."""
+    import shutil
+
+    folder = tmp_path / "with-pt"
+    shutil.copytree(persona_folder, folder)
+    model = persona_model(folder)
+    engine = FrameEngine(model, EngineConfig(max_sessions=1), GREEDY)
+    frames = engine.prompts.frames(PromptSpec("NATF1"))
+    engine.lm_gen.save_voice_embeddings(frames, folder / "voices" / "SAVED.pt")
+    saved = torch.load(folder / "voices" / "SAVED.pt", weights_only=True)
+    assert saved["embeddings"].shape == (frames.voice_frames - 1, 1, 1, model.lm.dim)
+    assert saved["cache"].shape == (1, 17, 4)
+    model.preset_voices["SAVED"] = folder / "voices" / "SAVED.pt"
+    audio = varied_audio(10, 31)
+    from_wav = run_prompted_calls(engine, [PromptSpec("NATF1", PERSONA_EN)], [audio], bystander=False)[0]
+    from_pt = run_prompted_calls(engine, [PromptSpec("SAVED", PERSONA_EN)], [audio], bystander=False)[0]
+    assert [o.text_token for o in from_pt] == [o.text_token for o in from_wav]
+    np.testing.assert_allclose(np.concatenate([o.pcm for o in from_pt]), np.concatenate([o.pcm for o in from_wav]),
+                               atol=1e-4)
+    assert engine.stats.prompt_prefills == 2  # two keys (the files differ), the same state
+    (folder / "voices" / "BAD.pt").write_bytes(b"not a torch file")
+    torch.save({"embeddings": torch.zeros(3, 1, 1, 7), "cache": torch.zeros(1, 17, 4, dtype=torch.long)},
+               folder / "voices" / "ODD.pt")
+    model.preset_voices.update(BAD=folder / "voices" / "BAD.pt", ODD=folder / "voices" / "ODD.pt")
+    with pytest.raises(PromptError, match="cannot read"):
+        engine.prompts.frames(PromptSpec("BAD"))
+    with pytest.raises(PromptError, match="not a PersonaPlex voice"):
+        engine.prompts.frames(PromptSpec("ODD"))
