@@ -101,6 +101,9 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
             f"| Voice · emotion | {fig.settings.voice} · {fig.settings.emotion}"
             f"{' (conditioned)' if fig.conditioned else ''} |",
         ]
+        if fig.settings.text_prompt:
+            persona = fig.settings.text_prompt
+            lines.append(f"| Persona | {persona[:60]}{'…' if len(persona) > 60 else ''} |")
         if fig.sampling is not None:
             s = fig.sampling
             lines.append(f"| Sampling text · audio | T {s.temp_text:g}, top-{s.top_k_text} · T {s.temp:g}, top-{s.top_k} |")
