@@ -3,7 +3,7 @@
     python -m agent.bench --model tiny --max-sessions 8                      # CPU, CI-sized
     python -m agent.bench --model moshi-7b-random --context 3000 --max-sessions 64   # a GPU
     python -m agent.bench --model tiny --e2e 8 --seconds 120                 # real clients, real time
-    python -m agent.bench --prompts --model tiny-personaplex --max-sessions 8 # prompted calls joining
+    python -m agent.bench --prompts --model tiny-personaplex --max-sessions 6 # prompted calls joining
 
 Engine mode: one engine per pool size (the batch is fixed, as when serving), k seats busy and the rest
 idle, random-noise input; per-frame step time p50/p95/p99 split into Mimi encode, LM step and Mimi

@@ -1,10 +1,10 @@
 """Prompted calls joining a busy engine: call-start latency and what the others feel.
 
-    python -m agent.bench --prompts --model tiny-personaplex --max-sessions 8      # CPU
+    python -m agent.bench --prompts --model tiny-personaplex --max-sessions 6      # CPU
     python -m agent.bench --prompts --model nvidia/personaplex-7b-v1 --max-sessions 16   # a GPU
 
-The engine runs on its own thread in real time, as when serving. `others` calls stream audio all
-along (one frame per 80 ms each). Then:
+The engine runs on its own thread in real time, as when serving. `others` calls (by default the
+pool less the 4 joiners) stream audio all along (one frame per 80 ms each). Then:
 
 - call start, one call at a time: from taking a seat and asking for a prompt ("connect") to the
   first agent frame handed to the call, for a prompt never seen (prefilled in one pass between two
@@ -143,8 +143,10 @@ def _burst(engine: FrameEngine, feeder: Feeder, voice: str | None, joiners: int,
     return window
 
 
-def bench_prompts(config: ModelConfig, pool: int = 8, others: int = 4, joiners: int = 4, repeats: int = 3,
+def bench_prompts(config: ModelConfig, pool: int = 8, others: int | None = None, joiners: int = 4, repeats: int = 3,
                   voice: str | None = None) -> PromptBench:
+    """`others` calls stream all along (default: the seats the joiners leave, so the burst fills the pool)."""
+    others = max(1, pool - joiners) if others is None else others
     model = load_model(config)
     engine = FrameEngine(model, EngineConfig(max_sessions=pool), config.sampling)
     if engine.prompts is None:

@@ -126,16 +126,16 @@ def reference_run(model, frames, user_audio: np.ndarray, batch: int = 1, row: in
         if forced.get("semantic") is not None:
             tokens[row, 0] = int(forced["semantic"])
         if forced.get("acoustic") is not None:
-            tokens[row, 1:] = torch.as_tensor(forced["acoustic"])
+            tokens[row, 1:] = torch.as_tensor(forced["acoustic"], device=tokens.device)
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # this row's input in a batch of zeros
         out = torch.zeros((batch, *x.shape[1:]), dtype=x.dtype)
         out[row] = x[0]
-        return out
+        return out.to(model.device)
 
     gen = LMGen(lm, use_sampling=False, on_text_logits_hook=force_text, on_audio_hook=force_audio,
                 support_out_of_sync=True)
-    mask = torch.zeros(batch, dtype=torch.bool)
+    mask = torch.zeros(batch, dtype=torch.bool, device=model.device)
     mask[row] = True
     texts, pcm = [], []
     with torch.no_grad(), gen.streaming(batch), mimi.streaming(batch):
@@ -151,7 +151,7 @@ def reference_run(model, frames, user_audio: np.ndarray, batch: int = 1, row: in
         for frame in frames_of(user_audio):
             out = gen.step(mimi.encode(rows(torch.from_numpy(frame).view(1, 1, FRAME_SIZE))))
             texts.append(int(out[row, 0, 0]))
-            pcm.append(mimi.decode(out[:, 1:].clamp(min=0))[row].view(-1).numpy())
+            pcm.append(mimi.decode(out[:, 1:].clamp(min=0))[row].view(-1).cpu().numpy())
     return texts, pcm
 
 
