@@ -11,6 +11,7 @@ import urllib.parse
 import urllib.request
 
 import aiohttp
+import numpy as np
 import pytest
 import websockets
 
@@ -184,3 +185,30 @@ def test_prompt_websocket_query_parameters_choose_the_persona(persona_server):
     assert asyncio.run(call()) >= 1
     session = wait_for(lambda: service.registry.get("persona-ws"))
     assert session.seat.prompt == PromptSpec("NATF0", PERSONA)
+
+
+def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
+    """The page sends [webrtc value, voice, emotion, 4 sampling values, persona] (ui.build_demo): the
+    persona starts the call; a new persona during the call is kept for the next call (the caller is
+    warned), while sampling still changes live."""
+    from agent.handler import MoshiHandler
+    from agent.ui import build_demo
+
+    service, _ = persona_server
+    config = build_demo(service).config
+    ready = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "persona-ready")
+    assert {choice[1] for choice in ready["props"]["choices"]} == {p.text for p in service.catalogue.personas}
+    handler = MoshiHandler(service.hub)
+    handler.latest_args = ["__webrtc_value__", "page-call", "kiran", "neutral", 0.0, 1.0, 0.0, 1.0, PERSONA]
+    try:
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        session = handler.session
+        assert wait_for(lambda: session.seat.prompt) == PromptSpec("NATM1", PERSONA)
+        handler.latest_args[2], handler.latest_args[-1] = "lakshmi", "You are someone else now."
+        handler.latest_args[4] = 0.5
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        assert session.settings.text_prompt == PERSONA and session.settings.voice == "kiran"
+        assert dict(session.settings.sampling)["temp_text"] == 0.5
+        assert session.seat.prompt == PromptSpec("NATM1", PERSONA) and not session.closed
+    finally:
+        handler.shutdown()
