@@ -435,6 +435,7 @@ class FrameEngine:
                 prompts = {}
             for index in prompts:
                 del self._pending_prompts[index]
+                reset[index] = True  # a prompt is restored into a freshly reset row, always
             self._last_tick = time.monotonic()
         if rows:
             self._apply_condition_rows(rows)

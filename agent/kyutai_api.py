@@ -48,6 +48,9 @@ async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> N
             await ws.send_bytes(AUDIO + pages)
         if frame.text:
             await ws.send_bytes(TEXT + frame.text.encode())
+    if session.closed and not stop.is_set():  # the server ended the call (e.g. its prompt outgrew the context)
+        await ws.send_bytes(ERROR + f"The call ended: {session.seat.closed_reason}".encode())
+        await ws.close(code=1000)
 
 
 async def _receive_user(ws: WebSocket, session: Session) -> None:

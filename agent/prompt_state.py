@@ -24,8 +24,8 @@ every call sharing the prompt; every later token is sampled with the call's own 
 
 When the conversation outgrows the context (3000 frames = 4 min for the 7B), moshi's ring KV
 cache drops the oldest positions, the prompt first: the model then no longer attends to its voice
-or persona and drifts. The engine ends such a call, telling the caller, rather than let it drift
-(`PROMPT_CONTEXT_MARGIN`), unless the server runs without prompts.
+or persona and drifts. The engine ends such a call just before (`engine.PROMPT_CONTEXT_MARGIN`)
+rather than let it drift; the transports tell the caller or start a fresh call on the same prompt.
 """
 
 from __future__ import annotations

@@ -212,3 +212,49 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
         assert session.seat.prompt == PromptSpec("NATM1", PERSONA) and not session.closed
     finally:
         handler.shutdown()
+
+
+def test_prompt_api_chat_caller_is_told_when_the_context_is_full():
+    """A prompted /api/chat call that reaches the context gets a 0x05 message saying why."""
+    from agent.server import BackgroundServer, build_app, build_stream
+    from agent.service import build_service
+    from agent.ui import build_demo
+
+    service = build_service(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu", context=120),
+                            EngineConfig(max_sessions=1), ServerConfig(), warm_up=False)
+    server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1",
+                              free_port()).start()
+
+    async def call() -> bytes:
+        import sphn
+
+        url = server.url.replace("http", "ws") + "/api/chat?voice=lakshmi"
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            assert await ws.receive_bytes(timeout=30) == b"\x00"
+            writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+            frames = iter(varied_audio(200, 8).reshape(-1, FRAME_SIZE))
+
+            async def talk():
+                for frame in frames:
+                    pages = writer.append_pcm(frame)
+                    if len(pages):
+                        await ws.send_bytes(b"\x01" + pages)
+                    await asyncio.sleep(0.04)  # faster than real time: the engine keeps up on a tiny model
+
+            talker = asyncio.create_task(talk())
+            try:
+                while True:
+                    msg = await ws.receive(timeout=60)
+                    if msg.type != aiohttp.WSMsgType.BINARY:
+                        return b""
+                    if msg.data[:1] == b"\x05":
+                        return msg.data
+            finally:
+                talker.cancel()
+
+    try:
+        message = asyncio.run(call())
+        assert message.startswith(b"\x05") and b"context" in message and b"persona" in message
+    finally:
+        server.stop()
+        service.close()
