@@ -9,7 +9,10 @@ Each tick takes at most one input frame per seat and runs
 once for the whole batch. A seat that takes a new caller is reset alone (`reset_streaming(mask)`);
 a seat with no input this tick is frozen (`set_exec_mask`) so its state does not advance. Each seat
 has its own condition row (voice, emotion) and its own sampling settings (agent.sampling), both
-written into fixed-size tensors between ticks.
+written into fixed-size tensors between ticks. On a model that takes prompts (PersonaPlex) a seat may
+start from a voice/text prompt: before the tick its row is reset and the prompt's state copied in
+(agent/prompt_state.py), computed first in one pass if the prompt is new; its first output is already
+an answer frame.
 
 Jitter policy (per seat, counted in `SeatCounters`):
 - input backlog is bounded (`EngineConfig.input_queue_frames`); when full the oldest frame is dropped;
