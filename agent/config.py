@@ -52,7 +52,8 @@ class EngineConfig:
     input_queue_frames: int = 6  # per-seat backlog of input frames (480 ms) before the oldest is dropped
     output_queue_frames: int = 50  # per-seat backlog of output frames (4 s) before the oldest is dropped
     idle_timeout_s: float = 20.0  # a seat whose client sends nothing for this long is freed
-    prompt_cache_entries: int = 32  # prompt states kept (LRU); 7B: ~0.5 MiB per prompt frame in bf16
+    prompt_cache_entries: int = 32  # prompt states kept (LRU)...
+    prompt_cache_mib: int = 1024  # ...and at most this much device memory (7B: ~0.5 MiB per prompt frame in bf16)
 
 
 @dataclass

@@ -195,15 +195,17 @@ class EngineStats:
     prompt_cache_bytes: int = 0
 
 
-def default_seat_count(model: LoadedModel) -> int:
-    """Seats from device memory: one KV cache per seat (about 1.5 GiB for the 7B at context 3000)."""
+def default_seat_count(model: LoadedModel, config: EngineConfig | None = None) -> int:
+    """Seats from device memory: one KV cache per seat (about 1.5 GiB for the 7B at context 3000),
+    after the prompt cache's budget on a model that takes prompts."""
     if model.device.type != "cuda":
         return CPU_DEFAULT_SEATS
     lm = model.lm
     bytes_per = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_seat = 2 * len(lm.transformer.layers) * lm.transformer.layers[0].self_attn.context * lm.dim * bytes_per
     free, _ = torch.cuda.mem_get_info(model.device)
-    return int(max(1, min(MAX_DEFAULT_SEATS, (free - GPU_RESERVE_BYTES) // max(kv_per_seat, 1))))
+    reserve = GPU_RESERVE_BYTES + ((config or EngineConfig()).prompt_cache_mib * 2**20 if model.takes_prompts else 0)
+    return int(max(1, min(MAX_DEFAULT_SEATS, (free - reserve) // max(kv_per_seat, 1))))
 
 
 class FrameEngine:
@@ -218,7 +220,7 @@ class FrameEngine:
         self.on_step = on_step
         self.config = config or EngineConfig()
         sampling = sampling or SamplingConfig()
-        self.num_seats = self.config.max_sessions or default_seat_count(model)
+        self.num_seats = self.config.max_sessions or default_seat_count(model, self.config)
         # Conditioned models (speaker/emotion LUTs summed into the input) start every seat on each
         # conditioner's first value; a seat's row is overwritten when its caller chooses.
         self.condition_values = model.condition_values
@@ -232,7 +234,7 @@ class FrameEngine:
         # PersonaPlex-style models take voice/text prompts; the builder keeps its own Mimi, copied
         # before the engine's starts streaming
         self.prompts = PromptBuilder(model) if model.takes_prompts else None
-        self.prompt_cache = PromptCache(self.config.prompt_cache_entries)
+        self.prompt_cache = PromptCache(self.config.prompt_cache_entries, self.config.prompt_cache_mib * 2**20)
         self._context = model.lm.transformer.layers[0].self_attn.context
         model.mimi.streaming_forever(self.num_seats)
         self.lm_gen.streaming_forever(self.num_seats)

@@ -165,10 +165,13 @@ class PromptLMGen(SeatLMGen):
 
 
 class PromptCache:
-    """Prompt states by key, least recently used dropped first. Thread-safe."""
+    """Prompt states by key, least recently used dropped first, bounded in entries and in bytes (the
+    7B holds ~0.5 MiB per prompt frame in bf16, on the device). Thread-safe."""
 
-    def __init__(self, max_entries: int):
+    def __init__(self, max_entries: int, max_bytes: int | None = None):
         self.max_entries = max(1, max_entries)
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[str, PromptState] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -186,10 +189,14 @@ class PromptCache:
 
     def put(self, key: str, state: PromptState) -> None:
         with self._lock:
+            old = self._items.pop(key, None)
+            self._bytes -= old.nbytes if old is not None else 0
             self._items[key] = state
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+            self._bytes += state.nbytes
+            while len(self._items) > 1 and (len(self._items) > self.max_entries or
+                                            (self.max_bytes is not None and self._bytes > self.max_bytes)):
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.nbytes
 
     def __len__(self) -> int:
         with self._lock:
@@ -198,4 +205,4 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(s.nbytes for s in self._items.values())
+            return self._bytes

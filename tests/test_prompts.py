@@ -299,3 +299,22 @@ def test_prompt_personaplex_pt_voice_replays_like_its_wav(persona_folder, tmp_pa
         engine.prompts.frames(PromptSpec("BAD"))
     with pytest.raises(PromptError, match="not a PersonaPlex voice"):
         engine.prompts.frames(PromptSpec("ODD"))
+
+
+def test_prompt_cache_is_bounded_in_entries_and_bytes_least_recent_first():
+    from agent.prompt_state import PromptCache, PromptState
+
+    def state(mib: int) -> PromptState:
+        return PromptState(1, (torch.zeros(mib * 2**18),), (), torch.zeros(17, dtype=torch.long))
+
+    cache = PromptCache(max_entries=3, max_bytes=10 * 2**20)
+    for key in "abc":
+        cache.put(key, state(2))
+    assert cache.get("a") is not None  # "a" is now the most recent
+    cache.put("d", state(2))  # four entries: the least recent ("b") goes
+    assert cache.get("b") is None and len(cache) == 3
+    cache.put("e", state(6))  # 2 + 2 + 2 + 6 MiB > 10: least recent first until it fits
+    assert len(cache) == 2 and cache.get("e") is not None and cache.get("d") is not None
+    assert cache.nbytes == 8 * 2**20 + 2 * 17 * 8
+    cache.put("huge", state(20))  # alone over the budget: kept (the call needs it), the rest dropped
+    assert len(cache) == 1 and cache.hits >= 3 and cache.misses == 1
