@@ -351,13 +351,22 @@ class FrameEngine:
                 self._pending_reset[seat.index] = True  # a prompt starts the conversation over
 
     def _prompt_states(self, pending: dict[int, tuple[Seat, PromptSpec, PromptFrames]]) -> dict[int, PromptState]:
-        """Each pending prompt's state: from the cache, or computed now in one pass (and cached)."""
+        """Each pending prompt's state: from the cache, or computed now in one pass (and cached).
+        A prompt whose prefill fails ends its own call (the reason given), never the others'."""
         states: dict[int, PromptState] = {}
-        for index, (_, _, frames) in pending.items():
+        for index, (seat, _, frames) in pending.items():
             state = self.prompt_cache.get(frames.key)
             if state is None:
                 t0 = time.perf_counter()
-                state = self.lm_gen.prefill(frames)
+                try:
+                    state = self.lm_gen.prefill(frames)
+                except Exception as exc:  # whatever broke, only this call ends (told why); the engine goes on
+                    log.exception("prompt prefill failed for seat %d", index)
+                    with self._lock:
+                        if self._pending_prompts.get(index, (None,))[0] is seat:
+                            del self._pending_prompts[index]
+                    seat.release(f"the voice/persona prompt could not be prepared ({type(exc).__name__})")
+                    continue
                 self.prompt_cache.put(frames.key, state)
                 with self._lock:
                     self.stats.prompt_prefills += 1
@@ -434,7 +443,7 @@ class FrameEngine:
             for index, (seat, _, _) in list(self._pending_prompts.items()):
                 if self._seats[index] is not seat:
                     del self._pending_prompts[index]
-            prompts = {i: p for i, p in prompts.items() if self._pending_prompts.get(i) is p}
+            prompts = {i: p for i, p in prompts.items() if self._pending_prompts.get(i) is p and i in states}
             if not batch:
                 self._pending_reset |= reset  # no step this tick: keep the resets (and prompts) for the next one
                 prompts = {}

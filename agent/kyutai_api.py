@@ -93,9 +93,9 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
     try:
         params = ws.query_params
         check_seed(params.get("seed"))
-        session = hub.open(call_id, hub.catalogue.settings(params.get("voice"), params.get("emotion"),
-                                                           sampling_request(params), params.get("voice_prompt"),
-                                                           params.get("text_prompt")))
+        settings = hub.catalogue.settings(params.get("voice"), params.get("emotion"), sampling_request(params),
+                                          params.get("voice_prompt"), params.get("text_prompt"))
+        session = await run_sync(hub.open, call_id, settings)  # a new voice prompt is encoded: off the loop
     except (CallRefused, ValueError) as exc:
         await ws.send_bytes(ERROR + str(exc).encode())
         await ws.close(code=1013)  # try again later

@@ -318,3 +318,22 @@ def test_prompt_cache_is_bounded_in_entries_and_bytes_least_recent_first():
     assert cache.nbytes == 8 * 2**20 + 2 * 17 * 8
     cache.put("huge", state(20))  # alone over the budget: kept (the call needs it), the rest dropped
     assert len(cache) == 1 and cache.hits >= 3 and cache.misses == 1
+
+
+def test_prompt_prefill_failure_ends_only_its_own_call(persona_folder, monkeypatch):
+    engine = FrameEngine(persona_model(persona_folder), EngineConfig(max_sessions=2), GREEDY)
+    other, failing = engine.acquire("other"), engine.acquire("failing")
+
+    def broken(frames):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine.lm_gen, "prefill", broken)
+    failing.set_prompt(PromptSpec("NATF0", PERSONA_EN))
+    for k, frame in enumerate(frames_of(varied_audio(4, 2))):
+        other.push(frame)
+        if not failing.closed:
+            failing.push(frame)
+        stepped = engine.step_once()
+        assert stepped >= 1 and other.pull() is not None
+    assert failing.closed and "could not be prepared" in failing.closed_reason
+    assert not other.closed and other.counters.frames_out == 4
