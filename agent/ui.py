@@ -132,8 +132,10 @@ def _sampling_inputs(service: AgentService) -> list[gr.Slider]:
         ]
 
 
-def _persona_input(service: AgentService) -> gr.Textbox:
-    """The call's text prompt (its persona), with ready ones from the catalogue to start from."""
+def _persona_inputs(service: AgentService) -> tuple[gr.Textbox, gr.Dropdown]:
+    """The call's text prompt (its persona), with ready ones from the catalogue to start from, and
+    the model's preset voices (a voice prompt other than the chosen voice's own)."""
+    presets = sorted({p for e in service.engines for p in (e.prompt_presets() or [])})
     prompted = any(e.prompt_presets() is not None for e in service.engines)
     note = ("The persona and the voice are how a call starts: set them before you press Record; a change "
             "applies from the next call." if prompted else
@@ -144,9 +146,12 @@ def _persona_input(service: AgentService) -> gr.Textbox:
                             label="Ready personas", elem_id="persona-ready")
         persona = gr.Textbox(label="Persona (text prompt)", lines=3, max_length=MAX_TEXT_PROMPT_CHARS,
                              placeholder="You are … / మీరు …", elem_id="persona")
+        preset = gr.Dropdown([("the chosen voice's own", "")] + [(p, p) for p in presets], value="",
+                             label="Voice prompt (this model's preset voices)", visible=bool(presets),
+                             elem_id="voice-prompt")
         gr.Markdown(note, elem_classes=["small-note"], elem_id="persona-note")
         ready.change(lambda text: text or "", inputs=[ready], outputs=[persona], queue=False)
-    return persona
+    return persona, preset
 
 
 def build_demo(service: AgentService) -> gr.Blocks:
@@ -161,7 +166,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
             emotion = gr.Dropdown(_choices(catalogue.emotions, emotion_support), value=catalogue.default_emotion,
                                   label="Emotion · భావం", elem_id="emotion")
             gr.Markdown(_support_note(service), elem_id="support-note", elem_classes=["small-note"])
-            persona = _persona_input(service)
+            persona, preset = _persona_inputs(service)
             sampling = _sampling_inputs(service)
             gr.Markdown("### Live figures")
             stats = gr.Markdown("| Call | not connected |", elem_id="readouts")
@@ -185,7 +190,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
-        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling, persona], outputs=[call],
+        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling, persona, preset], outputs=[call],
                     concurrency_limit=service.seats_total())
 
         timer = gr.Timer(POLL_SECONDS)

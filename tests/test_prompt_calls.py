@@ -188,9 +188,9 @@ def test_prompt_websocket_query_parameters_choose_the_persona(persona_server):
 
 
 def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
-    """The page sends [webrtc value, voice, emotion, 4 sampling values, persona] (ui.build_demo): the
-    persona starts the call; a new persona during the call is kept for the next call (the caller is
-    warned), while sampling still changes live."""
+    """The page sends [webrtc value, voice, emotion, 4 sampling values, persona, preset voice]
+    (ui.build_demo): they start the call; a new persona during the call is kept for the next call
+    (the caller is warned), while sampling still changes live."""
     from agent.handler import MoshiHandler
     from agent.ui import build_demo
 
@@ -198,18 +198,27 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
     config = build_demo(service).config
     ready = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "persona-ready")
     assert {choice[1] for choice in ready["props"]["choices"]} == {p.text for p in service.catalogue.personas}
+    preset = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "voice-prompt")
+    assert [choice[1] for choice in preset["props"]["choices"]] == ["", "NATF0", "NATF1", "NATM0", "NATM1"]
     handler = MoshiHandler(service.hub)
-    handler.latest_args = ["__webrtc_value__", "page-call", "kiran", "neutral", 0.0, 1.0, 0.0, 1.0, PERSONA]
+    handler.latest_args = ["__webrtc_value__", "page-call", "kiran", "neutral", 0.0, 1.0, 0.0, 1.0, PERSONA, ""]
     try:
         handler.receive((24_000, np.zeros(1920, np.int16)))
         session = handler.session
         assert wait_for(lambda: session.seat.prompt) == PromptSpec("NATM1", PERSONA)
-        handler.latest_args[2], handler.latest_args[-1] = "lakshmi", "You are someone else now."
+        handler.latest_args[2], handler.latest_args[-2] = "lakshmi", "You are someone else now."
         handler.latest_args[4] = 0.5
         handler.receive((24_000, np.zeros(1920, np.int16)))
         assert session.settings.text_prompt == PERSONA and session.settings.voice == "kiran"
         assert dict(session.settings.sampling)["temp_text"] == 0.5
         assert session.seat.prompt == PromptSpec("NATM1", PERSONA) and not session.closed
+    finally:
+        handler.shutdown()
+    handler = MoshiHandler(service.hub)  # the preset list chooses a voice prompt of its own
+    handler.latest_args = ["__webrtc_value__", "page-call-2", "kiran", "neutral", 0.0, 1.0, 0.0, 1.0, "", "NATF1"]
+    try:
+        handler.receive((24_000, np.zeros(1920, np.int16)))
+        assert wait_for(lambda: handler.session.seat.prompt) == PromptSpec("NATF1", None)
     finally:
         handler.shutdown()
 
