@@ -160,12 +160,14 @@ class MoshiHandler(StreamHandler):
             log.info("call %s: settings -> %s", session.call_id, wanted)
 
     def _keep_prompt(self, session: Session, wanted: CallSettings) -> CallSettings:
-        """On a model that takes prompts the voice and persona are the call's start: a change
-        applies from the next call (the caller is told once); the rest applies now."""
+        """On a model that takes prompts the voice, persona and emotion (carried by the persona) are
+        the call's start: a change applies from the next call (the caller is told once); the rest
+        applies now."""
         if session.engine.prompt_presets() is None:
             return wanted
         now = session.settings
-        kept = replace(wanted, voice=now.voice, voice_prompt=now.voice_prompt, text_prompt=now.text_prompt)
+        kept = replace(wanted, voice=now.voice, emotion=now.emotion, voice_prompt=now.voice_prompt,
+                       text_prompt=now.text_prompt)
         if kept != wanted:
             self._warn_once(f"prompt:{wanted.voice}:{wanted.voice_prompt}:{wanted.text_prompt}",
                             "A new voice or persona applies from your next call (it is how the call starts).")

@@ -67,7 +67,8 @@ class AgentService:
                 for v in self.catalogue.voices}
 
     def emotion_support(self) -> dict[str, Support]:
-        per_model = [self.catalogue.emotion_support(e.condition_values) for e in self.engines]
+        per_model = [self.catalogue.emotion_support(e.condition_values, e.prompt_presets() is not None)
+                     for e in self.engines]
         return {x.id: next((m[x.id] for m in per_model if m[x.id].supported), per_model[0][x.id])
                 for x in self.catalogue.emotions}
 

@@ -276,7 +276,7 @@ class CallHub:
         if presets is None:
             return None
         try:
-            return PromptSpec(self.catalogue.prompt_voice(settings, presets), settings.text_prompt)
+            return PromptSpec(self.catalogue.prompt_voice(settings, presets), self.catalogue.prompt_text(settings))
         except CatalogueError as exc:
             raise CallRefused(f"That voice or persona prompt cannot be used: {exc}") from exc
 

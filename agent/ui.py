@@ -29,6 +29,10 @@ def _choices(items, support) -> list[tuple[str, str]]:
 
 
 def _support_note(service: AgentService) -> str:
+    if any(e.prompt_presets() is not None for e in service.engines):
+        note = ("This model starts each call from a voice prompt (the voice's preset) and a persona text, "
+                "which also carries the emotion.")
+        return note + (" Its weights are random: the output is noise either way." if service.random_weights else "")
     voices, emotions = service.voice_support(), service.emotion_support()
     lines = []
     if not any(s.supported for s in voices.values()):

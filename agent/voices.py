@@ -61,6 +61,7 @@ class Emotion:
     name_en: str
     name_te: str
     description: str
+    prompt: str | None = None  # on a model that takes text prompts (no emotion LUT): added to the persona
 
     @property
     def label(self) -> str:
@@ -145,6 +146,15 @@ class Catalogue:
                                  f"or a catalogue voice {[v.id for v in self.voices]}")
         return self._voice_prompt(self.voice(settings.voice), presets)
 
+    def prompt_text(self, settings: CallSettings) -> str | None:
+        """The text prompt a call runs on: its persona, then its emotion's sentence (a model that
+        takes prompts has no emotion conditioner: the persona carries the emotion). None: no role."""
+        parts = [settings.text_prompt.strip()] if settings.text_prompt else []
+        emotion = self.emotion(settings.emotion)
+        if emotion.prompt:
+            parts.append(emotion.prompt)
+        return " ".join(parts) or None
+
     def _voice_prompt(self, voice: Voice, presets: Collection[str]) -> str | None:
         if voice.prompt_wav is not None:
             return str(voice.prompt_wav) if voice.prompt_wav.is_file() else None
@@ -167,8 +177,14 @@ class Catalogue:
                 out[v.id] = Support(False, "this model has no speaker conditioning; its voice is fixed")
         return out
 
-    def emotion_support(self, conditioner_values: dict[str, list[str]]) -> dict[str, Support]:
+    def emotion_support(self, conditioner_values: dict[str, list[str]],
+                        text_prompts: bool = False) -> dict[str, Support]:
+        """`text_prompts`: the model takes a text prompt, which carries the emotion (`prompt_text`)."""
         values = conditioner_values.get(EMOTION)
+        if text_prompts and values is None:
+            return {e.id: Support(bool(e.prompt) or e.id == self.default_emotion,
+                                  "through the persona text" if e.prompt or e.id == self.default_emotion
+                                  else "no sentence for it in the catalogue") for e in self.emotions}
         return {e.id: Support(values is not None and e.id in values,
                               "" if values is not None and e.id in values
                               else "this model has no emotion conditioning" if values is None
@@ -208,7 +224,7 @@ def load_catalogue(path: Path = CATALOGUE_PATH) -> Catalogue:
     emotions = []
     for i, e in enumerate(raw["emotions"]):
         _require(e, ("id", "name_en", "name_te", "description"), f"{path}: emotions[{i}]")
-        emotions.append(Emotion(e["id"], e["name_en"], e["name_te"], e["description"]))
+        emotions.append(Emotion(e["id"], e["name_en"], e["name_te"], e["description"], e.get("prompt")))
     for kind, items in (("voice", voices), ("emotion", emotions)):
         ids = [x.id for x in items]
         if not ids:

@@ -44,6 +44,13 @@ def test_persona_catalogue_maps_each_voice_to_a_prompt_and_offers_personas(tmp_p
     assert not cat.voice_support("m", {}, ["NATF0"])["ravi"].supported
     with pytest.raises(CatalogueError, match="characters"):
         cat.settings(text_prompt="x" * 5000)
+    # no emotion LUT on a prompted model: the persona carries the emotion
+    happy = cat.emotion("happy").prompt
+    assert cat.prompt_text(cat.settings(emotion="happy", text_prompt=PERSONA)) == f"{PERSONA} {happy}"
+    assert cat.prompt_text(cat.settings(emotion="happy")) == happy
+    assert cat.prompt_text(cat.settings(text_prompt="  ")) is None  # neutral, no persona: no role
+    assert all(s.supported for s in cat.emotion_support({}, text_prompts=True).values())
+    assert not any(s.supported for s in cat.emotion_support({}).values())
 
 
 def test_persona_catalogue_wav_voice_needs_a_licence_line(tmp_path):
@@ -93,6 +100,13 @@ def test_prompt_call_hub_starts_each_call_from_its_prompt(persona_server):
         assert wait_for(lambda: session.seat.prompt) == PromptSpec("NATF1", PERSONA)
     finally:
         hub.close(session, "done")
+    sad = hub.open("sad-call", hub.catalogue.settings("ravi", "sad", text_prompt=PERSONA))
+    try:
+        for frame in varied_audio(2, 2).reshape(-1, FRAME_SIZE):
+            sad.receive(SAMPLE_RATE, frame)
+        assert wait_for(lambda: sad.seat.prompt).text == f"{PERSONA} {hub.catalogue.emotion('sad').prompt}"
+    finally:
+        hub.close(sad, "done")
     with pytest.raises(CallRefused, match="unknown voice prompt"):
         hub.open("bad", hub.catalogue.settings(voice_prompt="SOMEONE.wav"))
     assert service.seats_in_use() == 0  # a refused prompt leaves no seat taken
