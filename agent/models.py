@@ -376,12 +376,26 @@ def _personaplex_info(repo: str) -> loaders.CheckpointInfo:
     return info
 
 
+def _depformer_steps(info: loaders.CheckpointInfo) -> int:
+    weights = Path(info.moshi_weights)
+    return personaplex.depformer_steps(personaplex.weight_keys(weights)) if weights.suffix == ".safetensors" else 0
+
+
+def _agent_steps_only(info: loaders.CheckpointInfo) -> None:
+    """A config written for PersonaPlex's fork (`dep_q = n_q`: the user's codebooks predicted too)
+    would make stock moshi expect no user codebooks: keep the agent's half (the weights are trimmed)."""
+    config = info.lm_config
+    if config and config.get("dep_q") == config.get("n_q") and _depformer_steps(info) == config["dep_q"]:
+        log.info("%s: the depformer predicts the user's codebooks too; loading the agent's %d steps",
+                 info.moshi_weights, config["n_q"] // 2)
+        info.lm_config = dict(config, dep_q=config["n_q"] // 2)
+
+
 def _load_lm(info: loaders.CheckpointInfo, device: torch.device, dtype: torch.dtype) -> tuple[LMModel, bool]:
     """The LM, and whether its weights are PersonaPlex's (a depformer with more steps than the
     config's `dep_q`: the user-codebook steps are dropped, see agent/personaplex.py)."""
     config = copy.deepcopy(info.lm_config or loaders._lm_kwargs)
-    keys = personaplex.weight_keys(Path(info.moshi_weights)) if str(info.moshi_weights).endswith(".safetensors") else []
-    if personaplex.depformer_steps(keys) <= config["dep_q"]:
+    if _depformer_steps(info) <= config["dep_q"]:
         return info.get_moshi(device=device, dtype=dtype), False
     if info.lora_weights is not None:
         raise ModelLoadError("LoRA adapters on a PersonaPlex checkpoint are not supported; fuse them first")
@@ -397,6 +411,7 @@ def _load_lm(info: loaders.CheckpointInfo, device: torch.device, dtype: torch.dt
 def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
                     context: int | None = None) -> LoadedModel:
     info = _personaplex_info(spec) if spec == personaplex.PERSONAPLEX_REPO else checkpoint_info(spec)
+    _agent_steps_only(info)
     if context is not None:
         info.lm_config = dict(info.lm_config or loaders._lm_kwargs, context=context)
     # Before loading: moshi's loader writes runtime entries (device, output_dim) into the nested dicts.

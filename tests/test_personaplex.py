@@ -105,3 +105,16 @@ def test_persona_preset_voices_unpack_from_the_archive_and_nothing_else(tmp_path
     found = personaplex.preset_voices(tmp_path)
     assert sorted(found) == ["NATF2", "NATM1"] and found["NATM1"].suffix == ".pt"
     assert not (tmp_path.parent / "evil.pt").exists() and not (tmp_path / "other").exists()
+
+
+def test_persona_folder_whose_config_says_16_steps_loads_the_agents_8(persona_folder, tmp_path):
+    """A config written for PersonaPlex's fork (dep_q = n_q = 16) would make stock moshi expect no user
+    codebooks at all: the agent's 8 steps are loaded instead."""
+    import shutil
+
+    folder = tmp_path / "fork-config"
+    shutil.copytree(persona_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, dep_q=16, depformer_context=16)))
+    model = load_checkpoint(str(folder), torch.device("cpu"), torch.float32)
+    assert model.takes_prompts and model.lm.dep_q == 8 and model.lm.num_codebooks == 17
