@@ -133,7 +133,7 @@ class PromptLMGen(SeatLMGen):
         if per_frame.shape[0] != lm.num_codebooks:
             raise ValueError(f"prompt frames carry {per_frame.shape[0]} streams, the LM reads {lm.num_codebooks}")
         out = torch.full((lm.num_codebooks, length + 1), lm.zero_token_id, dtype=torch.long)
-        initial = lm._get_initial_token()[0, :, 0].cpu()
+        initial = [lm.text_initial_token_id] + [lm.initial_token_id] * lm.num_audio_codebooks
         for k, delay in enumerate(lm.delays):
             n = min(length, length + 1 - delay)
             out[k, delay:delay + n] = per_frame[k, :n]
