@@ -33,6 +33,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,17 +112,15 @@ class PromptLMGen(SeatLMGen):
         return text if x is None else x + text
 
     @torch.no_grad()
-    def save_voice_embeddings(self, frames: PromptFrames, path) -> None:
+    def save_voice_embeddings(self, frames: PromptFrames, path: str | Path) -> None:
         """Write the voice phase of `frames` as PersonaPlex's .pt voice: the summed input embeddings
         of positions 0..N-2 and the token ring (4 wide, as theirs) after N steps. Needs no state."""
         n = frames.voice_frames
-        sequence = self._delayed(frames)
+        sequence = self._delayed(frames)  # the silence phase follows, so positions N-1 and N exist
         embeddings = self.embed(sequence[:, :, :n - 1])[0][:, None, None]  # [N-1, 1, 1, dim]
         ring = torch.full((1, self.lm_model.num_codebooks, 4), self.lm_model.zero_token_id, dtype=torch.long)
         for position in (n - 1, n):
-            column = sequence[0, :, position].cpu() if position < sequence.shape[-1] else None
-            if column is not None:
-                ring[0, :, position % 4] = column
+            ring[0, :, position % 4] = sequence[0, :, position].cpu()
         torch.save({"embeddings": embeddings.cpu(), "cache": ring}, path)
 
     def _delayed(self, frames: PromptFrames) -> torch.Tensor:
