@@ -12,8 +12,8 @@ from pathlib import Path
 # tiny step), so CPU-only hosts skip it; GPU hosts keep it. NO_TORCH_COMPILE=0/1 overrides.
 # The GPU is looked for by its driver, not through torch, so that light modules (the voice
 # catalogue, the settings) import without pulling torch in.
-_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
-if "NO_TORCH_COMPILE" not in os.environ and not _NVIDIA_DRIVER.exists():
+_NVIDIA_DRIVER = (Path("/proc/driver/nvidia/version"), Path("/dev/nvidiactl"))  # host, or a container's devices
+if "NO_TORCH_COMPILE" not in os.environ and not any(p.exists() for p in _NVIDIA_DRIVER):
     os.environ["NO_TORCH_COMPILE"] = "1"
 elif os.environ.get("NO_TORCH_COMPILE") == "0":
     del os.environ["NO_TORCH_COMPILE"]
