@@ -102,8 +102,11 @@ class MoshiHandler(StreamHandler):
             if self.session is not None:
                 if not self.session.closed:
                     return self.session
-                # the engine freed the seat (no audio for a while): end that call properly first
+                # the engine freed the seat (no audio for a while, or a prompted call reached the
+                # context): end that call properly first, tell the caller, start over below
+                reason = self.session.seat.closed_reason
                 self.hub.close(self.session, "its seat was freed by the engine")
+                self._notify("warning", f"The call starts over: {reason}")
             if self._refused is not None:
                 return None
             try:

@@ -281,3 +281,49 @@ def test_prompt_api_chat_caller_is_told_when_the_context_is_full():
     finally:
         server.stop()
         service.close()
+
+
+def test_prompt_websocket_caller_is_told_when_the_call_starts_over_at_the_context():
+    """A prompted fastrtc WebSocket call that reaches the context starts over from its prompt, and
+    the client gets a warning saying why."""
+    from agent.server import BackgroundServer, build_app, build_stream
+    from agent.service import build_service
+    from agent.ui import build_demo
+
+    service = build_service(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu", context=120),
+                            EngineConfig(max_sessions=1), ServerConfig(), warm_up=False)
+    server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1",
+                              free_port()).start()
+
+    async def call() -> list[dict]:
+        url = f"ws://127.0.0.1:{server.url.rsplit(':', 1)[1]}/websocket/offer?voice=lakshmi"
+        notes: list[dict] = []
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"event": "start", "websocket_id": "context-ws"}))
+            audio = varied_audio(200, 9)
+
+            async def talk():
+                for k in range(0, audio.size, 960):
+                    await ws.send(json.dumps(encode_media(audio[k:k + 960])))
+                    await asyncio.sleep(0.02)  # 2x real time: the tiny engine keeps up
+
+            talker = asyncio.create_task(talk())
+            try:
+                deadline = asyncio.get_running_loop().time() + 60
+                while asyncio.get_running_loop().time() < deadline and not notes:
+                    try:
+                        msg = json.loads(await asyncio.wait_for(ws.recv(), 1))
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.get("type") == "warning":
+                        notes.append(msg)
+            finally:
+                talker.cancel()
+        return notes
+
+    try:
+        notes = asyncio.run(call())
+        assert notes and "starts over" in notes[0]["message"] and "context" in notes[0]["message"]
+    finally:
+        server.stop()
+        service.close()
