@@ -10,9 +10,11 @@ Binary messages, first byte = kind:
 Each connection is one call on the same engine as every other transport. Query parameters:
 `voice`, `emotion` (catalogue ids) and the sampling names of Kyutai's web client (`text_temperature`,
 `text_topk`, `audio_temperature`, `audio_topk`); bad values get a 0x05 error and the socket closes.
-PersonaPlex's web client's names work too: `voice_prompt` (a preset such as `NATF2.pt`, or a catalogue
-voice id), `text_prompt` (the persona) and `seed` (an integer; accepted, but in a shared batch one
-call's sampling cannot be seeded on its own: greedy sampling is the reproducible choice).
+PersonaPlex's names work too: `voice_prompt` (a preset such as `NATF2.pt`, or a catalogue voice id),
+`text_prompt` (the persona) and `seed` (their server) / `text_seed`, `audio_seed` (their web client):
+integers, accepted, but in a shared batch one call's sampling cannot be seeded on its own (greedy
+sampling is the reproducible choice). Their client's other knobs (`pad_mult`, `repetition_penalty`,
+`repetition_penalty_context`) are ignored.
 """
 
 from __future__ import annotations
@@ -78,13 +80,19 @@ async def _receive_user(ws: WebSocket, session: Session) -> None:
                 log.info("/api/chat: %s", exc)
 
 
-def check_seed(raw: str | None) -> None:
-    """PersonaPlex's `seed`: an integer or absent (ValueError otherwise)."""
-    if raw not in (None, "", "-1"):
+SEED_NAMES = ("seed", "text_seed", "audio_seed")  # PersonaPlex's server, and its web client
+
+
+def check_seeds(params) -> None:
+    """PersonaPlex's seeds: integers or absent (ValueError otherwise)."""
+    for name in SEED_NAMES:
+        raw = params.get(name)
+        if raw in (None, ""):
+            continue
         try:
             int(raw)
         except ValueError:
-            raise ValueError(f"seed must be a whole number, got {raw!r}") from None
+            raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
 
 
 async def chat(ws: WebSocket, hub: CallHub) -> None:
@@ -92,7 +100,7 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
     call_id = f"kyutai-{uuid.uuid4().hex[:12]}"
     try:
         params = ws.query_params
-        check_seed(params.get("seed"))
+        check_seeds(params)
         settings = hub.catalogue.settings(params.get("voice"), params.get("emotion"), sampling_request(params),
                                           params.get("voice_prompt"), params.get("text_prompt"))
         session = await run_sync(hub.open, call_id, settings)  # a new voice prompt is encoded: off the loop

@@ -156,7 +156,10 @@ async def api_chat(url: str, n_frames: int = 8, while_connected=lambda: None) ->
 def test_prompt_api_chat_takes_personaplex_query_names(persona_server):
     service, server = persona_server
     base = server.url.replace("http", "ws") + "/api/chat"
-    query = urllib.parse.urlencode({"voice_prompt": "NATM1.pt", "text_prompt": PERSONA, "seed": "42"})
+    query = urllib.parse.urlencode({  # exactly what PersonaPlex's web client sends (client/src/.../Conversation.tsx)
+        "text_temperature": "0.7", "text_topk": "25", "audio_temperature": "0.8", "audio_topk": "250", "pad_mult": "0",
+        "text_seed": "-1", "audio_seed": "1234", "repetition_penalty_context": "64", "repetition_penalty": "1",
+        "text_prompt": PERSONA, "voice_prompt": "NATM1.pt"})
     calls = []
     first, audio_messages = asyncio.run(api_chat(f"{base}?{query}", while_connected=lambda: calls.extend(
         s for s in service.registry.live() if s.call_id.startswith("kyutai-"))))
@@ -164,6 +167,7 @@ def test_prompt_api_chat_takes_personaplex_query_names(persona_server):
     assert len(calls) == 1 and calls[0].seat.prompt == PromptSpec("NATM1", PERSONA)
     assert calls[0].settings.text_prompt == PERSONA
     for bad, message in (("voice_prompt=NOBODY.pt", b"unknown voice prompt"), ("seed=abc", b"seed"),
+                         ("audio_seed=1.5", b"audio_seed"),
                          ("text_prompt=" + "x" * 2500, b"characters")):
         first, _ = asyncio.run(api_chat(f"{base}?{bad}", n_frames=0))
         assert first[:1] == b"\x05" and message in first, first
