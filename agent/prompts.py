@@ -160,7 +160,8 @@ class PromptBuilder:
         voice its input embeddings."""
         if not voice:
             return np.zeros((0, AUDIO_CODEBOOKS), np.int64), "", None
-        path = self.model.preset_voices.get(voice) or self.model.preset_voices.get(Path(voice).stem)
+        bare_name = Path(voice).name == voice  # "NATF2" or "NATF2.pt"; a path is a file, never a preset
+        path = self.model.preset_voices.get(Path(voice).stem) if bare_name else None
         if path is None:
             path = Path(voice)
             if path.suffix.lower() != ".wav" or not path.is_file():
