@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=env("AGENT_MODEL"),
                    help="HF repo id (default on GPU: kyutai/moshiko-pytorch-bf16), a local checkpoint folder, "
-                        "'tiny' (random weights, default on CPU) or 'moshi-7b-random'. Several, comma-separated "
+                        "'tiny' (random weights, default on CPU), 'moshi-7b-random', nvidia/personaplex-7b-v1 (voice and persona "
+                        "prompts; gated: HF_TOKEN) or 'tiny-personaplex' (its layout, random weights). Several, comma-separated "
                         "(e.g. kyutai/moshiko-pytorch-bf16,kyutai/moshika-pytorch-bf16), serve each voice from "
                         "the model that has it")
     p.add_argument("--device", default=env("AGENT_DEVICE"), help="cuda, cuda:1, cpu (default: cuda if present)")

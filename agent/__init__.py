@@ -7,12 +7,13 @@ Audio flows one way: client audio -> `audio` (resample, 1920-sample frames) -> `
 import os
 from pathlib import Path
 
-import torch
-
 # moshi wraps a few small kernels in torch.compile, decided when moshi is imported. On a CPU that
 # costs ~15 s at the first step and is no faster at our sizes (measured: 31 ms vs 35 ms per batch-8
 # tiny step), so CPU-only hosts skip it; GPU hosts keep it. NO_TORCH_COMPILE=0/1 overrides.
-if "NO_TORCH_COMPILE" not in os.environ and not torch.cuda.is_available():
+# The GPU is looked for by its driver, not through torch, so that light modules (the voice
+# catalogue, the settings) import without pulling torch in.
+_NVIDIA_DRIVER = (Path("/proc/driver/nvidia/version"), Path("/dev/nvidiactl"))  # host, or a container's devices
+if "NO_TORCH_COMPILE" not in os.environ and not any(p.exists() for p in _NVIDIA_DRIVER):
     os.environ["NO_TORCH_COMPILE"] = "1"
 elif os.environ.get("NO_TORCH_COMPILE") == "0":
     del os.environ["NO_TORCH_COMPILE"]

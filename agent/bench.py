@@ -3,6 +3,7 @@
     python -m agent.bench --model tiny --max-sessions 8                      # CPU, CI-sized
     python -m agent.bench --model moshi-7b-random --context 3000 --max-sessions 64   # a GPU
     python -m agent.bench --model tiny --e2e 8 --seconds 120                 # real clients, real time
+    python -m agent.bench --prompts --model tiny-personaplex --max-sessions 6 # prompted calls joining
 
 Engine mode: one engine per pool size (the batch is fixed, as when serving), k seats busy and the rest
 idle, random-noise input; per-frame step time p50/p95/p99 split into Mimi encode, LM step and Mimi
@@ -358,9 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e", type=int, default=0, help="run K real WebSocket clients instead")
     p.add_argument("--seconds", type=float, default=30.0, help="E2E call length")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--prompts", action="store_true",
+                   help="call-start latency of prompted calls and what 4 calls joining do to the others "
+                        "(agent/prompt_bench.py; a model that takes prompts)")
     args = p.parse_args(argv)
     config = ModelConfig(model=args.model, device=args.device, dtype=args.dtype, context=args.context)
-    if args.e2e:
+    if args.prompts:
+        from agent.prompt_bench import bench_prompts, print_prompts
+
+        result = bench_prompts(config, pool=args.max_sessions)
+        print_prompts(result)
+    elif args.e2e:
         result = bench_e2e(config, args.e2e, args.seconds)
         print_e2e(result)
     else:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 DEFAULT_GPU_MODEL = "kyutai/moshiko-pytorch-bf16"
 TINY_MODEL = "tiny"
 RANDOM_7B_MODEL = "moshi-7b-random"
+TINY_PERSONAPLEX_MODEL = "tiny-personaplex"  # a tiny random PersonaPlex-layout folder, loaded as a real one
+SamplingRequest = tuple[tuple[str, float | int], ...]  # (SeatSampling field, value), sorted; () = defaults
 MAX_TEMP = 2.0  # sampling temperatures above this make Moshi's output noise; a caller asking more is told so
 
 
@@ -36,7 +38,7 @@ class SamplingConfig:
 
 @dataclass
 class ModelConfig:
-    model: str | None = None  # HF repo id, local folder, "tiny" or "moshi-7b-random"; None = by device
+    model: str | None = None  # HF repo id, local folder, "tiny", "tiny-personaplex" or "moshi-7b-random"; None = by device
     device: str | None = None  # None = cuda if available, else cpu
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
     seed: int = 42424242
@@ -50,6 +52,8 @@ class EngineConfig:
     input_queue_frames: int = 6  # per-seat backlog of input frames (480 ms) before the oldest is dropped
     output_queue_frames: int = 50  # per-seat backlog of output frames (4 s) before the oldest is dropped
     idle_timeout_s: float = 20.0  # a seat whose client sends nothing for this long is freed
+    prompt_cache_entries: int = 32  # prompt states kept (LRU)...
+    prompt_cache_mib: int = 1024  # ...and at most this much device memory (7B: ~0.5 MiB per prompt frame in bf16)
 
 
 @dataclass

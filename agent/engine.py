@@ -9,7 +9,10 @@ Each tick takes at most one input frame per seat and runs
 once for the whole batch. A seat that takes a new caller is reset alone (`reset_streaming(mask)`);
 a seat with no input this tick is frozen (`set_exec_mask`) so its state does not advance. Each seat
 has its own condition row (voice, emotion) and its own sampling settings (agent.sampling), both
-written into fixed-size tensors between ticks.
+written into fixed-size tensors between ticks. On a model that takes prompts (PersonaPlex) a seat may
+start from a voice/text prompt: before the tick its row is reset and the prompt's state copied in
+(agent/prompt_state.py), computed first in one pass if the prompt is new; its first output is already
+an answer frame.
 
 Jitter policy (per seat, counted in `SeatCounters`):
 - input backlog is bounded (`EngineConfig.input_queue_frames`); when full the oldest frame is dropped;
@@ -39,7 +42,9 @@ from agent import FRAME_SECONDS, FRAME_SIZE
 from agent.config import EngineConfig, SamplingConfig
 from agent.metrics import StepTimes
 from agent.models import LoadedModel
-from agent.sampling import SeatLMGen, SeatSampler, SeatSampling
+from agent.prompt_state import PromptCache, PromptLMGen, PromptState
+from agent.prompts import PromptBuilder, PromptError, PromptFrames, PromptSpec
+from agent.sampling import SeatSampler, SeatSampling
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,11 @@ class EngineStoppedError(RuntimeError):
 
 class ConditionError(ValueError):
     """A conditioner value the loaded model was not trained with."""
+
+
+# A prompted call ends this many frames before its conversation would push the prompt out of the
+# LM's attention context (agent/prompt_state.py): the persona and voice would be forgotten.
+PROMPT_CONTEXT_MARGIN = 2
 
 
 @dataclass
@@ -94,6 +104,7 @@ class Seat:
         self.closed_reason: str | None = None
         self.conditions: dict[str, str] = {}  # what the LM is conditioned on for this seat, once applied
         self.sampling: SeatSampling | None = None  # how this seat is sampled, once applied
+        self.prompt: PromptSpec | None = None  # the voice/text prompt this seat runs on, once restored
         self.last_input_at = time.monotonic()
         self._engine = engine
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
@@ -147,6 +158,13 @@ class Seat:
         Raises SamplingError for values outside what the server allows."""
         self._engine._set_sampling(self, settings)
 
+    def set_prompt(self, spec: PromptSpec) -> None:
+        """Start this seat's conversation over from a voice/text prompt (agent/prompts.py) at its
+        next tick. Raises PromptError for a prompt the model cannot take. Other seats never wait
+        for it: a cached prompt is copied into the seat's row, a new one is computed once, in one
+        pass, between two ticks."""
+        self._engine._set_prompt(self, spec)
+
     def _deliver(self, frame: OutputFrame) -> None:  # engine lock held
         if len(self._outputs) >= self._max_out:
             self._outputs.popleft()
@@ -170,17 +188,24 @@ class EngineStats:
     output_dropped: int = 0
     late_ticks: int = 0
     step: StepTimes = field(default_factory=StepTimes)
+    prompts_restored: int = 0  # calls started from a prompt state (cached or new)
+    prompt_prefills: int = 0  # prompt states computed (cache misses)
+    prompt_prefill_ms: float = 0.0  # the last one's time, spent between two ticks
+    prompt_cache_entries: int = 0
+    prompt_cache_bytes: int = 0
 
 
-def default_seat_count(model: LoadedModel) -> int:
-    """Seats from device memory: one KV cache per seat (about 1.5 GiB for the 7B at context 3000)."""
+def default_seat_count(model: LoadedModel, config: EngineConfig | None = None) -> int:
+    """Seats from device memory: one KV cache per seat (about 1.5 GiB for the 7B at context 3000),
+    after the prompt cache's budget on a model that takes prompts."""
     if model.device.type != "cuda":
         return CPU_DEFAULT_SEATS
     lm = model.lm
     bytes_per = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_seat = 2 * len(lm.transformer.layers) * lm.transformer.layers[0].self_attn.context * lm.dim * bytes_per
     free, _ = torch.cuda.mem_get_info(model.device)
-    return int(max(1, min(MAX_DEFAULT_SEATS, (free - GPU_RESERVE_BYTES) // max(kv_per_seat, 1))))
+    reserve = GPU_RESERVE_BYTES + ((config or EngineConfig()).prompt_cache_mib * 2**20 if model.takes_prompts else 0)
+    return int(max(1, min(MAX_DEFAULT_SEATS, (free - reserve) // max(kv_per_seat, 1))))
 
 
 class FrameEngine:
@@ -195,7 +220,7 @@ class FrameEngine:
         self.on_step = on_step
         self.config = config or EngineConfig()
         sampling = sampling or SamplingConfig()
-        self.num_seats = self.config.max_sessions or default_seat_count(model)
+        self.num_seats = self.config.max_sessions or default_seat_count(model, self.config)
         # Conditioned models (speaker/emotion LUTs summed into the input) start every seat on each
         # conditioner's first value; a seat's row is overwritten when its caller chooses.
         self.condition_values = model.condition_values
@@ -205,7 +230,12 @@ class FrameEngine:
             condition_tensors = model.lm.condition_provider.prepare_and_provide(
                 [ConditionAttributes(text=dict(self._default_conditions))] * self.num_seats)
         self.sampler = SeatSampler(self.num_seats, model.device, sampling)
-        self.lm_gen = SeatLMGen(model.lm, self.sampler, support_out_of_sync=True, condition_tensors=condition_tensors)
+        self.lm_gen = PromptLMGen(model.lm, self.sampler, support_out_of_sync=True, condition_tensors=condition_tensors)
+        # PersonaPlex-style models take voice/text prompts; the builder keeps its own Mimi, copied
+        # before the engine's starts streaming
+        self.prompts = PromptBuilder(model) if model.takes_prompts else None
+        self.prompt_cache = PromptCache(self.config.prompt_cache_entries, self.config.prompt_cache_mib * 2**20)
+        self._context = model.lm.transformer.layers[0].self_attn.context
         model.mimi.streaming_forever(self.num_seats)
         self.lm_gen.streaming_forever(self.num_seats)
         self.stats = EngineStats(seats_total=self.num_seats)
@@ -221,6 +251,8 @@ class FrameEngine:
         self._masks: dict[str, bytes | None] = {"mimi": None, "lm": None}
         self._pending_rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]] = {}  # index -> (seat, values, row)
         self._pending_sampling: dict[int, tuple[Seat, SeatSampling]] = {}
+        self._pending_prompts: dict[int, tuple[Seat, PromptSpec, PromptFrames]] = {}
+        self._prompted = np.zeros(self.num_seats, bool)  # rows running on a prompt (context is watched)
         self._default_row = self._condition_row(self._default_conditions) if self._default_conditions else None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -304,6 +336,70 @@ class FrameEngine:
             self.sampler.set(index, settings)
             seat.sampling = settings
 
+    def prompt_presets(self) -> list[str] | None:
+        """The model's preset voices if it takes voice/text prompts; None if it does not."""
+        return sorted(self.model.preset_voices) if self.prompts is not None else None
+
+    def _set_prompt(self, seat: Seat, spec: PromptSpec) -> None:
+        if self.prompts is None:
+            raise PromptError(f"{self.model.name} does not take voice or text prompts (a PersonaPlex "
+                              "checkpoint does)")
+        frames = self.prompts.frames(spec)  # the caller's thread: tokenising, encoding the voice
+        with self._lock:
+            if self._seats[seat.index] is seat:
+                self._pending_prompts[seat.index] = (seat, spec, frames)
+                self._pending_reset[seat.index] = True  # a prompt starts the conversation over
+
+    def _prompt_states(self, pending: dict[int, tuple[Seat, PromptSpec, PromptFrames]]) -> dict[int, PromptState]:
+        """Each pending prompt's state: from the cache, or computed now in one pass (and cached).
+        A prompt whose prefill fails ends its own call (the reason given), never the others'."""
+        states: dict[int, PromptState] = {}
+        for index, (seat, _, frames) in pending.items():
+            state = self.prompt_cache.get(frames.key)
+            if state is None:
+                t0 = time.perf_counter()
+                try:
+                    state = self.lm_gen.prefill(frames)
+                except Exception as exc:  # whatever broke, only this call ends (told why); the engine goes on
+                    log.exception("prompt prefill failed for seat %d", index)
+                    with self._lock:
+                        if self._pending_prompts.get(index, (None,))[0] is seat:
+                            del self._pending_prompts[index]
+                    seat.release(f"the voice/persona prompt could not be prepared ({type(exc).__name__})")
+                    continue
+                self.prompt_cache.put(frames.key, state)
+                with self._lock:
+                    self.stats.prompt_prefills += 1
+                    self.stats.prompt_prefill_ms = 1e3 * (time.perf_counter() - t0)
+            states[index] = state
+        with self._lock:
+            self.stats.prompt_cache_entries = len(self.prompt_cache)
+            self.stats.prompt_cache_bytes = self.prompt_cache.nbytes
+        return states
+
+    def _restore_prompts(self, pending: dict[int, tuple[Seat, PromptSpec, PromptFrames]],
+                         states: dict[int, PromptState]) -> None:
+        """Copy prompt states into their (just reset) rows; the host's step counts follow."""
+        for index, (seat, spec, _) in pending.items():
+            self.lm_gen.restore(index, states[index])
+            self._steps[index] = states[index].length
+            self._prompted[index] = True
+            seat.prompt = spec
+        with self._lock:
+            self.stats.prompts_restored += len(pending)
+
+    def _end_outgrown_prompts(self) -> None:
+        """A prompted call whose conversation would push its prompt out of the context ends."""
+        if self._context is None or not self._prompted.any():
+            return
+        full = np.flatnonzero(self._prompted & (self._steps >= self._context - PROMPT_CONTEXT_MARGIN))
+        for index in full:
+            seat = self._seats[index]
+            self._prompted[index] = False
+            if seat is not None:
+                seat.release(f"the call reached the model's {self._context * FRAME_SECONDS / 60:.0f}-minute "
+                             "context: past it the agent would forget its voice and persona. Please call again.")
+
     def seats_in_use(self) -> int:
         with self._lock:
             return self.stats.seats_in_use
@@ -339,9 +435,21 @@ class FrameEngine:
     def step_once(self) -> int:
         """Run one batched step for every seat that has an input frame. Returns how many stepped."""
         with self._lock:
+            prompts = dict(self._pending_prompts)
+        states = self._prompt_states(prompts) if prompts else {}  # new prompts: one pass each, before the tick
+        with self._lock:
             batch, pcm, exec_mask, reset, rows, sampling = self._take_batch()
+            # prompts whose seat left, or that another prompt replaced meanwhile, are dropped
+            for index, (seat, _, _) in list(self._pending_prompts.items()):
+                if self._seats[index] is not seat:
+                    del self._pending_prompts[index]
+            prompts = {i: p for i, p in prompts.items() if self._pending_prompts.get(i) is p and i in states}
             if not batch:
-                self._pending_reset |= reset  # no step this tick: keep the resets for the next one
+                self._pending_reset |= reset  # no step this tick: keep the resets (and prompts) for the next one
+                prompts = {}
+            for index in prompts:
+                del self._pending_prompts[index]
+                reset[index] = True  # a prompt is restored into a freshly reset row, always
             self._last_tick = time.monotonic()
         if rows:
             self._apply_condition_rows(rows)
@@ -356,7 +464,10 @@ class FrameEngine:
             mimi.reset_streaming(reset_dev)
             self.lm_gen.reset_streaming(reset_dev)
             self._steps[reset] = 0
+            self._prompted[reset] = False
             self._masks = {"mimi": None, "lm": None}  # a reset also sets the reset seats' masks
+        if prompts:
+            self._restore_prompts(prompts, states)
         self._set_mask("mimi", mimi, exec_mask)
         codes = mimi.encode(torch.from_numpy(pcm).to(device))
         t1 = time.perf_counter()
@@ -391,6 +502,7 @@ class FrameEngine:
                     produced_at=produced_at, voiced=is_voiced))
         if self.on_step is not None:  # after delivery: telemetry never delays audio
             self.on_step(t3 - t0, len(batch))
+        self._end_outgrown_prompts()
         return len(batch)
 
     def _set_mask(self, name: str, module, mask: np.ndarray) -> None:

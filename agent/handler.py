@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 # audio fell seconds behind over a long call. Waiting up to 100 ms keeps it to ~12.5 frames a second.
 EMIT_WAIT_S = 0.1
 # The page's inputs after the call component, in order (ui.build_demo); other clients may send fewer.
-INPUT_NAMES = ("voice", "emotion", "text_temperature", "text_topk", "audio_temperature", "audio_topk")
+INPUT_NAMES = ("voice", "emotion", "text_temperature", "text_topk", "audio_temperature", "audio_topk",
+               "text_prompt", "voice_prompt")
 WEBRTC_MARKER = "__webrtc_value__"
 
 
@@ -70,8 +72,9 @@ class MoshiHandler(StreamHandler):
     def _requested_settings(self) -> CallSettings:
         """Voice, emotion and sampling from the page's inputs (CatalogueError/SamplingError if bad)."""
         inputs = self._inputs()
-        voice, emotion = (inputs.get(k) if isinstance(inputs.get(k), str) else None for k in ("voice", "emotion"))
-        return self.hub.catalogue.settings(voice, emotion, sampling_request(inputs))
+        voice, emotion, text_prompt, voice_prompt = (inputs.get(k) if isinstance(inputs.get(k), str) else None
+                                                     for k in ("voice", "emotion", "text_prompt", "voice_prompt"))
+        return self.hub.catalogue.settings(voice, emotion, sampling_request(inputs), voice_prompt, text_prompt)
 
     # -- messages to the client -----------------------------------------------------------------
 
@@ -99,8 +102,11 @@ class MoshiHandler(StreamHandler):
             if self.session is not None:
                 if not self.session.closed:
                     return self.session
-                # the engine freed the seat (no audio for a while): end that call properly first
+                # the engine freed the seat (no audio for a while, or a prompted call reached the
+                # context): end that call properly first, tell the caller, start over below
+                reason = self.session.seat.closed_reason
                 self.hub.close(self.session, "its seat was freed by the engine")
+                self._notify("warning", f"The call starts over: {reason}")
             if self._refused is not None:
                 return None
             try:
@@ -143,6 +149,8 @@ class MoshiHandler(StreamHandler):
             self._warn_once(f"settings:{exc}", str(exc))
             return
         if wanted != session.settings:
+            wanted = self._keep_prompt(session, wanted)
+        if wanted != session.settings:
             if self.hub.route(wanted) is not session.engine:
                 self._warn_once(f"model:{wanted.voice}", f"The voice {wanted.voice!r} runs on another model: "
                                 "hang up and call again to switch to it.")
@@ -153,6 +161,20 @@ class MoshiHandler(StreamHandler):
                 self._warn_once(f"settings:{wanted}", str(exc))
                 return
             log.info("call %s: settings -> %s", session.call_id, wanted)
+
+    def _keep_prompt(self, session: Session, wanted: CallSettings) -> CallSettings:
+        """On a model that takes prompts the voice, persona and emotion (carried by the persona) are
+        the call's start: a change applies from the next call (the caller is told once); the rest
+        applies now."""
+        if session.engine.prompt_presets() is None:
+            return wanted
+        now = session.settings
+        kept = replace(wanted, voice=now.voice, emotion=now.emotion, voice_prompt=now.voice_prompt,
+                       text_prompt=now.text_prompt)
+        if kept != wanted:
+            self._warn_once(f"prompt:{wanted.voice}:{wanted.voice_prompt}:{wanted.text_prompt}",
+                            "A new voice or persona applies from your next call (it is how the call starts).")
+        return kept
 
     def emit(self):
         session = self.session

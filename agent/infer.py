@@ -2,6 +2,8 @@
 
     python -m agent.infer --model kyutai/moshiko-pytorch-bf16 IN.wav OUT.wav --greedy
     python -m agent.infer --model tiny IN.wav OUT.wav --voice ravi --emotion sad   # random weights, CPU
+    python -m agent.infer --model nvidia/personaplex-7b-v1 --voice-prompt NATF2 \
+        --text-prompt "You are a friendly bank agent." --greedy IN.wav OUT.wav
 
 The recording goes through the same `FrameEngine` a live call uses, as one seat, frame by frame
 and as fast as the model runs (no real-time wait, no engine thread): what is measured here is what
@@ -10,7 +12,10 @@ frame k answers input frame k; the first frame is silent, Moshi's acoustic delay
 stdout and to OUT.txt beside OUT.wav. Any WAV rate and channel count is read (mixed to mono and
 resampled to 24 kHz); the last partial frame is padded with zeros. A conditioned model speaks
 with the catalogue's voice and emotion (its defaults unless --voice/--emotion say otherwise), as a
-call does; an unconditioned one (Kyutai's Moshiko/Moshika) ignores them.
+call does; an unconditioned one (Kyutai's Moshiko/Moshika) ignores them. A model that takes prompts
+(PersonaPlex) starts from `--voice-prompt` (a preset name of the model or a WAV file) and
+`--text-prompt` (the persona) through the same prompt path as a live call (agent/prompts.py,
+agent/prompt_state.py): output frame 0 is then already the agent's first answer frame.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from agent.audio import resample
 from agent.config import EngineConfig, ModelConfig, SamplingConfig
 from agent.engine import ConditionError, FrameEngine
 from agent.models import LoadedModel, ModelLoadError, load_model
+from agent.prompts import PromptError, PromptSpec
 from agent.voices import CatalogueError, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -57,14 +63,18 @@ def to_frames(audio: np.ndarray) -> np.ndarray:
 
 
 def infer(model: LoadedModel, audio: np.ndarray, sampling: SamplingConfig | None = None,
-          conditions: dict[str, str] | None = None) -> InferResult:
+          conditions: dict[str, str] | None = None, prompt: PromptSpec | None = None) -> InferResult:
     """Run 24 kHz mono `audio` through a one-seat FrameEngine on `model` (which must not back
     another engine: the streaming state lives in its modules). `conditions`, e.g. {"speaker":
-    "ravi", "emotion": "sad"}, applies from the first frame; None keeps the engine's defaults."""
+    "ravi", "emotion": "sad"}, applies from the first frame; None keeps the engine's defaults.
+    `prompt` (a model that takes prompts): the voice/text prompt the conversation starts from
+    (PromptError if the model cannot take it)."""
     engine = FrameEngine(model, EngineConfig(max_sessions=1), sampling)
     seat = engine.acquire("infer")
     if conditions:
         seat.set_conditions(conditions)  # ConditionError for a value the model does not know
+    if prompt is not None:
+        seat.set_prompt(prompt)
     pcm, tokens, pieces = [], [], []
     for frame in to_frames(audio):
         seat.push(frame)
@@ -87,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--voice", default=None, help="a voice id from assets/catalogue.json (default: its default)")
     p.add_argument("--emotion", default=None, help="an emotion id from assets/catalogue.json (default: its default)")
+    p.add_argument("--voice-prompt", default=None,
+                   help="a model that takes prompts (PersonaPlex): a preset voice name (e.g. NATF2) or a WAV file")
+    p.add_argument("--text-prompt", default=None, help="the persona for a model that takes prompts")
     p.add_argument("input", type=Path, help="a WAV file, any rate and channel count")
     p.add_argument("output", type=Path, help="the agent's audio (24 kHz mono WAV); its text goes to OUTPUT.txt")
     args = p.parse_args(argv)
@@ -102,9 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     torch.manual_seed(args.seed)
+    prompt = None
+    if args.voice_prompt or args.text_prompt:
+        if not model.takes_prompts:
+            log.error("%s takes no voice or text prompt (a PersonaPlex checkpoint does)", model.name)
+            return 2
+        prompt = PromptSpec(args.voice_prompt.removesuffix(".pt") if args.voice_prompt else None, args.text_prompt)
     try:
-        result = infer(model, audio, sampling, settings.conditions(model.condition_values))
-    except ConditionError as exc:
+        result = infer(model, audio, sampling, settings.conditions(model.condition_values), prompt)
+    except (ConditionError, PromptError) as exc:
         log.error("%s", exc)
         return 2
     sf.write(str(args.output), result.pcm, SAMPLE_RATE, subtype="FLOAT")

@@ -10,6 +10,11 @@ Binary messages, first byte = kind:
 Each connection is one call on the same engine as every other transport. Query parameters:
 `voice`, `emotion` (catalogue ids) and the sampling names of Kyutai's web client (`text_temperature`,
 `text_topk`, `audio_temperature`, `audio_topk`); bad values get a 0x05 error and the socket closes.
+PersonaPlex's names work too: `voice_prompt` (a preset such as `NATF2.pt`, or a catalogue voice id),
+`text_prompt` (the persona) and `seed` (their server) / `text_seed`, `audio_seed` (their web client):
+integers, accepted, but in a shared batch one call's sampling cannot be seeded on its own (greedy
+sampling is the reproducible choice). Their client's other knobs (`pad_mult`, `repetition_penalty`,
+`repetition_penalty_context`) are ignored.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> N
             await ws.send_bytes(AUDIO + pages)
         if frame.text:
             await ws.send_bytes(TEXT + frame.text.encode())
+    if session.closed and not stop.is_set():  # the server ended the call (e.g. its prompt outgrew the context)
+        await ws.send_bytes(ERROR + f"The call ended: {session.seat.closed_reason}".encode())
+        await ws.close(code=1000)
 
 
 async def _receive_user(ws: WebSocket, session: Session) -> None:
@@ -72,13 +80,30 @@ async def _receive_user(ws: WebSocket, session: Session) -> None:
                 log.info("/api/chat: %s", exc)
 
 
+SEED_NAMES = ("seed", "text_seed", "audio_seed")  # PersonaPlex's server, and its web client
+
+
+def check_seeds(params) -> None:
+    """PersonaPlex's seeds: integers or absent (ValueError otherwise)."""
+    for name in SEED_NAMES:
+        raw = params.get(name)
+        if raw in (None, ""):
+            continue
+        try:
+            int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+
+
 async def chat(ws: WebSocket, hub: CallHub) -> None:
     await ws.accept()
     call_id = f"kyutai-{uuid.uuid4().hex[:12]}"
     try:
         params = ws.query_params
-        session = hub.open(call_id, hub.catalogue.settings(params.get("voice"), params.get("emotion"),
-                                                           sampling_request(params)))
+        check_seeds(params)
+        settings = hub.catalogue.settings(params.get("voice"), params.get("emotion"), sampling_request(params),
+                                          params.get("voice_prompt"), params.get("text_prompt"))
+        session = await run_sync(hub.open, call_id, settings)  # a new voice prompt is encoded: off the loop
     except (CallRefused, ValueError) as exc:
         await ws.send_bytes(ERROR + str(exc).encode())
         await ws.close(code=1013)  # try again later

@@ -106,11 +106,15 @@ class PrometheusExporter:
         "input_dropped": "Input frames dropped because a seat's input backlog was full (client too fast).",
         "output_dropped": "Output frames dropped because a client did not read its audio.",
         "late_ticks": "Ticks a seat sat out because its input frame was late (frozen, padded by waiting).",
+        "prompts_restored": "Calls started from a voice/text prompt's state (cached or new).",
+        "prompt_prefills": "Prompt states computed (prompt cache misses), each in one pass between two ticks.",
     }
     GAUGES = {
         "seats_total": "Seats (batch slots) in the engine.",
         "seats_in_use": "Seats taken by live calls.",
         "draining": "1 while the server drains before shutting down.",
+        "prompt_cache_entries": "Prompt states held in the bounded (LRU) prompt cache.",
+        "prompt_cache_bytes": "Memory held by the prompt cache (keys and values of every cached prompt).",
     }
 
     def __init__(self, snapshot: Callable[[], dict[str, float]]):

@@ -5,7 +5,11 @@
 - a local folder with the same files (config.json, safetensors, sentencepiece model);
 - `tiny`: a small Moshi and Mimi with random, seeded weights, built from the `moshi` package's own
   classes so the real streaming code runs on a CPU (the voice is noise: nothing is trained);
-- `moshi-7b-random`: the full 7B architecture and full Mimi with random weights, for benchmarks.
+- `moshi-7b-random`: the full 7B architecture and full Mimi with random weights, for benchmarks;
+- NVIDIA's PersonaPlex (`nvidia/personaplex-7b-v1`, gated) or a local folder with its weights: told
+  apart by its 16-step depformer, loaded on stock moshi by agent/personaplex.py, with its preset voices;
+- `tiny-personaplex`: a tiny random checkpoint in PersonaPlex's layout (16-step depformer, preset
+  voices), written to a folder and loaded through the same code as the real one (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +32,8 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
-from agent import ASSETS
-from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TINY_MODEL, ModelConfig
+from agent import ASSETS, personaplex
+from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TINY_MODEL, TINY_PERSONAPLEX_MODEL, ModelConfig
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,9 @@ class LoadedModel:
     lm_config: dict = field(default_factory=dict)  # LMModel kwargs as config.json holds them
     mimi_config: dict | None = None  # None: Kyutai's default Mimi
     tokenizer_path: Path | None = None
+    # PersonaPlex-style models take a voice prompt and a text prompt per call (agent/prompts.py)
+    takes_prompts: bool = False
+    preset_voices: dict[str, Path] = field(default_factory=dict)  # name -> voices/NAME.pt|.wav
 
     @property
     def description(self) -> str:
@@ -241,6 +249,71 @@ def build_random_7b(device: torch.device, dtype: torch.dtype, seed: int = 424242
     return LoadedModel(RANDOM_7B_MODEL, mimi, lm, None, device, dtype, random_weights=True, lm_config=lm_kwargs)
 
 
+TINY_PRESET_VOICES = {"NATF0": (220.0, 1), "NATF1": (260.0, 2), "NATM0": (110.0, 3), "NATM1": (130.0, 4)}
+TINY_PRESET_SECONDS = 1.2
+
+
+def tiny_personaplex_folder(seed: int = ModelConfig.seed, cache_dir: Path | None = None) -> Path:
+    """A tiny checkpoint in PersonaPlex's layout, written once (cached by seed): Kyutai's folder
+    layout with `dep_q = 8` in config.json, weights from moshi's own classes with a **16-step**
+    depformer saved in the stacked form (`self_attn.in_proj_weight`), and preset voices as WAVs
+    under voices/ (PersonaPlex's names; tones, not people). Loading it runs the real PersonaPlex code."""
+    cache_dir = cache_dir or Path(os.environ.get("AGENT_CACHE", Path.home() / ".cache" / "telugu-voice-agent"))
+    folder = cache_dir / f"tiny-personaplex-v2-{seed}"
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer_file = tiny_tokenizer_path(cache_dir)
+    text_card = sentencepiece.SentencePieceProcessor(str(tokenizer_file)).vocab_size()
+    # a longer context than `tiny`'s, so English personas (many pieces in the Telugu tokenizer) fit
+    config = dict(tiny_lm_kwargs(text_card=text_card, conditioned=False), context=1000)
+    with torch.random.fork_rng():
+        _seeded(seed)
+        mimi = _tiny_mimi(torch.device("cpu"), seed)
+        lm16 = loaders.get_moshi_lm(None, lm_kwargs=dict(copy.deepcopy(config), dep_q=16, depformer_context=16),
+                                    device="cpu", dtype=torch.float32)
+    state = _stack_depformer_projections(lm16.state_dict())
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(state, tmp / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, tmp / "mimi.safetensors")
+    (tmp / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    (tmp / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(), indent=1))
+    (tmp / "config.json").write_text(json.dumps(dict(config, moshi_name="model.safetensors", mimi_name="mimi.safetensors",
+                                                     tokenizer_name="tokenizer.model",
+                                                     mimi_config_name="mimi_config.json",
+                                                     model_id={"base": TINY_MODEL}), indent=1))
+    (tmp / "voices").mkdir(exist_ok=True)
+    t = np.arange(int(TINY_PRESET_SECONDS * 24_000)) / 24_000
+    for name, (pitch, voice_seed) in TINY_PRESET_VOICES.items():
+        rng = np.random.default_rng(voice_seed)
+        wave = sum(np.sin(2 * np.pi * pitch * h * t) / h for h in (1, 2, 3)) * (0.3 + 0.2 * np.sin(2 * np.pi * 3 * t))
+        wave = wave + 0.02 * rng.standard_normal(t.size)
+        import soundfile  # light, and only needed here
+        soundfile.write(str(tmp / "voices" / f"{name}.wav"), wave.astype(np.float32), 24_000)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process wrote it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _stack_depformer_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The depformer's per-step attention projections in the stacked form PersonaPlex's files use."""
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, value in state.items():
+        m = re.match(r"^(depformer\.layers\.\d+\.self_attn)\.(in|out)_projs\.(\d+)\.weight$", key)
+        if m:
+            name = f"{m.group(1)}.in_proj_weight" if m.group(2) == "in" else f"{m.group(1)}.out_proj.weight"
+            stacks.setdefault(name, []).append((int(m.group(3)), value))
+        else:
+            out[key] = value.contiguous()
+    for name, parts in stacks.items():
+        out[name] = torch.cat([v for _, v in sorted(parts, key=lambda p: p[0])]).contiguous()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Kyutai checkpoints: Hugging Face repos and local folders
 # ---------------------------------------------------------------------------------------------
@@ -289,16 +362,62 @@ def _local_checkpoint_info(folder: Path) -> loaders.CheckpointInfo:
     )
 
 
+def _personaplex_info(repo: str) -> loaders.CheckpointInfo:
+    """The gated hub repo's files, with Moshiko's LM geometry (its config.json is not an LM config)."""
+    try:
+        files = personaplex.hub_files(repo)
+    except personaplex.PersonaPlexError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    info = loaders.CheckpointInfo(moshi_weights=files["lm"], mimi_weights=files["mimi"], tokenizer=files["tokenizer"],
+                                  lm_config=None)
+    if "voices" in files:
+        personaplex.preset_voices(files["voices"].parent)  # unpack beside the archive once
+    return info
+
+
+def _depformer_steps(info: loaders.CheckpointInfo) -> int:
+    weights = Path(info.moshi_weights)
+    return personaplex.depformer_steps(personaplex.weight_keys(weights)) if weights.suffix == ".safetensors" else 0
+
+
+def _agent_steps_only(info: loaders.CheckpointInfo) -> None:
+    """A config written for PersonaPlex's fork (`dep_q = n_q`: the user's codebooks predicted too)
+    would make stock moshi expect no user codebooks: keep the agent's half (the weights are trimmed)."""
+    config = info.lm_config
+    if config and config.get("dep_q") == config.get("n_q") and _depformer_steps(info) == config["dep_q"]:
+        log.info("%s: the depformer predicts the user's codebooks too; loading the agent's %d steps",
+                 info.moshi_weights, config["n_q"] // 2)
+        info.lm_config = dict(config, dep_q=config["n_q"] // 2)
+
+
+def _load_lm(info: loaders.CheckpointInfo, device: torch.device, dtype: torch.dtype) -> tuple[LMModel, bool]:
+    """The LM, and whether its weights are PersonaPlex's (a depformer with more steps than the
+    config's `dep_q`: the user-codebook steps are dropped, see agent/personaplex.py)."""
+    config = copy.deepcopy(info.lm_config or loaders._lm_kwargs)
+    if _depformer_steps(info) <= config["dep_q"]:
+        return info.get_moshi(device=device, dtype=dtype), False
+    if info.lora_weights is not None:
+        raise ModelLoadError("LoRA adapters on a PersonaPlex checkpoint are not supported; fuse them first")
+    state = personaplex.load_lm_state(Path(info.moshi_weights), config["dep_q"], device)
+    for key, value in state.items():  # as moshi's loader: conditioners stay float32
+        if value.dtype.is_floating_point and not key.startswith(("condition_provider.", "fuser.")):
+            state[key] = value.to(dtype)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=config, device=torch.device("meta"), dtype=dtype)
+    lm.load_state_dict(state, assign=True)
+    return lm.eval(), True
+
+
 def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
                     context: int | None = None) -> LoadedModel:
-    info = checkpoint_info(spec)
+    info = _personaplex_info(spec) if spec == personaplex.PERSONAPLEX_REPO else checkpoint_info(spec)
+    _agent_steps_only(info)
     if context is not None:
         info.lm_config = dict(info.lm_config or loaders._lm_kwargs, context=context)
     # Before loading: moshi's loader writes runtime entries (device, output_dim) into the nested dicts.
     lm_config = copy.deepcopy(info.lm_config or loaders._lm_kwargs)
     try:
         mimi = info.get_mimi(device=device)
-        lm = info.get_moshi(device=device, dtype=dtype)
+        lm, is_personaplex = _load_lm(info, device, dtype)
         tokenizer = info.get_text_tokenizer()
     except (RuntimeError, KeyError, OSError, ValueError) as exc:
         if "condition_provider" in str(exc) or "fuser" in str(exc):
@@ -313,7 +432,9 @@ def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
     return LoadedModel(Path(spec).name if Path(spec).is_dir() else spec, mimi, lm, tokenizer, device, dtype,
                        random_weights=from_random, lm_gen_config=dict(info.lm_gen_config),
                        lm_config=lm_config,
-                       mimi_config=info.mimi_config, tokenizer_path=Path(info.tokenizer))
+                       mimi_config=info.mimi_config, tokenizer_path=Path(info.tokenizer),
+                       takes_prompts=is_personaplex,
+                       preset_voices=personaplex.preset_voices(Path(info.moshi_weights).parent) if is_personaplex else {})
 
 
 def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> tuple[MimiModel, dict | None]:
@@ -337,6 +458,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
     name = config.model or default_model_name(device)
     if name == TINY_MODEL:
         model = build_tiny(device, dtype, config.seed, config.context)
+    elif name == TINY_PERSONAPLEX_MODEL:
+        folder = tiny_personaplex_folder(seed=config.seed)
+        model = load_checkpoint(str(folder), device, dtype, config.context)
+        model.name = TINY_PERSONAPLEX_MODEL
     elif name == RANDOM_7B_MODEL:
         model = build_random_7b(device, dtype, config.seed, config.context)
     else:

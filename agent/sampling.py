@@ -25,13 +25,12 @@ import torch
 from moshi.models.lm import LMGen, LMModel
 from moshi.utils.sampling import multinomial, sample_token
 
-from agent.config import MAX_TEMP, SamplingConfig
+from agent.config import MAX_TEMP, SamplingConfig, SamplingRequest
 
 Stream = Literal["text", "audio"]
 # Kyutai's web client sends these query parameters; we take the same names everywhere.
 REQUEST_NAMES = {"text_temperature": "temp_text", "text_topk": "top_k_text",
                  "audio_temperature": "temp", "audio_topk": "top_k"}
-SamplingRequest = tuple[tuple[str, float | int], ...]  # (SeatSampling field, value), sorted; () = defaults
 
 
 class SamplingError(ValueError):

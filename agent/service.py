@@ -61,12 +61,14 @@ class AgentService:
 
     def voice_support(self) -> dict[str, Support]:
         """A voice is supported if any loaded model has it."""
-        per_model = [self.catalogue.voice_support(e.model.name, e.condition_values) for e in self.engines]
+        per_model = [self.catalogue.voice_support(e.model.name, e.condition_values, e.prompt_presets())
+                     for e in self.engines]
         return {v.id: next((m[v.id] for m in per_model if m[v.id].supported), per_model[0][v.id])
                 for v in self.catalogue.voices}
 
     def emotion_support(self) -> dict[str, Support]:
-        per_model = [self.catalogue.emotion_support(e.condition_values) for e in self.engines]
+        per_model = [self.catalogue.emotion_support(e.condition_values, e.prompt_presets() is not None)
+                     for e in self.engines]
         return {x.id: next((m[x.id] for m in per_model if m[x.id].supported), per_model[0][x.id])
                 for x in self.catalogue.emotions}
 
@@ -81,7 +83,8 @@ class AgentService:
     def metric_values(self) -> dict[str, float]:
         values = {"seats_total": self.seats_total(), "seats_in_use": self.seats_in_use(),
                   "draining": float(self.hub.draining)}
-        for name in ("calls_started", "calls_refused", "input_dropped", "output_dropped", "late_ticks"):
+        for name in ("calls_started", "calls_refused", "input_dropped", "output_dropped", "late_ticks",
+                     "prompts_restored", "prompt_prefills", "prompt_cache_entries", "prompt_cache_bytes"):
             values[name] = sum(getattr(e.stats, name) for e in self.engines)
         return values
 

@@ -19,9 +19,10 @@ from agent import FRAME_SECONDS, SAMPLE_RATE
 from agent.audio import ChunkReport, InputAudio
 from agent.engine import ConditionError, EngineStoppedError, FrameEngine, OutputFrame, Seat, SeatsFullError
 from agent.metrics import RollingWindow
+from agent.prompts import PromptError, PromptSpec
 from agent.sampling import SamplingError, SeatSampling
 from agent.vad import TurnLatencyTracker, VadHub
-from agent.voices import CallSettings, Catalogue
+from agent.voices import CallSettings, Catalogue, CatalogueError
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ class Session:
         sampling = self.sampling(settings).checked(self.engine.sampler.config)  # check both before either
         self.seat.set_conditions(settings.conditions(self._available_conditions))
         self.seat.set_sampling(sampling)
+
+    def start_from_prompt(self, spec: PromptSpec) -> None:
+        """Run this call on a voice/text prompt from its next frame (PromptError if the model cannot
+        take it). A new prompt starts the conversation over."""
+        self.seat.set_prompt(spec)
 
     def receive(self, rate: int, samples: np.ndarray) -> None:
         """Any client chunk in (raises AudioFormatError for audio it cannot read)."""
@@ -233,7 +239,8 @@ class CallHub:
     def route(self, settings: CallSettings) -> FrameEngine:
         """The engine whose model has this voice; the first engine if none has it."""
         for engine in self.engines:
-            support = self.catalogue.voice_support(engine.model.name, engine.condition_values)
+            support = self.catalogue.voice_support(engine.model.name, engine.condition_values,
+                                                   engine.prompt_presets())
             if support[settings.voice].supported:
                 return engine
         return self.engines[0]
@@ -242,8 +249,10 @@ class CallHub:
         """A new call on a free seat, or CallRefused with a message for the caller."""
         if self.draining:
             raise CallRefused("The server is restarting; please reconnect in a moment.")
+        engine = self.route(settings)
+        prompt = self.prompt(engine, settings)
         try:
-            session = Session(self.route(settings), call_id, settings, self.silence_ms, self.max_call_seconds,
+            session = Session(engine, call_id, settings, self.silence_ms, self.max_call_seconds,
                               self.on_turn_latency, self.vad)
         except (SeatsFullError, EngineStoppedError) as exc:
             raise CallRefused(str(exc)) from exc
@@ -251,8 +260,25 @@ class CallHub:
             raise CallRefused(f"That voice or emotion is not available on this model: {exc}") from exc
         except SamplingError as exc:
             raise CallRefused(f"Those sampling settings are not allowed: {exc}") from exc
+        if prompt is not None:
+            try:
+                session.start_from_prompt(prompt)
+            except PromptError as exc:
+                session.close("prompt refused")
+                raise CallRefused(f"That voice or persona prompt cannot be used: {exc}") from exc
         self.registry.add(session)
         return session
+
+    def prompt(self, engine: FrameEngine, settings: CallSettings) -> PromptSpec | None:
+        """The voice/text prompt a call runs on, if its model takes prompts (CallRefused if the
+        caller named a voice that is not offered; a model without prompts ignores them)."""
+        presets = engine.prompt_presets()
+        if presets is None:
+            return None
+        try:
+            return PromptSpec(self.catalogue.prompt_voice(settings, presets), self.catalogue.prompt_text(settings))
+        except CatalogueError as exc:
+            raise CallRefused(f"That voice or persona prompt cannot be used: {exc}") from exc
 
     def close(self, session: Session, reason: str) -> None:
         session.close(reason)

@@ -16,6 +16,7 @@ from agent.access import rtc_configuration_from_env
 from agent.metrics import fmt_ms
 from agent.config import MAX_TEMP
 from agent.service import AgentService
+from agent.voices import MAX_TEXT_PROMPT_CHARS
 
 CSS_PATH = ASSETS / "style.css"
 PHONE_MAX_WIDTH = 768  # Gradio's own breakpoint: at or below it an open sidebar covers the whole page
@@ -36,6 +37,10 @@ def _choices(items, support) -> list[tuple[str, str]]:
 
 
 def _support_note(service: AgentService) -> str:
+    if any(e.prompt_presets() is not None for e in service.engines):
+        note = ("This model starts each call from a voice prompt (the voice's preset) and a persona text, "
+                "which also carries the emotion.")
+        return note + (" Its weights are random: the output is noise either way." if service.random_weights else "")
     voices, emotions = service.voice_support(), service.emotion_support()
     lines = []
     if not any(s.supported for s in voices.values()):
@@ -108,6 +113,9 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
             f"| Voice · emotion | {fig.settings.voice} · {fig.settings.emotion}"
             f"{' (conditioned)' if fig.conditioned else ''} |",
         ]
+        if fig.settings.text_prompt:
+            persona = fig.settings.text_prompt
+            lines.append(f"| Persona | {persona[:60]}{'…' if len(persona) > 60 else ''} |")
         if fig.sampling is not None:
             s = fig.sampling
             lines.append(f"| Sampling text · audio | T {s.temp_text:g}, top-{s.top_k_text} · T {s.temp:g}, top-{s.top_k} |")
@@ -136,6 +144,28 @@ def _sampling_inputs(service: AgentService) -> list[gr.Slider]:
         ]
 
 
+def _persona_inputs(service: AgentService) -> tuple[gr.Textbox, gr.Dropdown]:
+    """The call's text prompt (its persona), with ready ones from the catalogue to start from, and
+    the model's preset voices (a voice prompt other than the chosen voice's own)."""
+    presets = sorted({p for e in service.engines for p in (e.prompt_presets() or [])})
+    prompted = any(e.prompt_presets() is not None for e in service.engines)
+    note = ("The persona and the voice are how a call starts: set them before you press Record; a change "
+            "applies from the next call." if prompted else
+            "This model takes no text prompt (NVIDIA PersonaPlex does): the persona is kept with the call "
+            "but changes nothing.")
+    with gr.Accordion("Persona · పాత్ర", open=prompted, elem_id="persona-box"):
+        ready = gr.Dropdown([(p.name, p.text) for p in service.catalogue.personas], value=None,
+                            label="Ready personas", elem_id="persona-ready")
+        persona = gr.Textbox(label="Persona (text prompt)", lines=3, max_length=MAX_TEXT_PROMPT_CHARS,
+                             placeholder="You are … / మీరు …", elem_id="persona")
+        preset = gr.Dropdown([("the chosen voice's own", "")] + [(p, p) for p in presets], value="",
+                             label="Voice prompt (this model's preset voices)", visible=bool(presets),
+                             elem_id="voice-prompt")
+        gr.Markdown(note, elem_classes=["small-note"], elem_id="persona-note")
+        ready.change(lambda text: text or "", inputs=[ready], outputs=[persona], queue=False)
+    return persona, preset
+
+
 def build_demo(service: AgentService) -> gr.Blocks:
     catalogue = service.catalogue
     voice_support, emotion_support = service.voice_support(), service.emotion_support()
@@ -148,6 +178,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
             emotion = gr.Dropdown(_choices(catalogue.emotions, emotion_support), value=catalogue.default_emotion,
                                   label="Emotion · భావం", elem_id="emotion")
             gr.Markdown(_support_note(service), elem_id="support-note", elem_classes=["small-note"])
+            persona, preset = _persona_inputs(service)
             sampling = _sampling_inputs(service)
             gr.Markdown("### Live figures")
             stats = gr.Markdown("| Call | not connected |", elem_id="readouts")
@@ -175,7 +206,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
-        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling], outputs=[call],
+        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling, persona, preset], outputs=[call],
                     concurrency_limit=service.seats_total())
 
         wide_screen = gr.Checkbox(visible=False)  # set by the browser on load (IS_WIDE_SCREEN_JS)

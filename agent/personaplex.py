@@ -1,0 +1,154 @@
+"""NVIDIA PersonaPlex checkpoints on stock `moshi==0.2.13` (no fork).
+
+PersonaPlex is Moshi 7B fine-tuned to take a voice prompt and a text prompt per conversation
+(agent/prompts.py builds them). Its weights differ from Moshiko's in one way that matters here:
+its depformer has 16 steps (0-7 the agent's codebooks, 8-15 the user's), while stock moshi's LMGen
+needs `dep_q = 8` (with 16 it would expect no user codebooks at all). The depformer is causal over
+its steps, so dropping steps 8-15 leaves the agent's codebooks exactly as they were:
+
+- `depformer_in.i`, `linears.i`, `depformer.layers.*.gating.i`, `...self_attn.in_projs.i` /
+  `out_projs.i` for i >= 8 and `depformer_emb.i` for i >= 7 are dropped;
+- the stacked form (`self_attn.in_proj_weight` [16·3·d, d], `out_proj.weight` [16·d, d]) keeps the
+  rows of the first 8 steps.
+
+The number of steps is read from the weights (`depformer_steps`), never from a name, so a local
+folder in Kyutai's layout holding PersonaPlex weights is recognised too.
+
+Files of the gated hub repo `nvidia/personaplex-7b-v1` (licence accepted on the hub, `HF_TOKEN`):
+the LM, Mimi (same file as Moshiko's), the text tokenizer and `voices.tgz` (preset voices). Its
+`config.json` is not Kyutai's LM config (their server never reads it), so Moshiko's geometry is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PERSONAPLEX_REPO = "nvidia/personaplex-7b-v1"
+LM_FILE = "model.safetensors"
+MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
+VOICES_ARCHIVE = "voices.tgz"
+VOICES_DIR = "voices"
+VOICE_SUFFIXES = (".pt", ".wav")
+
+# Per-step weights of the depformer: (pattern, how many steps the list holds for dep_q steps)
+_PER_STEP = [
+    (re.compile(r"^depformer_in\.(\d+)\."), 0),
+    (re.compile(r"^linears\.(\d+)\."), 0),
+    (re.compile(r"^depformer_emb\.(\d+)\."), -1),  # one embedding per step after the first
+    (re.compile(r"^depformer\.layers\.\d+\.gating\.(\d+)\."), 0),
+    (re.compile(r"^depformer\.layers\.\d+\.self_attn\.(?:in|out)_projs\.(\d+)\."), 0),
+]
+_STACKED = re.compile(r"^depformer\.layers\.\d+\.self_attn\.(in_proj_weight|out_proj\.weight)$")
+
+
+class PersonaPlexError(RuntimeError):
+    """A PersonaPlex checkpoint could not be fetched or read; the message says what to do."""
+
+
+def depformer_steps(keys) -> int:
+    """How many depformer steps a checkpoint's weights carry (its `linears.i` output heads)."""
+    steps = [int(m.group(1)) for k in keys if (m := _PER_STEP[1][0].match(k))]
+    return max(steps) + 1 if steps else 0
+
+
+def weight_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, without reading the tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def trim_depformer(state: dict[str, torch.Tensor], dep_q: int) -> dict[str, torch.Tensor]:
+    """PersonaPlex's 16-step depformer weights cut to the first `dep_q` steps (the agent's)."""
+    steps = depformer_steps(state)
+    if steps <= dep_q:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        kept = True
+        for pattern, shift in _PER_STEP:
+            m = pattern.match(key)
+            if m:
+                kept = int(m.group(1)) < dep_q + shift
+                break
+        if not kept:
+            continue
+        if _STACKED.match(key):
+            value = value[: value.shape[0] // steps * dep_q]
+        out[key] = value
+    return out
+
+
+def load_lm_state(path: Path, dep_q: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return trim_depformer(load_file(str(path), device=str(device)), dep_q)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub repo (gated) and its preset voices
+# ---------------------------------------------------------------------------------------------
+
+def hub_files(repo: str = PERSONAPLEX_REPO) -> dict[str, Path]:
+    """Download (or find in the HF cache) the LM, Mimi, tokenizer and preset voices of the repo."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    token_hint = ("  HF_TOKEN is not set: create a read token at https://huggingface.co/settings/tokens and "
+                  "`export HF_TOKEN=...` (or `huggingface-cli login`)."
+                  if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")) else
+                  "  HF_TOKEN is set: check that this token's account has accepted the licence.")
+    files = {}
+    try:
+        for role, name in (("lm", LM_FILE), ("mimi", MIMI_FILE), ("tokenizer", TOKENIZER_FILE)):
+            files[role] = Path(hf_hub_download(repo, name))
+    except GatedRepoError as exc:
+        raise PersonaPlexError(
+            f"{repo} is gated: accept the NVIDIA Open Model License at https://huggingface.co/{repo} "
+            f"while logged in, then retry.\n{token_hint}") from exc
+    except RepositoryNotFoundError as exc:  # the hub answers 401 as "not found" to anonymous callers
+        raise PersonaPlexError(f"{repo}: not found or not allowed ({exc.__class__.__name__}).\n{token_hint}") from exc
+    except LocalEntryNotFoundError as exc:
+        raise PersonaPlexError(
+            f"{repo}: not in the Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE or no "
+            f"network). Download it once with internet, or pass a local folder with --model.") from exc
+    try:
+        files["voices"] = Path(hf_hub_download(repo, VOICES_ARCHIVE))
+    except Exception as exc:  # the model still works with the catalogue's own WAV voices
+        log.warning("%s: no preset voices (%s: %s)", repo, type(exc).__name__, exc)
+    return files
+
+
+def preset_voices(folder: Path) -> dict[str, Path]:
+    """Preset voices beside a checkpoint: `voices/NAME.pt|.wav`, unpacked from `voices.tgz` once.
+    Names are the file stems (`NATF2`); a `.pt` wins over a `.wav` of the same name."""
+    folder = Path(folder)
+    voices_dir = folder / VOICES_DIR
+    archive = folder / VOICES_ARCHIVE
+    if not voices_dir.is_dir() and archive.is_file():
+        _unpack(archive, folder)
+    if not voices_dir.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for suffix in reversed(VOICE_SUFFIXES):
+        for path in sorted(voices_dir.glob(f"*{suffix}")):
+            found[path.stem] = path
+    return dict(sorted(found.items()))
+
+
+def _unpack(archive: Path, into: Path) -> None:
+    """Unpack only plain files under voices/ (a hostile archive cannot write elsewhere)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [m for m in tar.getmembers()
+                   if m.isfile() and Path(m.name).parts[:1] == (VOICES_DIR,) and ".." not in Path(m.name).parts]
+        tar.extractall(path=into, members=members)
