@@ -201,7 +201,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
         status = gr.Markdown("Press **Record** to start a call.", elem_id="call-status")
         # On a phone the sidebar is closed and its own toggle is a small arrow: this opens it (CSS hides it on
         # wider screens, where the sidebar is open beside the call).
-        gr.Button("⚙️ Voice & emotion · live figures", elem_id="open-settings", size="sm",
+        gr.Button("⚙️ Voice, persona & emotion · live figures", elem_id="open-settings", size="sm",
                   variant="secondary").click(None, js=OPEN_SIDEBAR_JS)
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
