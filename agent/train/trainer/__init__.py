@@ -32,7 +32,7 @@ from agent.train.trainer.metrics import METRICS_FILE
 from agent.train.trainer.model import LORA_KEYS, TrainModel, build_train_model, is_trainable, trainable_state
 from agent.train.trainer.windows import Batch, Windows, split_records
 
-__all__ = ["Batch", "CHECKPOINTS", "LORA_KEYS", "METRICS_FILE", "RUN_FILE", "STATE_FILE", "TRAINABLE_FILE", "LossModule",
-           "TrainConfig", "TrainModel", "TrainResult", "Windows", "build_train_model", "checkpoint_dirs",
+__all__ = ["Batch", "CHECKPOINTS", "LORA_KEYS", "METRICS_FILE", "RUN_FILE", "STATE_FILE", "TRAINABLE_FILE",
+           "LossModule", "TrainConfig", "TrainModel", "TrainResult", "Windows", "build_train_model", "checkpoint_dirs",
            "is_trainable", "latest_checkpoint", "load_trainable", "masked_cross_entropy", "run_train",
            "split_records", "trainable_state"]
