@@ -54,14 +54,14 @@ def _prompted_model_and_windows(manifest: Path):
     """What a prompted run builds: the train model and its windows (with the prompts built once)."""
     from agent.train.records import TokenRecord
     from agent.train.trainer import TrainConfig, build_train_model
-    from agent.train.trainer.loop import _windows
+    from agent.train.trainer.loop import build_windows
     config = TrainConfig(inp=manifest, out=manifest.parent / "unused", model=TINY_PERSONAPLEX_MODEL, prompts=True,
                          add_conditioners=False, train_conditioners=False, use_conditions=False, lora_rank=4,
                          duration_sec=4, eval_fraction=0.0, gradient_checkpointing=False)
     model = build_train_model(config, torch.device("cpu"), torch.float32)
     info = json.loads((manifest.parent / "tokens.json").read_text())
     records = [TokenRecord(**line) for line in _jsonl(manifest)]
-    _, _, windows, _ = _windows(config, model, info, records)
+    _, _, windows, _ = build_windows(config, model, info, records)
     return config, model, windows
 
 
@@ -151,9 +151,10 @@ def test_prompted_training_exports_a_personaplex_that_still_takes_prompts(tokens
 
     # Loading trims it back to exactly the trained model (the LoRA folded in).
     from moshi.modules.lora import replace_lora_with_linear
-    from agent.train.export import _train_config
+
+    from agent.train.export import run_train_config
     from agent.train.trainer import build_train_model, latest_checkpoint, load_trainable
-    trained = build_train_model(_train_config(run), torch.device("cpu"), torch.float32)
+    trained = build_train_model(run_train_config(run), torch.device("cpu"), torch.float32)
     load_trainable(trained.lm, latest_checkpoint(run))
     replace_lora_with_linear(trained.lm)
     expected, got = trained.lm.state_dict(), loaded.lm.state_dict()

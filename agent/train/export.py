@@ -77,7 +77,8 @@ def _locate(inp: Path) -> tuple[Path, Path]:
     raise UsageError(f"{inp} is neither a training run folder (with {RUN_FILE}) nor a checkpoint")
 
 
-def _train_config(run: Path) -> TrainConfig:
+def run_train_config(run: Path) -> TrainConfig:
+    """The settings a training run folder was made with (its run.json)."""
     saved = json.loads((run / RUN_FILE).read_text())["config"]
     for key in ("inp", "out", "tokenizer"):
         if saved.get(key) is not None:
@@ -108,7 +109,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not config.force:
         raise UsageError(f"{out} is not empty; pass --force to overwrite it")
-    train_config = _train_config(run)
+    train_config = run_train_config(run)
     run_info = json.loads((run / RUN_FILE).read_text())
     # Rebuild the training model on the CPU exactly as training built it, then put the trained values in.
     model = build_train_model(train_config, torch.device("cpu"), torch.float32)

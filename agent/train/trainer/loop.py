@@ -91,8 +91,8 @@ def _open_run_folder(config: TrainConfig, group: Dist) -> Path:
     return out
 
 
-def _windows(config: TrainConfig, model: TrainModel, info: dict, records: list[TokenRecord]
-             ) -> tuple[list[TokenRecord], list[TokenRecord], Windows, Windows | None]:
+def build_windows(config: TrainConfig, model: TrainModel, info: dict, records: list[TokenRecord]
+                  ) -> tuple[list[TokenRecord], list[TokenRecord], Windows, Windows | None]:
     """(train records, eval records, their windows); UsageError when there is nothing to train on."""
     frames = max(1, int(round(config.duration_sec * info["frame_rate"])))
     if frames > model.lm.context:
@@ -151,7 +151,7 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
     report = Console(config.quiet or not group.main)
     manifest_report = Report("train", out, quiet=config.quiet or not group.main)
     records = read_manifest(Path(config.inp), TokenRecord, manifest_report)
-    train_records, eval_records, train_data, eval_data = _windows(config, model, info, records)
+    train_records, eval_records, train_data, eval_data = build_windows(config, model, info, records)
     for note in model.notes:
         report.say(f"note: {note}")
     if group.main:
