@@ -65,6 +65,7 @@ class LoadedModel:
     # PersonaPlex-style models take a voice prompt and a text prompt per call (agent/prompts.py)
     takes_prompts: bool = False
     preset_voices: dict[str, Path] = field(default_factory=dict)  # name -> voices/NAME.pt|.wav
+    lm_weights: Path | None = None  # the LM file as loaded (export puts PersonaPlex's dropped steps back from it)
 
     @property
     def description(self) -> str:
@@ -428,19 +429,19 @@ def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
     if tokenizer.vocab_size() < lm.text_card:
         raise ModelLoadError(f"{spec}: tokenizer has {tokenizer.vocab_size()} pieces, the LM expects {lm.text_card}")
     # A model fine-tuned from `tiny` (tests, pipeline dry runs) started from random weights: still noise.
-    from_random = (info.model_id or {}).get("base") in (TINY_MODEL, RANDOM_7B_MODEL)
+    from_random = (info.model_id or {}).get("base") in (TINY_MODEL, TINY_PERSONAPLEX_MODEL, RANDOM_7B_MODEL)
     return LoadedModel(Path(spec).name if Path(spec).is_dir() else spec, mimi, lm, tokenizer, device, dtype,
                        random_weights=from_random, lm_gen_config=dict(info.lm_gen_config),
                        lm_config=lm_config,
                        mimi_config=info.mimi_config, tokenizer_path=Path(info.tokenizer),
-                       takes_prompts=is_personaplex,
+                       takes_prompts=is_personaplex, lm_weights=Path(info.moshi_weights),
                        preset_voices=personaplex.preset_voices(Path(info.moshi_weights).parent) if is_personaplex else {})
 
 
 def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> tuple[MimiModel, dict | None]:
     """Only the codec of `--model` (and its config, None for Kyutai's default): what encoding audio
     to training tokens needs, without loading a 7B LM."""
-    if name == TINY_MODEL:
+    if name in (TINY_MODEL, TINY_PERSONAPLEX_MODEL):  # tiny-personaplex's folder holds this same Mimi
         return _tiny_mimi(device, seed), tiny_mimi_config()
     if name == RANDOM_7B_MODEL:
         return build_random_7b(device, torch.float32, seed).mimi, None

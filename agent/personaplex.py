@@ -89,6 +89,42 @@ def trim_depformer(state: dict[str, torch.Tensor], dep_q: int) -> dict[str, torc
     return out
 
 
+_PER_STEP_PROJ = re.compile(r"^(depformer\.layers\.\d+\.self_attn)\.(in|out)_projs\.(\d+)\.weight$")
+
+
+def restore_depformer(trained: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `trim_depformer` for a fine-tune: the trained weights (the agent's `dep_q` steps,
+    per-step projections as stock moshi names them) with the original checkpoint's dropped user-codebook
+    steps put back, in the original's layout (stacked projections stay stacked). The result loads as
+    PersonaPlex again, here (trimmed back to exactly the trained model) and in NVIDIA's own code."""
+    steps = depformer_steps(original)
+    kept = depformer_steps(trained)
+    if steps <= kept:
+        return dict(trained)
+    out: dict[str, torch.Tensor] = {}
+    per_step: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in trained.items():
+        m = _PER_STEP_PROJ.match(key)
+        stacked = f"{m.group(1)}.{'in_proj_weight' if m.group(2) == 'in' else 'out_proj.weight'}" if m else None
+        if stacked is not None and stacked in original:
+            per_step.setdefault(stacked, {})[int(m.group(3))] = value
+        else:
+            out[key] = value
+    for key, value in original.items():
+        if _STACKED.match(key):
+            rows = value.shape[0] // steps
+            head = (torch.cat([per_step[key][i] for i in range(kept)]) if key in per_step
+                    else trained[key][: rows * kept])
+            out[key] = torch.cat([head, value[rows * kept:].to(head.dtype)])
+            continue
+        for pattern, shift in _PER_STEP:
+            m = pattern.match(key)
+            if m and int(m.group(1)) >= kept + shift:
+                out[key] = value  # a user-codebook step: training never saw it, so the original's
+                break
+    return out
+
+
 def load_lm_state(path: Path, dep_q: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

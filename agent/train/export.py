@@ -11,6 +11,10 @@
     tokenizer.model     the text tokenizer the model was trained with
     training.json       provenance: base, steps, losses, data licences (CC-BY data needs attribution)
 
+A PersonaPlex base (it takes voice and text prompts; see agent/personaplex.py) is always exported fused,
+with the user-codebook depformer steps that loading dropped put back from the base's own weights, and its
+preset voices copied to voices/: the folder loads as PersonaPlex again and still takes prompts.
+
 Unfused keeps the adapter separate (small to ship when the base is already at hand, and swappable);
 fused has no LoRA matmuls at inference. Both are self-contained: when the tokenizer or conditioners
 changed, the base weights changed too, so model.safetensors is always written.
@@ -26,12 +30,17 @@ from pathlib import Path
 
 import torch
 from moshi.modules.lora import replace_lora_with_linear
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from agent import personaplex
 from agent.models import ModelLoadError, resolve_dtype
 from agent.train.common import UsageError, atomic_write_json
 from agent.train.trainer import (CHECKPOINTS, RUN_FILE, TRAINABLE_FILE, TrainConfig, build_train_model,
                                  latest_checkpoint, load_trainable)
+
+PERSONAPLEX_LICENCE = ("PersonaPlex weights: NVIDIA Open Model License (Moshi and Mimi underneath: CC-BY 4.0, Kyutai); "
+                       "keep its notice and attribute your data sources")
+
 
 @dataclass
 class ExportConfig:
@@ -68,12 +77,27 @@ def _locate(inp: Path) -> tuple[Path, Path]:
     raise UsageError(f"{inp} is neither a training run folder (with {RUN_FILE}) nor a checkpoint")
 
 
-def _train_config(run: Path) -> TrainConfig:
+def run_train_config(run: Path) -> TrainConfig:
+    """The settings a training run folder was made with (its run.json)."""
     saved = json.loads((run / RUN_FILE).read_text())["config"]
     for key in ("inp", "out", "tokenizer"):
         if saved.get(key) is not None:
             saved[key] = Path(saved[key])
     return TrainConfig(**saved)
+
+
+def restored_personaplex(state: dict[str, torch.Tensor], base_weights: Path | None) -> dict[str, torch.Tensor]:
+    """Fused trained weights with the base's user-codebook depformer steps put back (PersonaPlex's layout)."""
+    if base_weights is None or Path(base_weights).suffix != ".safetensors":
+        raise UsageError(f"cannot find the PersonaPlex base's weights ({base_weights}) to restore its depformer")
+    return personaplex.restore_depformer(state, load_file(str(base_weights)))
+
+
+def _copy_preset_voices(voices: dict[str, Path], folder: Path) -> None:
+    if voices:
+        (folder / personaplex.VOICES_DIR).mkdir()
+    for path in voices.values():
+        shutil.copyfile(path, folder / personaplex.VOICES_DIR / path.name)
 
 
 def run_export(config: ExportConfig) -> ExportResult:
@@ -85,7 +109,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not config.force:
         raise UsageError(f"{out} is not empty; pass --force to overwrite it")
-    train_config = _train_config(run)
+    train_config = run_train_config(run)
     run_info = json.loads((run / RUN_FILE).read_text())
     # Rebuild the training model on the CPU exactly as training built it, then put the trained values in.
     model = build_train_model(train_config, torch.device("cpu"), torch.float32)
@@ -100,7 +124,13 @@ def run_export(config: ExportConfig) -> ExportResult:
         save_file({k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in tensors.items()}, str(tmp / name))
 
-    if config.fused:
+    personaplex_base = model.base.takes_prompts
+    fused = config.fused or personaplex_base  # moshi's loader cannot put a LoRA on PersonaPlex's weights
+    if personaplex_base:
+        replace_lora_with_linear(lm)
+        save(restored_personaplex(lm.state_dict(), model.base.lm_weights), "model.safetensors")
+        _copy_preset_voices(model.base.preset_voices, tmp)
+    elif fused:
         replace_lora_with_linear(lm)
         save(lm.state_dict(), "model.safetensors")
     else:
@@ -115,7 +145,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     shutil.copyfile(model.tokenizer_path, tmp / "tokenizer.model")
     lm_config.update(moshi_name="model.safetensors", mimi_name="mimi.safetensors", tokenizer_name="tokenizer.model",
                      model_id={"base": train_config.model, "step": int(checkpoint.name.removeprefix("step-")),
-                               "fused": config.fused})
+                               "fused": fused})
     if model.base.mimi_config is not None:
         (tmp / "mimi_config.json").write_text(json.dumps(model.base.mimi_config, indent=1))
         lm_config["mimi_config_name"] = "mimi_config.json"
@@ -124,11 +154,13 @@ def run_export(config: ExportConfig) -> ExportResult:
     atomic_write_json(tmp / "config.json", lm_config)
     atomic_write_json(tmp / "training.json", {
         "base": train_config.model, "checkpoint": str(checkpoint), "step": lm_config["model_id"]["step"],
-        "fused": config.fused, "dtype": config.dtype, "notes": model.notes,
+        "fused": fused, "dtype": config.dtype, "notes": model.notes, "takes_prompts": personaplex_base,
+        "prompted_training": train_config.prompts,
         "data_licences": run_info.get("licences", []), "train_dialogues": run_info.get("train_dialogues"),
-        "weights_licence": "Moshi and Mimi weights: CC-BY 4.0 (Kyutai); attribute them and your data sources"})
+        "weights_licence": (PERSONAPLEX_LICENCE if personaplex_base else
+                            "Moshi and Mimi weights: CC-BY 4.0 (Kyutai); attribute them and your data sources")})
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-    return ExportResult(out, checkpoint, config.fused, files)
+    return ExportResult(out, checkpoint, fused, files)

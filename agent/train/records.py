@@ -227,6 +227,9 @@ class AlignedRecord:
     n_words: int  # agent words written
     methods: dict[str, int]  # words per method: "given", "proportional", or a plug-in aligner's name
     text_conditions: dict[str, str] | None = None  # conditioner name -> value (speaker/emotion) for stage 7
+    # the agent's PersonaPlex-style prompt, when the source has one (synth): a persona text and a voice clip
+    persona: str | None = None
+    voice_prompt: str | None = None  # prompts/<id>.wav: the agent's voice on another sentence (mono, 24 kHz)
 
 
 @dataclass
@@ -244,6 +247,9 @@ class TokenRecord:
     n_words: int  # agent words placed in the text stream
     n_text_tokens: int  # text tokens placed (the rest of the stream is padding)
     conditions: dict[str, str | None] = field(default_factory=dict)  # conditioner name -> value (speaker, emotion)
+    # the agent's prompt for prompted training (train --prompts): persona text, and prompts/<id>.wav copied here
+    persona: str | None = None
+    voice_prompt: str | None = None
 
 
 TURN, BACKCHANNEL = "turn", "backchannel"
@@ -287,9 +293,7 @@ class SynthRecord(AlignedRecord):
     """synth/manifest.jsonl: an AlignedRecord (so `tokens` reads synth's folder as align's, with exact word
     timings from the TTS engine instead of the approximate aligner) plus the synthetic dialogue's labels."""
 
-    persona: str = ""
     user_voice: str = ""
-    voice_prompt: str = ""  # prompts/<id>.wav: the agent's voice on another sentence (mono, 24 kHz)
     tts: str = ""  # backend and version
     source: str = ""
     seed: int | None = None  # the script's (synth's own seed is in the dataset card)

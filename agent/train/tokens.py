@@ -11,6 +11,8 @@ frame holding its start time and follow one per frame; a word arriving while the
 being written replaces the remainder; frames without a token are text padding (3), and the padding
 frame just before a word becomes end-of-padding (0). Shards depend on the tokenizer (stage 5, or the
 base model's own) and on the codec of `model`; tokens.json records both and the trainer checks them.
+A dialogue with a PersonaPlex-style prompt (synth's persona and voice clip) keeps it: the persona in its
+record, the clip copied to tokens/prompts/<id>.wav, for prompted training (`train --prompts`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.config import ModelConfig
+from agent.config import TINY_MODEL, TINY_PERSONAPLEX_MODEL, ModelConfig
 from agent.models import TEXT_PADDING_ID, ModelLoadError, load_mimi, resolve_device, tiny_tokenizer_path
 from agent.train.align import MAIN_SPEAKER
 from agent.train.common import (Report, StageRun, Summary, UsageError, atomic_write_json, fingerprint,
@@ -87,6 +90,23 @@ def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: Repor
     return out
 
 
+def _copy_voice_prompt(record: AlignedRecord, in_dir: Path, out: Path, report: Report) -> Path | None:
+    """The dialogue's voice-prompt clip copied to prompts/<id>.wav, so the tokens folder is all a prompted
+    training run (train --prompts) reads; the trainer encodes it once per run with the serving code."""
+    if not record.voice_prompt:
+        return None
+    source = in_dir / record.voice_prompt
+    if not source.is_file():
+        report.note(record.id, record.path, f"voice prompt {record.voice_prompt} is missing: trained without one")
+        return None
+    target = out / "prompts" / f"{record.id}{source.suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+    return target
+
+
 def encode_record(record: AlignedRecord, in_dir: Path, mimi, tokenizer: sentencepiece.SentencePieceProcessor,
                   device: torch.device) -> tuple[torch.Tensor, list[int], int, int]:
     """(audio codes [2K, T], text stream [T], words placed, text tokens placed); ValueError for bad data."""
@@ -116,7 +136,7 @@ def run_tokens(config: TokensConfig) -> Summary:
     in_dir = Path(config.inp).parent
     tokenizer_path = Path(config.tokenizer) if config.tokenizer else None
     if tokenizer_path is None:
-        if config.model != "tiny":
+        if config.model not in (TINY_MODEL, TINY_PERSONAPLEX_MODEL):
             raise UsageError("--tokenizer is required unless --model is tiny (stage 5 writes tokenizer.model; "
                              "for Kyutai's own English tokenizer pass its tokenizer_spm_32k_3.model)")
         tokenizer_path = tiny_tokenizer_path()
@@ -152,11 +172,13 @@ def run_tokens(config: TokensConfig) -> Summary:
         tmp = shard.with_name(f".{shard.name}.tmp")
         save_file({"audio": codes.contiguous(), "text": torch.tensor(stream, dtype=torch.int32)}, str(tmp))
         tmp.replace(shard)
+        voice_prompt = _copy_voice_prompt(record, in_dir, out, report)
         result = TokenRecord(
             id=record.id, path=f"codes/{record.id}.safetensors", frames=codes.shape[-1], duration=record.duration,
             agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
             licences=record.licences, n_words=n_words, n_text_tokens=n_tokens,
-            conditions=_conditions(record, known, report))
-        run.keep(record.id, signature, result, [shard])
+            conditions=_conditions(record, known, report), persona=record.persona,
+            voice_prompt=str(voice_prompt.relative_to(out)) if voice_prompt else None)
+        run.keep(record.id, signature, result, [shard, *([voice_prompt] if voice_prompt else [])])
     atomic_write_json(out / INFO, info)
     return run.finish()

@@ -12,7 +12,8 @@ What trains (everything else stays the base model's weights):
 
 Loss: moshi-finetune's: cross-entropy on the text stream (padding and end-of-padding weighted by
 `text_padding_weight`) plus on the agent's 8 codebooks (the first, semantic one weighted by
-`first_codebook_weight_multiplier`); the user's codebooks are input only.
+`first_codebook_weight_multiplier`); the user's codebooks are input only. With `prompts` (a PersonaPlex
+base), each window follows its dialogue's voice + text prompt (trainer/prompting.py), which is input only too.
 
 Runs are exact to resume: the data order is a pure function of (data_seed, step), and a checkpoint holds
 the trainable weights, the optimizer and scheduler state and the RNG state; a killed run restarted with
@@ -29,9 +30,9 @@ from agent.train.trainer.loop import RUN_FILE, TrainResult, run_train
 from agent.train.trainer.loss import LossModule, masked_cross_entropy
 from agent.train.trainer.metrics import METRICS_FILE
 from agent.train.trainer.model import LORA_KEYS, TrainModel, build_train_model, is_trainable, trainable_state
-from agent.train.trainer.windows import Windows, split_records
+from agent.train.trainer.windows import Batch, Windows, split_records
 
-__all__ = ["CHECKPOINTS", "LORA_KEYS", "METRICS_FILE", "RUN_FILE", "STATE_FILE", "TRAINABLE_FILE", "LossModule",
-           "TrainConfig", "TrainModel", "TrainResult", "Windows", "build_train_model", "checkpoint_dirs",
+__all__ = ["Batch", "CHECKPOINTS", "LORA_KEYS", "METRICS_FILE", "RUN_FILE", "STATE_FILE", "TRAINABLE_FILE",
+           "LossModule", "TrainConfig", "TrainModel", "TrainResult", "Windows", "build_train_model", "checkpoint_dirs",
            "is_trainable", "latest_checkpoint", "load_trainable", "masked_cross_entropy", "run_train",
            "split_records", "trainable_state"]

@@ -30,6 +30,9 @@ class TrainConfig:
     train_conditioners: bool = True
     use_conditions: bool = True  # feed each shard's speaker/emotion; False: train unconditioned
     conditioner_dim: int = 128
+    # PersonaPlex: each dialogue's voice + text prompt (agent/prompts.py's sequence) before every window,
+    # loss masked over it, so the fine-tune still takes prompts; needs a base that takes them
+    prompts: bool = False
     # data and steps
     duration_sec: float = 10.0  # window length (<= the model's context)
     batch_size: int = 4  # windows per optimizer step, over all processes

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -27,6 +28,7 @@ from agent.train.trainer.distributed import Dist, fsdp_shard, init_distributed
 from agent.train.trainer.loss import LossModule
 from agent.train.trainer.metrics import Console, MetricsLog
 from agent.train.trainer.model import TrainModel, build_train_model, trainable_state
+from agent.train.trainer.prompting import build_prompts, prompt_builder
 from agent.train.trainer.windows import Windows, split_records
 
 RUN_FILE = "run.json"
@@ -89,8 +91,8 @@ def _open_run_folder(config: TrainConfig, group: Dist) -> Path:
     return out
 
 
-def _windows(config: TrainConfig, model: TrainModel, info: dict, records: list[TokenRecord]
-             ) -> tuple[list[TokenRecord], list[TokenRecord], Windows, Windows | None]:
+def build_windows(config: TrainConfig, model: TrainModel, info: dict, records: list[TokenRecord]
+                  ) -> tuple[list[TokenRecord], list[TokenRecord], Windows, Windows | None]:
     """(train records, eval records, their windows); UsageError when there is nothing to train on."""
     frames = max(1, int(round(config.duration_sec * info["frame_rate"])))
     if frames > model.lm.context:
@@ -100,9 +102,35 @@ def _windows(config: TrainConfig, model: TrainModel, info: dict, records: list[T
     if not train_records:
         raise UsageError(f"{config.inp} has no token shards to train on")
     root = Path(config.inp).parent
-    train_data = Windows(train_records, root, frames, config.data_seed, model.lm.zero_token_id)
-    eval_data = Windows(eval_records, root, frames, config.data_seed, model.lm.zero_token_id) if eval_records else None
+    prompts = _prompts(config, model, info, train_records + eval_records, frames) if config.prompts else None
+    if prompts is not None:
+        train_records = [r for r in train_records if r.id in prompts]
+        eval_records = [r for r in eval_records if r.id in prompts]
+        if not train_records:
+            raise UsageError(f"{config.inp}: no dialogue has a usable prompt (see the notes)")
+    train_data = Windows(train_records, root, frames, config.data_seed, model.lm.zero_token_id, prompts)
+    eval_data = (Windows(eval_records, root, frames, config.data_seed, model.lm.zero_token_id, prompts)
+                 if eval_records else None)
     return train_records, eval_records, train_data, eval_data
+
+
+def _prompts(config: TrainConfig, model: TrainModel, info: dict, records: list[TokenRecord], frames: int
+             ) -> dict[str, torch.Tensor]:
+    """Every dialogue's prompt codes, built once; dialogues with an unusable prompt are left out (a note each)."""
+    builder = prompt_builder(model, info["num_codebooks"])
+    prompts, refused = build_prompts(builder, records, Path(config.inp).parent)
+    for record_id, reason in refused.items():
+        model.notes.append(f"prompts: {record_id} left out: {reason}")
+    longest = max((p.shape[1] for p in prompts.values()), default=0)
+    if longest + frames > model.lm.context:
+        raise UsageError(f"a prompt of {longest} frames plus a window of {frames} exceeds the model's context of "
+                         f"{model.lm.context}: lower duration_sec")
+    with_voice = sum(1 for r in records if r.id in prompts and r.voice_prompt)
+    with_text = sum(1 for r in records if r.id in prompts and r.persona)
+    model.notes.append(f"prompts: {len(prompts)} dialogues ({with_voice} with a voice clip, {with_text} with a "
+                       f"persona), prompt frames mean {np.mean([p.shape[1] for p in prompts.values()] or [0]):.0f}, "
+                       f"max {longest}; loss masked over them")
+    return prompts
 
 
 def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
@@ -114,15 +142,18 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
         dtype = resolve_dtype(config.dtype, device)
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from exc
+    if config.prompts and config.add_conditioners:
+        raise UsageError("prompts: a prompted run conditions the voice and persona by prompts, not LUT conditioners; "
+                         "pass --no-add-conditioners (assets/train/personaplex_prompted.json sets it)")
     torch.manual_seed(config.data_seed)
     model = build_train_model(config, device, dtype)
     info = _check_tokens(config, model)
     report = Console(config.quiet or not group.main)
-    for note in model.notes:
-        report.say(f"note: {note}")
     manifest_report = Report("train", out, quiet=config.quiet or not group.main)
     records = read_manifest(Path(config.inp), TokenRecord, manifest_report)
-    train_records, eval_records, train_data, eval_data = _windows(config, model, info, records)
+    train_records, eval_records, train_data, eval_data = build_windows(config, model, info, records)
+    for note in model.notes:
+        report.say(f"note: {note}")
     if group.main:
         atomic_write_json(run_file, {"fingerprint": config.fingerprint(), "config": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
@@ -164,10 +195,10 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
     while step < config.max_steps:
         ks = list(range(step * config.batch_size + group.rank * per_rank,
                         step * config.batch_size + (group.rank + 1) * per_rank))
-        codes, conditions = train_data.batch(ks)
-        codes = codes.to(device)
+        batch = train_data.batch(ks)
+        codes = batch.codes.to(device)
         with autocast:
-            losses = wrapped(codes, conditions)
+            losses = wrapped(codes, batch.conditions, batch.prompt_frames.to(device))
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_norm)
@@ -176,7 +207,7 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
         scheduler.step()
         step += 1
         bar.update(1)
-        frames_done += codes.shape[0] * codes.shape[-1]
+        frames_done += codes.shape[0] * codes.shape[-1] - int(batch.prompt_frames.sum())  # conversation frames
         values = {k: v.detach() for k, v in losses.items()}
         if group.world > 1:
             for v in values.values():
@@ -218,8 +249,9 @@ def evaluate(wrapped: torch.nn.Module, data: Windows, config: TrainConfig, per_r
         for first in range(0, n, config.batch_size):
             ks = [k for k in range(first + group.rank * per_rank, first + (group.rank + 1) * per_rank) if k < n]
             if ks:
-                codes, conditions = data.batch(ks)
-                total[0] += wrapped(codes.to(device), conditions)["loss"].float() * len(ks)
+                batch = data.batch(ks)
+                loss = wrapped(batch.codes.to(device), batch.conditions, batch.prompt_frames.to(device))["loss"]
+                total[0] += loss.float() * len(ks)
                 total[1] += len(ks)
     if group.world > 1:
         dist.all_reduce(total)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from moshi.conditioners import ConditionAttributes
-from moshi.models.lm import LMModel
+from moshi.models.lm import LMModel, LMOutput
 
 from agent.train.trainer.config import TrainConfig
 
@@ -28,7 +28,8 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.lm, self.config = lm, config
 
-    def forward(self, codes: torch.Tensor, conditions: list[dict[str, str | None]]) -> dict[str, torch.Tensor]:
+    def forward(self, codes: torch.Tensor, conditions: list[dict[str, str | None]],
+                prompt_frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         lm, config = self.lm, self.config
         condition_tensors = None
         if lm.condition_provider is not None:
@@ -36,14 +37,24 @@ class LossModule(torch.nn.Module):
             attrs = [ConditionAttributes(text={n: (c.get(n) if config.use_conditions else None) for n in names})
                      for c in conditions]
             condition_tensors = lm.condition_provider.prepare_and_provide(attrs)
-        out = lm(codes, condition_tensors)
-        text_target = codes[:, :lm.audio_offset]
+        return self.losses(lm(codes, condition_tensors), codes, prompt_frames)
+
+    def losses(self, out: LMOutput, targets: torch.Tensor, prompt_frames: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """The weighted losses of the LM's output against `targets` [B, 1 + 2K, T] (undelayed, as the input
+        codes). The first prompt_frames[b] frames of row b are a forced prompt: input only, never a target."""
+        lm, config = self.lm, self.config
+        keep = torch.ones(targets.shape[0], 1, targets.shape[-1], dtype=torch.bool, device=targets.device)
+        if prompt_frames is not None:
+            positions = torch.arange(targets.shape[-1], device=targets.device)
+            keep = (positions[None, :] >= prompt_frames.to(targets.device)[:, None])[:, None, :]
+        text_target = targets[:, :lm.audio_offset]
         text_weights = torch.ones_like(text_target, dtype=torch.float32)
         padding = (text_target == lm.text_padding_token_id) | (text_target == lm.end_of_text_padding_id)
         text_weights[padding] = config.text_padding_weight
-        text_loss = masked_cross_entropy(out.text_logits, text_target, out.text_mask, text_weights)
-        audio_target = codes[:, lm.audio_offset:lm.audio_offset + lm.dep_q]
+        text_loss = masked_cross_entropy(out.text_logits, text_target, out.text_mask & keep, text_weights)
+        audio_target = targets[:, lm.audio_offset:lm.audio_offset + lm.dep_q]
         audio_weights = torch.ones_like(audio_target, dtype=torch.float32)
         audio_weights[:, 0] *= config.first_codebook_weight_multiplier
-        audio_loss = masked_cross_entropy(out.logits, audio_target, out.mask, audio_weights)
+        audio_loss = masked_cross_entropy(out.logits, audio_target, out.mask & keep, audio_weights)
         return {"loss": text_loss + audio_loss, "text_loss": text_loss.detach(), "audio_loss": audio_loss.detach()}

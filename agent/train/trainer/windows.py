@@ -1,9 +1,12 @@
 """Training data: fixed-length windows of the token shards, in an order that depends only on (seed, step),
-and the held-out split (by a hash of each dialogue's id)."""
+and the held-out split (by a hash of each dialogue's id). In a prompted run each window is preceded by its
+dialogue's prompt frames (trainer/prompting.py: built once per dialogue), and a batch says how many frames
+of each row are prompt, so the loss leaves them out."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +16,21 @@ from safetensors.torch import load_file
 from agent.train.records import TokenRecord
 
 
-class Windows:
-    """Every `frames`-long window of the shards of one split; sample k of the run is a pure function of k."""
+@dataclass
+class Batch:
+    codes: torch.Tensor  # [B, 1 + 2K, T] (text, agent, user); a row's unused tail is zero_token
+    conditions: list[dict[str, str | None]]
+    prompt_frames: torch.Tensor  # [B] int64: the first prompt_frames[b] frames of row b are its prompt
 
-    def __init__(self, records: list[TokenRecord], root: Path, frames: int, seed: int, zero_token: int):
+
+class Windows:
+    """Every `frames`-long window of the shards of one split; sample k of the run is a pure function of k.
+    `prompts` (record id -> [1 + 2K, P] forced prompt codes) puts each dialogue's prompt before its windows."""
+
+    def __init__(self, records: list[TokenRecord], root: Path, frames: int, seed: int, zero_token: int,
+                 prompts: dict[str, torch.Tensor] | None = None):
         self.records, self.root, self.frames, self.seed, self.zero = records, root, frames, seed, zero_token
+        self.prompts = prompts or {}
         self.index = [(r, start) for r in range(len(records)) for start in range(0, records[r].frames, frames)]
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
         self._order: tuple[int, np.ndarray] | None = None
@@ -46,9 +59,25 @@ class Windows:
         codes[1:, :audio.shape[1]] = audio.long()
         return codes, self.records[r].conditions
 
-    def batch(self, ks: list[int]) -> tuple[torch.Tensor, list[dict[str, str | None]]]:
-        items = [self.window(self.sample(k)) for k in ks]
-        return torch.stack([c for c, _ in items]), [cond for _, cond in items]
+    def prompt(self, i: int) -> torch.Tensor | None:
+        """The forced prompt codes [1 + 2K, P] before window i (None: an unprompted run or dialogue)."""
+        return self.prompts.get(self.records[self.index[i][0]].id)
+
+    def batch(self, ks: list[int]) -> Batch:
+        """Windows ks, each after its prompt; rows of different prompt lengths end in zero_token (no input,
+        no loss), so every row's prompt starts at position 0, as it does when the model serves a call."""
+        rows, conditions, prompt_frames = [], [], []
+        for k in ks:
+            i = self.sample(k)
+            codes, condition = self.window(i)
+            prompt = self.prompt(i)
+            prompt_frames.append(0 if prompt is None else prompt.shape[1])
+            rows.append(codes if prompt is None else torch.cat([prompt, codes], dim=1))
+            conditions.append(condition)
+        out = torch.full((len(rows), rows[0].shape[0], max(r.shape[1] for r in rows)), self.zero, dtype=torch.long)
+        for b, row in enumerate(rows):
+            out[b, :, :row.shape[1]] = row
+        return Batch(out, conditions, torch.tensor(prompt_frames, dtype=torch.long))
 
 
 def split_records(records: list[TokenRecord], eval_fraction: float) -> tuple[list[TokenRecord], list[TokenRecord]]:
