@@ -36,13 +36,15 @@ class Credentials:
         return Credentials(user, password)
 
     def check_header(self, header: str | None) -> bool:
+        """True for `Basic base64(user:password)` with these credentials. Anything else, non-ASCII or
+        undecodable included, is False (compared as UTF-8 bytes: compare_digest refuses non-ASCII str)."""
         if not header or not header.lower().startswith("basic "):
             return False
         try:
-            user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user, _, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII characters in the base64 text
             return False
-        return hmac.compare_digest(user, self.user) & hmac.compare_digest(password, self.password)
+        return (hmac.compare_digest(user, self.user.encode()) & hmac.compare_digest(password, self.password.encode()))
 
 
 class AccessMiddleware:
@@ -60,7 +62,8 @@ class AccessMiddleware:
         if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
         if self.credentials is not None:
-            headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+            # latin-1 maps every byte: a header with bytes that are not UTF-8 is refused, not a crash
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not self.credentials.check_header(headers.get("authorization")):
                 return await self._refuse(scope, send, 401, "authentication required (HTTP Basic)")
         if scope["type"] != "websocket" or not self.max_calls:

@@ -17,6 +17,11 @@ Jitter policy (per seat, counted in `SeatCounters`):
 - a seat whose input is late sits the tick out (frozen) and never delays the others by more than a frame;
 - a seat that sends nothing for `idle_timeout_s` is freed (its client vanished).
 
+Faults: a step that raises loses the frames it took; the seats it was stepping are reset (their
+conversation starts over), each is told (`Seat.take_notices`), the failure is counted
+(`EngineStats.step_failures`), and after `FAILING_AFTER` failures in a row `health()` says the
+engine is failing until a step succeeds again, so a load balancer stops sending calls.
+
 Tick timing: a tick fires as soon as every occupied seat has a frame (so a lone caller never waits
 for a clock), or one frame period after the previous tick for the seats that are ready, or at once
 when a seat has fallen two frames behind.
@@ -48,6 +53,8 @@ log = logging.getLogger(__name__)
 CPU_DEFAULT_SEATS = 4
 MAX_DEFAULT_SEATS = 64
 GPU_RESERVE_BYTES = 2 * 1024**3  # activations, CUDA graphs, allocator slack
+FAILING_AFTER = 3  # steps failed in a row before the engine reports itself unhealthy
+STEP_FAILED_NOTICE = "The agent hit an internal error and restarted this conversation; keep talking."
 
 
 class SeatsFullError(RuntimeError):
@@ -98,6 +105,8 @@ class Seat:
         self._engine = engine
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
         self._outputs: deque[OutputFrame] = deque()
+        self._notices: deque[str] = deque(maxlen=8)  # messages for the caller (e.g. a failed step)
+        self._listeners: list[Callable[[], None]] = []
         self._max_in = config.input_queue_frames
         self._max_out = config.output_queue_frames
         self._out_ready = threading.Condition(engine._lock)
@@ -134,6 +143,21 @@ class Seat:
                 self._out_ready.wait(timeout)
             return self._outputs.popleft() if self._outputs else None
 
+    def on_change(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` (from the engine's thread; it must not block) whenever an output frame or a
+        notice arrives, or the seat closes: an async transport waits on this instead of a thread."""
+        with self._engine._lock:
+            self._listeners.append(wake)
+            if self._outputs or self._notices or self.closed:
+                wake()
+
+    def take_notices(self) -> list[str]:
+        """Messages for this seat's caller since the last call (e.g. its conversation was reset)."""
+        with self._engine._lock:
+            notices = list(self._notices)
+            self._notices.clear()
+            return notices
+
     def release(self, reason: str = "released") -> None:
         self._engine._release(self, reason)
 
@@ -154,7 +178,19 @@ class Seat:
             self._engine.stats.output_dropped += 1
         self._outputs.append(frame)
         self.counters.frames_out += 1
+        self._changed()
+
+    def _notify(self, message: str) -> None:  # engine lock held
+        self._notices.append(message)
+        self._changed()
+
+    def _changed(self) -> None:  # engine lock held
         self._out_ready.notify_all()
+        for wake in list(self._listeners):
+            try:
+                wake()
+            except RuntimeError:  # its event loop is closed: nobody waits there any more
+                self._listeners.remove(wake)
 
 
 @dataclass
@@ -169,6 +205,9 @@ class EngineStats:
     input_dropped: int = 0
     output_dropped: int = 0
     late_ticks: int = 0
+    step_failures: int = 0  # steps that raised (their seats were reset and told)
+    failures_in_a_row: int = 0  # since the last step that succeeded
+    last_failure: str = ""
     step: StepTimes = field(default_factory=StepTimes)
 
 
@@ -256,7 +295,7 @@ class FrameEngine:
                 return
             seat.closed_reason = reason
             seat._inputs.clear()
-            seat._out_ready.notify_all()
+            seat._changed()
             if self._seats[seat.index] is seat:
                 self._seats[seat.index] = None
                 self.stats.seats_in_use -= 1
@@ -308,6 +347,13 @@ class FrameEngine:
         with self._lock:
             return self.stats.seats_in_use
 
+    def health(self) -> tuple[bool, str]:
+        """(healthy, reason): unhealthy after FAILING_AFTER failed steps in a row."""
+        with self._lock:
+            if self.stats.failures_in_a_row >= FAILING_AFTER:
+                return False, f"engine failing: {self.stats.failures_in_a_row} steps in a row ({self.stats.last_failure})"
+            return True, "ok"
+
     # -- the tick ------------------------------------------------------------------------------
 
     def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, np.ndarray, np.ndarray, dict, dict]:
@@ -349,6 +395,28 @@ class FrameEngine:
             self._apply_sampling(sampling)
         if not batch:
             return 0
+        try:
+            return self._step(batch, pcm, exec_mask, reset)
+        except Exception as exc:
+            self._step_failed(batch, reset, exc)
+            raise
+
+    def _step_failed(self, batch: list[tuple[Seat, float]], reset: np.ndarray, exc: Exception) -> None:
+        """The step raised part-way: the seats it stepped (and those due a reset) start over, and
+        their callers are told. Seats outside the batch were masked out, so they are untouched."""
+        with self._lock:
+            self.stats.step_failures += 1
+            self.stats.failures_in_a_row += 1
+            self.stats.last_failure = f"{type(exc).__name__}: {exc}"[:200]
+            self._masks = {"mimi": None, "lm": None}  # the failed step may have left any mask set
+            for seat, _ in batch:
+                if self._seats[seat.index] is seat:
+                    self._pending_reset[seat.index] = True
+                    seat._notify(STEP_FAILED_NOTICE)
+            self._pending_reset |= reset & np.array([s is not None for s in self._seats])
+
+    def _step(self, batch: list[tuple[Seat, float]], pcm: np.ndarray, exec_mask: np.ndarray,
+              reset: np.ndarray) -> int:
         mimi, device = self.model.mimi, self.model.device
         t0 = time.perf_counter()
         if reset.any():
@@ -379,6 +447,7 @@ class FrameEngine:
         produced_at = time.monotonic()
         with self._lock:
             self.stats.ticks += 1
+            self.stats.failures_in_a_row = 0
             self.stats.step.add(encode_ms=1e3 * (t1 - t0), lm_ms=1e3 * (t2 - t1), decode_ms=1e3 * (t3 - t2),
                                 batch=len(batch))
             for seat, done_at in batch:
@@ -432,8 +501,8 @@ class FrameEngine:
                 self._release(seat, f"no audio for {self.config.idle_timeout_s:g} s")
             try:
                 self.step_once()
-            except Exception:  # a failing step must not kill the loop for every caller
-                log.exception("engine step failed; the tick is skipped")
+            except Exception:  # counted, seats reset and told (_step_failed); the loop goes on
+                log.exception("engine step failed; its seats were reset")
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few steps on silence (captures CUDA graphs on GPU), then reset every seat.

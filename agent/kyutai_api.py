@@ -5,7 +5,8 @@ Binary messages, first byte = kind:
   0x00  server -> client once, the handshake, before anything else
   0x01  audio both ways: Ogg Opus pages of 24 kHz mono (sphn's OpusStreamWriter/Reader)
   0x02  server -> client: UTF-8 text pieces of the agent's inner monologue
-  0x05  server -> client: UTF-8 error message (e.g. all seats are in use), then the socket closes
+  0x05  server -> client: UTF-8 error message (e.g. all seats are in use, the call's time limit),
+        then the socket closes; or a notice the call goes on after (the engine reset it)
 
 Each connection is one call on the same engine as every other transport. Query parameters:
 `voice`, `emotion` (catalogue ids) and the sampling names of Kyutai's web client (`text_temperature`,
@@ -19,7 +20,6 @@ import logging
 import uuid
 
 import sphn
-from anyio.to_thread import run_sync
 from fastapi import WebSocket, WebSocketDisconnect
 
 from agent import SAMPLE_RATE
@@ -35,9 +35,18 @@ OUTPUT_WAIT_S = 0.05
 
 
 async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> None:
+    """The agent's frames as they come (awaited on the event loop: no thread per call); ends the
+    call when it reaches its time limit."""
     writer = sphn.OpusStreamWriter(SAMPLE_RATE)
     while not stop.is_set() and not session.closed:
-        frame = await run_sync(session.next_output, OUTPUT_WAIT_S)
+        if session.over_time:
+            await ws.send_bytes(ERROR + f"This call reached its time limit of {session.max_seconds / 60:g} "
+                                "minutes.".encode())
+            await ws.close(code=1000)
+            return
+        frame = await session.wait_output(OUTPUT_WAIT_S)
+        for notice in session.take_notices():
+            await ws.send_bytes(ERROR + notice.encode())
         if frame is None:
             continue
         pages = writer.append_pcm(frame.pcm)
@@ -67,7 +76,7 @@ async def _receive_user(ws: WebSocket, session: Session) -> None:
             continue
         if pcm.size:
             try:
-                await run_sync(session.receive, SAMPLE_RATE, pcm)
+                session.receive(SAMPLE_RATE, pcm)  # resample and queue: short, like fastrtc's handler
             except AudioFormatError as exc:
                 log.info("/api/chat: %s", exc)
 
@@ -77,8 +86,8 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
     call_id = f"kyutai-{uuid.uuid4().hex[:12]}"
     try:
         params = ws.query_params
-        session = hub.open(call_id, hub.catalogue.settings(params.get("voice"), params.get("emotion"),
-                                                           sampling_request(params)))
+        settings = hub.catalogue.settings(params.get("voice"), params.get("emotion"), sampling_request(params))
+        session = await hub.open_async(call_id, settings, ws.client.host if ws.client else None)
     except (CallRefused, ValueError) as exc:
         await ws.send_bytes(ERROR + str(exc).encode())
         await ws.close(code=1013)  # try again later
@@ -86,13 +95,16 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
     stop = asyncio.Event()
     try:
         await ws.send_bytes(HANDSHAKE)
-        sender = asyncio.create_task(_send_agent(ws, session, stop))
+        # the call ends when either side does: the client leaves, or the server ends it (time limit)
+        tasks = {asyncio.create_task(_send_agent(ws, session, stop)), asyncio.create_task(_receive_user(ws, session))}
         try:
-            await _receive_user(ws, session)
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.set()
-            await asyncio.gather(sender, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
     finally:
-        hub.close(session, "client left")
+        await hub.close_async(session, "client left")

@@ -106,6 +106,7 @@ class PrometheusExporter:
         "input_dropped": "Input frames dropped because a seat's input backlog was full (client too fast).",
         "output_dropped": "Output frames dropped because a client did not read its audio.",
         "late_ticks": "Ticks a seat sat out because its input frame was late (frozen, padded by waiting).",
+        "step_failures": "Batched steps that raised; their seats were reset and their callers told.",
     }
     GAUGES = {
         "seats_total": "Seats (batch slots) in the engine.",

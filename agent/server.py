@@ -21,12 +21,14 @@ import json
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Response, WebSocket
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastrtc import Stream
+from fastrtc.stream import Body
 from fastrtc.websocket import WebSocketHandler
 
 from agent import kyutai_api
@@ -70,7 +72,9 @@ def check_message(text: str) -> dict[str, Any]:
 
 class CheckedWebSocket:
     """The client's WebSocket as fastrtc sees it, except that a malformed message is answered with
-    {"type": "error", "message": ...} and skipped instead of ending the call."""
+    {"type": "error", "message": ...} and skipped instead of ending the call, and the call's id is
+    the server's: fastrtc keys its connections by the client's `websocket_id`, so a reused one would
+    end or take over another live call. The client's id is kept in the server's for the logs."""
 
     def __init__(self, websocket: WebSocket):
         self._ws = websocket
@@ -82,10 +86,20 @@ class CheckedWebSocket:
         while True:
             text = await self._ws.receive_text()
             try:
-                return check_message(text)
+                message = check_message(text)
             except MessageError as exc:
                 log.info("websocket: rejected a message: %s", exc)
                 await self._ws.send_json({"type": "error", "message": f"bad message: {exc}"})
+                continue
+            if message["event"] == "start":
+                message["websocket_id"] = server_call_id(message["websocket_id"])
+            return message
+
+
+def server_call_id(client_id: str) -> str:
+    """A call id no client can choose: the client's own (shortened, for the logs) plus a random part."""
+    readable = "".join(c for c in client_id[:24] if c.isalnum() or c in "-_")
+    return f"ws-{readable}-{uuid.uuid4().hex[:16]}" if readable else f"ws-{uuid.uuid4().hex[:16]}"
 
 
 class AgentStream(Stream):
@@ -102,6 +116,12 @@ class AgentStream(Stream):
 
     async def websocket_offer(self, websocket: WebSocket):
         return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
+
+    async def offer(self, body: Body, request: Request):
+        """fastrtc's /webrtc/offer, noting who offered the call (the per-client cap)."""
+        if body.sdp:
+            self.event_handler.note_offer(body.webrtc_id, request.client.host if request.client else None)
+        return await super().offer(body)
 
 
 def build_stream(service: AgentService) -> AgentStream:

@@ -74,6 +74,10 @@ class AgentService:
         """(ready, reason): ready means a new call would get a seat now."""
         if self.hub.draining:
             return False, "draining"
+        for engine in self.engines:
+            healthy, reason = engine.health()
+            if not healthy:
+                return False, reason
         if self.seats_in_use() >= self.seats_total():
             return False, "all seats in use"
         return True, "ready"
@@ -81,7 +85,8 @@ class AgentService:
     def metric_values(self) -> dict[str, float]:
         values = {"seats_total": self.seats_total(), "seats_in_use": self.seats_in_use(),
                   "draining": float(self.hub.draining)}
-        for name in ("calls_started", "calls_refused", "input_dropped", "output_dropped", "late_ticks"):
+        for name in ("calls_started", "calls_refused", "input_dropped", "output_dropped", "late_ticks",
+                     "step_failures"):
             values[name] = sum(getattr(e.stats, name) for e in self.engines)
         return values
 
@@ -102,6 +107,7 @@ class AgentService:
     def close(self) -> None:
         for engine in self.engines:
             engine.stop()
+        self.hub.stop()
         self.vad.stop()
 
 
@@ -137,7 +143,8 @@ def build_service(model_configs: ModelConfig | list[ModelConfig] | None = None,
     vad = VadHub().start()
     hub = CallHub(engines, registry, catalogue, silence_ms=server_config.vad_silence_ms,
                   max_call_seconds=server_config.max_call_seconds,
-                  on_turn_latency=exporter.voice_to_voice_seconds.observe, vad=vad)
+                  on_turn_latency=exporter.voice_to_voice_seconds.observe, vad=vad,
+                  max_calls_per_client=server_config.max_calls_per_client)
     service = AgentService(engines, catalogue, registry, hub, server_config, exporter, vad)
     exporter.snapshot = service.metric_values
     return service

@@ -6,10 +6,12 @@ for the agent's next 80 ms; it never touches the engine directly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +28,10 @@ from agent.voices import CallSettings, Catalogue
 log = logging.getLogger(__name__)
 
 TRANSCRIPT_CHARS = 4000
+# Opening and ending calls (a seat, conditioning rows, the VAD's last judgement) runs on these few
+# threads, never on the event loop and never on a thread per call.
+CALL_SETUP_WORKERS = 4
+MAX_PENDING_OFFERS = 1024  # WebRTC offers whose call has not opened yet (their client, for the cap)
 
 
 @dataclass
@@ -55,10 +61,12 @@ class SessionFigures:
 class Session:
     def __init__(self, engine: FrameEngine, call_id: str, settings: CallSettings, silence_ms: int = 300,
                  max_seconds: float | None = None, on_turn_latency: Callable[[float], None] | None = None,
-                 vad: VadHub | None = None):
+                 vad: VadHub | None = None, client: str | None = None):
         """`vad`: the hub that judges this call's audio with every other call's; None judges it
-        here, on the transport's threads (one call alone: tools and tests)."""
+        here, on the transport's threads (one call alone: tools and tests). `client`: the caller's
+        address, for the per-client call cap."""
         self.call_id = call_id
+        self.client = client
         self.settings = settings
         self.engine = engine
         self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
@@ -83,6 +91,7 @@ class Session:
         self._transcript: deque[str] = deque()
         self._transcript_chars = 0
         self._lock = threading.Lock()
+        self._output_ready: asyncio.Event | None = None  # set from the engine's thread (wait_output)
         log.info("call %s started on seat %d (%s, %s)", call_id, self.seat.index, settings.voice, settings.emotion)
 
     @property
@@ -124,6 +133,29 @@ class Session:
             self.latency.on_user_audio(frame, done_at - FRAME_SECONDS)
         if self._vad is None:
             self.latency.process()
+
+    async def wait_output(self, timeout: float) -> OutputFrame | None:
+        """`next_output` for a coroutine: waits on the event loop, woken by the engine's thread when a
+        frame, a notice or the end of the call arrives; no thread is held while it waits. None on
+        timeout, or at once when the call is closed."""
+        if self._output_ready is None:
+            loop, ready = asyncio.get_running_loop(), asyncio.Event()
+            self._output_ready = ready
+            self.seat.on_change(lambda: loop.call_soon_threadsafe(ready.set))
+        ready = self._output_ready
+        ready.clear()
+        frame = self.next_output(0)
+        if frame is not None or self.closed:
+            return frame
+        try:
+            await asyncio.wait_for(ready.wait(), timeout)
+        except TimeoutError:
+            return None
+        return self.next_output(0)
+
+    def take_notices(self) -> list[str]:
+        """What the caller should be told since the last call (e.g. the engine reset this call)."""
+        return self.seat.take_notices()
 
     def next_output(self, timeout: float) -> OutputFrame | None:
         """The agent's next frame, waiting up to `timeout`; None if none is ready."""
@@ -197,6 +229,15 @@ class SessionRegistry:
                 del self._live[session.call_id]
                 self._recent.append(session)
 
+    def is_live(self, call_id: str) -> bool:
+        with self._lock:
+            return call_id in self._live
+
+    def calls_from(self, client: str) -> int:
+        """Live calls whose caller is at this address."""
+        with self._lock:
+            return sum(1 for s in self._live.values() if s.client == client)
+
     def get(self, call_id: str | None) -> Session | None:
         if not call_id:
             return None
@@ -228,7 +269,13 @@ class CallHub:
     max_call_seconds: float | None = None
     on_turn_latency: Callable[[float], None] | None = None
     vad: VadHub | None = None  # judges every call's audio in one batch (None: each call on its own)
+    max_calls_per_client: int | None = None  # live calls from one address, whatever the transport
     draining: bool = False
+
+    def __post_init__(self):
+        self._admit = threading.Lock()  # check-then-add of the cap and the call id is one step
+        self._offers: OrderedDict[str, str] = OrderedDict()  # WebRTC call id -> the address that offered it
+        self._workers = ThreadPoolExecutor(CALL_SETUP_WORKERS, thread_name_prefix="call-setup")
 
     def route(self, settings: CallSettings) -> FrameEngine:
         """The engine whose model has this voice; the first engine if none has it."""
@@ -238,22 +285,58 @@ class CallHub:
                 return engine
         return self.engines[0]
 
-    def open(self, call_id: str, settings: CallSettings) -> Session:
-        """A new call on a free seat, or CallRefused with a message for the caller."""
-        if self.draining:
-            raise CallRefused("The server is restarting; please reconnect in a moment.")
-        try:
-            session = Session(self.route(settings), call_id, settings, self.silence_ms, self.max_call_seconds,
-                              self.on_turn_latency, self.vad)
-        except (SeatsFullError, EngineStoppedError) as exc:
-            raise CallRefused(str(exc)) from exc
-        except ConditionError as exc:
-            raise CallRefused(f"That voice or emotion is not available on this model: {exc}") from exc
-        except SamplingError as exc:
-            raise CallRefused(f"Those sampling settings are not allowed: {exc}") from exc
-        self.registry.add(session)
+    def note_offer(self, call_id: str, client: str | None) -> None:
+        """A WebRTC offer for `call_id` came from `client`: its call counts against that address
+        (WebRTC calls open later, on the media path, where the address is not known)."""
+        if not client:
+            return
+        with self._admit:
+            self._offers[call_id] = client
+            while len(self._offers) > MAX_PENDING_OFFERS:
+                self._offers.popitem(last=False)
+
+    def open(self, call_id: str, settings: CallSettings, client: str | None = None) -> Session:
+        """A new call on a free seat, or CallRefused with a message for the caller. `client` is the
+        caller's address (for a WebRTC call, the one that sent its offer, see note_offer)."""
+        with self._admit:
+            client = client or self._offers.pop(call_id, None)
+            if self.draining:
+                raise CallRefused("The server is restarting; please reconnect in a moment.")
+            if self.registry.is_live(call_id):  # never end or take over a live call by its id
+                raise CallRefused("A call with this id is already live on this server.")
+            cap = self.max_calls_per_client
+            if cap and client and self.registry.calls_from(client) >= cap:
+                raise CallRefused(f"At most {cap} call{'s' if cap > 1 else ''} from one address at once: "
+                                  "hang up another call first.")
+            try:
+                session = Session(self.route(settings), call_id, settings, self.silence_ms, self.max_call_seconds,
+                                  self.on_turn_latency, self.vad, client=client)
+            except (SeatsFullError, EngineStoppedError) as exc:
+                raise CallRefused(str(exc)) from exc
+            except ConditionError as exc:
+                raise CallRefused(f"That voice or emotion is not available on this model: {exc}") from exc
+            except SamplingError as exc:
+                raise CallRefused(f"Those sampling settings are not allowed: {exc}") from exc
+            self.registry.add(session)
         return session
 
     def close(self, session: Session, reason: str) -> None:
         session.close(reason)
         self.registry.remove(session)
+
+    async def open_async(self, call_id: str, settings: CallSettings, client: str | None = None) -> Session:
+        """`open` on the call-setup threads, so the event loop never waits for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, self.open, call_id, settings, client)
+
+    async def close_async(self, session: Session, reason: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._workers, self.close, session, reason)
+
+    def close_soon(self, session: Session, reason: str) -> None:
+        """`close` on the call-setup threads; returns at once (sync callers on the event loop)."""
+        def done(future) -> None:
+            if future.exception() is not None:
+                log.error("call %s did not close cleanly", session.call_id, exc_info=future.exception())
+        self._workers.submit(self.close, session, reason).add_done_callback(done)
+
+    def stop(self) -> None:
+        self._workers.shutdown(wait=True, cancel_futures=False)

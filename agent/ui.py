@@ -13,6 +13,7 @@ import pandas as pd
 from fastrtc import WebRTC
 
 from agent.access import rtc_configuration_from_env
+from agent.handler import note_offers
 from agent.metrics import fmt_ms
 from agent.config import MAX_TEMP
 from agent.service import AgentService
@@ -165,6 +166,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
         # The handler reads these by position (handler.INPUT_NAMES).
         call.stream(service.handler(), inputs=[call, voice, emotion, *sampling], outputs=[call],
                     concurrency_limit=service.seats_total())
+        note_offers(call, service.hub)
 
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(lambda call_id: readouts(service, call_id), inputs=[call],

@@ -6,6 +6,7 @@ Protocol (JSON text messages):
                     {"event": "ping"}   (server answers {"event": "pong"})
                     {"event": "stop"}
   server -> client  {"event": "media", "media": {"payload": "<base64 μ-law at 24 kHz>"}}
+                    {"type": "call", "call_id": "<the server's id for this call>", "message": "..."}
                     {"type": "error" | "warning", "message": "..."}
                     {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}
 
@@ -62,6 +63,11 @@ class CallResult:
     def errors(self) -> list[str]:
         return [m.get("message", "") for m in self.messages if m.get("type") == "error"] + [
             m["meta"].get("error", "") for m in self.messages if m.get("status") == "failed"]
+
+    @property
+    def call_id(self) -> str | None:
+        """The server's id for the call (its `start` message's websocket_id is only the client's)."""
+        return next((m.get("call_id") for m in self.messages if m.get("type") == "call"), None)
 
     @property
     def received_seconds(self) -> float:
