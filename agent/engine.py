@@ -15,7 +15,9 @@ Jitter policy (per seat, counted in `SeatCounters`):
 - input backlog is bounded (`EngineConfig.input_queue_frames`); when full the oldest frame is dropped;
 - output backlog is bounded (`EngineConfig.output_queue_frames`); when full the oldest frame is dropped;
 - a seat whose input is late sits the tick out (frozen) and never delays the others by more than a frame;
-- a seat that sends nothing for `idle_timeout_s` is freed (its client vanished).
+- a seat that sends nothing for `idle_timeout_s` is freed (its client vanished);
+- a held seat (`Seat.hold`: its caller's connection dropped and may come back) is neither stepped
+  nor freed for idleness, and other seats do not wait for it; its LM context stays as it was.
 
 Faults: a step that raises loses the frames it took; the seats it was stepping are reset (their
 conversation starts over), each is told (`Seat.take_notices`), the failure is counted
@@ -102,6 +104,7 @@ class Seat:
         self.conditions: dict[str, str] = {}  # what the LM is conditioned on for this seat, once applied
         self.sampling: SeatSampling | None = None  # how this seat is sampled, once applied
         self.last_input_at = time.monotonic()
+        self.held = False  # frozen while its caller reconnects (hold)
         self._engine = engine
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
         self._outputs: deque[OutputFrame] = deque()
@@ -150,6 +153,14 @@ class Seat:
             self._listeners.append(wake)
             if self._outputs or self._notices or self.closed:
                 wake()
+
+    def hold(self, held: bool) -> None:
+        """Freeze this seat (True) while its caller is away: it keeps its LM context, is not stepped
+        and is not freed for idleness; False takes it back (the idle clock starts again)."""
+        with self._engine._lock:
+            self.held = held
+            self.last_input_at = time.monotonic()
+            self._engine._wake.notify_all()
 
     def take_notices(self) -> list[str]:
         """Messages for this seat's caller since the last call (e.g. its conversation was reset)."""
@@ -362,7 +373,7 @@ class FrameEngine:
         pcm = np.zeros((self.num_seats, 1, FRAME_SIZE), np.float32)
         exec_mask = np.zeros(self.num_seats, bool)
         for seat in self._seats:
-            if seat is None:
+            if seat is None or seat.held:
                 continue
             if not seat._inputs:
                 seat.counters.frozen_ticks += 1
@@ -471,7 +482,7 @@ class FrameEngine:
     # -- the loop ------------------------------------------------------------------------------
 
     def _should_tick(self, now: float) -> bool:
-        occupied = [s for s in self._seats if s is not None]
+        occupied = [s for s in self._seats if s is not None and not s.held]
         ready = [s for s in occupied if s._inputs]
         if not ready:
             return False
@@ -480,7 +491,7 @@ class FrameEngine:
 
     def _free_idle_seats(self, now: float) -> list[Seat]:
         return [s for s in self._seats
-                if s is not None and now - s.last_input_at > self.config.idle_timeout_s]
+                if s is not None and not s.held and now - s.last_input_at > self.config.idle_timeout_s]
 
     def _loop(self) -> None:
         while True:

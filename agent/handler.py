@@ -24,7 +24,7 @@ from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError, to_int16
 from agent.engine import ConditionError, EngineStoppedError
 from agent.sampling import SamplingError, sampling_request
-from agent.session import CallHub, CallRefused, Session
+from agent.session import CallHub, CallRefused, ResumeFailed, Session
 from agent.voices import CallSettings, CatalogueError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class MoshiHandler(AsyncStreamHandler):
                          input_sample_rate=input_sample_rate)
         self.hub = hub
         self.session: Session | None = None
+        self._connection = 0  # the session's connection number this handler carries (Session.connection)
         self._refused: str | None = None
         self._closing_sent = False
         self._shut = False
@@ -70,6 +71,13 @@ class MoshiHandler(AsyncStreamHandler):
         ctx = current_context.get()
         client = getattr(ctx.websocket, "client", None) if ctx is not None and ctx.websocket is not None else None
         return client.host if client is not None else None
+
+    def _resume_token(self) -> str | None:
+        """The token of a dropped call this connection resumes (`?resume=` on the WebSocket URL)."""
+        ctx = current_context.get()
+        if ctx is not None and ctx.websocket is not None:
+            return ctx.websocket.query_params.get("resume") or None
+        return None
 
     def _inputs(self) -> dict[str, Any]:
         """The call's choices by name (INPUT_NAMES). A fastrtc WebSocket client gives them in its URL's
@@ -117,8 +125,16 @@ class MoshiHandler(AsyncStreamHandler):
 
     # -- session lifecycle ----------------------------------------------------------------------
 
+    def _current(self) -> Session | None:
+        """This connection's call; None once the call moved to a newer connection (resumed there)."""
+        session = self.session
+        if session is not None and session.connection != self._connection:
+            self.session, self._refused = None, "This call continued on another connection."
+            return None
+        return session
+
     async def _ensure_session(self) -> Session | None:
-        if self.session is not None and not self.session.closed:
+        if self._current() is not None and not self.session.closed:
             return self.session
         if self._refused is not None or self._shut:
             return None
@@ -130,7 +146,7 @@ class MoshiHandler(AsyncStreamHandler):
                 settings = self._requested_settings()
             except (CatalogueError, SamplingError) as exc:
                 raise CallRefused(str(exc)) from exc
-            session = await self.hub.open_async(self._call_id(), settings, self._client())
+            session = await self._open(settings)
         except CallRefused as exc:
             self._refused = str(exc)
             log.warning("call refused: %s", exc)
@@ -140,8 +156,22 @@ class MoshiHandler(AsyncStreamHandler):
         if self._shut:  # the client left while its call was opening
             await self.hub.close_async(session, "client left")
             return None
-        self.session = session
-        self._send({"type": "call", "call_id": session.call_id, "message": "call started"})
+        self.session, self._connection = session, session.connection
+        return session
+
+    async def _open(self, settings: CallSettings) -> Session:
+        """A new call, or the dropped call this connection's resume token names. The client is told
+        which, with the token to resume this call if its connection drops."""
+        token, resumed = self._resume_token(), False
+        if token:
+            try:
+                session, resumed = await self.hub.open_async(self._call_id(), settings, resume_token=token), True
+            except ResumeFailed as exc:
+                self._notify("warning", f"{exc} Starting a new call.")
+        if not resumed:
+            session = await self.hub.open_async(self._call_id(), settings, self._client())
+        self._send({"type": "call", "call_id": session.call_id, "resume_token": session.resume_token,
+                    "resumed": resumed, "message": "call resumed" if resumed else "call started"})
         return session
 
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
@@ -184,7 +214,7 @@ class MoshiHandler(AsyncStreamHandler):
             log.info("call %s: settings -> %s", session.call_id, wanted)
 
     async def emit(self):
-        session = self.session
+        session = self._current()
         if session is None or session.closed:
             if self._refused is not None and not self._closing_sent:
                 self._closing_sent = True
@@ -212,10 +242,22 @@ class MoshiHandler(AsyncStreamHandler):
         self.shutdown()
 
     def shutdown(self) -> None:
+        """The caller hung up (or the server ended the call): free the seat."""
+        self._leave(dropped=False)
+
+    def connection_dropped(self) -> None:
+        """The connection broke without a hang-up: hold the call for the caller to resume (CallHub.drop).
+        Call from the event loop."""
+        self._leave(dropped=True)
+
+    def _leave(self, dropped: bool) -> None:
         self._shut = True
-        session, self.session = self.session, None
+        session, self.session = self._current(), None
         if session is not None:
-            self.hub.close_soon(session, "client left")
+            if dropped and not session.closed:
+                self.hub.drop(session)
+            else:
+                self.hub.close_soon(session, "client left")
         if self._activity is not None:
             self._activity.set()
 

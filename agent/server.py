@@ -26,7 +26,7 @@ from typing import Any
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastrtc import Stream
 from fastrtc.stream import Body
 from fastrtc.websocket import WebSocketHandler
@@ -34,6 +34,7 @@ from fastrtc.websocket import WebSocketHandler
 from agent import kyutai_api
 from agent.access import AccessMiddleware, Credentials, rtc_configuration_from_env
 from agent.service import AgentService
+from agent.session import WEBSOCKET_HANG_UP_CODES
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +75,23 @@ class CheckedWebSocket:
     """The client's WebSocket as fastrtc sees it, except that a malformed message is answered with
     {"type": "error", "message": ...} and skipped instead of ending the call, and the call's id is
     the server's: fastrtc keys its connections by the client's `websocket_id`, so a reused one would
-    end or take over another live call. The client's id is kept in the server's for the logs."""
+    end or take over another live call. The client's id is kept in the server's for the logs.
+    It also tells a hang-up (a `stop` event, or a normal close) from a dropped connection."""
 
     def __init__(self, websocket: WebSocket):
         self._ws = websocket
+        self.hung_up = False
 
     def __getattr__(self, name: str):
         return getattr(self._ws, name)
 
     async def receive_json(self) -> dict[str, Any]:
         while True:
-            text = await self._ws.receive_text()
+            try:
+                text = await self._ws.receive_text()
+            except WebSocketDisconnect as exc:
+                self.hung_up = exc.code in WEBSOCKET_HANG_UP_CODES
+                raise
             try:
                 message = check_message(text)
             except MessageError as exc:
@@ -93,6 +100,8 @@ class CheckedWebSocket:
                 continue
             if message["event"] == "start":
                 message["websocket_id"] = server_call_id(message["websocket_id"])
+            elif message["event"] == "stop":
+                self.hung_up = True
             return message
 
 
@@ -104,14 +113,18 @@ def server_call_id(client_id: str) -> str:
 
 class AgentStream(Stream):
     """fastrtc's Stream, plus: malformed WebSocket messages get an error answer instead of ending
-    the call, and a WebSocket client that leaves frees its seat at once (fastrtc calls
-    `shutdown()` only for WebRTC connections)."""
+    the call, a WebSocket client that hangs up frees its seat at once (fastrtc calls `shutdown()`
+    only for WebRTC connections), and one whose connection drops keeps its call for a while."""
 
     def clean_up(self, webrtc_id: str):
         connection = super().clean_up(webrtc_id)
         for conn in connection or []:
             if isinstance(conn, WebSocketHandler):
-                conn.stream_handler.shutdown()
+                handler = conn.stream_handler
+                if isinstance(conn.websocket, CheckedWebSocket) and not conn.websocket.hung_up:
+                    handler.connection_dropped()
+                else:
+                    handler.shutdown()
         return connection
 
     async def websocket_offer(self, websocket: WebSocket):

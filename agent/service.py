@@ -144,7 +144,8 @@ def build_service(model_configs: ModelConfig | list[ModelConfig] | None = None,
     hub = CallHub(engines, registry, catalogue, silence_ms=server_config.vad_silence_ms,
                   max_call_seconds=server_config.max_call_seconds,
                   on_turn_latency=exporter.voice_to_voice_seconds.observe, vad=vad,
-                  max_calls_per_client=server_config.max_calls_per_client)
+                  max_calls_per_client=server_config.max_calls_per_client,
+                  resume_seconds=server_config.resume_seconds)
     service = AgentService(engines, catalogue, registry, hub, server_config, exporter, vad)
     exporter.snapshot = service.metric_values
     return service

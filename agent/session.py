@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
@@ -32,6 +33,9 @@ TRANSCRIPT_CHARS = 4000
 # threads, never on the event loop and never on a thread per call.
 CALL_SETUP_WORKERS = 4
 MAX_PENDING_OFFERS = 1024  # WebRTC offers whose call has not opened yet (their client, for the cap)
+# WebSocket close codes that mean the caller left; any other end (1006: no close frame) is a dropped
+# connection, whose call waits for the caller to resume it (CallHub.drop)
+WEBSOCKET_HANG_UP_CODES = frozenset({1000, 1001})
 
 
 @dataclass
@@ -67,6 +71,9 @@ class Session:
         address, for the per-client call cap."""
         self.call_id = call_id
         self.client = client
+        self.resume_token = secrets.token_urlsafe(18)  # the caller's key to come back after a dropped connection
+        self.dropped_at: float | None = None  # while its connection is down (the seat is held)
+        self.connection = 0  # which connection carries the call: +1 on each resume (the old one lets go)
         self.settings = settings
         self.engine = engine
         self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
@@ -101,6 +108,28 @@ class Session:
     @property
     def over_time(self) -> bool:
         return self.max_seconds is not None and time.monotonic() - self.started_at > self.max_seconds
+
+    @property
+    def dropped(self) -> bool:
+        return self.dropped_at is not None
+
+    def hold(self) -> None:
+        """The caller's connection dropped: freeze the seat (LM context kept, not stepped)."""
+        self.dropped_at = time.monotonic()
+        self.seat.hold(True)
+        self._output_ready = None  # a reconnection waits on its own event loop
+        log.info("call %s: connection dropped; seat %d held for the caller to resume", self.call_id, self.seat.index)
+
+    def resume(self) -> None:
+        """The caller is back on a new connection: the seat steps again from where it stopped. (The
+        old connection may not have been seen to drop yet; it lets go, see `connection`.)"""
+        away = time.monotonic() - (self.dropped_at or time.monotonic())
+        self.connection += 1
+        if self.dropped_at is not None:
+            self.dropped_at = None
+            self.seat.hold(False)
+        self._output_ready = None
+        log.info("call %s resumed after %.1f s away", self.call_id, away)
 
     def change_settings(self, settings: CallSettings) -> None:
         """A new voice/emotion/sampling takes effect on this call's next frame (ConditionError if the
@@ -256,6 +285,10 @@ class CallRefused(RuntimeError):
     """A call could not start; the message is fit to show the caller."""
 
 
+class ResumeFailed(CallRefused):
+    """The call a resume token names is gone; a new call may start instead."""
+
+
 @dataclass
 class CallHub:
     """What every transport (fastrtc handler, Kyutai's /api/chat) shares to open and end calls.
@@ -270,11 +303,13 @@ class CallHub:
     on_turn_latency: Callable[[float], None] | None = None
     vad: VadHub | None = None  # judges every call's audio in one batch (None: each call on its own)
     max_calls_per_client: int | None = None  # live calls from one address, whatever the transport
+    resume_seconds: float = 0.0  # how long a dropped call's seat waits for its caller (0: closed at once)
     draining: bool = False
 
     def __post_init__(self):
         self._admit = threading.Lock()  # check-then-add of the cap and the call id is one step
         self._offers: OrderedDict[str, str] = OrderedDict()  # WebRTC call id -> the address that offered it
+        self._by_token: dict[str, Session] = {}  # resume token -> live call
         self._workers = ThreadPoolExecutor(CALL_SETUP_WORKERS, thread_name_prefix="call-setup")
 
     def route(self, settings: CallSettings) -> FrameEngine:
@@ -295,9 +330,14 @@ class CallHub:
             while len(self._offers) > MAX_PENDING_OFFERS:
                 self._offers.popitem(last=False)
 
-    def open(self, call_id: str, settings: CallSettings, client: str | None = None) -> Session:
+    def open(self, call_id: str, settings: CallSettings, client: str | None = None,
+             resume_token: str | None = None) -> Session:
         """A new call on a free seat, or CallRefused with a message for the caller. `client` is the
-        caller's address (for a WebRTC call, the one that sent its offer, see note_offer)."""
+        caller's address (for a WebRTC call, the one that sent its offer, see note_offer). With the
+        resume token of a call whose connection dropped, that same call (its seat, its conversation)
+        if it is still held; ResumeFailed if not (the caller may then start a new call)."""
+        if resume_token:
+            return self._resume(resume_token)
         with self._admit:
             client = client or self._offers.pop(call_id, None)
             if self.draining:
@@ -318,15 +358,47 @@ class CallHub:
             except SamplingError as exc:
                 raise CallRefused(f"Those sampling settings are not allowed: {exc}") from exc
             self.registry.add(session)
+            self._by_token[session.resume_token] = session
         return session
 
     def close(self, session: Session, reason: str) -> None:
+        with self._admit:
+            if self._by_token.get(session.resume_token) is session:
+                del self._by_token[session.resume_token]
         session.close(reason)
         self.registry.remove(session)
 
-    async def open_async(self, call_id: str, settings: CallSettings, client: str | None = None) -> Session:
+    def drop(self, session: Session) -> None:
+        """The caller's connection dropped without a hang-up: hold the call for `resume_seconds`
+        (its seat frozen), then close it unless the caller came back with its resume token. Call
+        from the event loop (the expiry is scheduled there; no thread waits)."""
+        if not self.resume_seconds or session.closed or self.draining:
+            self.close_soon(session, "connection dropped")
+            return
+        with self._admit:
+            session.hold()
+            dropped_at = session.dropped_at
+        asyncio.get_running_loop().call_later(self.resume_seconds, self._expire, session, dropped_at)
+
+    def _expire(self, session: Session, dropped_at: float | None) -> None:
+        with self._admit:
+            if session.dropped_at != dropped_at:
+                return  # resumed (and maybe dropped again since: that drop has its own expiry)
+        self.close_soon(session, f"connection dropped and not resumed within {self.resume_seconds:g} s")
+
+    def _resume(self, token: str) -> Session:
+        with self._admit:
+            session = self._by_token.get(token)
+            if session is None or session.closed:
+                raise ResumeFailed("That call can no longer be resumed (it ended, or its time to reconnect ran out).")
+            session.resume()
+        return session
+
+    async def open_async(self, call_id: str, settings: CallSettings, client: str | None = None,
+                         resume_token: str | None = None) -> Session:
         """`open` on the call-setup threads, so the event loop never waits for it."""
-        return await asyncio.get_running_loop().run_in_executor(self._workers, self.open, call_id, settings, client)
+        return await asyncio.get_running_loop().run_in_executor(self._workers, self.open, call_id, settings, client,
+                                                                resume_token)
 
     async def close_async(self, session: Session, reason: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._workers, self.close, session, reason)
