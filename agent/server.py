@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -32,7 +33,7 @@ from fastrtc.stream import Body
 from fastrtc.websocket import WebSocketHandler
 
 from agent import kyutai_api
-from agent.access import AccessMiddleware, Credentials, rtc_configuration_from_env
+from agent.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
 from agent.service import AgentService
 from agent.session import WEBSOCKET_HANG_UP_CODES
 
@@ -153,7 +154,7 @@ def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "models": [e.model.name for e in service.engines],
+        return {"status": "ok", "pid": os.getpid(), "models": [e.model.name for e in service.engines],
                 "random_weights": service.random_weights, "seats_total": service.seats_total(),
                 "seats_in_use": service.seats_in_use()}
 
@@ -175,6 +176,7 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     credentials = Credentials.parse(config.auth)
     app = FastAPI(title="Telugu voice agent")
     add_routes(app, service, stream)
+    app.add_middleware(DrainGate, draining=lambda: service.hub.draining)
     app.add_middleware(AccessMiddleware, credentials=credentials, max_calls_per_client=config.max_calls_per_client)
     auth = (credentials.user, credentials.password) if credentials else None
     return gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message="Telugu voice agent")

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import json
 import logging
+import ssl as ssl_module
 import time
 import uuid
 import warnings
@@ -65,6 +66,7 @@ class CallResult:
     sent_seconds: float = 0.0
     started_at: float = 0.0
     reconnects: int = 0  # connections that dropped and were resumed (talk_with_reconnect)
+    cookies: dict[str, str] = field(default_factory=dict)  # set on the handshake (a load balancer's sticky cookie)
 
     @property
     def errors(self) -> list[str]:
@@ -102,7 +104,8 @@ def with_resume(url: str, token: str | None) -> str:
 async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_seconds: float = 1.0,
                websocket_id: str | None = None, chunk_seconds: float = CHUNK_SECONDS,
                raw_messages: list[str] | None = None, stop: bool = True,
-               headers: dict[str, str] | None = None, result: CallResult | None = None) -> CallResult:
+               headers: dict[str, str] | None = None, result: CallResult | None = None,
+               ssl: ssl_module.SSLContext | None = None) -> CallResult:
     """Stream `audio` (24 kHz float) to the agent, then `tail_seconds` of silence (as a live
     microphone would), and collect what comes back. `raw_messages` are sent verbatim first.
     With the `result` of a call whose connection dropped, resume that call with its token, going on
@@ -113,8 +116,14 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
     chunk = int(SAMPLE_RATE * chunk_seconds)
     audio = np.concatenate([audio.astype(np.float32), np.zeros(int(tail_seconds * SAMPLE_RATE), np.float32)])
     first = int(round(result.sent_seconds * SAMPLE_RATE))
+    headers = dict(headers or {})
+    if result.cookies:  # back to the server that holds the call, behind a sticky load balancer
+        headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in result.cookies.items())
     async with websockets.connect(with_resume(url, result.resume_token if resuming else None), max_size=1 << 22,
-                                  additional_headers=headers) as ws:
+                                  additional_headers=headers, ssl=ssl) as ws:
+        for cookie in ws.response.headers.get_all("Set-Cookie"):
+            name, _, value = cookie.split(";", 1)[0].partition("=")
+            result.cookies[name.strip()] = value.strip()
         await ws.send(json.dumps({"event": "start", "websocket_id": websocket_id or uuid.uuid4().hex}))
         result.started_at = result.started_at or time.monotonic()
 
