@@ -94,9 +94,14 @@ class SeatCounters:
 
 
 class Seat:
-    """A caller's place in the batch: push input frames, pull output frames. Thread-safe."""
+    """A caller's place in the batch: push input frames, pull output frames. Thread-safe.
 
-    def __init__(self, engine: "FrameEngine", index: int, owner: str, config: EngineConfig):
+    The caller's side is push/pull/hold/release and the settings; the engine's side (`take_input`,
+    `deliver`, `tell`, `mark_closed`) is called by the engine with its lock held. Seat and engine
+    share one lock, which the engine hands over at construction."""
+
+    def __init__(self, engine: "FrameEngine", index: int, owner: str, config: EngineConfig,
+                 lock: threading.Lock, engine_wake: threading.Condition):
         self.index = index
         self.owner = owner
         self.counters = SeatCounters()
@@ -106,13 +111,15 @@ class Seat:
         self.last_input_at = time.monotonic()
         self.held = False  # frozen while its caller reconnects (hold)
         self._engine = engine
+        self._lock = lock  # the engine's: a tick takes every seat's frame at once
+        self._engine_wake = engine_wake  # tells the engine's loop that input arrived
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
         self._outputs: deque[OutputFrame] = deque()
         self._notices: deque[str] = deque(maxlen=8)  # messages for the caller (e.g. a failed step)
         self._listeners: list[Callable[[], None]] = []
         self._max_in = config.input_queue_frames
         self._max_out = config.output_queue_frames
-        self._out_ready = threading.Condition(engine._lock)
+        self._out_ready = threading.Condition(lock)
 
     @property
     def closed(self) -> bool:
@@ -120,6 +127,7 @@ class Seat:
 
     @property
     def input_backlog(self) -> int:
+        """Input frames waiting for a tick."""
         return len(self._inputs)
 
     def push(self, frame: np.ndarray, done_at: float | None = None) -> None:
@@ -127,7 +135,7 @@ class Seat:
         if frame.shape != (FRAME_SIZE,):
             raise ValueError(f"a frame is {FRAME_SIZE} samples, got shape {frame.shape}")
         done_at = time.monotonic() if done_at is None else done_at
-        with self._engine._lock:
+        with self._lock:
             if self.closed:
                 raise EngineStoppedError(f"seat {self.index} is closed: {self.closed_reason}")
             if len(self._inputs) >= self._max_in:
@@ -137,11 +145,11 @@ class Seat:
             self._inputs.append((frame, done_at))
             self.counters.frames_in += 1
             self.last_input_at = time.monotonic()
-            self._engine._wake.notify_all()
+            self._engine_wake.notify_all()
 
     def pull(self, timeout: float = 0.0) -> OutputFrame | None:
         """The next output frame, waiting up to `timeout` seconds; None if there is none yet."""
-        with self._engine._lock:
+        with self._lock:
             if not self._outputs and timeout > 0 and not self.closed:
                 self._out_ready.wait(timeout)
             return self._outputs.popleft() if self._outputs else None
@@ -149,7 +157,7 @@ class Seat:
     def on_change(self, wake: Callable[[], None]) -> None:
         """Call `wake()` (from the engine's thread; it must not block) whenever an output frame or a
         notice arrives, or the seat closes: an async transport waits on this instead of a thread."""
-        with self._engine._lock:
+        with self._lock:
             self._listeners.append(wake)
             if self._outputs or self._notices or self.closed:
                 wake()
@@ -157,32 +165,44 @@ class Seat:
     def hold(self, held: bool) -> None:
         """Freeze this seat (True) while its caller is away: it keeps its LM context, is not stepped
         and is not freed for idleness; False takes it back (the idle clock starts again)."""
-        with self._engine._lock:
+        with self._lock:
             self.held = held
             self.last_input_at = time.monotonic()
-            self._engine._wake.notify_all()
+            self._engine_wake.notify_all()
 
     def take_notices(self) -> list[str]:
         """Messages for this seat's caller since the last call (e.g. its conversation was reset)."""
-        with self._engine._lock:
+        with self._lock:
             notices = list(self._notices)
             self._notices.clear()
             return notices
 
     def release(self, reason: str = "released") -> None:
-        self._engine._release(self, reason)
+        self._engine.release(self, reason)
 
     def set_conditions(self, conditions: dict[str, str]) -> None:
         """Condition this seat (e.g. {"speaker": "ravi", "emotion": "sad"}) from its next frame on;
         other seats are untouched. Raises ConditionError for a value the model does not know."""
-        self._engine._set_conditions(self, conditions)
+        self._engine.set_conditions(self, conditions)
 
     def set_sampling(self, settings: SeatSampling) -> None:
         """Sample this seat with these settings from its next frame on; other seats are untouched.
         Raises SamplingError for values outside what the server allows."""
-        self._engine._set_sampling(self, settings)
+        self._engine.set_sampling(self, settings)
 
-    def _deliver(self, frame: OutputFrame) -> None:  # engine lock held
+    # -- the engine's side (engine lock held) ----------------------------------------------------
+
+    def take_input(self) -> tuple[np.ndarray, float] | None:
+        """The oldest input frame and when it was complete, or None if none came."""
+        return self._inputs.popleft() if self._inputs else None
+
+    def mark_closed(self, reason: str) -> None:
+        """The seat is closed: its queued input is dropped and anyone waiting is woken."""
+        self.closed_reason = reason
+        self._inputs.clear()
+        self._changed()
+
+    def deliver(self, frame: OutputFrame) -> None:
         if len(self._outputs) >= self._max_out:
             self._outputs.popleft()
             self.counters.output_dropped += 1
@@ -191,11 +211,12 @@ class Seat:
         self.counters.frames_out += 1
         self._changed()
 
-    def _notify(self, message: str) -> None:  # engine lock held
+    def tell(self, message: str) -> None:
+        """Queue a message for the caller (take_notices)."""
         self._notices.append(message)
         self._changed()
 
-    def _changed(self) -> None:  # engine lock held
+    def _changed(self) -> None:
         self._out_ready.notify_all()
         for wake in list(self._listeners):
             try:
@@ -285,7 +306,7 @@ class FrameEngine:
                 raise EngineStoppedError("the server is shutting down")
             for index, seat in enumerate(self._seats):
                 if seat is None:
-                    new = Seat(self, index, owner, self.config)
+                    new = Seat(self, index, owner, self.config, self._lock, self._wake)
                     self._seats[index] = new
                     self._pending_reset[index] = True
                     # a new caller starts from the defaults
@@ -300,13 +321,12 @@ class FrameEngine:
             self.stats.calls_refused += 1
         raise SeatsFullError(f"All {self.num_seats} seats are in use. Please try again in a minute.")
 
-    def _release(self, seat: Seat, reason: str) -> None:
+    def release(self, seat: Seat, reason: str) -> None:
+        """Free this seat (idempotent); its caller's waits end."""
         with self._lock:
             if seat.closed:
                 return
-            seat.closed_reason = reason
-            seat._inputs.clear()
-            seat._changed()
+            seat.mark_closed(reason)
             if self._seats[seat.index] is seat:
                 self._seats[seat.index] = None
                 self.stats.seats_in_use -= 1
@@ -320,7 +340,8 @@ class FrameEngine:
             tensors = lm.condition_provider.prepare_and_provide([ConditionAttributes(text=dict(conditions))])
             return lm.fuser.get_sum(tensors).to(lm.dtype)[0]
 
-    def _set_conditions(self, seat: Seat, conditions: dict[str, str]) -> None:
+    def set_conditions(self, seat: Seat, conditions: dict[str, str]) -> None:
+        """See Seat.set_conditions."""
         if not self.condition_values:
             return  # an unconditioned checkpoint (e.g. Kyutai's Moshiko): nothing to set
         for name, value in conditions.items():
@@ -336,14 +357,13 @@ class FrameEngine:
                 self._pending_rows[seat.index] = (seat, values, row)
 
     def _apply_condition_rows(self, rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]]) -> None:
-        """Overwrite seats' rows of LMGen's summed condition in place (moshi keeps it in its streaming
-        state; CUDA graphs copy it in on every replay, so an in-place write stays graph-safe)."""
-        condition_sum = self.lm_gen._streaming_state.condition_sum
+        """Write the pending seats' condition rows into the LM (SeatLMGen.set_condition_row)."""
         for index, (seat, values, row) in rows.items():
-            condition_sum[index].copy_(row)
+            self.lm_gen.set_condition_row(index, row)
             seat.conditions = values
 
-    def _set_sampling(self, seat: Seat, settings: SeatSampling) -> None:
+    def set_sampling(self, seat: Seat, settings: SeatSampling) -> None:
+        """See Seat.set_sampling."""
         settings = settings.checked(self.sampler.config)
         with self._lock:
             if self._seats[seat.index] is seat:
@@ -375,11 +395,12 @@ class FrameEngine:
         for seat in self._seats:
             if seat is None or seat.held:
                 continue
-            if not seat._inputs:
+            taken = seat.take_input()
+            if taken is None:
                 seat.counters.frozen_ticks += 1
                 self.stats.late_ticks += 1
                 continue
-            frame, done_at = seat._inputs.popleft()
+            frame, done_at = taken
             if not np.isfinite(frame).all():  # sessions sanitise; this guards direct callers
                 seat.counters.non_finite_frames += 1
                 frame = np.nan_to_num(frame, nan=0.0, posinf=0.0, neginf=0.0)
@@ -423,7 +444,7 @@ class FrameEngine:
             for seat, _ in batch:
                 if self._seats[seat.index] is seat:
                     self._pending_reset[seat.index] = True
-                    seat._notify(STEP_FAILED_NOTICE)
+                    seat.tell(STEP_FAILED_NOTICE)
             self._pending_reset |= reset & np.array([s is not None for s in self._seats])
 
     def _step(self, batch: list[tuple[Seat, float]], pcm: np.ndarray, exec_mask: np.ndarray,
@@ -465,7 +486,7 @@ class FrameEngine:
                 i = seat.index
                 is_voiced = bool(voiced_np[i])
                 token = int(text_np[i])
-                seat._deliver(OutputFrame(
+                seat.deliver(OutputFrame(
                     pcm=out_np[i].copy() if is_voiced else self._zeros.copy(),
                     text=self.model.decode_text(token), text_token=token, input_done_at=done_at,
                     produced_at=produced_at, voiced=is_voiced))
@@ -483,11 +504,11 @@ class FrameEngine:
 
     def _should_tick(self, now: float) -> bool:
         occupied = [s for s in self._seats if s is not None and not s.held]
-        ready = [s for s in occupied if s._inputs]
+        ready = [s for s in occupied if s.input_backlog]
         if not ready:
             return False
         return (len(ready) == len(occupied) or now >= self._last_tick + FRAME_SECONDS
-                or any(len(s._inputs) >= 2 for s in ready))
+                or any(s.input_backlog >= 2 for s in ready))
 
     def _free_idle_seats(self, now: float) -> list[Seat]:
         return [s for s in self._seats
@@ -504,12 +525,12 @@ class FrameEngine:
                     if idle:
                         break
                     self._wake.wait(timeout=max(0.001, self._last_tick + FRAME_SECONDS - now)
-                                    if any(s is not None and s._inputs for s in self._seats) else 0.25)
+                                    if any(s is not None and s.input_backlog for s in self._seats) else 0.25)
                 if self._stopping:
                     return
                 idle = self._free_idle_seats(time.monotonic())
             for seat in idle:
-                self._release(seat, f"no audio for {self.config.idle_timeout_s:g} s")
+                self.release(seat, f"no audio for {self.config.idle_timeout_s:g} s")
             try:
                 self.step_once()
             except Exception:  # counted, seats reset and told (_step_failed); the loop goes on
@@ -543,7 +564,7 @@ class FrameEngine:
             seats = [s for s in self._seats if s is not None]
             self._wake.notify_all()
         for seat in seats:
-            self._release(seat, "server shutting down")
+            self.release(seat, "server shutting down")
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

@@ -34,6 +34,7 @@ from fastrtc.websocket import WebSocketHandler
 
 from agent import kyutai_api
 from agent.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
+from agent.handler import MoshiHandler
 from agent.service import AgentService
 from agent.session import WEBSOCKET_HANG_UP_CODES
 
@@ -140,7 +141,7 @@ class AgentStream(Stream):
 
 def build_stream(service: AgentService) -> AgentStream:
     rtc = rtc_configuration_from_env()
-    return AgentStream(service.handler(), modality="audio", mode="send-receive",
+    return AgentStream(MoshiHandler(service.hub), modality="audio", mode="send-receive",
                        concurrency_limit=service.seats_total(), rtc_configuration=rtc,
                        server_rtc_configuration=rtc, verbose=False)
 

@@ -1,7 +1,8 @@
-"""The running agent: one loaded model, its engine, the live calls and the handler template.
+"""The running agent: the loaded models, their engines and the live calls.
 
 Built once per process (`build_service`) and shared by the page, the WebSocket endpoint and the
-readouts. Nothing here knows about HTTP or Gradio.
+readouts. Nothing here knows about HTTP, Gradio or fastrtc: the transports (agent.handler,
+agent.kyutai_api) open calls through `hub`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 from agent.engine import FrameEngine
-from agent.handler import MoshiHandler
 from agent.metrics import PrometheusExporter
 from agent.models import LoadedModel, load_model
 from agent.session import CallHub, SessionRegistry
@@ -48,10 +48,6 @@ class AgentService:
     @property
     def random_weights(self) -> bool:
         return any(e.model.random_weights for e in self.engines)
-
-    def handler(self, input_sample_rate: int = 24_000) -> MoshiHandler:
-        """The handler template fastrtc copies for each connection."""
-        return MoshiHandler(self.hub, input_sample_rate=input_sample_rate)
 
     def seats_total(self) -> int:
         return sum(e.num_seats for e in self.engines)

@@ -13,7 +13,7 @@ import pandas as pd
 from fastrtc import WebRTC
 
 from agent.access import rtc_configuration_from_env
-from agent.handler import note_offers
+from agent.handler import MoshiHandler, note_offers
 from agent.metrics import fmt_ms
 from agent.config import MAX_TEMP
 from agent.service import AgentService
@@ -164,7 +164,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
-        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling], outputs=[call],
+        call.stream(MoshiHandler(service.hub), inputs=[call, voice, emotion, *sampling], outputs=[call],
                     concurrency_limit=service.seats_total())
         note_offers(call, service.hub)
 

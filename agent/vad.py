@@ -270,7 +270,23 @@ class TurnLatencyTracker:
 
     def process(self) -> list[Turn]:
         """Judge the queued audio now (this call alone). Returns turns that ended or were answered."""
-        return process_trackers([self])[0]
+        return TurnLatencyTracker.judge_all([self])[0]
+
+    @staticmethod
+    def judge_all(trackers: Sequence["TurnLatencyTracker"]) -> list[list[Turn]]:
+        """Judge every tracker's queued audio with one batched Silero call per window round (what
+        `VadHub` does for every call). Returns each tracker's turns that ended or were answered."""
+        for tracker in trackers:
+            tracker._judging.acquire()
+        try:
+            for tracker in trackers:
+                tracker._feed_detectors()
+            events = run_detectors([d for t in trackers for d in (t.user, t.agent)])
+            return [t._on_user_segments(events[2 * i]) + t._on_agent_segments(events[2 * i + 1])
+                    for i, t in enumerate(trackers)]
+        finally:
+            for tracker in trackers:
+                tracker._judging.release()
 
     def _feed_detectors(self) -> None:
         with self._inbox_lock:
@@ -336,21 +352,6 @@ class TurnLatencyTracker:
         del self.turns[:-50]  # keep the recent history only
 
 
-def process_trackers(trackers: Sequence[TurnLatencyTracker]) -> list[list[Turn]]:
-    """Judge every tracker's queued audio with one batched Silero call per window round."""
-    for tracker in trackers:
-        tracker._judging.acquire()
-    try:
-        for tracker in trackers:
-            tracker._feed_detectors()
-        events = run_detectors([d for t in trackers for d in (t.user, t.agent)])
-        return [t._on_user_segments(events[2 * i]) + t._on_agent_segments(events[2 * i + 1])
-                for i, t in enumerate(trackers)]
-    finally:
-        for tracker in trackers:
-            tracker._judging.release()
-
-
 class VadHub:
     """Runs the VAD of every live call on one thread, a round every `period_s`."""
 
@@ -384,7 +385,7 @@ class VadHub:
         with self._lock:
             trackers = list(self._trackers)
         if trackers:
-            process_trackers(trackers)
+            TurnLatencyTracker.judge_all(trackers)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):

@@ -347,3 +347,72 @@ def test_reliab_vad_inbox_is_bounded():
     assert tracker.inbox_dropped == 8 * MAX_INBOX_CHUNKS - MAX_INBOX_CHUNKS
     tracker.process()
     assert tracker.inbox_chunks == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Encapsulation: objects keep their privates; the running agent does not know its transports
+# ---------------------------------------------------------------------------------------------
+
+RUNTIME_MODULES = ("engine", "session", "vad", "handler", "service", "server", "kyutai_api", "access",
+                   "metrics", "sampling", "audio", "voices", "wsclient")
+# private names of other packages that we must touch, each for a stated reason
+FOREIGN_PRIVATES = {
+    "_is_server_fn": "gradio's mark for a component's server function (handler.note_offers)",
+    "_model_8k": "silero-vad's 8 kHz network, called with explicit state (vad.Silero)",
+    "_replace": "namedtuple's public API (urllib's SplitResult)",
+}
+
+
+def private_reaches(source: str) -> list[tuple[int, str]]:
+    """`x._name` where x is not self/cls and `_name` is not a member of the enclosing class (a class
+    may touch its own kind's privates; nothing else may)."""
+    import ast
+
+    def members(cls: ast.ClassDef) -> set[str]:
+        names = set()
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+        return names
+
+    found = []
+
+    def visit(node, own: set[str]) -> None:
+        if isinstance(node, ast.ClassDef):
+            own = members(node)
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                and node.attr not in own and node.attr not in FOREIGN_PRIVATES):
+            found.append((node.lineno, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, own)
+
+    visit(ast.parse(source), set())
+    return found
+
+
+def test_reliab_objects_keep_their_privates():
+    from pathlib import Path
+
+    agent = Path(__file__).resolve().parent.parent / "agent"
+    reaches = {name: private_reaches((agent / f"{name}.py").read_text()) for name in RUNTIME_MODULES}
+    assert not any(reaches.values()), {k: v for k, v in reaches.items() if v}
+    # the check can fail
+    assert private_reaches("def f(seat):\n    return seat._inputs\n") == [(2, "seat._inputs")]
+    assert private_reaches("class A:\n    def f(self):\n        return self._engine._lock\n") == \
+        [(3, "self._engine._lock")]
+
+
+def test_reliab_service_knows_no_transport():
+    """agent.service (models, engines, calls) imports neither the fastrtc handler nor fastrtc."""
+    import subprocess
+    import sys
+
+    probe = "import sys, agent.service; print(sorted(m for m in sys.modules if m == 'fastrtc' or m == 'agent.handler'))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout
