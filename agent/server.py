@@ -89,13 +89,15 @@ class CheckedWebSocket:
 
     async def receive_json(self) -> dict[str, Any]:
         while True:
+            received = await self._ws.receive()
+            if received["type"] == "websocket.disconnect":
+                code = received.get("code", 1000)
+                self.hung_up = code in WEBSOCKET_HANG_UP_CODES
+                raise WebSocketDisconnect(code)
             try:
-                text = await self._ws.receive_text()
-            except WebSocketDisconnect as exc:
-                self.hung_up = exc.code in WEBSOCKET_HANG_UP_CODES
-                raise
-            try:
-                message = check_message(text)
+                if received.get("text") is None:
+                    raise MessageError("binary messages are not part of this protocol; send JSON text")
+                message = check_message(received["text"])
             except MessageError as exc:
                 log.info("websocket: rejected a message: %s", exc)
                 await self._ws.send_json({"type": "error", "message": f"bad message: {exc}"})
@@ -130,7 +132,13 @@ class AgentStream(Stream):
         return connection
 
     async def websocket_offer(self, websocket: WebSocket):
-        return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
+        try:
+            return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
+        except AttributeError as exc:
+            # fastrtc's clean-up reads `start_up_task`, which only a "start" event creates: a client that
+            # leaves before "start" had no call, and there is nothing to clean up
+            if "start_up_task" not in str(exc):
+                raise
 
     async def offer(self, body: Body, request: Request):
         """fastrtc's /webrtc/offer, noting who offered the call (the per-client cap)."""

@@ -416,3 +416,33 @@ def test_reliab_service_knows_no_transport():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_server(server, telugu_speech):
+    """Found by `python -m agent.loadtest fuzz`: a binary message on fastrtc's WebSocket (a KeyError
+    inside starlette) and a client that leaves before "start" (fastrtc's clean-up AttributeError)
+    were unhandled exceptions in the server. Now: an error answer, and a quiet close."""
+    import logging
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    _, audio = telugu_speech
+
+    async def go():
+        async with websockets.connect(server.ws_url) as ws:  # leaves before "start"
+            await ws.send(b"\x00\x01 not json")
+        async with websockets.connect(server.ws_url):
+            pass
+        return await talk(server.ws_url, audio[:SAMPLE_RATE], raw_messages=[b"\xff\xfe binary"], tail_seconds=0.3)
+
+    try:
+        result = asyncio.run(go())
+        time.sleep(0.5)
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert any("binary messages" in e for e in result.errors), result.messages
+    assert result.received_seconds > 0.5  # the call went on
+    assert not errors, [r.getMessage() for r in errors]
