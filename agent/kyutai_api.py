@@ -103,8 +103,11 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
         if not resumed:
             session = await hub.open_async(call_id, settings, ws.client.host if ws.client else None)
     except (CallRefused, ValueError) as exc:
-        await ws.send_bytes(ERROR + str(exc).encode())
-        await ws.close(code=1013)  # try again later
+        try:
+            await ws.send_bytes(ERROR + str(exc).encode())
+            await ws.close(code=1013)  # try again later
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client left before it heard why
         return
     connection = session.connection
     stop = asyncio.Event()

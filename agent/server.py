@@ -27,7 +27,9 @@ from typing import Any
 
 import gradio as gr
 import uvicorn
+from uvicorn.protocols.utils import ClientDisconnected
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.websockets import WebSocketState
 from fastrtc import Stream
 from fastrtc.stream import Body
 from fastrtc.websocket import WebSocketHandler
@@ -87,6 +89,23 @@ class CheckedWebSocket:
     def __getattr__(self, name: str):
         return getattr(self._ws, name)
 
+    @property
+    def _open(self) -> bool:
+        return self._ws.application_state == WebSocketState.CONNECTED
+
+    async def send_json(self, data: Any, mode: str = "text") -> None:
+        """Send unless the socket is closing (fastrtc sends from tasks that outlive the close)."""
+        if self._open:
+            try:
+                await self._ws.send_json(data, mode)
+            except (RuntimeError, WebSocketDisconnect, ClientDisconnected):
+                log.debug("websocket: not sent, the connection closed meanwhile")
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close once: fastrtc closes again in its clean-up after the server ended a call."""
+        if self._open:
+            await self._ws.close(code, reason)
+
     async def receive_json(self) -> dict[str, Any]:
         while True:
             received = await self._ws.receive()
@@ -100,7 +119,7 @@ class CheckedWebSocket:
                 message = check_message(received["text"])
             except MessageError as exc:
                 log.info("websocket: rejected a message: %s", exc)
-                await self._ws.send_json({"type": "error", "message": f"bad message: {exc}"})
+                await self.send_json({"type": "error", "message": f"bad message: {exc}"})
                 continue
             if message["event"] == "start":
                 message["websocket_id"] = server_call_id(message["websocket_id"])

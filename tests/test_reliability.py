@@ -446,3 +446,34 @@ def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_ser
     assert any("binary messages" in e for e in result.errors), result.messages
     assert result.received_seconds > 0.5  # the call went on
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_reliab_refused_callers_who_leave_at_once_raise_nothing_on_the_server(server, telugu_speech):
+    """Also found by the fuzz run: a refused caller (all seats taken) who is already gone made the
+    server's refusal raise (/api/chat), and fastrtc's second close raise (WebSocket)."""
+    import logging
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    engine = server.service.engine
+    held = [engine.acquire(f"held-{i}") for i in range(engine.num_seats)]
+
+    async def hit_and_run():
+        for path in ("/api/chat", "/websocket/offer"):
+            for _ in range(3):
+                async with websockets.connect(f"ws://127.0.0.1:{server.port}{path}") as ws:
+                    if path == "/websocket/offer":
+                        await ws.send(json.dumps({"event": "start", "websocket_id": "x"}))
+                        await ws.send(json.dumps(encode_media(np.zeros(480, np.float32))))
+        await asyncio.sleep(1.5)
+
+    try:
+        asyncio.run(hit_and_run())
+    finally:
+        uvicorn_log.removeHandler(handler)
+        for seat in held:
+            seat.release()
+    assert not errors, [r.getMessage() for r in errors]
