@@ -4,8 +4,9 @@
     python -m agent.loadtest soak --calls 8 --seconds 600     # long calls: frames lost, memory over time
     python -m agent.loadtest fuzz --seconds 30                # garbage at every endpoint beside a normal call
 
-The server (tiny model unless --model) runs in this process; the clients, the `/healthz` prober and
-the fuzzer run in a child process, so the server's CPU time, threads and memory are its own. Each
+The server (tiny model unless --model) runs in this process; the clients and the fuzzer run in one
+child process and the `/healthz` prober in another (so its figures are the server's, not the busy
+clients'), and the server's CPU time, threads and memory are its own. Each
 mode prints its figures and, with --json, writes them. docs/reliability.md has the figures.
 """
 
@@ -64,22 +65,22 @@ class Report:
 
 # -- the client side (child process) --------------------------------------------------------------
 
-async def _probe_health(base: str, stop: asyncio.Event) -> tuple[list[float], int]:
-    import aiohttp
+def probe_health(base: str, seconds: float) -> tuple[list[float], int]:
+    """GET /healthz every HEALTH_EVERY_S for `seconds`: (latencies in ms, failures)."""
+    import requests
 
     latencies, failures = [], 0
-    async with aiohttp.ClientSession() as http:
-        while not stop.is_set():
+    end = time.monotonic() + seconds
+    with requests.Session() as http:
+        while time.monotonic() < end:
             t0 = time.perf_counter()
             try:
-                async with http.get(base + "/healthz", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        failures += 1
+                if http.get(base + "/healthz", timeout=5).status_code != 200:
+                    failures += 1
                 latencies.append(1e3 * (time.perf_counter() - t0))
-            except Exception:
+            except requests.RequestException:
                 failures += 1
-            await asyncio.sleep(HEALTH_EVERY_S)
+            time.sleep(HEALTH_EVERY_S)
     return latencies, failures
 
 
@@ -142,17 +143,17 @@ def run_clients(base: str, calls: int, seconds: float, fuzz: bool) -> dict:
 
     async def everything():
         stop = asyncio.Event()
-        health = asyncio.create_task(_probe_health(base, stop))
         fuzzer = asyncio.create_task(_fuzz(base, stop)) if fuzz else None
         url = base.replace("http://", "ws://") + "/websocket/offer"
         results = await asyncio.gather(*(talk(url, audio, tail_seconds=0.5) for _ in range(calls)),
                                        return_exceptions=True)
         stop.set()
-        latencies, failures = await health
-        fuzzed = await fuzzer if fuzzer else 0
-        return results, latencies, failures, fuzzed
+        return results, (await fuzzer if fuzzer else 0)
 
-    results, latencies, failures, fuzzed = asyncio.run(everything())
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        health = pool.submit(probe_health, base, seconds + 1.0)
+        results, fuzzed = asyncio.run(everything())
+        latencies, failures = health.result()
     ok = [r for r in results if not isinstance(r, BaseException)]
     errors = [repr(r) for r in results if isinstance(r, BaseException)] + [e for r in ok for e in r.errors]
     return asdict(ClientFigures(

@@ -180,21 +180,23 @@ def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None
     async def api_chat(websocket: WebSocket) -> None:
         await kyutai_api.chat(websocket, service.hub)
 
+    # The probes are coroutines: they only read counters, and a hop to a worker thread is what made
+    # them slow when many calls keep the interpreter busy (python -m agent.loadtest load).
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok", "pid": os.getpid(), "models": [e.model.name for e in service.engines],
                 "random_weights": service.random_weights, "seats_total": service.seats_total(),
                 "seats_in_use": service.seats_in_use()}
 
     @app.get("/readyz")
-    def readyz(response: Response) -> dict:
+    async def readyz(response: Response) -> dict:
         ready, reason = service.readiness()
         response.status_code = 200 if ready else 503
         return {"ready": ready, "reason": reason, "seats_total": service.seats_total(),
                 "seats_in_use": service.seats_in_use()}
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         body, content_type = service.exporter.render()
         return Response(body, media_type=content_type)
 
