@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from agent import SAMPLE_RATE
 from agent.bench import percentiles, rss_mib, telugu_speech
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 

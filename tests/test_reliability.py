@@ -5,12 +5,18 @@ runs off the event loop, a reused websocket_id cannot touch another call, the VA
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
+import contextlib
 import json
+import logging
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -21,15 +27,16 @@ import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.access import Credentials
-from agent.config import ServerConfig
+from agent.config import EngineConfig, ServerConfig
 from agent.engine import FAILING_AFTER, FrameEngine
-from agent.config import EngineConfig
+from agent.session import CALL_SETUP_WORKERS
 from agent.vad import MAX_INBOX_CHUNKS, TurnLatencyTracker
 from agent.wsclient import encode_media, talk
 from conftest import LiveServer, tiny_model
 from test_webrtc import webrtc_call
-from tiny_helpers import frames_of, varied_audio
+from tiny_helpers import GREEDY, frames_of, varied_audio
 
+ROOT = Path(__file__).resolve().parent.parent
 IDLE_TIMEOUT_S = 1.5
 
 
@@ -122,7 +129,6 @@ def last_output(seat):
 
 
 def test_fault_failed_step_resets_only_its_seats_and_tells_them():
-    from tiny_helpers import GREEDY
     engine = FrameEngine(tiny_model(), EngineConfig(max_sessions=2), GREEDY)
     flaky = FlakyStep(engine.lm_gen.step)
     engine.lm_gen.step = flaky
@@ -284,7 +290,6 @@ def test_reliab_calls_hold_no_thread_each(server, telugu_speech):
         done.set()
         sampler.join()
     assert all(r.received_seconds > 1.0 and not r.errors for r in results), [r.errors for r in results]
-    from agent.session import CALL_SETUP_WORKERS
     grown = peak["threads"] - 1 - before  # less the sampler itself
     assert grown <= CALL_SETUP_WORKERS + 1, f"threads grew by {grown} for 8 calls"
 
@@ -366,7 +371,6 @@ FOREIGN_PRIVATES = {
 def private_reaches(source: str) -> list[tuple[int, str]]:
     """`x._name` where x is not self/cls and `_name` is not a member of the enclosing class (a class
     may touch its own kind's privates; nothing else may)."""
-    import ast
 
     def members(cls: ast.ClassDef) -> set[str]:
         names = set()
@@ -396,9 +400,7 @@ def private_reaches(source: str) -> list[tuple[int, str]]:
 
 
 def test_reliab_objects_keep_their_privates():
-    from pathlib import Path
-
-    agent = Path(__file__).resolve().parent.parent / "agent"
+    agent = ROOT / "agent"
     reaches = {name: private_reaches((agent / f"{name}.py").read_text()) for name in RUNTIME_MODULES}
     assert not any(reaches.values()), {k: v for k, v in reaches.items() if v}
     # the check can fail
@@ -409,26 +411,30 @@ def test_reliab_objects_keep_their_privates():
 
 def test_reliab_service_knows_no_transport():
     """agent.service (models, engines, calls) imports neither the fastrtc handler nor fastrtc."""
-    import subprocess
-    import sys
-
     probe = "import sys, agent.service; print(sorted(m for m in sys.modules if m == 'fastrtc' or m == 'agent.handler'))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                         cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@contextlib.contextmanager
+def server_errors():
+    """The ERROR records uvicorn logs meanwhile ("Exception in ASGI application": an unhandled
+    exception in a connection). uvicorn's loggers do not propagate to pytest's caplog."""
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    try:
+        yield errors
+    finally:
+        uvicorn_log.removeHandler(handler)
 
 
 def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_server(server, telugu_speech):
     """Found by `python -m agent.loadtest fuzz`: a binary message on fastrtc's WebSocket (a KeyError
     inside starlette) and a client that leaves before "start" (fastrtc's clean-up AttributeError)
     were unhandled exceptions in the server. Now: an error answer, and a quiet close."""
-    import logging
-
-    errors: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.ERROR)
-    handler.emit = errors.append  # type: ignore[method-assign]
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    uvicorn_log.addHandler(handler)
     _, audio = telugu_speech
 
     async def go():
@@ -438,11 +444,9 @@ def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_ser
             pass
         return await talk(server.ws_url, audio[:SAMPLE_RATE], raw_messages=[b"\xff\xfe binary"], tail_seconds=0.3)
 
-    try:
+    with server_errors() as errors:
         result = asyncio.run(go())
         time.sleep(0.5)
-    finally:
-        uvicorn_log.removeHandler(handler)
     assert any("binary messages" in e for e in result.errors), result.messages
     assert result.received_seconds > 0.5  # the call went on
     assert not errors, [r.getMessage() for r in errors]
@@ -451,13 +455,6 @@ def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_ser
 def test_reliab_refused_callers_who_leave_at_once_raise_nothing_on_the_server(server, telugu_speech):
     """Also found by the fuzz run: a refused caller (all seats taken) who is already gone made the
     server's refusal raise (/api/chat), and fastrtc's second close raise (WebSocket)."""
-    import logging
-
-    errors: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.ERROR)
-    handler.emit = errors.append  # type: ignore[method-assign]
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    uvicorn_log.addHandler(handler)
     engine = server.service.engine
     held = [engine.acquire(f"held-{i}") for i in range(engine.num_seats)]
 
@@ -471,9 +468,9 @@ def test_reliab_refused_callers_who_leave_at_once_raise_nothing_on_the_server(se
         await asyncio.sleep(1.5)
 
     try:
-        asyncio.run(hit_and_run())
+        with server_errors() as errors:
+            asyncio.run(hit_and_run())
     finally:
-        uvicorn_log.removeHandler(handler)
         for seat in held:
             seat.release()
     assert not errors, [r.getMessage() for r in errors]
