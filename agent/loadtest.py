@@ -58,6 +58,7 @@ class Report:
     clients: ClientFigures
     server: list[ServerSample] = field(default_factory=list)
     idle_cpu_share: float = 0.0  # server CPU with every call over, measured for a few seconds
+    memory_growth: list[str] = field(default_factory=list)  # --trace-memory: top allocation growth after minute 1
     engine: dict = field(default_factory=dict)  # counters from /metrics' source
     step: dict = field(default_factory=dict)
 
@@ -176,7 +177,7 @@ def sample_server(stop: threading.Event, every: float = 1.0) -> list[ServerSampl
     return samples
 
 
-def run(mode: str, model: str, seats: int, calls: int, seconds: float) -> Report:
+def run(mode: str, model: str, seats: int, calls: int, seconds: float, trace_memory: bool = False) -> Report:
     import socket
 
     from agent.server import BackgroundServer, build_app, build_stream
@@ -190,6 +191,11 @@ def run(mode: str, model: str, seats: int, calls: int, seconds: float) -> Report
         port = s.getsockname()[1]
     server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1", port).start()
     settle_heap()
+    if trace_memory:  # slows the server; for finding what grows, not for the other figures
+        import tracemalloc
+        tracemalloc.start(8)
+        baseline: list = []
+        threading.Timer(60.0, lambda: baseline.append(tracemalloc.take_snapshot())).start()
     stop = threading.Event()
     samples: list[ServerSample] = []
     sampler = threading.Thread(target=lambda: samples.extend(sample_server(stop)), daemon=True)
@@ -205,8 +211,12 @@ def run(mode: str, model: str, seats: int, calls: int, seconds: float) -> Report
         cpu0, wall0 = time.process_time(), time.monotonic()
         time.sleep(3.0)
         idle = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        growth = []
+        if trace_memory and baseline:
+            diff = tracemalloc.take_snapshot().compare_to(baseline[0], "lineno")
+            growth = [str(stat) for stat in diff[:12]]
         return Report(mode, service.seats_total(), ClientFigures(**clients), samples, round(idle, 3),
-                      service.metric_values(), service.engine.stats.step.summary())
+                      growth, service.metric_values(), service.engine.stats.step.summary())
     finally:
         server.stop()
         service.close()
@@ -236,6 +246,8 @@ def print_report(r: Report) -> None:
     print(f"  engine: calls started {e['calls_started']:.0f}, refused {e['calls_refused']:.0f}; frames dropped "
           f"in {e['input_dropped']:.0f} / out {e['output_dropped']:.0f}; late ticks {e['late_ticks']:.0f}; "
           f"step failures {e['step_failures']:.0f}")
+    for line in r.memory_growth:
+        print(f"  grew since minute 1: {line}")
     if r.step.get("p50_ms") is not None:
         print(f"  step p50 {r.step['p50_ms']:.0f} ms, p99 {r.step['p99_ms']:.0f} ms (real time is 80 ms)")
 
@@ -248,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seats", type=int, default=None, help="default: as many as calls (at least 2)")
     p.add_argument("--seconds", type=float, default=None, help="each call's speech; default 20 (load), 600 (soak), 30 (fuzz)")
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--trace-memory", action="store_true",
+                   help="tracemalloc in the server: print what grew between minute 1 and the end (slows it)")
     args = p.parse_args(argv)
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
     calls = args.calls or {"load": 64, "soak": 8, "fuzz": 1}[args.mode]
     seconds = args.seconds or {"load": 20.0, "soak": 600.0, "fuzz": 30.0}[args.mode]
-    report = run(args.mode, args.model, args.seats or max(calls, 2), calls, seconds)
+    report = run(args.mode, args.model, args.seats or max(calls, 2), calls, seconds, args.trace_memory)
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:
