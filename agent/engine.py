@@ -525,7 +525,7 @@ class FrameEngine:
                     if idle:
                         break
                     self._wake.wait(timeout=max(0.001, self._last_tick + FRAME_SECONDS - now)
-                                    if any(s is not None and s.input_backlog for s in self._seats) else 0.25)
+                                    if any(s is not None and not s.held and s.input_backlog for s in self._seats) else 0.25)
                 if self._stopping:
                     return
                 idle = self._free_idle_seats(time.monotonic())

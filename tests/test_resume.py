@@ -225,3 +225,31 @@ def test_resume_an_api_chat_call(server, telugu_speech):
     while not held.closed and time.monotonic() < deadline:
         time.sleep(0.05)
     assert held.closed, "the resumed /api/chat call was not ended when its client closed"
+
+
+def test_resume_held_seat_with_queued_input_neither_steps_nor_spins():
+    """A call dropped with a frame still queued: the engine's loop must sleep, not poll that seat."""
+    from agent.config import EngineConfig
+    from agent.engine import FrameEngine
+    from conftest import tiny_model
+
+    engine = FrameEngine(tiny_model(), EngineConfig(max_sessions=2))
+    seat = engine.acquire("dropped")
+    seat.hold(True)
+    seat.push(np.zeros(FRAME_SIZE, np.float32))
+    engine.start()
+    try:
+        time.sleep(0.3)
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(2.0)
+        share = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        assert seat.counters.frames_out == 0 and seat.input_backlog == 1, "a held seat was stepped"
+        # polling that seat every millisecond cost 3.5 % of a core here; sleeping costs ~0.05 %
+        assert share < 0.01, f"the engine loop took {100 * share:.1f} % of a core while a held seat had input"
+        seat.hold(False)
+        deadline = time.monotonic() + 5
+        while seat.counters.frames_out == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seat.counters.frames_out == 1, "the resumed seat's queued frame was not stepped"
+    finally:
+        engine.stop()
