@@ -276,19 +276,14 @@ def run_clients(url: str, clients: int, seconds: float) -> list[dict]:
 
 def bench_e2e(config: ModelConfig, clients: int, seconds: float) -> E2EResult:
     import multiprocessing
-    import socket
     from concurrent.futures import ProcessPoolExecutor
 
     from agent.config import ServerConfig
-    from agent.server import BackgroundServer, build_app, build_stream
+    from agent.server import serve_in_background
     from agent.service import build_service, settle_heap
-    from agent.ui import build_demo
 
     service = build_service(config, EngineConfig(max_sessions=clients), ServerConfig())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1", port).start()
+    server = serve_in_background(service)
     settle_heap()  # as app.py does once everything is built
     rss_start = rss_mib()
     samples: list[tuple[float, float]] = []  # (seconds since start, RSS MiB), once a second
@@ -303,7 +298,8 @@ def bench_e2e(config: ModelConfig, clients: int, seconds: float) -> E2EResult:
     sampler.start()
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = pool.submit(run_clients, f"ws://127.0.0.1:{port}/websocket/offer", clients, seconds).result()
+            url = server.url.replace("http://", "ws://") + "/websocket/offer"
+            results = pool.submit(run_clients, url, clients, seconds).result()
         time.sleep(1.0)
         done.set()
         rss_end = rss_mib()

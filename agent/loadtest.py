@@ -178,18 +178,12 @@ def sample_server(stop: threading.Event, every: float = 1.0) -> list[ServerSampl
 
 
 def run(mode: str, model: str, seats: int, calls: int, seconds: float, trace_memory: bool = False) -> Report:
-    import socket
-
-    from agent.server import BackgroundServer, build_app, build_stream
+    from agent.server import serve_in_background
     from agent.service import build_service, settle_heap
-    from agent.ui import build_demo
 
     service = build_service(ModelConfig(model=model, device="cpu" if model == "tiny" else None),
                             EngineConfig(max_sessions=seats), ServerConfig(), warm_up=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1", port).start()
+    server = serve_in_background(service)
     settle_heap()
     if trace_memory:  # slows the server; for finding what grows, not for the other figures
         import tracemalloc
@@ -202,7 +196,7 @@ def run(mode: str, model: str, seats: int, calls: int, seconds: float, trace_mem
     sampler.start()
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            clients = pool.submit(run_clients, f"http://127.0.0.1:{port}", calls, seconds, mode == "fuzz").result()
+            clients = pool.submit(run_clients, server.url, calls, seconds, mode == "fuzz").result()
         stop.set()
         sampler.join()
         deadline = time.monotonic() + 10

@@ -20,6 +20,7 @@ import binascii
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -258,6 +259,17 @@ class BackgroundServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def serve_in_background(service: AgentService, host: str = "127.0.0.1") -> BackgroundServer:
+    """The whole app (page, stream, API) for this service on a free port of `host`, in a thread
+    (benchmarks, notebooks)."""
+    from agent.ui import build_demo
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return BackgroundServer(build_app(service, build_demo(service), build_stream(service)), host, port).start()
 
 
 def serve(app: FastAPI, service: AgentService, host: str, port: int) -> None:
