@@ -382,7 +382,8 @@ class FrameEngine:
         """(healthy, reason): unhealthy after FAILING_AFTER failed steps in a row."""
         with self._lock:
             if self.stats.failures_in_a_row >= FAILING_AFTER:
-                return False, f"engine failing: {self.stats.failures_in_a_row} steps in a row ({self.stats.last_failure})"
+                return False, (f"engine failing: {self.stats.failures_in_a_row} steps in a row "
+                               f"({self.stats.last_failure})")
             return True, "ok"
 
     # -- the tick ------------------------------------------------------------------------------
@@ -524,8 +525,8 @@ class FrameEngine:
                     idle = self._free_idle_seats(now)
                     if idle:
                         break
-                    self._wake.wait(timeout=max(0.001, self._last_tick + FRAME_SECONDS - now)
-                                    if any(s is not None and not s.held and s.input_backlog for s in self._seats) else 0.25)
+                    waiting = any(s is not None and not s.held and s.input_backlog for s in self._seats)
+                    self._wake.wait(timeout=max(0.001, self._last_tick + FRAME_SECONDS - now) if waiting else 0.25)
                 if self._stopping:
                     return
                 idle = self._free_idle_seats(time.monotonic())

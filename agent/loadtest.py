@@ -96,7 +96,8 @@ async def _fuzz(base: str, stop: asyncio.Event, seed: int = 0) -> int:
             lambda: "".join(chr(rng.randrange(1, 0x10FFFF)) for _ in range(rng.randrange(1, 200)))
                     .encode("utf-8", "replace").decode("utf-8", "replace"),
             lambda: json.dumps({"event": rng.choice(["media", "start", "stop", "ping", "x", None, 3])}),
-            lambda: json.dumps({"event": "media", "media": {"payload": "".join(rng.choices("AB=+/@!", k=rng.randrange(0, 5000)))}}),
+            lambda: json.dumps({"event": "media",
+                                "media": {"payload": "".join(rng.choices("AB=+/@!", k=rng.randrange(0, 5000)))}}),
             lambda: json.dumps({"event": "media", "media": {"payload": rng.randbytes(rng.randrange(0, 3000)).hex()}}),
             lambda: json.dumps([rng.random() for _ in range(rng.randrange(0, 50))]),
             lambda: rng.randbytes(rng.randrange(0, 4000)),
@@ -126,7 +127,8 @@ async def _fuzz(base: str, stop: asyncio.Event, seed: int = 0) -> int:
                     body = junk()
                     if rng.random() < 0.5:
                         body = json.dumps({"sdp": str(body)[:500], "type": "offer", "webrtc_id": str(rng.random()),
-                                           "fn_name": "offer", "data": {"sdp": "v=0"}, "component_id": rng.randrange(50)})
+                                           "fn_name": "offer", "data": {"sdp": "v=0"},
+                                           "component_id": rng.randrange(50)})
                     async with http.post(url, data=body, headers={"content-type": "application/json"}) as resp:
                         await resp.read()
                     sent += 1
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--calls", type=int, default=None, help="default: 64 (load), 8 (soak), 1 (fuzz)")
     p.add_argument("--seats", type=int, default=None, help="default: as many as calls (at least 2)")
-    p.add_argument("--seconds", type=float, default=None, help="each call's speech; default 20 (load), 600 (soak), 30 (fuzz)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="each call's speech; default 20 (load), 600 (soak), 30 (fuzz)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--trace-memory", action="store_true",
                    help="tracemalloc in the server: print what grew between minute 1 and the end (slows it)")

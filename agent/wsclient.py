@@ -161,7 +161,8 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
             while time.monotonic() < deadline:
                 got = sum(x.size for x in received)
                 quiet_for = time.monotonic() - (result.arrivals[-1][0] if result.arrivals else t0)
-                if got >= audio.size or (quiet_for > 0.5 and time.monotonic() - t0 > (audio.size - first) / SAMPLE_RATE + 0.3):
+                sent_for = (audio.size - first) / SAMPLE_RATE
+                if got >= audio.size or (quiet_for > 0.5 and time.monotonic() - t0 > sent_for + 0.3):
                     break
                 await asyncio.sleep(0.02)
             if stop:

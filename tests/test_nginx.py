@@ -57,12 +57,13 @@ def adapt(text: str, prefix: Path, upstreams: list[int] | None = None, http_port
     `prefix`; with ports, the upstream servers and the listen addresses on 127.0.0.1."""
     tls = self_signed_certificate(prefix / "tls")
     text = text.replace("/etc/nginx/tls/", f"{tls}/")
-    files = "".join(f"    {name}_temp_path {prefix}/{name};\n" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    files = "".join(f"    {name}_temp_path {prefix}/{name};\n" for name in temp)
     text = text.replace("http {\n", f"http {{\n    access_log {prefix}/access.log;\n{files}", 1)
     if upstreams is not None:
         servers = iter(upstreams)
-        text = re.sub(r"(?m)^(\s*)server \d+\.\d+\.\d+\.\d+:\d+", lambda m: f"{m.group(1)}server 127.0.0.1:{next(servers)}",
-                      text)
+        text = re.sub(r"(?m)^(\s*)server \d+\.\d+\.\d+\.\d+:\d+",
+                      lambda m: f"{m.group(1)}server 127.0.0.1:{next(servers)}", text)
         assert next(servers, None) is None, "the shipped config has fewer upstream servers than the test"
         text = text.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
         text = text.replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
