@@ -69,10 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="concurrent WebSocket calls from one address (default: none; 2 with --share)")
     p.add_argument("--drain-seconds", type=float, default=float(env("AGENT_DRAIN_SECONDS", str(ServerConfig.drain_seconds))),
                    help="on SIGTERM, how long live calls may go on before the server exits")
+    p.add_argument("--resume-seconds", type=float,
+                   default=float(env("AGENT_RESUME_SECONDS", str(ServerConfig.resume_seconds))),
+                   help="a call whose connection drops keeps its seat this long for the caller to resume it (0: off)")
     return p.parse_args(argv)
 
 
 def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, ServerConfig]:
+    if args.resume_seconds < 0:
+        raise ValueError("--resume-seconds must be 0 (off) or more")
     sampling = SamplingConfig(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k, top_k_text=args.top_k_text)
     names = [name.strip() for name in (args.model or "").split(",") if name.strip()] or [None]
     return ([ModelConfig(model=name, device=args.device, dtype=args.dtype, seed=args.seed, context=args.context,
@@ -80,7 +85,7 @@ def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, 
             EngineConfig(max_sessions=args.max_sessions),
             ServerConfig(host=args.host, port=args.port, share=args.share, vad_silence_ms=args.vad_silence_ms,
                          max_call_seconds=args.max_call_minutes * 60 or None, drain_seconds=args.drain_seconds,
-                         auth=args.auth,
+                         auth=args.auth, resume_seconds=args.resume_seconds,
                          max_calls_per_client=args.max_calls_per_client or (2 if args.share else None)))
 
 

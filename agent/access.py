@@ -15,10 +15,12 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
 API_PREFIXES = ("/websocket/offer", "/webrtc/offer", "/api/chat", "/telephone/")
+CALL_PATHS = ("/websocket/offer", "/webrtc/offer", "/api/chat")  # where a new call starts
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,15 @@ class Credentials:
         return Credentials(user, password)
 
     def check_header(self, header: str | None) -> bool:
+        """True for `Basic base64(user:password)` with these credentials. Anything else, non-ASCII or
+        undecodable included, is False (compared as UTF-8 bytes: compare_digest refuses non-ASCII str)."""
         if not header or not header.lower().startswith("basic "):
             return False
         try:
-            user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user, _, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII characters in the base64 text
             return False
-        return hmac.compare_digest(user, self.user) & hmac.compare_digest(password, self.password)
+        return (hmac.compare_digest(user, self.user.encode()) & hmac.compare_digest(password, self.password.encode()))
 
 
 class AccessMiddleware:
@@ -60,15 +64,16 @@ class AccessMiddleware:
         if scope["type"] not in ("http", "websocket") or not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
         if self.credentials is not None:
-            headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+            # latin-1 maps every byte: a header with bytes that are not UTF-8 is refused, not a crash
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not self.credentials.check_header(headers.get("authorization")):
-                return await self._refuse(scope, send, 401, "authentication required (HTTP Basic)")
+                return await refuse(scope, send, 401, "authentication required (HTTP Basic)")
         if scope["type"] != "websocket" or not self.max_calls:
             return await self.app(scope, receive, send)
         client = (scope.get("client") or ("?", 0))[0]
         if self._calls[client] >= self.max_calls:
             log.warning("refused a call from %s: %d calls already live", client, self._calls[client])
-            return await self._refuse(scope, send, 429, f"at most {self.max_calls} calls per client at once")
+            return await refuse(scope, send, 429, f"at most {self.max_calls} calls per client at once")
         self._calls[client] += 1
         try:
             return await self.app(scope, receive, send)
@@ -77,17 +82,34 @@ class AccessMiddleware:
             if self._calls[client] <= 0:
                 del self._calls[client]
 
-    @staticmethod
-    async def _refuse(scope, send, status: int, reason: str) -> None:
-        if scope["type"] == "websocket":
-            # before accept: the client sees the handshake refused with this status and body
-            await send({"type": "websocket.http.response.start", "status": status,
-                        "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Basic")]})
-            await send({"type": "websocket.http.response.body", "body": reason.encode()})
-            return
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Basic")]})
-        await send({"type": "http.response.body", "body": reason.encode()})
+
+
+class DrainGate:
+    """ASGI middleware: while the server drains, a new call is refused with 503 before anything of it
+    starts, so a load balancer tries another server (nginx: `proxy_next_upstream ... http_503`).
+    Resuming a call that lives here (`?resume=`) still gets through; calls already live go on."""
+
+    def __init__(self, app, draining: Callable[[], bool]):
+        self.app = app
+        self.draining = draining
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] in ("http", "websocket") and scope.get("path") in CALL_PATHS and self.draining()
+                and b"resume=" not in scope.get("query_string", b"")):
+            return await refuse(scope, send, 503, "The server is restarting; please reconnect in a moment.")
+        return await self.app(scope, receive, send)
+
+
+async def refuse(scope, send, status: int, reason: str) -> None:
+    """Answer an HTTP request, or refuse a WebSocket handshake, with this status and reason."""
+    headers = [(b"content-type", b"text/plain")] + ([(b"www-authenticate", b"Basic")] if status == 401 else [])
+    if scope["type"] == "websocket":
+        # before accept: the client sees the handshake refused with this status and body
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": reason.encode()})
+        return
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": reason.encode()})
 
 
 def rtc_configuration_from_env() -> dict | None:

@@ -260,38 +260,32 @@ def telugu_speech(seconds: float) -> np.ndarray:
     return np.tile(one, int(np.ceil(seconds * SAMPLE_RATE / one.size)))[:int(seconds * SAMPLE_RATE)]
 
 
-def run_clients(url: str, ids: list[str], seconds: float) -> list[dict]:
+def run_clients(url: str, clients: int, seconds: float) -> list[dict]:
     """K clients at once (run in a child process, so the server's figures are its own: its memory,
-    and no client competing for its interpreter lock). Returns a summary per client."""
+    and no client competing for its interpreter lock). Returns a summary per client, with the id
+    the server gave its call."""
     from agent.wsclient import talk
 
     audio = telugu_speech(seconds)
 
     async def everyone():
-        return await asyncio.gather(*(talk(url, audio, websocket_id=i, tail_seconds=0.5) for i in ids))
+        return await asyncio.gather(*(talk(url, audio, tail_seconds=0.5) for _ in range(clients)))
 
-    return [{"sent": r.sent_seconds, "received": r.received_seconds, "errors": r.errors}
+    return [{"sent": r.sent_seconds, "received": r.received_seconds, "errors": r.errors, "call_id": r.call_id}
             for r in asyncio.run(everyone())]
 
 
 def bench_e2e(config: ModelConfig, clients: int, seconds: float) -> E2EResult:
     import multiprocessing
-    import socket
-    import uuid
     from concurrent.futures import ProcessPoolExecutor
 
     from agent.config import ServerConfig
-    from agent.server import BackgroundServer, build_app, build_stream
+    from agent.server import serve_in_background
     from agent.service import build_service, settle_heap
-    from agent.ui import build_demo
 
     service = build_service(config, EngineConfig(max_sessions=clients), ServerConfig())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1", port).start()
+    server = serve_in_background(service)
     settle_heap()  # as app.py does once everything is built
-    ids = [uuid.uuid4().hex for _ in range(clients)]
     rss_start = rss_mib()
     samples: list[tuple[float, float]] = []  # (seconds since start, RSS MiB), once a second
     done = threading.Event()
@@ -305,12 +299,13 @@ def bench_e2e(config: ModelConfig, clients: int, seconds: float) -> E2EResult:
     sampler.start()
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = pool.submit(run_clients, f"ws://127.0.0.1:{port}/websocket/offer", ids, seconds).result()
+            url = server.url.replace("http://", "ws://") + "/websocket/offer"
+            results = pool.submit(run_clients, url, clients, seconds).result()
         time.sleep(1.0)
         done.set()
         rss_end = rss_mib()
         warm = [m for t, m in samples if t >= 15.0]
-        sessions = [service.registry.get(i) for i in ids]
+        sessions = [service.registry.get(r["call_id"]) for r in results]
         frame_lat = [v for s in sessions if s for _, v in s.frame_latency.items()]
         turns = [t for s in sessions if s for t in s.latency.turns]
         answered = [t.latency_ms for t in turns if t.latency_ms is not None]

@@ -64,6 +64,7 @@ class ServerConfig:
     vad_silence_ms: int = 300  # silence that ends a user turn (subtracted again when measuring latency)
     max_call_seconds: float | None = 30 * 60  # a call is ended after this long (shared links); None: no limit
     drain_seconds: float = 60.0  # on SIGTERM: stop taking calls, let live ones finish for up to this long
+    resume_seconds: float = 15.0  # a call whose connection drops keeps its seat this long for the caller to resume it
     auth: str | None = None  # "user:password": the page's login and HTTP Basic on the API endpoints
     max_calls_per_client: int | None = None  # concurrent WebSocket calls from one address (None: no cap)
     # torch threads for a model on the CPU; None: half the cores, so the transport and the VAD keep the

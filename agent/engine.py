@@ -18,7 +18,14 @@ Jitter policy (per seat, counted in `SeatCounters`):
 - input backlog is bounded (`EngineConfig.input_queue_frames`); when full the oldest frame is dropped;
 - output backlog is bounded (`EngineConfig.output_queue_frames`); when full the oldest frame is dropped;
 - a seat whose input is late sits the tick out (frozen) and never delays the others by more than a frame;
-- a seat that sends nothing for `idle_timeout_s` is freed (its client vanished).
+- a seat that sends nothing for `idle_timeout_s` is freed (its client vanished);
+- a held seat (`Seat.hold`: its caller's connection dropped and may come back) is neither stepped
+  nor freed for idleness, and other seats do not wait for it; its LM context stays as it was.
+
+Faults: a step that raises loses the frames it took; the seats it was stepping are reset (their
+conversation starts over), each is told (`Seat.take_notices`), the failure is counted
+(`EngineStats.step_failures`), and after `FAILING_AFTER` failures in a row `health()` says the
+engine is failing until a step succeeds again, so a load balancer stops sending calls.
 
 Tick timing: a tick fires as soon as every occupied seat has a frame (so a lone caller never waits
 for a clock), or one frame period after the previous tick for the seats that are ready, or at once
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 CPU_DEFAULT_SEATS = 4
 MAX_DEFAULT_SEATS = 64
 GPU_RESERVE_BYTES = 2 * 1024**3  # activations, CUDA graphs, allocator slack
+FAILING_AFTER = 3  # steps failed in a row before the engine reports itself unhealthy
+STEP_FAILED_NOTICE = "The agent hit an internal error and restarted this conversation; keep talking."
 
 
 class SeatsFullError(RuntimeError):
@@ -95,9 +104,14 @@ class SeatCounters:
 
 
 class Seat:
-    """A caller's place in the batch: push input frames, pull output frames. Thread-safe."""
+    """A caller's place in the batch: push input frames, pull output frames. Thread-safe.
 
-    def __init__(self, engine: "FrameEngine", index: int, owner: str, config: EngineConfig):
+    The caller's side is push/pull/hold/release and the settings; the engine's side (`take_input`,
+    `deliver`, `tell`, `mark_closed`) is called by the engine with its lock held. Seat and engine
+    share one lock, which the engine hands over at construction."""
+
+    def __init__(self, engine: "FrameEngine", index: int, owner: str, config: EngineConfig,
+                 lock: threading.Lock, engine_wake: threading.Condition):
         self.index = index
         self.owner = owner
         self.counters = SeatCounters()
@@ -106,12 +120,17 @@ class Seat:
         self.sampling: SeatSampling | None = None  # how this seat is sampled, once applied
         self.prompt: PromptSpec | None = None  # the voice/text prompt this seat runs on, once restored
         self.last_input_at = time.monotonic()
+        self.held = False  # frozen while its caller reconnects (hold)
         self._engine = engine
+        self._lock = lock  # the engine's: a tick takes every seat's frame at once
+        self._engine_wake = engine_wake  # tells the engine's loop that input arrived
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
         self._outputs: deque[OutputFrame] = deque()
+        self._notices: deque[str] = deque(maxlen=8)  # messages for the caller (e.g. a failed step)
+        self._listeners: list[Callable[[], None]] = []
         self._max_in = config.input_queue_frames
         self._max_out = config.output_queue_frames
-        self._out_ready = threading.Condition(engine._lock)
+        self._out_ready = threading.Condition(lock)
 
     @property
     def closed(self) -> bool:
@@ -119,6 +138,7 @@ class Seat:
 
     @property
     def input_backlog(self) -> int:
+        """Input frames waiting for a tick."""
         return len(self._inputs)
 
     def push(self, frame: np.ndarray, done_at: float | None = None) -> None:
@@ -126,7 +146,7 @@ class Seat:
         if frame.shape != (FRAME_SIZE,):
             raise ValueError(f"a frame is {FRAME_SIZE} samples, got shape {frame.shape}")
         done_at = time.monotonic() if done_at is None else done_at
-        with self._engine._lock:
+        with self._lock:
             if self.closed:
                 raise EngineStoppedError(f"seat {self.index} is closed: {self.closed_reason}")
             if len(self._inputs) >= self._max_in:
@@ -136,43 +156,91 @@ class Seat:
             self._inputs.append((frame, done_at))
             self.counters.frames_in += 1
             self.last_input_at = time.monotonic()
-            self._engine._wake.notify_all()
+            self._engine_wake.notify_all()
 
     def pull(self, timeout: float = 0.0) -> OutputFrame | None:
         """The next output frame, waiting up to `timeout` seconds; None if there is none yet."""
-        with self._engine._lock:
+        with self._lock:
             if not self._outputs and timeout > 0 and not self.closed:
                 self._out_ready.wait(timeout)
             return self._outputs.popleft() if self._outputs else None
 
+    def on_change(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` (from the engine's thread; it must not block) whenever an output frame or a
+        notice arrives, or the seat closes: an async transport waits on this instead of a thread."""
+        with self._lock:
+            self._listeners.append(wake)
+            if self._outputs or self._notices or self.closed:
+                wake()
+
+    def hold(self, held: bool) -> None:
+        """Freeze this seat (True) while its caller is away: it keeps its LM context, is not stepped
+        and is not freed for idleness; False takes it back (the idle clock starts again)."""
+        with self._lock:
+            self.held = held
+            self.last_input_at = time.monotonic()
+            self._engine_wake.notify_all()
+
+    def take_notices(self) -> list[str]:
+        """Messages for this seat's caller since the last call (e.g. its conversation was reset)."""
+        with self._lock:
+            notices = list(self._notices)
+            self._notices.clear()
+            return notices
+
     def release(self, reason: str = "released") -> None:
-        self._engine._release(self, reason)
+        self._engine.release(self, reason)
 
     def set_conditions(self, conditions: dict[str, str]) -> None:
         """Condition this seat (e.g. {"speaker": "ravi", "emotion": "sad"}) from its next frame on;
         other seats are untouched. Raises ConditionError for a value the model does not know."""
-        self._engine._set_conditions(self, conditions)
+        self._engine.set_conditions(self, conditions)
 
     def set_sampling(self, settings: SeatSampling) -> None:
         """Sample this seat with these settings from its next frame on; other seats are untouched.
         Raises SamplingError for values outside what the server allows."""
-        self._engine._set_sampling(self, settings)
+        self._engine.set_sampling(self, settings)
 
     def set_prompt(self, spec: PromptSpec) -> None:
         """Start this seat's conversation over from a voice/text prompt (agent/prompts.py) at its
         next tick. Raises PromptError for a prompt the model cannot take. Other seats never wait
         for it: a cached prompt is copied into the seat's row, a new one is computed once, in one
         pass, between two ticks."""
-        self._engine._set_prompt(self, spec)
+        self._engine.set_prompt(self, spec)
 
-    def _deliver(self, frame: OutputFrame) -> None:  # engine lock held
+    # -- the engine's side (engine lock held) ----------------------------------------------------
+
+    def take_input(self) -> tuple[np.ndarray, float] | None:
+        """The oldest input frame and when it was complete, or None if none came."""
+        return self._inputs.popleft() if self._inputs else None
+
+    def mark_closed(self, reason: str) -> None:
+        """The seat is closed: its queued input is dropped and anyone waiting is woken."""
+        self.closed_reason = reason
+        self._inputs.clear()
+        self._changed()
+
+    def deliver(self, frame: OutputFrame) -> None:
         if len(self._outputs) >= self._max_out:
             self._outputs.popleft()
             self.counters.output_dropped += 1
             self._engine.stats.output_dropped += 1
         self._outputs.append(frame)
         self.counters.frames_out += 1
+        self._changed()
+
+    def tell(self, message: str) -> None:
+        """Queue a message for the caller (take_notices)."""
+        self._notices.append(message)
+        self._changed()
+
+    def _changed(self) -> None:
         self._out_ready.notify_all()
+        for wake in list(self._listeners):
+            try:
+                wake()
+            except RuntimeError:  # its event loop is closed: nobody waits there any more
+                self._listeners.remove(wake)
 
 
 @dataclass
@@ -187,6 +255,9 @@ class EngineStats:
     input_dropped: int = 0
     output_dropped: int = 0
     late_ticks: int = 0
+    step_failures: int = 0  # steps that raised (their seats were reset and told)
+    failures_in_a_row: int = 0  # since the last step that succeeded
+    last_failure: str = ""
     step: StepTimes = field(default_factory=StepTimes)
     prompts_restored: int = 0  # calls started from a prompt state (cached or new)
     prompt_prefills: int = 0  # prompt states computed (cache misses)
@@ -267,7 +338,7 @@ class FrameEngine:
                 raise EngineStoppedError("the server is shutting down")
             for index, seat in enumerate(self._seats):
                 if seat is None:
-                    new = Seat(self, index, owner, self.config)
+                    new = Seat(self, index, owner, self.config, self._lock, self._wake)
                     self._seats[index] = new
                     self._pending_reset[index] = True
                     # a new caller starts from the defaults
@@ -282,13 +353,12 @@ class FrameEngine:
             self.stats.calls_refused += 1
         raise SeatsFullError(f"All {self.num_seats} seats are in use. Please try again in a minute.")
 
-    def _release(self, seat: Seat, reason: str) -> None:
+    def release(self, seat: Seat, reason: str) -> None:
+        """Free this seat (idempotent); its caller's waits end."""
         with self._lock:
             if seat.closed:
                 return
-            seat.closed_reason = reason
-            seat._inputs.clear()
-            seat._out_ready.notify_all()
+            seat.mark_closed(reason)
             if self._seats[seat.index] is seat:
                 self._seats[seat.index] = None
                 self.stats.seats_in_use -= 1
@@ -302,7 +372,8 @@ class FrameEngine:
             tensors = lm.condition_provider.prepare_and_provide([ConditionAttributes(text=dict(conditions))])
             return lm.fuser.get_sum(tensors).to(lm.dtype)[0]
 
-    def _set_conditions(self, seat: Seat, conditions: dict[str, str]) -> None:
+    def set_conditions(self, seat: Seat, conditions: dict[str, str]) -> None:
+        """See Seat.set_conditions."""
         if not self.condition_values:
             return  # an unconditioned checkpoint (e.g. Kyutai's Moshiko): nothing to set
         for name, value in conditions.items():
@@ -318,14 +389,13 @@ class FrameEngine:
                 self._pending_rows[seat.index] = (seat, values, row)
 
     def _apply_condition_rows(self, rows: dict[int, tuple[Seat, dict[str, str], torch.Tensor]]) -> None:
-        """Overwrite seats' rows of LMGen's summed condition in place (moshi keeps it in its streaming
-        state; CUDA graphs copy it in on every replay, so an in-place write stays graph-safe)."""
-        condition_sum = self.lm_gen._streaming_state.condition_sum
+        """Write the pending seats' condition rows into the LM (SeatLMGen.set_condition_row)."""
         for index, (seat, values, row) in rows.items():
-            condition_sum[index].copy_(row)
+            self.lm_gen.set_condition_row(index, row)
             seat.conditions = values
 
-    def _set_sampling(self, seat: Seat, settings: SeatSampling) -> None:
+    def set_sampling(self, seat: Seat, settings: SeatSampling) -> None:
+        """See Seat.set_sampling."""
         settings = settings.checked(self.sampler.config)
         with self._lock:
             if self._seats[seat.index] is seat:
@@ -340,7 +410,7 @@ class FrameEngine:
         """The model's preset voices if it takes voice/text prompts; None if it does not."""
         return sorted(self.model.preset_voices) if self.prompts is not None else None
 
-    def _set_prompt(self, seat: Seat, spec: PromptSpec) -> None:
+    def set_prompt(self, seat: Seat, spec: PromptSpec) -> None:
         if self.prompts is None:
             raise PromptError(f"{self.model.name} does not take voice or text prompts (a PersonaPlex "
                               "checkpoint does)")
@@ -404,6 +474,14 @@ class FrameEngine:
         with self._lock:
             return self.stats.seats_in_use
 
+    def health(self) -> tuple[bool, str]:
+        """(healthy, reason): unhealthy after FAILING_AFTER failed steps in a row."""
+        with self._lock:
+            if self.stats.failures_in_a_row >= FAILING_AFTER:
+                return False, (f"engine failing: {self.stats.failures_in_a_row} steps in a row "
+                               f"({self.stats.last_failure})")
+            return True, "ok"
+
     # -- the tick ------------------------------------------------------------------------------
 
     def _take_batch(self) -> tuple[list[tuple[Seat, float]], np.ndarray, np.ndarray, np.ndarray, dict, dict]:
@@ -412,13 +490,14 @@ class FrameEngine:
         pcm = np.zeros((self.num_seats, 1, FRAME_SIZE), np.float32)
         exec_mask = np.zeros(self.num_seats, bool)
         for seat in self._seats:
-            if seat is None:
+            if seat is None or seat.held:
                 continue
-            if not seat._inputs:
+            taken = seat.take_input()
+            if taken is None:
                 seat.counters.frozen_ticks += 1
                 self.stats.late_ticks += 1
                 continue
-            frame, done_at = seat._inputs.popleft()
+            frame, done_at = taken
             if not np.isfinite(frame).all():  # sessions sanitise; this guards direct callers
                 seat.counters.non_finite_frames += 1
                 frame = np.nan_to_num(frame, nan=0.0, posinf=0.0, neginf=0.0)
@@ -457,6 +536,33 @@ class FrameEngine:
             self._apply_sampling(sampling)
         if not batch:
             return 0
+        try:
+            return self._step(batch, pcm, exec_mask, reset, prompts, states)
+        except Exception as exc:
+            self._step_failed(batch, reset, prompts, exc)
+            raise
+
+    def _step_failed(self, batch: list[tuple[Seat, float]], reset: np.ndarray,
+                     prompts: dict[int, tuple[Seat, PromptSpec, PromptFrames]], exc: Exception) -> None:
+        """The step raised part-way: the seats it stepped (and those due a reset) start over, and
+        their callers are told; a prompt it was restoring is restored again at the next tick. Seats
+        outside the batch were masked out, so they are untouched."""
+        with self._lock:
+            for index, pending in prompts.items():
+                if self._seats[index] is pending[0]:
+                    self._pending_prompts.setdefault(index, pending)
+            self.stats.step_failures += 1
+            self.stats.failures_in_a_row += 1
+            self.stats.last_failure = f"{type(exc).__name__}: {exc}"[:200]
+            self._masks = {"mimi": None, "lm": None}  # the failed step may have left any mask set
+            for seat, _ in batch:
+                if self._seats[seat.index] is seat:
+                    self._pending_reset[seat.index] = True
+                    seat.tell(STEP_FAILED_NOTICE)
+            self._pending_reset |= reset & np.array([s is not None for s in self._seats])
+
+    def _step(self, batch: list[tuple[Seat, float]], pcm: np.ndarray, exec_mask: np.ndarray, reset: np.ndarray,
+              prompts: dict[int, tuple[Seat, PromptSpec, PromptFrames]], states: dict[int, PromptState]) -> int:
         mimi, device = self.model.mimi, self.model.device
         t0 = time.perf_counter()
         if reset.any():
@@ -490,13 +596,14 @@ class FrameEngine:
         produced_at = time.monotonic()
         with self._lock:
             self.stats.ticks += 1
+            self.stats.failures_in_a_row = 0
             self.stats.step.add(encode_ms=1e3 * (t1 - t0), lm_ms=1e3 * (t2 - t1), decode_ms=1e3 * (t3 - t2),
                                 batch=len(batch))
             for seat, done_at in batch:
                 i = seat.index
                 is_voiced = bool(voiced_np[i])
                 token = int(text_np[i])
-                seat._deliver(OutputFrame(
+                seat.deliver(OutputFrame(
                     pcm=out_np[i].copy() if is_voiced else self._zeros.copy(),
                     text=self.model.decode_text(token), text_token=token, input_done_at=done_at,
                     produced_at=produced_at, voiced=is_voiced))
@@ -514,16 +621,16 @@ class FrameEngine:
     # -- the loop ------------------------------------------------------------------------------
 
     def _should_tick(self, now: float) -> bool:
-        occupied = [s for s in self._seats if s is not None]
-        ready = [s for s in occupied if s._inputs]
+        occupied = [s for s in self._seats if s is not None and not s.held]
+        ready = [s for s in occupied if s.input_backlog]
         if not ready:
             return False
         return (len(ready) == len(occupied) or now >= self._last_tick + FRAME_SECONDS
-                or any(len(s._inputs) >= 2 for s in ready))
+                or any(s.input_backlog >= 2 for s in ready))
 
     def _free_idle_seats(self, now: float) -> list[Seat]:
         return [s for s in self._seats
-                if s is not None and now - s.last_input_at > self.config.idle_timeout_s]
+                if s is not None and not s.held and now - s.last_input_at > self.config.idle_timeout_s]
 
     def _loop(self) -> None:
         while True:
@@ -535,17 +642,17 @@ class FrameEngine:
                     idle = self._free_idle_seats(now)
                     if idle:
                         break
-                    self._wake.wait(timeout=max(0.001, self._last_tick + FRAME_SECONDS - now)
-                                    if any(s is not None and s._inputs for s in self._seats) else 0.25)
+                    waiting = any(s is not None and not s.held and s.input_backlog for s in self._seats)
+                    self._wake.wait(timeout=max(0.001, self._last_tick + FRAME_SECONDS - now) if waiting else 0.25)
                 if self._stopping:
                     return
                 idle = self._free_idle_seats(time.monotonic())
             for seat in idle:
-                self._release(seat, f"no audio for {self.config.idle_timeout_s:g} s")
+                self.release(seat, f"no audio for {self.config.idle_timeout_s:g} s")
             try:
                 self.step_once()
-            except Exception:  # a failing step must not kill the loop for every caller
-                log.exception("engine step failed; the tick is skipped")
+            except Exception:  # counted, seats reset and told (_step_failed); the loop goes on
+                log.exception("engine step failed; its seats were reset")
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few steps on silence (captures CUDA graphs on GPU), then reset every seat.
@@ -575,7 +682,7 @@ class FrameEngine:
             seats = [s for s in self._seats if s is not None]
             self._wake.notify_all()
         for seat in seats:
-            self._release(seat, "server shutting down")
+            self.release(seat, "server shutting down")
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

@@ -1,61 +1,85 @@
 """The fastrtc handler: one per connection (WebRTC from the page, or fastrtc's WebSocket protocol).
 
-It turns transport calls into session calls and nothing more. `receive` runs in fastrtc's worker
-threads and only queues frames; the Moshi step runs on the engine's own thread, so a slow step
-never blocks receiving. `emit` waits on the session's output queue (see EMIT_WAIT_S).
+It turns transport calls into session calls and nothing more. It is an `AsyncStreamHandler`: both
+`receive` and `emit` are coroutines on the event loop, so a call holds no thread. `receive` only
+resamples and queues frames (the Moshi step runs on the engine's own thread); `emit` awaits the
+session's next frame, woken by the engine when it is produced (`Session.wait_output`). Opening and
+ending a call run on the hub's few call-setup threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import threading
 import uuid
 from dataclasses import replace
 from typing import Any
 
+import gradio as gr
 import numpy as np
-from fastrtc import StreamHandler
+from fastrtc import AsyncStreamHandler, WebRTC
 from fastrtc.utils import CloseStream, current_context
 
 from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError, to_int16
 from agent.engine import ConditionError, EngineStoppedError
 from agent.sampling import SamplingError, sampling_request
-from agent.session import CallHub, CallRefused, Session
+from agent.session import CallHub, CallRefused, ResumeFailed, Session
 from agent.voices import CallSettings, CatalogueError
 
 log = logging.getLogger(__name__)
 
-# fastrtc's WebSocket path queues whatever emit() returns, None included, and sends one item per
-# 20 ms at most: an emit that gave up every 20 ms fed it faster than it drains, and the agent's
-# audio fell seconds behind over a long call. Waiting up to 100 ms keeps it to ~12.5 frames a second.
+# The longest emit() waits before returning None. fastrtc's WebSocket path queues whatever emit()
+# returns, None included, and sends one item per 20 ms at most: returning None more often than
+# that would make the agent's audio fall behind; returning at once would spin a core.
 EMIT_WAIT_S = 0.1
+# With no call (refused, or the engine freed the seat), emit() waits this long for the next chunk.
+IDLE_WAIT_S = 1.0
 # The page's inputs after the call component, in order (ui.build_demo); other clients may send fewer.
 INPUT_NAMES = ("voice", "emotion", "text_temperature", "text_topk", "audio_temperature", "audio_topk",
                "text_prompt", "voice_prompt")
 WEBRTC_MARKER = "__webrtc_value__"
 
 
-class MoshiHandler(StreamHandler):
+class MoshiHandler(AsyncStreamHandler):
     def __init__(self, hub: CallHub, input_sample_rate: int = SAMPLE_RATE):
         super().__init__(expected_layout="mono", output_sample_rate=SAMPLE_RATE,
                          input_sample_rate=input_sample_rate)
         self.hub = hub
         self.session: Session | None = None
+        self._connection = 0  # the session's connection number this handler carries (Session.connection)
         self._refused: str | None = None
         self._closing_sent = False
+        self._shut = False
         self._warned: set[str] = set()
-        self._lock = threading.Lock()
+        self._activity: asyncio.Event | None = None  # set by receive(): emit() waits on it between calls
 
     def copy(self) -> "MoshiHandler":
         return MoshiHandler(self.hub, self.input_sample_rate)
+
+    def note_offer(self, call_id: str, client: str | None) -> None:
+        """A WebRTC offer for `call_id` came from `client` (see CallHub.note_offer)."""
+        self.hub.note_offer(call_id, client)
 
     # -- connection identity and UI inputs -------------------------------------------------------
 
     def _call_id(self) -> str:
         ctx = current_context.get()
         return ctx.webrtc_id if ctx is not None and ctx.webrtc_id else f"call-{uuid.uuid4().hex[:12]}"
+
+    def _client(self) -> str | None:
+        """The caller's address on the WebSocket path; a WebRTC call's comes from its offer."""
+        ctx = current_context.get()
+        client = getattr(ctx.websocket, "client", None) if ctx is not None and ctx.websocket is not None else None
+        return client.host if client is not None else None
+
+    def _resume_token(self) -> str | None:
+        """The token of a dropped call this connection resumes (`?resume=` on the WebSocket URL)."""
+        ctx = current_context.get()
+        if ctx is not None and ctx.websocket is not None:
+            return ctx.websocket.query_params.get("resume") or None
+        return None
 
     def _inputs(self) -> dict[str, Any]:
         """The call's choices by name (INPUT_NAMES). A fastrtc WebSocket client gives them in its URL's
@@ -80,12 +104,14 @@ class MoshiHandler(StreamHandler):
 
     def _notify(self, kind: str, message: str) -> None:
         """Send {"type": kind, "message": ...} over the data channel (WebRTC) or the WebSocket."""
+        self._send({"type": kind, "message": message})
+
+    def _send(self, message: dict[str, Any]) -> None:
         channel = self.channel
         if channel is None:
             return
-        payload = json.dumps({"type": kind, "message": message})
         try:
-            self.loop.call_soon_threadsafe(channel.send, payload)
+            channel.send(json.dumps(message))
         except Exception:  # the client may already be gone
             log.debug("could not notify client", exc_info=True)
 
@@ -95,35 +121,69 @@ class MoshiHandler(StreamHandler):
             log.warning("%s", message)
             self._notify("warning", message)
 
+    def _wake(self) -> asyncio.Event:
+        if self._activity is None:
+            self._activity = asyncio.Event()
+        return self._activity
+
     # -- session lifecycle ----------------------------------------------------------------------
 
-    def _ensure_session(self) -> Session | None:
-        with self._lock:
-            if self.session is not None:
-                if not self.session.closed:
-                    return self.session
-                # the engine freed the seat (no audio for a while, or a prompted call reached the
-                # context): end that call properly first, tell the caller, start over below
-                reason = self.session.seat.closed_reason
-                self.hub.close(self.session, "its seat was freed by the engine")
-                self._notify("warning", f"The call starts over: {reason}")
-            if self._refused is not None:
-                return None
-            try:
-                try:
-                    settings = self._requested_settings()
-                except (CatalogueError, SamplingError) as exc:
-                    raise CallRefused(str(exc)) from exc
-                self.session = self.hub.open(self._call_id(), settings)
-            except CallRefused as exc:
-                self._refused = str(exc)
-                log.warning("call refused: %s", exc)
-                self._notify("error", self._refused)
-                return None
-            return self.session
+    def _current(self) -> Session | None:
+        """This connection's call; None once the call moved to a newer connection (resumed there)."""
+        session = self.session
+        if session is not None and session.connection != self._connection:
+            self.session, self._refused = None, "This call continued on another connection."
+            return None
+        return session
 
-    def receive(self, frame: tuple[int, np.ndarray]) -> None:
-        session = self._ensure_session()
+    async def _ensure_session(self) -> Session | None:
+        if self._current() is not None and not self.session.closed:
+            return self.session
+        if self._refused is not None or self._shut:
+            return None
+        if self.session is not None:
+            # the engine freed the seat (no audio for a while, or a prompted call reached the
+            # context): end that call properly first, tell the caller, start over below
+            ended, self.session = self.session, None
+            reason = ended.seat.closed_reason
+            await self.hub.close_async(ended, "its seat was freed by the engine")
+            self._notify("warning", f"The call starts over: {reason}")
+        try:
+            try:
+                settings = self._requested_settings()
+            except (CatalogueError, SamplingError) as exc:
+                raise CallRefused(str(exc)) from exc
+            session = await self._open(settings)
+        except CallRefused as exc:
+            self._refused = str(exc)
+            log.warning("call refused: %s", exc)
+            self._notify("error", self._refused)
+            self._wake().set()
+            return None
+        if self._shut:  # the client left while its call was opening
+            await self.hub.close_async(session, "client left")
+            return None
+        self.session, self._connection = session, session.connection
+        return session
+
+    async def _open(self, settings: CallSettings) -> Session:
+        """A new call, or the dropped call this connection's resume token names. The client is told
+        which, with the token to resume this call if its connection drops."""
+        token, resumed = self._resume_token(), False
+        if token:
+            try:
+                session, resumed = await self.hub.open_async(self._call_id(), settings, resume_token=token), True
+            except ResumeFailed as exc:
+                self._notify("warning", f"{exc} Starting a new call.")
+        if not resumed:
+            session = await self.hub.open_async(self._call_id(), settings, self._client())
+        self._send({"type": "call", "call_id": session.call_id, "resume_token": session.resume_token,
+                    "resumed": resumed, "message": "call resumed" if resumed else "call started"})
+        return session
+
+    async def receive(self, frame: tuple[int, np.ndarray]) -> None:
+        self._wake().set()
+        session = await self._ensure_session()
         if session is None:  # refused: the client was told once, emit() closes the stream
             return
         try:
@@ -176,28 +236,66 @@ class MoshiHandler(StreamHandler):
                             "A new voice or persona applies from your next call (it is how the call starts).")
         return kept
 
-    def emit(self):
-        session = self.session
-        if session is None:
+    async def emit(self):
+        session = self._current()
+        if session is None or session.closed:
             if self._refused is not None and not self._closing_sent:
                 self._closing_sent = True
                 return CloseStream()
-            threading.Event().wait(EMIT_WAIT_S)
+            wake = self._wake()  # nothing to send until the client speaks again: sleep until it does
+            wake.clear()
+            if self.session is not session:  # a call opened meanwhile
+                return None
+            try:
+                await asyncio.wait_for(wake.wait(), IDLE_WAIT_S)
+            except TimeoutError:
+                pass
             return None
-        out = session.next_output(timeout=EMIT_WAIT_S)
+        out = await session.wait_output(EMIT_WAIT_S)
+        for notice in session.take_notices():
+            self._notify("warning", notice)
         if out is None:
             return None
         return (SAMPLE_RATE, to_int16(out.pcm).reshape(1, -1))
 
     def _end_call(self, message: str) -> None:
         """End the call from the server side: tell the client, free the seat, close the stream."""
-        with self._lock:
-            self._refused = message
+        self._refused = message
         self._notify("warning", message)
         self.shutdown()
 
     def shutdown(self) -> None:
-        with self._lock:
-            session, self.session = self.session, None
+        """The caller hung up (or the server ended the call): free the seat."""
+        self._leave(dropped=False)
+
+    def connection_dropped(self) -> None:
+        """The connection broke without a hang-up: hold the call for the caller to resume (CallHub.drop).
+        Call from the event loop."""
+        self._leave(dropped=True)
+
+    def _leave(self, dropped: bool) -> None:
+        self._shut = True
+        session, self.session = self._current(), None
         if session is not None:
-            self.hub.close(session, "client left")
+            if dropped and not session.closed:
+                self.hub.drop(session)
+            else:
+                self.hub.close_soon(session, "client left")
+        if self._activity is not None:
+            self._activity.set()
+
+
+
+def note_offers(component: WebRTC, hub: CallHub) -> None:
+    """Make the page's WebRTC component note which address offered each call (CallHub.note_offer),
+    so the per-client call cap counts the page's calls too: the media path never sees the address.
+    Gradio calls a component's server function by name, with the request when it asks for one."""
+    offer = component.offer
+
+    async def offer_noting_client(body, request: gr.Request):
+        if isinstance(body, dict) and body.get("sdp"):
+            hub.note_offer(str(body.get("webrtc_id")), request.client.host if request.client else None)
+        return await offer(body)
+
+    offer_noting_client._is_server_fn = True  # type: ignore[attr-defined]  # gradio's @server mark
+    component.offer = offer_noting_client  # type: ignore[method-assign]

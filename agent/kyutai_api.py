@@ -5,7 +5,10 @@ Binary messages, first byte = kind:
   0x00  server -> client once, the handshake, before anything else
   0x01  audio both ways: Ogg Opus pages of 24 kHz mono (sphn's OpusStreamWriter/Reader)
   0x02  server -> client: UTF-8 text pieces of the agent's inner monologue
-  0x05  server -> client: UTF-8 error message (e.g. all seats are in use), then the socket closes
+  0x04  server -> client, after the handshake, only if asked (`?resumable=1` or `?resume=`): JSON
+        {"call_id", "resume_token", "resumed"}
+  0x05  server -> client: UTF-8 error message (e.g. all seats are in use, the call's time limit),
+        then the socket closes; or a notice the call goes on after (the engine reset it)
 
 Each connection is one call on the same engine as every other transport. Query parameters:
 `voice`, `emotion` (catalogue ids) and the sampling names of Kyutai's web client (`text_temperature`,
@@ -15,34 +18,46 @@ PersonaPlex's names work too: `voice_prompt` (a preset such as `NATF2.pt`, or a 
 integers, accepted, but in a shared batch one call's sampling cannot be seeded on its own (greedy
 sampling is the reproducible choice). Their client's other knobs (`pad_mult`, `repetition_penalty`,
 `repetition_penalty_context`) are ignored.
+A connection that drops without a close keeps its call for `--resume-seconds`; reconnecting with
+`?resume=<resume_token>` continues it (same seat, same conversation).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 
 import sphn
-from anyio.to_thread import run_sync
 from fastapi import WebSocket, WebSocketDisconnect
 
 from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError
 from agent.sampling import sampling_request
-from agent.session import CallHub, CallRefused, Session
+from agent.session import WEBSOCKET_HANG_UP_CODES, CallHub, CallRefused, ResumeFailed, Session
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE, AUDIO, TEXT, ERROR = b"\x00", b"\x01", b"\x02", b"\x05"
+HANDSHAKE, AUDIO, TEXT, METADATA, ERROR = b"\x00", b"\x01", b"\x02", b"\x04", b"\x05"
 MAX_MESSAGE_BYTES = 64 * 1024  # an Opus page of 80 ms is a few hundred bytes
 OUTPUT_WAIT_S = 0.05
 
 
 async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> None:
+    """The agent's frames as they come (awaited on the event loop: no thread per call); ends the
+    call when it reaches its time limit."""
     writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-    while not stop.is_set() and not session.closed:
-        frame = await run_sync(session.next_output, OUTPUT_WAIT_S)
+    connection = session.connection
+    while not stop.is_set() and not session.closed and session.connection == connection:
+        if session.over_time:
+            await ws.send_bytes(ERROR + f"This call reached its time limit of {session.max_seconds / 60:g} "
+                                "minutes.".encode())
+            await ws.close(code=1000)
+            return
+        frame = await session.wait_output(OUTPUT_WAIT_S)
+        for notice in session.take_notices():
+            await ws.send_bytes(ERROR + notice.encode())
         if frame is None:
             continue
         pages = writer.append_pcm(frame.pcm)
@@ -55,13 +70,14 @@ async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> N
         await ws.close(code=1000)
 
 
-async def _receive_user(ws: WebSocket, session: Session) -> None:
+async def _receive_user(ws: WebSocket, session: Session) -> bool:
+    """The caller's audio into the call until the connection ends: True for a hang-up, False for a drop."""
     reader = sphn.OpusStreamReader(SAMPLE_RATE)
     warned = False
     while True:
         message = await ws.receive()
         if message["type"] == "websocket.disconnect":
-            return
+            return message.get("code", 1000) in WEBSOCKET_HANG_UP_CODES
         data = message.get("bytes")
         if not data or data[:1] != AUDIO or len(data) > MAX_MESSAGE_BYTES:
             if not warned:  # tell the client once; keep the call going
@@ -75,7 +91,7 @@ async def _receive_user(ws: WebSocket, session: Session) -> None:
             continue
         if pcm.size:
             try:
-                await run_sync(session.receive, SAMPLE_RATE, pcm)
+                session.receive(SAMPLE_RATE, pcm)  # resample and queue: short, like fastrtc's handler
             except AudioFormatError as exc:
                 log.info("/api/chat: %s", exc)
 
@@ -98,26 +114,50 @@ def check_seeds(params) -> None:
 async def chat(ws: WebSocket, hub: CallHub) -> None:
     await ws.accept()
     call_id = f"kyutai-{uuid.uuid4().hex[:12]}"
+    params = ws.query_params
+    resumed = False
     try:
-        params = ws.query_params
         check_seeds(params)
         settings = hub.catalogue.settings(params.get("voice"), params.get("emotion"), sampling_request(params),
                                           params.get("voice_prompt"), params.get("text_prompt"))
-        session = await run_sync(hub.open, call_id, settings)  # a new voice prompt is encoded: off the loop
+        if params.get("resume"):
+            try:
+                session, resumed = await hub.open_async(call_id, settings, resume_token=params["resume"]), True
+            except ResumeFailed as exc:
+                log.info("/api/chat: %s; a new call starts", exc)
+        if not resumed:  # off the event loop: a new voice prompt is encoded there
+            session = await hub.open_async(call_id, settings, ws.client.host if ws.client else None)
     except (CallRefused, ValueError) as exc:
-        await ws.send_bytes(ERROR + str(exc).encode())
-        await ws.close(code=1013)  # try again later
+        try:
+            await ws.send_bytes(ERROR + str(exc).encode())
+            await ws.close(code=1013)  # try again later
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client left before it heard why
         return
+    connection = session.connection
     stop = asyncio.Event()
+    receiver = asyncio.create_task(_receive_user(ws, session))
     try:
         await ws.send_bytes(HANDSHAKE)
-        sender = asyncio.create_task(_send_agent(ws, session, stop))
+        if params.get("resumable") or params.get("resume"):
+            await ws.send_bytes(METADATA + json.dumps({"call_id": session.call_id, "resume_token": session.resume_token,
+                                                       "resumed": resumed}).encode())
+        # the call ends when either side does: the client leaves, or the server ends it (time limit)
+        tasks = {asyncio.create_task(_send_agent(ws, session, stop)), receiver}
         try:
-            await _receive_user(ws, session)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.set()
-            await asyncio.gather(sender, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
     finally:
-        hub.close(session, "client left")
+        hung_up = receiver.done() and not receiver.cancelled() and receiver.exception() is None and receiver.result()
+        if session.connection != connection:
+            pass  # the caller resumed this call on a newer connection, which owns it now
+        elif hung_up or session.closed or session.over_time:
+            await hub.close_async(session, "client left")
+        else:
+            hub.drop(session)

@@ -108,6 +108,7 @@ class PrometheusExporter:
         "late_ticks": "Ticks a seat sat out because its input frame was late (frozen, padded by waiting).",
         "prompts_restored": "Calls started from a voice/text prompt's state (cached or new).",
         "prompt_prefills": "Prompt states computed (prompt cache misses), each in one pass between two ticks.",
+        "step_failures": "Batched steps that raised; their seats were reset and their callers told.",
     }
     GAUGES = {
         "seats_total": "Seats (batch slots) in the engine.",

@@ -153,6 +153,12 @@ class SeatLMGen(LMGen):
         super().__init__(lm_model, use_sampling=False, on_text_logits_hook=self._sample_text, **kwargs)
         self.sampler = sampler
 
+    def set_condition_row(self, index: int, row: torch.Tensor) -> None:
+        """Overwrite one seat's row of the summed condition (voice, emotion) in place, between steps:
+        moshi keeps it in LMGen's streaming state and CUDA graphs copy it in on every replay, so an
+        in-place write stays graph-safe."""
+        self._streaming_state.condition_sum[index].copy_(row)
+
     def _sample_text(self, text_logits: torch.Tensor) -> None:
         token = self.sampler.sample(text_logits, "text")
         text_logits.fill_(float("-inf")).scatter_(-1, token[..., None], 0.0)

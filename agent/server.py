@@ -19,19 +19,26 @@ import base64
 import binascii
 import json
 import logging
+import os
 import threading
 import time
+import uuid
 from typing import Any
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Response, WebSocket
+from uvicorn.protocols.utils import ClientDisconnected
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.websockets import WebSocketState
 from fastrtc import Stream
+from fastrtc.stream import Body
 from fastrtc.websocket import WebSocketHandler
 
 from agent import kyutai_api
-from agent.access import AccessMiddleware, Credentials, rtc_configuration_from_env
+from agent.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
+from agent.handler import MoshiHandler
 from agent.service import AgentService
+from agent.session import WEBSOCKET_HANG_UP_CODES
 
 log = logging.getLogger(__name__)
 
@@ -70,43 +77,98 @@ def check_message(text: str) -> dict[str, Any]:
 
 class CheckedWebSocket:
     """The client's WebSocket as fastrtc sees it, except that a malformed message is answered with
-    {"type": "error", "message": ...} and skipped instead of ending the call."""
+    {"type": "error", "message": ...} and skipped instead of ending the call, and the call's id is
+    the server's: fastrtc keys its connections by the client's `websocket_id`, so a reused one would
+    end or take over another live call. The client's id is kept in the server's for the logs.
+    It also tells a hang-up (a `stop` event, or a normal close) from a dropped connection."""
 
     def __init__(self, websocket: WebSocket):
         self._ws = websocket
+        self.hung_up = False
 
     def __getattr__(self, name: str):
         return getattr(self._ws, name)
 
+    @property
+    def _open(self) -> bool:
+        return self._ws.application_state == WebSocketState.CONNECTED
+
+    async def send_json(self, data: Any, mode: str = "text") -> None:
+        """Send unless the socket is closing (fastrtc sends from tasks that outlive the close)."""
+        if self._open:
+            try:
+                await self._ws.send_json(data, mode)
+            except (RuntimeError, WebSocketDisconnect, ClientDisconnected):
+                log.debug("websocket: not sent, the connection closed meanwhile")
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close once: fastrtc closes again in its clean-up after the server ended a call."""
+        if self._open:
+            await self._ws.close(code, reason)
+
     async def receive_json(self) -> dict[str, Any]:
         while True:
-            text = await self._ws.receive_text()
+            received = await self._ws.receive()
+            if received["type"] == "websocket.disconnect":
+                code = received.get("code", 1000)
+                self.hung_up = code in WEBSOCKET_HANG_UP_CODES
+                raise WebSocketDisconnect(code)
             try:
-                return check_message(text)
+                if received.get("text") is None:
+                    raise MessageError("binary messages are not part of this protocol; send JSON text")
+                message = check_message(received["text"])
             except MessageError as exc:
                 log.info("websocket: rejected a message: %s", exc)
-                await self._ws.send_json({"type": "error", "message": f"bad message: {exc}"})
+                await self.send_json({"type": "error", "message": f"bad message: {exc}"})
+                continue
+            if message["event"] == "start":
+                message["websocket_id"] = server_call_id(message["websocket_id"])
+            elif message["event"] == "stop":
+                self.hung_up = True
+            return message
+
+
+def server_call_id(client_id: str) -> str:
+    """A call id no client can choose: the client's own (shortened, for the logs) plus a random part."""
+    readable = "".join(c for c in client_id[:24] if c.isalnum() or c in "-_")
+    return f"ws-{readable}-{uuid.uuid4().hex[:16]}" if readable else f"ws-{uuid.uuid4().hex[:16]}"
 
 
 class AgentStream(Stream):
     """fastrtc's Stream, plus: malformed WebSocket messages get an error answer instead of ending
-    the call, and a WebSocket client that leaves frees its seat at once (fastrtc calls
-    `shutdown()` only for WebRTC connections)."""
+    the call, a WebSocket client that hangs up frees its seat at once (fastrtc calls `shutdown()`
+    only for WebRTC connections), and one whose connection drops keeps its call for a while."""
 
     def clean_up(self, webrtc_id: str):
         connection = super().clean_up(webrtc_id)
         for conn in connection or []:
             if isinstance(conn, WebSocketHandler):
-                conn.stream_handler.shutdown()
+                handler = conn.stream_handler
+                if isinstance(conn.websocket, CheckedWebSocket) and not conn.websocket.hung_up:
+                    handler.connection_dropped()
+                else:
+                    handler.shutdown()
         return connection
 
     async def websocket_offer(self, websocket: WebSocket):
-        return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
+        try:
+            return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
+        except AttributeError as exc:
+            # fastrtc's clean-up reads `start_up_task`, which only a "start" event creates: a client that
+            # leaves before "start" had no call, and there is nothing to clean up
+            if "start_up_task" not in str(exc):
+                raise
+
+    async def offer(self, body: Body, request: Request):
+        """fastrtc's /webrtc/offer, noting who offered the call (the per-client cap)."""
+        if body.sdp:
+            self.event_handler.note_offer(body.webrtc_id, request.client.host if request.client else None)
+        return await super().offer(body)
 
 
 def build_stream(service: AgentService) -> AgentStream:
     rtc = rtc_configuration_from_env()
-    return AgentStream(service.handler(), modality="audio", mode="send-receive",
+    return AgentStream(MoshiHandler(service.hub), modality="audio", mode="send-receive",
                        concurrency_limit=service.seats_total(), rtc_configuration=rtc,
                        server_rtc_configuration=rtc, verbose=False)
 
@@ -118,21 +180,23 @@ def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None
     async def api_chat(websocket: WebSocket) -> None:
         await kyutai_api.chat(websocket, service.hub)
 
+    # The probes are coroutines: they only read counters, and a hop to a worker thread is what made
+    # them slow when many calls keep the interpreter busy (python -m agent.loadtest load).
     @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok", "models": [e.model.name for e in service.engines],
+    async def healthz() -> dict:
+        return {"status": "ok", "pid": os.getpid(), "models": [e.model.name for e in service.engines],
                 "random_weights": service.random_weights, "seats_total": service.seats_total(),
                 "seats_in_use": service.seats_in_use()}
 
     @app.get("/readyz")
-    def readyz(response: Response) -> dict:
+    async def readyz(response: Response) -> dict:
         ready, reason = service.readiness()
         response.status_code = 200 if ready else 503
         return {"ready": ready, "reason": reason, "seats_total": service.seats_total(),
                 "seats_in_use": service.seats_in_use()}
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         body, content_type = service.exporter.render()
         return Response(body, media_type=content_type)
 
@@ -142,6 +206,7 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     credentials = Credentials.parse(config.auth)
     app = FastAPI(title="Telugu voice agent")
     add_routes(app, service, stream)
+    app.add_middleware(DrainGate, draining=lambda: service.hub.draining)
     app.add_middleware(AccessMiddleware, credentials=credentials, max_calls_per_client=config.max_calls_per_client)
     auth = (credentials.user, credentials.password) if credentials else None
     return gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message="Telugu voice agent")
@@ -203,6 +268,14 @@ def listening_port(server: uvicorn.Server, asked: int) -> int:
         for sock in listener.sockets:
             return sock.getsockname()[1]
     return asked
+
+
+def serve_in_background(service: AgentService, host: str = "127.0.0.1") -> BackgroundServer:
+    """The whole app (page, stream, API) for this service on a free port of `host`, in a thread
+    (benchmarks, notebooks)."""
+    from agent.ui import build_demo
+
+    return BackgroundServer(build_app(service, build_demo(service), build_stream(service)), host, 0).start()
 
 
 def serve(app: FastAPI, service: AgentService, host: str, port: int) -> None:

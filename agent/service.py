@@ -1,7 +1,8 @@
-"""The running agent: one loaded model, its engine, the live calls and the handler template.
+"""The running agent: the loaded models, their engines and the live calls.
 
 Built once per process (`build_service`) and shared by the page, the WebSocket endpoint and the
-readouts. Nothing here knows about HTTP or Gradio.
+readouts. Nothing here knows about HTTP, Gradio or fastrtc: the transports (agent.handler,
+agent.kyutai_api) open calls through `hub`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 from agent.engine import FrameEngine
-from agent.handler import MoshiHandler
 from agent.metrics import PrometheusExporter
 from agent.models import LoadedModel, load_model
 from agent.session import CallHub, SessionRegistry
@@ -49,10 +49,6 @@ class AgentService:
     def random_weights(self) -> bool:
         return any(e.model.random_weights for e in self.engines)
 
-    def handler(self, input_sample_rate: int = 24_000) -> MoshiHandler:
-        """The handler template fastrtc copies for each connection."""
-        return MoshiHandler(self.hub, input_sample_rate=input_sample_rate)
-
     def seats_total(self) -> int:
         return sum(e.num_seats for e in self.engines)
 
@@ -76,6 +72,10 @@ class AgentService:
         """(ready, reason): ready means a new call would get a seat now."""
         if self.hub.draining:
             return False, "draining"
+        for engine in self.engines:
+            healthy, reason = engine.health()
+            if not healthy:
+                return False, reason
         if self.seats_in_use() >= self.seats_total():
             return False, "all seats in use"
         return True, "ready"
@@ -84,7 +84,8 @@ class AgentService:
         values = {"seats_total": self.seats_total(), "seats_in_use": self.seats_in_use(),
                   "draining": float(self.hub.draining)}
         for name in ("calls_started", "calls_refused", "input_dropped", "output_dropped", "late_ticks",
-                     "prompts_restored", "prompt_prefills", "prompt_cache_entries", "prompt_cache_bytes"):
+                     "prompts_restored", "prompt_prefills", "prompt_cache_entries", "prompt_cache_bytes",
+                     "step_failures"):
             values[name] = sum(getattr(e.stats, name) for e in self.engines)
         return values
 
@@ -105,6 +106,7 @@ class AgentService:
     def close(self) -> None:
         for engine in self.engines:
             engine.stop()
+        self.hub.stop()
         self.vad.stop()
 
 
@@ -140,7 +142,9 @@ def build_service(model_configs: ModelConfig | list[ModelConfig] | None = None,
     vad = VadHub().start()
     hub = CallHub(engines, registry, catalogue, silence_ms=server_config.vad_silence_ms,
                   max_call_seconds=server_config.max_call_seconds,
-                  on_turn_latency=exporter.voice_to_voice_seconds.observe, vad=vad)
+                  on_turn_latency=exporter.voice_to_voice_seconds.observe, vad=vad,
+                  max_calls_per_client=server_config.max_calls_per_client,
+                  resume_seconds=server_config.resume_seconds)
     service = AgentService(engines, catalogue, registry, hub, server_config, exporter, vad)
     exporter.snapshot = service.metric_values
     return service

@@ -6,10 +6,13 @@ for the agent's next 80 ms; it never touches the engine directly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +30,13 @@ from agent.voices import CallSettings, Catalogue, CatalogueError
 log = logging.getLogger(__name__)
 
 TRANSCRIPT_CHARS = 4000
+# Opening and ending calls (a seat, conditioning rows, the VAD's last judgement) runs on these few
+# threads, never on the event loop and never on a thread per call.
+CALL_SETUP_WORKERS = 4
+MAX_PENDING_OFFERS = 1024  # WebRTC offers whose call has not opened yet (their client, for the cap)
+# WebSocket close codes that mean the caller left; any other end (1006: no close frame) is a dropped
+# connection, whose call waits for the caller to resume it (CallHub.drop)
+WEBSOCKET_HANG_UP_CODES = frozenset({1000, 1001})
 
 
 @dataclass
@@ -56,10 +66,15 @@ class SessionFigures:
 class Session:
     def __init__(self, engine: FrameEngine, call_id: str, settings: CallSettings, silence_ms: int = 300,
                  max_seconds: float | None = None, on_turn_latency: Callable[[float], None] | None = None,
-                 vad: VadHub | None = None):
+                 vad: VadHub | None = None, client: str | None = None):
         """`vad`: the hub that judges this call's audio with every other call's; None judges it
-        here, on the transport's threads (one call alone: tools and tests)."""
+        here, on the transport's threads (one call alone: tools and tests). `client`: the caller's
+        address, for the per-client call cap."""
         self.call_id = call_id
+        self.client = client
+        self.resume_token = secrets.token_urlsafe(18)  # the caller's key to come back after a dropped connection
+        self.dropped_at: float | None = None  # while its connection is down (the seat is held)
+        self.connection = 0  # which connection carries the call: +1 on each resume (the old one lets go)
         self.settings = settings
         self.engine = engine
         self.seat: Seat = engine.acquire(call_id)  # raises SeatsFullError
@@ -84,6 +99,7 @@ class Session:
         self._transcript: deque[str] = deque()
         self._transcript_chars = 0
         self._lock = threading.Lock()
+        self._output_ready: asyncio.Event | None = None  # set from the engine's thread (wait_output)
         log.info("call %s started on seat %d (%s, %s)", call_id, self.seat.index, settings.voice, settings.emotion)
 
     @property
@@ -93,6 +109,28 @@ class Session:
     @property
     def over_time(self) -> bool:
         return self.max_seconds is not None and time.monotonic() - self.started_at > self.max_seconds
+
+    @property
+    def dropped(self) -> bool:
+        return self.dropped_at is not None
+
+    def hold(self) -> None:
+        """The caller's connection dropped: freeze the seat (LM context kept, not stepped)."""
+        self.dropped_at = time.monotonic()
+        self.seat.hold(True)
+        self._output_ready = None  # a reconnection waits on its own event loop
+        log.info("call %s: connection dropped; seat %d held for the caller to resume", self.call_id, self.seat.index)
+
+    def resume(self) -> None:
+        """The caller is back on a new connection: the seat steps again from where it stopped. (The
+        old connection may not have been seen to drop yet; it lets go, see `connection`.)"""
+        away = time.monotonic() - (self.dropped_at or time.monotonic())
+        self.connection += 1
+        if self.dropped_at is not None:
+            self.dropped_at = None
+            self.seat.hold(False)
+        self._output_ready = None
+        log.info("call %s resumed after %.1f s away", self.call_id, away)
 
     def change_settings(self, settings: CallSettings) -> None:
         """A new voice/emotion/sampling takes effect on this call's next frame (ConditionError if the
@@ -130,6 +168,29 @@ class Session:
             self.latency.on_user_audio(frame, done_at - FRAME_SECONDS)
         if self._vad is None:
             self.latency.process()
+
+    async def wait_output(self, timeout: float) -> OutputFrame | None:
+        """`next_output` for a coroutine: waits on the event loop, woken by the engine's thread when a
+        frame, a notice or the end of the call arrives; no thread is held while it waits. None on
+        timeout, or at once when the call is closed."""
+        if self._output_ready is None:
+            loop, ready = asyncio.get_running_loop(), asyncio.Event()
+            self._output_ready = ready
+            self.seat.on_change(lambda: loop.call_soon_threadsafe(ready.set))
+        ready = self._output_ready
+        ready.clear()
+        frame = self.next_output(0)
+        if frame is not None or self.closed:
+            return frame
+        try:
+            await asyncio.wait_for(ready.wait(), timeout)
+        except TimeoutError:
+            return None
+        return self.next_output(0)
+
+    def take_notices(self) -> list[str]:
+        """What the caller should be told since the last call (e.g. the engine reset this call)."""
+        return self.seat.take_notices()
 
     def next_output(self, timeout: float) -> OutputFrame | None:
         """The agent's next frame, waiting up to `timeout`; None if none is ready."""
@@ -203,6 +264,15 @@ class SessionRegistry:
                 del self._live[session.call_id]
                 self._recent.append(session)
 
+    def is_live(self, call_id: str) -> bool:
+        with self._lock:
+            return call_id in self._live
+
+    def calls_from(self, client: str) -> int:
+        """Live calls whose caller is at this address."""
+        with self._lock:
+            return sum(1 for s in self._live.values() if s.client == client)
+
     def get(self, call_id: str | None) -> Session | None:
         if not call_id:
             return None
@@ -221,6 +291,10 @@ class CallRefused(RuntimeError):
     """A call could not start; the message is fit to show the caller."""
 
 
+class ResumeFailed(CallRefused):
+    """The call a resume token names is gone; a new call may start instead."""
+
+
 @dataclass
 class CallHub:
     """What every transport (fastrtc handler, Kyutai's /api/chat) shares to open and end calls.
@@ -234,7 +308,15 @@ class CallHub:
     max_call_seconds: float | None = None
     on_turn_latency: Callable[[float], None] | None = None
     vad: VadHub | None = None  # judges every call's audio in one batch (None: each call on its own)
+    max_calls_per_client: int | None = None  # live calls from one address, whatever the transport
+    resume_seconds: float = 0.0  # how long a dropped call's seat waits for its caller (0: closed at once)
     draining: bool = False
+
+    def __post_init__(self):
+        self._admit = threading.Lock()  # check-then-add of the cap and the call id is one step
+        self._offers: OrderedDict[str, str] = OrderedDict()  # WebRTC call id -> the address that offered it
+        self._by_token: dict[str, Session] = {}  # resume token -> live call
+        self._workers = ThreadPoolExecutor(CALL_SETUP_WORKERS, thread_name_prefix="call-setup")
 
     def route(self, settings: CallSettings) -> FrameEngine:
         """The engine whose model has this voice; the first engine if none has it."""
@@ -245,28 +327,53 @@ class CallHub:
                 return engine
         return self.engines[0]
 
-    def open(self, call_id: str, settings: CallSettings) -> Session:
-        """A new call on a free seat, or CallRefused with a message for the caller."""
-        if self.draining:
-            raise CallRefused("The server is restarting; please reconnect in a moment.")
+    def note_offer(self, call_id: str, client: str | None) -> None:
+        """A WebRTC offer for `call_id` came from `client`: its call counts against that address
+        (WebRTC calls open later, on the media path, where the address is not known)."""
+        if not client:
+            return
+        with self._admit:
+            self._offers[call_id] = client
+            while len(self._offers) > MAX_PENDING_OFFERS:
+                self._offers.popitem(last=False)
+
+    def open(self, call_id: str, settings: CallSettings, client: str | None = None,
+             resume_token: str | None = None) -> Session:
+        """A new call on a free seat, or CallRefused with a message for the caller. `client` is the
+        caller's address (for a WebRTC call, the one that sent its offer, see note_offer). With the
+        resume token of a call whose connection dropped, that same call (its seat, its conversation)
+        if it is still held; ResumeFailed if not (the caller may then start a new call)."""
+        if resume_token:
+            return self._resume(resume_token)
         engine = self.route(settings)
         prompt = self.prompt(engine, settings)
-        try:
-            session = Session(engine, call_id, settings, self.silence_ms, self.max_call_seconds,
-                              self.on_turn_latency, self.vad)
-        except (SeatsFullError, EngineStoppedError) as exc:
-            raise CallRefused(str(exc)) from exc
-        except ConditionError as exc:
-            raise CallRefused(f"That voice or emotion is not available on this model: {exc}") from exc
-        except SamplingError as exc:
-            raise CallRefused(f"Those sampling settings are not allowed: {exc}") from exc
-        if prompt is not None:
+        with self._admit:
+            client = client or self._offers.pop(call_id, None)
+            if self.draining:
+                raise CallRefused("The server is restarting; please reconnect in a moment.")
+            if self.registry.is_live(call_id):  # never end or take over a live call by its id
+                raise CallRefused("A call with this id is already live on this server.")
+            cap = self.max_calls_per_client
+            if cap and client and self.registry.calls_from(client) >= cap:
+                raise CallRefused(f"At most {cap} call{'s' if cap > 1 else ''} from one address at once: "
+                                  "hang up another call first.")
+            try:
+                session = Session(engine, call_id, settings, self.silence_ms, self.max_call_seconds,
+                                  self.on_turn_latency, self.vad, client=client)
+            except (SeatsFullError, EngineStoppedError) as exc:
+                raise CallRefused(str(exc)) from exc
+            except ConditionError as exc:
+                raise CallRefused(f"That voice or emotion is not available on this model: {exc}") from exc
+            except SamplingError as exc:
+                raise CallRefused(f"Those sampling settings are not allowed: {exc}") from exc
+            self.registry.add(session)
+            self._by_token[session.resume_token] = session
+        if prompt is not None:  # outside the admission lock: a new voice prompt is encoded here
             try:
                 session.start_from_prompt(prompt)
             except PromptError as exc:
-                session.close("prompt refused")
+                self.close(session, "prompt refused")
                 raise CallRefused(f"That voice or persona prompt cannot be used: {exc}") from exc
-        self.registry.add(session)
         return session
 
     def prompt(self, engine: FrameEngine, settings: CallSettings) -> PromptSpec | None:
@@ -281,5 +388,53 @@ class CallHub:
             raise CallRefused(f"That voice or persona prompt cannot be used: {exc}") from exc
 
     def close(self, session: Session, reason: str) -> None:
+        with self._admit:
+            if self._by_token.get(session.resume_token) is session:
+                del self._by_token[session.resume_token]
         session.close(reason)
         self.registry.remove(session)
+
+    def drop(self, session: Session) -> None:
+        """The caller's connection dropped without a hang-up: hold the call for `resume_seconds`
+        (its seat frozen), then close it unless the caller came back with its resume token. Call
+        from the event loop (the expiry is scheduled there; no thread waits)."""
+        if not self.resume_seconds or session.closed or self.draining:
+            self.close_soon(session, "connection dropped")
+            return
+        with self._admit:
+            session.hold()
+            dropped_at = session.dropped_at
+        asyncio.get_running_loop().call_later(self.resume_seconds, self._expire, session, dropped_at)
+
+    def _expire(self, session: Session, dropped_at: float | None) -> None:
+        with self._admit:
+            if session.dropped_at != dropped_at:
+                return  # resumed (and maybe dropped again since: that drop has its own expiry)
+        self.close_soon(session, f"connection dropped and not resumed within {self.resume_seconds:g} s")
+
+    def _resume(self, token: str) -> Session:
+        with self._admit:
+            session = self._by_token.get(token)
+            if session is None or session.closed:
+                raise ResumeFailed("That call can no longer be resumed (it ended, or its time to reconnect ran out).")
+            session.resume()
+        return session
+
+    async def open_async(self, call_id: str, settings: CallSettings, client: str | None = None,
+                         resume_token: str | None = None) -> Session:
+        """`open` on the call-setup threads, so the event loop never waits for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, self.open, call_id, settings, client,
+                                                                resume_token)
+
+    async def close_async(self, session: Session, reason: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._workers, self.close, session, reason)
+
+    def close_soon(self, session: Session, reason: str) -> None:
+        """`close` on the call-setup threads; returns at once (sync callers on the event loop)."""
+        def done(future) -> None:
+            if future.exception() is not None:
+                log.error("call %s did not close cleanly", session.call_id, exc_info=future.exception())
+        self._workers.submit(self.close, session, reason).add_done_callback(done)
+
+    def stop(self) -> None:
+        self._workers.shutdown(wait=True, cancel_futures=False)

@@ -13,6 +13,7 @@ from fastrtc import WebRTC
 
 from agent import ASSETS
 from agent.access import rtc_configuration_from_env
+from agent.handler import MoshiHandler, note_offers
 from agent.metrics import fmt_ms
 from agent.config import MAX_TEMP
 from agent.service import AgentService
@@ -206,8 +207,9 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
-        call.stream(service.handler(), inputs=[call, voice, emotion, *sampling, persona, preset], outputs=[call],
+        call.stream(MoshiHandler(service.hub), inputs=[call, voice, emotion, *sampling, persona, preset], outputs=[call],
                     concurrency_limit=service.seats_total())
+        note_offers(call, service.hub)
 
         wide_screen = gr.Checkbox(visible=False)  # set by the browser on load (IS_WIDE_SCREEN_JS)
         demo.load(lambda wide: gr.Sidebar(open=True) if wide else gr.update(), inputs=[wide_screen],

@@ -43,6 +43,9 @@ CONTEXT = 32  # samples of the previous window Silero sees before each window at
 SILENCE_RMS = 10 ** (-55 / 20)
 REPLY_TIMEOUT_S = 8.0  # a turn with no agent speech within this long is closed as "no reply"
 PAUSE_MERGE_FACTOR = 2.0  # speech resuming within 2x the silence window continues the same turn
+# Audio waiting to be judged, per call (both directions, 80 ms frames: about 20 s). If the VAD falls
+# that far behind, the oldest is dropped and counted: the figures lose a moment, the server no memory.
+MAX_INBOX_CHUNKS = 256
 
 
 def load_silero_package() -> torch.jit.ScriptModule:
@@ -239,27 +242,55 @@ class TurnLatencyTracker:
         self._user_seconds = 0.0
         self._agent_seconds = 0.0
         self._agent_onsets: deque[float] = deque(maxlen=16)
-        self._inbox: list[tuple[bool, np.ndarray, float]] = []  # (from the user?, samples, wall start)
+        # (from the user?, samples, wall start), bounded: see MAX_INBOX_CHUNKS
+        self._inbox: deque[tuple[bool, np.ndarray, float]] = deque(maxlen=MAX_INBOX_CHUNKS)
         self._inbox_lock = threading.Lock()
+        self.inbox_dropped = 0  # chunks dropped unjudged because the VAD fell behind
         self._judging = threading.Lock()  # one judge at a time (the hub, or process() after removal)
 
     def on_user_audio(self, samples: np.ndarray, wall_start: float) -> None:
         """User audio (24 kHz) whose first sample arrived at `wall_start`."""
-        with self._inbox_lock:
-            self._inbox.append((True, samples, wall_start))
+        self._queue(True, samples, wall_start)
 
     def on_agent_audio(self, samples: np.ndarray, wall_start: float) -> None:
         """Agent audio (24 kHz) handed to the transport at `wall_start`."""
+        self._queue(False, samples, wall_start)
+
+    def _queue(self, from_user: bool, samples: np.ndarray, wall_start: float) -> None:
         with self._inbox_lock:
-            self._inbox.append((False, samples, wall_start))
+            if len(self._inbox) == self._inbox.maxlen:
+                self.inbox_dropped += 1
+            self._inbox.append((from_user, samples, wall_start))
+
+    @property
+    def inbox_chunks(self) -> int:
+        """Chunks queued and not judged yet."""
+        with self._inbox_lock:
+            return len(self._inbox)
 
     def process(self) -> list[Turn]:
         """Judge the queued audio now (this call alone). Returns turns that ended or were answered."""
-        return process_trackers([self])[0]
+        return TurnLatencyTracker.judge_all([self])[0]
+
+    @staticmethod
+    def judge_all(trackers: Sequence["TurnLatencyTracker"]) -> list[list[Turn]]:
+        """Judge every tracker's queued audio with one batched Silero call per window round (what
+        `VadHub` does for every call). Returns each tracker's turns that ended or were answered."""
+        for tracker in trackers:
+            tracker._judging.acquire()
+        try:
+            for tracker in trackers:
+                tracker._feed_detectors()
+            events = run_detectors([d for t in trackers for d in (t.user, t.agent)])
+            return [t._on_user_segments(events[2 * i]) + t._on_agent_segments(events[2 * i + 1])
+                    for i, t in enumerate(trackers)]
+        finally:
+            for tracker in trackers:
+                tracker._judging.release()
 
     def _feed_detectors(self) -> None:
         with self._inbox_lock:
-            inbox, self._inbox = self._inbox, []
+            inbox, self._inbox = self._inbox, deque(maxlen=MAX_INBOX_CHUNKS)
         for from_user, samples, wall_start in inbox:
             if from_user:
                 self._user_clock.mark(wall_start, self._user_seconds)
@@ -321,21 +352,6 @@ class TurnLatencyTracker:
         del self.turns[:-50]  # keep the recent history only
 
 
-def process_trackers(trackers: Sequence[TurnLatencyTracker]) -> list[list[Turn]]:
-    """Judge every tracker's queued audio with one batched Silero call per window round."""
-    for tracker in trackers:
-        tracker._judging.acquire()
-    try:
-        for tracker in trackers:
-            tracker._feed_detectors()
-        events = run_detectors([d for t in trackers for d in (t.user, t.agent)])
-        return [t._on_user_segments(events[2 * i]) + t._on_agent_segments(events[2 * i + 1])
-                for i, t in enumerate(trackers)]
-    finally:
-        for tracker in trackers:
-            tracker._judging.release()
-
-
 class VadHub:
     """Runs the VAD of every live call on one thread, a round every `period_s`."""
 
@@ -369,7 +385,7 @@ class VadHub:
         with self._lock:
             trackers = list(self._trackers)
         if trackers:
-            process_trackers(trackers)
+            TurnLatencyTracker.judge_all(trackers)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):

@@ -6,13 +6,16 @@ Protocol (JSON text messages):
                     {"event": "ping"}   (server answers {"event": "pong"})
                     {"event": "stop"}
   server -> client  {"event": "media", "media": {"payload": "<base64 μ-law at 24 kHz>"}}
+                    {"type": "call", "call_id": "<the server's id>", "resume_token": "...", "resumed": bool,
+                     "message": "..."}
                     {"type": "error" | "warning", "message": "..."}
                     {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}
 
     python -m agent.wsclient ws://127.0.0.1:7860/websocket/offer IN.wav OUT.wav
 
-streams IN.wav at real-time pace, records the agent to OUT.wav, and reconnects with backoff if the
-connection drops.
+streams IN.wav at real-time pace, records the agent to OUT.wav, and if the connection drops,
+reconnects with backoff and resumes the same call (`?resume=<resume_token>`, the token the server
+sent in its "call" message) from where its audio stopped.
 """
 
 from __future__ import annotations
@@ -21,15 +24,20 @@ import argparse
 import asyncio
 import base64
 import json
+import logging
+import ssl as ssl_module
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import websockets
 
 from agent import SAMPLE_RATE
 from agent.audio import to_int16, ulaw_decode, ulaw_encode
+
+log = logging.getLogger(__name__)
 
 CHUNK_SECONDS = 0.02
 
@@ -51,6 +59,8 @@ class CallResult:
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, samples) per media message
     sent_seconds: float = 0.0
     started_at: float = 0.0
+    reconnects: int = 0  # connections that dropped and were resumed (talk_with_reconnect)
+    cookies: dict[str, str] = field(default_factory=dict)  # set on the handshake (a load balancer's sticky cookie)
 
     @property
     def errors(self) -> list[str]:
@@ -58,22 +68,58 @@ class CallResult:
             m["meta"].get("error", "") for m in self.messages if m.get("status") == "failed"]
 
     @property
+    def call_id(self) -> str | None:
+        """The server's id for the call (its `start` message's websocket_id is only the client's)."""
+        return next((m.get("call_id") for m in self.messages if m.get("type") == "call"), None)
+
+    @property
+    def resume_token(self) -> str | None:
+        """The latest token the server gave to resume this call after a dropped connection."""
+        return next((m.get("resume_token") for m in reversed(self.messages) if m.get("type") == "call"), None)
+
+    @property
     def received_seconds(self) -> float:
         return self.audio.size / SAMPLE_RATE
+
+
+class ConnectionDropped(ConnectionError):
+    """The connection broke while the call was going on (the caller did not hang up)."""
+
+
+def with_resume(url: str, token: str | None) -> str:
+    """The URL that resumes the call `token` names (fastrtc's WebSocket and /api/chat take `?resume=`)."""
+    if not token:
+        return url
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "resume"] + [("resume", token)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_seconds: float = 1.0,
                websocket_id: str | None = None, chunk_seconds: float = CHUNK_SECONDS,
                raw_messages: list[str] | None = None, stop: bool = True,
-               headers: dict[str, str] | None = None) -> CallResult:
+               headers: dict[str, str] | None = None, result: CallResult | None = None,
+               ssl: ssl_module.SSLContext | None = None) -> CallResult:
     """Stream `audio` (24 kHz float) to the agent, then `tail_seconds` of silence (as a live
-    microphone would), and collect what comes back. `raw_messages` are sent verbatim first."""
-    result = CallResult(np.zeros(0, np.float32))
-    received: list[np.ndarray] = []
+    microphone would), and collect what comes back. `raw_messages` are sent verbatim first.
+    With the `result` of a call whose connection dropped, resume that call with its token, going on
+    from the audio it had sent; ConnectionDropped if this connection drops mid-call."""
+    resuming = result is not None and result.resume_token is not None
+    result = result or CallResult(np.zeros(0, np.float32))
+    received: list[np.ndarray] = [result.audio] if result.audio.size else []
     chunk = int(SAMPLE_RATE * chunk_seconds)
-    async with websockets.connect(url, max_size=1 << 22, additional_headers=headers) as ws:
+    audio = np.concatenate([audio.astype(np.float32), np.zeros(int(tail_seconds * SAMPLE_RATE), np.float32)])
+    first = int(round(result.sent_seconds * SAMPLE_RATE))
+    headers = dict(headers or {})
+    if result.cookies:  # back to the server that holds the call, behind a sticky load balancer
+        headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in result.cookies.items())
+    async with websockets.connect(with_resume(url, result.resume_token if resuming else None), max_size=1 << 22,
+                                  additional_headers=headers, ssl=ssl) as ws:
+        for cookie in ws.response.headers.get_all("Set-Cookie"):
+            name, _, value = cookie.split(";", 1)[0].partition("=")
+            result.cookies[name.strip()] = value.strip()
         await ws.send(json.dumps({"event": "start", "websocket_id": websocket_id or uuid.uuid4().hex}))
-        result.started_at = time.monotonic()
+        result.started_at = result.started_at or time.monotonic()
 
         async def reader() -> None:
             try:
@@ -89,47 +135,58 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
                 pass
 
         read_task = asyncio.create_task(reader())
-        for raw in raw_messages or []:
-            await ws.send(raw)
-        audio = np.concatenate([audio.astype(np.float32), np.zeros(int(tail_seconds * SAMPLE_RATE), np.float32)])
+        if not resuming:
+            for raw in raw_messages or []:
+                await ws.send(raw)
         t0 = time.monotonic()
-        for i in range(0, audio.size, chunk):
-            try:
-                await ws.send(json.dumps(encode_media(audio[i:i + chunk])))
-            except websockets.ConnectionClosed:
-                break
-            result.sent_seconds = (i + chunk) / SAMPLE_RATE
-            if realtime:
-                await asyncio.sleep(max(0.0, t0 + result.sent_seconds - time.monotonic()))
-        # The last frames' answers: wait until as much came back as went out, or nothing more arrives.
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
-            got = sum(x.size for x in received)
-            quiet_for = time.monotonic() - (result.arrivals[-1][0] if result.arrivals else t0)
-            if got >= audio.size or (quiet_for > 0.5 and time.monotonic() - t0 > result.sent_seconds + 0.3):
-                break
-            await asyncio.sleep(0.02)
-        if stop:
-            try:
-                await ws.send(json.dumps({"event": "stop"}))
-            except websockets.ConnectionClosed:
-                pass
-        read_task.cancel()
-        await asyncio.gather(read_task, return_exceptions=True)
-    result.audio = np.concatenate(received) if received else np.zeros(0, np.float32)
+        try:
+            for i in range(first, audio.size, chunk):
+                try:
+                    await ws.send(json.dumps(encode_media(audio[i:i + chunk])))
+                except websockets.ConnectionClosedOK:
+                    break  # the server ended the call
+                except websockets.ConnectionClosed as exc:
+                    raise ConnectionDropped(f"connection dropped after {result.sent_seconds:.1f} s: {exc}") from exc
+                result.sent_seconds = (i + chunk) / SAMPLE_RATE
+                if realtime:
+                    await asyncio.sleep(max(0.0, t0 + (i + chunk - first) / SAMPLE_RATE - time.monotonic()))
+            # The last frames' answers: wait until as much came back as went out, or nothing more arrives.
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                got = sum(x.size for x in received)
+                quiet_for = time.monotonic() - (result.arrivals[-1][0] if result.arrivals else t0)
+                sent_for = (audio.size - first) / SAMPLE_RATE
+                if got >= audio.size or (quiet_for > 0.5 and time.monotonic() - t0 > sent_for + 0.3):
+                    break
+                await asyncio.sleep(0.02)
+            if stop:
+                try:
+                    await ws.send(json.dumps({"event": "stop"}))
+                except websockets.ConnectionClosed:
+                    pass
+        finally:
+            read_task.cancel()
+            await asyncio.gather(read_task, return_exceptions=True)
+            result.audio = np.concatenate(received) if received else np.zeros(0, np.float32)
     return result
 
 
 async def talk_with_reconnect(url: str, audio: np.ndarray, attempts: int = 5, **kwargs) -> CallResult:
-    """`talk`, reconnecting with exponential backoff (0.5 s, 1 s, 2 s, ...) when the connection fails."""
+    """`talk`, reconnecting with exponential backoff (0.5 s, 1 s, 2 s, ...) when the connection fails.
+    A call whose connection dropped is resumed with the server's resume token (same call, same
+    conversation) and goes on from where its audio stopped; if the server no longer holds it, it
+    says so and a new call starts."""
+    result = CallResult(np.zeros(0, np.float32))
     delay = 0.5
     for attempt in range(attempts):
         try:
-            return await talk(url, audio, **kwargs)
-        except (OSError, websockets.WebSocketException) as exc:
+            return await talk(url, audio, result=result, **kwargs)
+        except (OSError, websockets.WebSocketException) as exc:  # ConnectionDropped is an OSError
             if attempt == attempts - 1:
                 raise
-            print(f"connection failed ({exc}); retrying in {delay:.1f} s")
+            if result.resume_token is not None:
+                result.reconnects += 1
+            log.warning("connection failed (%s); reconnecting in %.1f s", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
     raise AssertionError("unreachable")
@@ -147,11 +204,13 @@ def main() -> None:
     args = p.parse_args()
     audio, rate = sf.read(args.input, dtype="float32", always_2d=True)
     audio = resample(audio.mean(axis=1), rate, SAMPLE_RATE)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = asyncio.run(talk_with_reconnect(args.url, audio))
     sf.write(args.output, result.audio, SAMPLE_RATE)
     for msg in result.messages:
         print(msg)
-    print(f"sent {result.sent_seconds:.1f} s, received {result.received_seconds:.1f} s -> {args.output}")
+    print(f"sent {result.sent_seconds:.1f} s, received {result.received_seconds:.1f} s "
+          f"({result.reconnects} reconnection(s)) -> {args.output}")
 
 
 if __name__ == "__main__":

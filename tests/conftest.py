@@ -101,6 +101,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live_server():
-    server = LiveServer(max_sessions=3)
+    # a dropped call waits 3 s for its caller to resume it (15 s by default), so tests see seats freed soon
+    server = LiveServer(max_sessions=3, server_config=ServerConfig(resume_seconds=3.0))
     yield server
     server.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -149,14 +151,17 @@ def test_moshiko_and_moshika_together_route_calls_by_voice(tmp_path, telugu_spee
         _, speech = telugu_speech
         handler = MoshiHandler(service.hub)
         handler.latest_args = ["__webrtc_value__", "id", "ravi", "neutral"]
-        handler.receive((24_000, speech[:4800]))
+        asyncio.run(handler.receive((24_000, speech[:4800])))
         assert handler.session.engine.model.name == "moshiko-pytorch-bf16"
         assert service.engines[0].seats_in_use() == 1 and service.engines[1].seats_in_use() == 0
         handler.latest_args = ["__webrtc_value__", "id", "sravani", "neutral"]  # a female voice: Moshika
-        handler.receive((24_000, speech[4800:9600]))
+        asyncio.run(handler.receive((24_000, speech[4800:9600])))
         assert handler.session.settings.voice == "ravi"  # the call stays on its model
         assert "'sravani' runs on another model" in caplog.text
-        handler.shutdown()
+        handler.shutdown()  # the call closes on the hub's call-setup threads
+        deadline = time.monotonic() + 5
+        while service.seats_in_use() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert service.seats_in_use() == 0
     finally:
         service.close()

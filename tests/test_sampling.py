@@ -178,7 +178,7 @@ def test_page_sliders_reach_the_seat(live_server):
 
     def applied(want: SeatSampling) -> bool:
         """Audio keeps coming, as in a call: new settings apply at the engine's next tick."""
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         return handler.session.figures().sampling == want
 
     try:
@@ -187,7 +187,7 @@ def test_page_sliders_reach_the_seat(live_server):
         handler.latest_args[4:] = [0.9, 30.0, 1.1, 200.0]
         assert wait_until(lambda: applied(SeatSampling(1.1, 0.9, 200, 30)))
         handler.latest_args[4] = 7.0  # out of range: a warning, the call keeps its settings
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         assert session.settings.sampling == (("temp", 1.1), ("temp_text", 0.9), ("top_k", 200), ("top_k_text", 30))
         assert not session.closed
     finally:

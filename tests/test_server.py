@@ -36,9 +36,9 @@ def test_page_and_health(live_server):
 
 def test_call_streams_back_at_real_time_pace_with_readouts(live_server, telugu_dialogue):
     _, audio = telugu_dialogue
-    call_id = uuid.uuid4().hex
-    result = asyncio.run(talk(live_server.ws_url, audio, websocket_id=call_id, tail_seconds=0.5))
+    result = asyncio.run(talk(live_server.ws_url, audio, tail_seconds=0.5))
     assert result.errors == []
+    call_id = result.call_id
     sent = result.sent_seconds
     assert result.received_seconds >= sent - 0.5, (result.received_seconds, sent)
     # continuous: audio arrived in every second of the call, not in a burst at the end
@@ -105,7 +105,9 @@ def test_client_vanishing_mid_call_frees_its_seat_and_spares_others(live_server,
 
     result = asyncio.run(scenario())
     assert result.errors == [] and result.received_seconds >= result.sent_seconds - 0.5
-    assert wait_for(lambda: engine.seats_in_use() == 0, timeout=10), "the vanished client's seat was not freed"
+    # its seat waits for it to resume the call, then is freed
+    resume_s = live_server.service.hub.resume_seconds
+    assert wait_for(lambda: engine.seats_in_use() == 0, timeout=resume_s + 10), "the vanished client's seat was not freed"
 
 
 def test_malformed_messages_are_answered_and_the_call_goes_on(live_server, telugu_speech):
@@ -138,9 +140,10 @@ def test_handler_takes_any_rate_layout_dtype_and_survives_garbage(live_server):
         (0, np.zeros(480, np.int16)),  # no rate: refused
         "garbage",  # not a (rate, samples) pair
     ]
-    try:
+
+    async def call():
         for chunk in chunks:
-            handler.receive(chunk)
+            await handler.receive(chunk)
         session = handler.session
         assert session is not None and not session.closed
         assert session.bad_chunks == 2
@@ -148,9 +151,13 @@ def test_handler_takes_any_rate_layout_dtype_and_survives_garbage(live_server):
         outputs = []
         deadline = time.monotonic() + 10
         while len(outputs) < 6 and time.monotonic() < deadline:
-            out = handler.emit()
+            out = await handler.emit()
             if out is not None:
                 outputs.append(out)
+        return outputs
+
+    try:
+        outputs = asyncio.run(call())
         assert len(outputs) >= 6
         for rate, pcm in outputs:
             assert rate == SAMPLE_RATE and pcm.dtype == np.int16 and pcm.shape == (1, 1920)
@@ -164,10 +171,10 @@ def test_page_inputs_reach_the_session(live_server, voice, emotion):
     handler = MoshiHandler(live_server.service.hub)
     handler.latest_args = ["__webrtc_value__", "some-webrtc-id", voice, emotion]
     try:
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         assert handler.session.settings.voice == voice and handler.session.settings.emotion == emotion
         handler.latest_args = ["__webrtc_value__", "some-webrtc-id", "kiran", emotion]
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         assert handler.session.settings.voice == "kiran"
     finally:
         handler.shutdown()
@@ -181,11 +188,11 @@ def test_a_call_whose_seat_the_engine_freed_is_ended_before_the_next_opens():
     service = make_service(max_sessions=1, idle_timeout_s=0.3)
     handler = MoshiHandler(service.hub)
     try:
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         first = handler.session
         assert first is not None and len(service.vad) == 1
         assert wait_for(lambda: first.closed, timeout=5), "the idle seat was not freed"
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         second = handler.session
         assert second is not first and not second.closed
         assert service.registry.live() == [second] and len(service.vad) == 1
@@ -200,11 +207,10 @@ def test_websocket_client_chooses_voice_and_sampling_in_its_url(live_server, tel
     from agent.sampling import SeatSampling
 
     _, speech = telugu_speech
-    call_id = uuid.uuid4().hex
     query = "?voice=kiran&emotion=happy&audio_temperature=0.3&text_topk=5"
-    result = asyncio.run(talk(live_server.ws_url + query, speech[:SAMPLE_RATE], websocket_id=call_id))
+    result = asyncio.run(talk(live_server.ws_url + query, speech[:SAMPLE_RATE]))
     assert result.received_seconds > 0.5 and not result.errors
-    session = live_server.service.registry.get(call_id)
+    session = live_server.service.registry.get(result.call_id)
     assert (session.settings.voice, session.settings.emotion) == ("kiran", "happy")
     assert session.figures().sampling == SeatSampling(temp=0.3, temp_text=0.7, top_k=250, top_k_text=5)
 

@@ -46,8 +46,10 @@ class SpeechTrack(MediaStreamTrack):
         return frame
 
 
-async def webrtc_call(base_url: str, audio: np.ndarray, seconds: float) -> tuple[float, float, list[str]]:
-    """Returns (seconds of audio received, seconds sent, data-channel messages)."""
+async def webrtc_call(base_url: str, audio: np.ndarray, seconds: float,
+                      page_component: int | None = None) -> tuple[float, float, list[str]]:
+    """Returns (seconds of audio received, seconds sent, data-channel messages). With
+    `page_component` (the page's call component id) the offer goes where the page sends it."""
     pc = RTCPeerConnection()
     channel = pc.createDataChannel("text")  # fastrtc expects a data channel before the offer
     messages: list[str] = []
@@ -70,9 +72,13 @@ async def webrtc_call(base_url: str, audio: np.ndarray, seconds: float) -> tuple
 
     await pc.setLocalDescription(await pc.createOffer())
     webrtc_id = uuid.uuid4().hex
+    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "webrtc_id": webrtc_id}
+    url = f"{base_url}/webrtc/offer"
+    if page_component is not None:  # what the page's WebRTC component posts (a Gradio server function)
+        url = f"{base_url}/gradio_api/component_server"
+        offer = {"data": offer, "component_id": page_component, "fn_name": "offer", "session_hash": webrtc_id}
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{base_url}/webrtc/offer", json={
-                "sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "webrtc_id": webrtc_id}) as resp:
+        async with http.post(url, json=offer) as resp:
             answer = await resp.json()
     assert "sdp" in answer, answer
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
