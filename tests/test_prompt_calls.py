@@ -183,14 +183,15 @@ def test_prompt_websocket_query_parameters_choose_the_persona(persona_server):
     query = urllib.parse.urlencode({"voice": "lakshmi", "text_prompt": PERSONA})
     url = f"ws://127.0.0.1:{server.url.rsplit(':', 1)[1]}/websocket/offer?{query}"
 
-    async def call() -> int:
+    async def call() -> tuple[int, str | None]:
+        """(media messages received, the call id the server gave)"""
         async with websockets.connect(url) as ws:
             await ws.send(json.dumps({"event": "start", "websocket_id": "persona-ws"}))
             audio = varied_audio(6, 4)
             for k in range(0, audio.size, 480):
                 await ws.send(json.dumps(encode_media(audio[k:k + 480])))
                 await asyncio.sleep(0.02)
-            got = 0
+            got, call_id = 0, None
             deadline = asyncio.get_running_loop().time() + 10
             while got < 3 and asyncio.get_running_loop().time() < deadline:
                 try:
@@ -198,10 +199,13 @@ def test_prompt_websocket_query_parameters_choose_the_persona(persona_server):
                 except asyncio.TimeoutError:
                     continue
                 got += msg.get("event") == "media"
-            return got
+                if msg.get("type") == "call":  # WebSocket call ids are the server's, told in this message
+                    call_id = msg["call_id"]
+            return got, call_id
 
-    assert asyncio.run(call()) >= 1
-    session = wait_for(lambda: service.registry.get("persona-ws"))
+    got, call_id = asyncio.run(call())
+    assert got >= 1 and call_id
+    session = wait_for(lambda: service.registry.get(call_id))
     assert session.seat.prompt == PromptSpec("NATF0", PERSONA)
 
 
@@ -221,12 +225,12 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
     handler = MoshiHandler(service.hub)
     handler.latest_args = ["__webrtc_value__", "page-call", "kiran", "neutral", 0.0, 1.0, 0.0, 1.0, PERSONA, ""]
     try:
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         session = handler.session
         assert wait_for(lambda: session.seat.prompt) == PromptSpec("NATM1", PERSONA)
         handler.latest_args[2], handler.latest_args[-2] = "lakshmi", "You are someone else now."
         handler.latest_args[4] = 0.5
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         assert session.settings.text_prompt == PERSONA and session.settings.voice == "kiran"
         assert dict(session.settings.sampling)["temp_text"] == 0.5
         assert session.seat.prompt == PromptSpec("NATM1", PERSONA) and not session.closed
@@ -235,7 +239,7 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
     handler = MoshiHandler(service.hub)  # the preset list chooses a voice prompt of its own
     handler.latest_args = ["__webrtc_value__", "page-call-2", "kiran", "neutral", 0.0, 1.0, 0.0, 1.0, "", "NATF1"]
     try:
-        handler.receive((24_000, np.zeros(1920, np.int16)))
+        asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         assert wait_for(lambda: handler.session.seat.prompt) == PromptSpec("NATF1", None)
     finally:
         handler.shutdown()
