@@ -15,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,20 @@ from agent.audio import resample
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def wait_until(condition, timeout: float = 5.0, message: str | None = None, *, every: float = 0.05):
+    """Poll `condition` until it gives something truthy or `timeout` passes; its last value. With a
+    `message`, a timeout fails the test with it. The one waiting helper of the tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() >= deadline:
+            break
+        time.sleep(every)
+    if not value and message is not None:
+        raise AssertionError(message)
+    return value
 
 
 def free_port() -> int:

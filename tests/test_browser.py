@@ -15,6 +15,7 @@ import soundfile as sf
 
 from agent import SAMPLE_RATE
 from agent.audio import resample
+from conftest import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.browser
@@ -22,13 +23,6 @@ pytestmark = pytest.mark.browser
 AUDIO_STATE_JS = """() => Array.from(document.querySelectorAll('audio, video')).filter(a => a.srcObject)
   .map(a => ({paused: a.paused, time: a.currentTime,
               live: a.srcObject.getAudioTracks().filter(t => t.readyState === 'live').length}))"""
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return predicate()
 
 
 def frames_in_out(readouts: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import websockets
 
 from agent import SAMPLE_RATE
 from agent.wsclient import talk
-from conftest import free_port
+from conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,8 @@ def test_metrics_change_with_real_calls(live_server, telugu_speech):
     b = before.text
     _, audio = telugu_speech
     asyncio.run(talk(live_server.ws_url, audio[:2 * SAMPLE_RATE], tail_seconds=0.3))
+    # a call ends on the hub's call-setup threads, and earlier calls may still be held for resuming
+    wait_until(lambda: service.engine.seats_in_use() == 0, 15, "the calls' seats were not freed")
     held = [service.engine.acquire(f"x{i}") for i in range(service.engine.num_seats)]
     asyncio.run(talk(live_server.ws_url, audio[:SAMPLE_RATE // 2], tail_seconds=0.2))  # refused
     in_use = metric(requests.get(url + "/metrics", timeout=5).text, "agent_seats_in_use")

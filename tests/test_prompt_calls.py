@@ -21,7 +21,7 @@ from agent.prompts import PromptSpec
 from agent.session import CallRefused
 from agent.voices import CatalogueError, load_catalogue
 from agent.wsclient import encode_media
-from conftest import free_port
+from conftest import free_port, wait_until
 from tiny_helpers import varied_audio
 
 PERSONA = "మీరు రవి, ఒక స్నేహపూర్వక ప్రయాణ సహాయకుడు."
@@ -80,16 +80,6 @@ def persona_server():
     service.close()
 
 
-def wait_for(condition, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_prompt_call_hub_starts_each_call_from_its_prompt(persona_server):
     service, _ = persona_server
     hub = service.hub
@@ -97,14 +87,14 @@ def test_prompt_call_hub_starts_each_call_from_its_prompt(persona_server):
     try:
         for frame in varied_audio(3, 1).reshape(-1, FRAME_SIZE):
             session.receive(SAMPLE_RATE, frame)
-        assert wait_for(lambda: session.seat.prompt) == PromptSpec("NATF1", PERSONA)
+        assert wait_until(lambda: session.seat.prompt, 30) == PromptSpec("NATF1", PERSONA)
     finally:
         hub.close(session, "done")
     sad = hub.open("sad-call", hub.catalogue.settings("ravi", "sad", text_prompt=PERSONA))
     try:
         for frame in varied_audio(2, 2).reshape(-1, FRAME_SIZE):
             sad.receive(SAMPLE_RATE, frame)
-        assert wait_for(lambda: sad.seat.prompt).text == f"{PERSONA} {hub.catalogue.emotion('sad').prompt}"
+        assert wait_until(lambda: sad.seat.prompt, 30).text == f"{PERSONA} {hub.catalogue.emotion('sad').prompt}"
     finally:
         hub.close(sad, "done")
     with pytest.raises(CallRefused, match="unknown voice prompt"):
@@ -205,7 +195,7 @@ def test_prompt_websocket_query_parameters_choose_the_persona(persona_server):
 
     got, call_id = asyncio.run(call())
     assert got >= 1 and call_id
-    session = wait_for(lambda: service.registry.get(call_id))
+    session = wait_until(lambda: service.registry.get(call_id), 30)
     assert session.seat.prompt == PromptSpec("NATF0", PERSONA)
 
 
@@ -227,7 +217,7 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
     try:
         asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         session = handler.session
-        assert wait_for(lambda: session.seat.prompt) == PromptSpec("NATM1", PERSONA)
+        assert wait_until(lambda: session.seat.prompt, 30) == PromptSpec("NATM1", PERSONA)
         handler.latest_args[2], handler.latest_args[-2] = "lakshmi", "You are someone else now."
         handler.latest_args[4] = 0.5
         asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
@@ -240,7 +230,7 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
     handler.latest_args = ["__webrtc_value__", "page-call-2", "kiran", "neutral", 0.0, 1.0, 0.0, 1.0, "", "NATF1"]
     try:
         asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
-        assert wait_for(lambda: handler.session.seat.prompt) == PromptSpec("NATF1", None)
+        assert wait_until(lambda: handler.session.seat.prompt, 30) == PromptSpec("NATF1", None)
     finally:
         handler.shutdown()
 

@@ -32,7 +32,7 @@ from agent.engine import FAILING_AFTER, FrameEngine
 from agent.session import CALL_SETUP_WORKERS
 from agent.vad import MAX_INBOX_CHUNKS, TurnLatencyTracker
 from agent.wsclient import encode_media, talk
-from conftest import LiveServer, tiny_model
+from conftest import LiveServer, tiny_model, wait_until
 from test_webrtc import webrtc_call
 from tiny_helpers import GREEDY, frames_of, varied_audio
 
@@ -45,13 +45,6 @@ def server():
     live = LiveServer(max_sessions=8, idle_timeout_s=IDLE_TIMEOUT_S)
     yield live
     live.close()
-
-
-def wait_until(condition, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
 
 
 def metric(server: LiveServer, name: str) -> float:

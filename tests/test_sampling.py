@@ -9,7 +9,7 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, wait_until
 from moshi.conditioners import ConditionAttributes
 from moshi.models.lm import LMGen
 from tiny_helpers import GREEDY, frames_of, varied_audio
@@ -192,15 +192,6 @@ def test_page_sliders_reach_the_seat(live_server):
         assert not session.closed
     finally:
         handler.shutdown()
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_api_chat_takes_kyutais_sampling_parameters(live_server):

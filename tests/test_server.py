@@ -16,15 +16,7 @@ from agent import SAMPLE_RATE
 from agent.handler import MoshiHandler
 from agent.ui import readouts
 from agent.wsclient import encode_media, talk
-
-
-def wait_for(predicate, timeout: float = 5.0, every: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return predicate()
+from conftest import wait_until
 
 
 def test_page_and_health(live_server):
@@ -60,7 +52,7 @@ def test_call_streams_back_at_real_time_pace_with_readouts(live_server, telugu_d
     transcript, table, plot, status = readouts(live_server.service, call_id)
     assert "Frame latency" in table and "Step" in table and " ms" in table
     assert set(plot["series"]) >= {"step"} and len(plot) > 10
-    assert wait_for(lambda: live_server.service.engine.seats_in_use() == 0), "seat not freed after stop"
+    assert wait_until(lambda: live_server.service.engine.seats_in_use() == 0), "seat not freed after stop"
     status = readouts(live_server.service, call_id)[3]
     assert "call ended" in status.lower() and "client left" in status and "Record" in status
 
@@ -107,7 +99,7 @@ def test_client_vanishing_mid_call_frees_its_seat_and_spares_others(live_server,
     assert result.errors == [] and result.received_seconds >= result.sent_seconds - 0.5
     # its seat waits for it to resume the call, then is freed
     resume_s = live_server.service.hub.resume_seconds
-    assert wait_for(lambda: engine.seats_in_use() == 0, timeout=resume_s + 10), "the vanished client's seat was not freed"
+    assert wait_until(lambda: engine.seats_in_use() == 0, timeout=resume_s + 10), "the vanished client's seat was not freed"
 
 
 def test_malformed_messages_are_answered_and_the_call_goes_on(live_server, telugu_speech):
@@ -163,7 +155,7 @@ def test_handler_takes_any_rate_layout_dtype_and_survives_garbage(live_server):
             assert rate == SAMPLE_RATE and pcm.dtype == np.int16 and pcm.shape == (1, 1920)
     finally:
         handler.shutdown()
-    assert wait_for(lambda: service.engine.seats_in_use() == 0)
+    assert wait_until(lambda: service.engine.seats_in_use() == 0)
 
 
 @pytest.mark.parametrize("voice, emotion", [("ravi", "sad")])
@@ -191,7 +183,7 @@ def test_a_call_whose_seat_the_engine_freed_is_ended_before_the_next_opens():
         asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         first = handler.session
         assert first is not None and len(service.vad) == 1
-        assert wait_for(lambda: first.closed, timeout=5), "the idle seat was not freed"
+        assert wait_until(lambda: first.closed, timeout=5), "the idle seat was not freed"
         asyncio.run(handler.receive((24_000, np.zeros(1920, np.int16))))
         second = handler.session
         assert second is not first and not second.closed
