@@ -12,7 +12,7 @@
 Stages 1-6 read the previous stage's manifest.jsonl, write their own (records in `records.py`),
 report.jsonl (one line per skipped item or note) and summary.json, resume where they stopped, and never
 stop on bad data. `W/align/train.jsonl` + `W/align/data/` is also a moshi-finetune dataset. Training
-checkpoints and resumes exactly (trainer.py); `torchrun` runs it on several processes. Export writes
+checkpoints and resumes exactly (trainer/); `torchrun` runs it on several processes. Export writes
 Kyutai's folder layout: `python app.py --model models/telugu`. See docs/training.md.
 """
 

@@ -59,7 +59,8 @@ def _common(parser: argparse.ArgumentParser, needs_input: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m agent.train", description=(
         "Telugu fine-tuning pipeline for Moshi: ingest, segment, dialogues, align, tokenizer, tokens, train, "
-        "export. Each stage reads the previous one's output folder and resumes where it stopped."))
+        "export; script and synth make synthetic dialogues (synth's folder goes straight to tokens). Each stage "
+        "reads the previous one's output folder and resumes where it stopped."))
     stages = parser.add_subparsers(dest="stage", required=True)
 
     p = stages.add_parser("ingest", help="audio folders/manifests/datasets -> 24 kHz normalised WAVs + manifest")
@@ -132,6 +133,37 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--device", help="cpu or cuda (default: cuda when present)")
     _flag(p, "--seed", type=int, help="the tiny model's weights seed (must match training and the app)")
 
+    p = stages.add_parser("script", help="synthetic dialogue scripts: agent voice, persona, turns with emotions "
+                                         "and full-duplex events (for synth)")
+    _common(p, needs_input=False)
+    _flag(p, "--sentences", type=Path, help="a Telugu sentence list, one per line: templates + sampling")
+    _flag(p, "--llm", help="an instruction model (Hub id or folder; needs transformers) writes the turns")
+    _flag(p, "--from", dest="source_jsonl", type=Path, metavar="JSONL", help="scripts a person wrote, one per line")
+    _flag(p, "--count", type=int, help="dialogues to make (default 100; --from: every line)")
+    _flag(p, "--seed", type=int, help="default 0")
+    _flag(p, "--licence", "--license", dest="licence", help="licence of the text (default: FILE.licence)")
+    _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="main turns per dialogue (default 4:10)")
+    _flag(p, "--max-chars", type=int, help="longest turn text (default 400)")
+    _flag(p, "--backchannel-prob", type=float, help="default 0.35")
+    _flag(p, "--interrupt-prob", type=float, help="default 0.12")
+    _flag(p, "--overlap-prob", type=float, help="default 0.12")
+    _flag(p, "--pause-prob", type=float, help="default 0.08")
+    _flag(p, "--emotion-policy", choices=["dialogue", "turn"], help="one agent emotion per dialogue (default) or per turn")
+    _flag(p, "--llm-device", help="cpu or cuda (default: cuda when present)")
+    _flag(p, "--workers", type=int, help="processes (default 1)")
+
+    p = stages.add_parser("synth", help="scripts -> stereo dialogues (LEFT agent) with exact word timings, "
+                                        "voice prompts and a dataset card; tokens reads its folder")
+    _common(p)
+    _flag(p, "--tts", help="espeak (default; offline, CPU), parler (Indic Parler-TTS; needs parler-tts), or module:Class")
+    _flag(p, "--seed", type=int, help="default 0")
+    _flag(p, "--workers", type=int, help="processes (default 1)")
+    _flag(p, "--user-noise-prob", type=float, help="chance of pink noise on the user channel (default 0)")
+    _flag(p, "--user-room-prob", type=float, help="chance of a synthetic room on the user channel (default 0)")
+    _flag(p, "--parler-model", help="default ai4bharat/indic-parler-tts")
+    _flag(p, "--batch-size", type=int, help="Parler-TTS turns per batch (default 8)")
+    _flag(p, "--device", help="cpu or cuda (Parler-TTS; default: cuda when present)")
+
     from agent.train.trainer import TrainConfig
     p = stages.add_parser("train", help="LoRA + text embeddings + speaker/emotion conditioners on the shards "
                                         "(torchrun for several processes)")
@@ -187,10 +219,14 @@ def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
             raise UsageError(f"--{'in' if key == 'inp' else key} is required")
         if values.get(key) is not None:
             values[key] = Path(values[key])
+    for key in ("sentences", "source_jsonl"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
     for key in ("manifests", "folders", "hf_datasets", "text_files"):
         if key in values:
             values[key] = [Path(v) for v in values[key]]
-    for key in ("gap_ms", "overlap_ms", "lead_in_s"):
+    for key in ("gap_ms", "overlap_ms", "lead_in_s", "pause_ms", "offset_ms", "offset_clip_ms", "same_speaker_gap_ms",
+                "lead_in_ms", "user_lufs", "noise_snr_db", "room_rt60_s"):
         if key in values:
             values[key] = tuple(values[key])
     return cls(**values)
@@ -220,6 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.stage == "tokens":
             from agent.train.tokens import TokensConfig, run_tokens
             summary = run_tokens(_config(TokensConfig, args, {}))
+        elif args.stage == "script":
+            from agent.train.script import ScriptConfig, run_script
+            turns = args.turns
+            extra = {"min_turns": int(turns[0]) if turns else None, "max_turns": int(turns[1]) if turns else None}
+            summary = run_script(_config(ScriptConfig, args, extra))
+        elif args.stage == "synth":
+            from agent.train.synth import SynthConfig, run_synth
+            summary = run_synth(_config(SynthConfig, args, {}))
         elif args.stage == "train":
             from agent.train.trainer import TrainConfig, run_train
             summary = run_train(_config(TrainConfig, args, {}))

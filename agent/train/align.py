@@ -31,10 +31,9 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from agent import SAMPLE_RATE
-from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_json, atomic_write_text,
-                                fingerprint, link_or_copy, progress, read_audio_checked, read_manifest,
-                                write_manifest)
-from agent.train.records import AGENT, USER, AlignedRecord, DialogueRecord, Span, Turn, Word, from_dict, to_dict
+from agent.train.common import (StageRun, Summary, UsageError, atomic_write_json, atomic_write_text,
+                                fingerprint, link_or_copy, progress, read_audio_checked)
+from agent.train.records import AGENT, USER, AlignedRecord, DialogueRecord, Span, Turn, Word, to_dict
 from agent.voices import EMOTION, SPEAKER
 
 MAIN_SPEAKER = "SPEAKER_MAIN"  # moshi-finetune's Interleaver main_speaker_label default
@@ -193,21 +192,14 @@ def align_dialogue(record: DialogueRecord, audio: np.ndarray, aligner: Aligner,
 
 
 def run_align(config: AlignConfig) -> Summary:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report("align", out, config.quiet)
-    dialogues = read_manifest(Path(config.inp), DialogueRecord, report)
+    run = StageRun("align", config.out, config.force, config.quiet)
+    out, report = run.out, run.report
+    dialogues = run.read(config.inp, DialogueRecord)
     aligner = load_aligner(config.aligner)
     in_dir = Path(config.inp).parent
-    markers = Markers(out, config.force)
-    records: list[AlignedRecord] = []
-    made = reused = 0
     for record in progress(dialogues, "align", quiet=config.quiet):
         signature = fingerprint(to_dict(record), config.settings())
-        payload = markers.load(record.id, signature, report)
-        if payload is not None:
-            records.append(from_dict(AlignedRecord, payload))
-            reused += 1
+        if run.reuse(record.id, signature, AlignedRecord):
             continue
         source = f"{record.road} dialogue {record.path}"
         try:
@@ -233,13 +225,10 @@ def run_align(config: AlignConfig) -> Summary:
             agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
             licences=record.licences, n_words=sum(1 for a in alignments if a[2] == MAIN_SPEAKER), methods=methods,
             text_conditions=conditions)
-        markers.save(record.id, signature, [wav, js], to_dict(aligned))
-        records.append(aligned)
-        made += 1
-    write_manifest(out / MANIFEST, records)
+        run.keep(record.id, signature, aligned, [wav, js])
     # moshi-finetune's dataset list: {"path", "duration"} per line, paths relative to this file's folder
     # (the layout of kyutai/DailyTalkContiguous); point its `train_data` at this file.
     import json
     atomic_write_text(out / TRAIN_LIST, "".join(json.dumps({"path": r.path, "duration": r.duration}) + "\n"
-                                                for r in records))
-    return report.finish(len(records), made, reused, sum(r.duration for r in records))
+                                                for r in run.records))
+    return run.finish()

@@ -211,6 +211,75 @@ class Markers:
                                             "notes": notes or []})
 
 
+class StageRun:
+    """The opening and closing every per-item stage shares: its output folder, report, resume markers,
+    the records it keeps and the made/reused counts; `finish` writes the manifest and the summary.
+
+        run = StageRun("align", config.out, config.force, config.quiet)
+        for item in ...:
+            if run.reuse(key, signature, AlignedRecord):   # complete from an earlier run: its records kept
+                continue
+            ...                                            # make it; run.report.skip(...) and continue on bad data
+            run.keep(key, signature, record, [files written])
+        return run.finish()
+
+    Notes reported between `reuse` (which returned False) and `keep` are stored with the item, so a resumed
+    run's report says what the first one said.
+    """
+
+    def __init__(self, stage: str, out: Path, force: bool = False, quiet: bool = False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.report = Report(stage, self.out, quiet)
+        self.markers = Markers(self.out, force)
+        self.records: list[Any] = []
+        self.made = self.reused = 0
+        self._mark = 0
+
+    def read(self, manifest: Path, cls: type[T]) -> list[T]:
+        """The previous stage's records (malformed lines reported and left out)."""
+        return read_manifest(Path(manifest), cls, self.report)
+
+    def reuse(self, key: str, signature: str, cls: type) -> bool:
+        """True (and the item's records kept) when an earlier run finished `key` with this signature."""
+        payload = self.markers.load(key, signature, self.report)
+        if payload is None:
+            self._mark = self.report.mark()
+            return False
+        self.records.extend(from_dict(cls, p) for p in (payload if isinstance(payload, list) else [payload]))
+        self.reused += 1
+        return True
+
+    def keep(self, key: str, signature: str, made: Any, outputs: Iterable[Path]) -> None:
+        """A finished item: one record or a list of them, and the files it wrote (marker written last)."""
+        payload = [to_dict(r) for r in made] if isinstance(made, list) else to_dict(made)
+        self.markers.save(key, signature, outputs, payload, self.report.notes_since(self._mark))
+        self.records.extend(made if isinstance(made, list) else [made])
+        self.made += 1
+
+    def finish(self) -> Summary:
+        write_manifest(self.out / MANIFEST, self.records)
+        return self.report.finish(len(self.records), self.made, self.reused,
+                                  sum(getattr(r, "duration", 0.0) for r in self.records))
+
+
+def parallel_map(fn: Any, jobs: list, workers: int) -> Iterator:
+    """fn over jobs, results in order: in this process (workers <= 1) or in `workers` spawned processes
+    (spawn, not fork: the parent may hold torch threads). fn and the jobs must pickle; an item's result
+    must not depend on which process made it, so any worker count gives the same output."""
+    if workers <= 1 or len(jobs) <= 1:
+        return map(fn, jobs)
+    import multiprocessing
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+
+    def results() -> Iterator:
+        try:
+            yield from pool.imap(fn, jobs)
+        finally:
+            pool.terminate()
+    return results()
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:
     return iter(tqdm(items, desc=desc, total=total, unit="item", disable=quiet, file=sys.stderr,
                      mininterval=0.5, dynamic_ncols=True))

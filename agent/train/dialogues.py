@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from agent import SAMPLE_RATE
-from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_wav, fingerprint,
-                                link_or_copy, progress, read_audio_checked, read_manifest, write_manifest)
+from agent.train.common import (Report, StageRun, Summary, UsageError, atomic_write_wav, fingerprint,
+                                link_or_copy, progress, read_audio_checked)
 from agent.train.records import (AGENT, CONVERSATION, ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE, USER,
-                                 UTTERANCE, DialogueRecord, SegmentRecord, Span, Turn, Word, from_dict, to_dict)
+                                 UTTERANCE, DialogueRecord, SegmentRecord, Span, Turn, Word, to_dict)
 from agent.voices import CatalogueError, load_catalogue
 
 ROADS = ("auto", ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE)
@@ -415,13 +415,11 @@ def _check_config(config: DialogueConfig, segments: list[SegmentRecord], report:
 
 
 def run_dialogues(config: DialogueConfig) -> Summary:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report("dialogues", out, config.quiet)
-    segments = read_manifest(Path(config.inp), SegmentRecord, report)
+    run = StageRun("dialogues", config.out, config.force, config.quiet)
+    out, report = run.out, run.report
+    segments = run.read(config.inp, SegmentRecord)
     _check_config(config, segments, report)
     in_dir = Path(config.inp).parent
-    markers = Markers(out, config.force)
     conversations = [s for s in segments if s.kind == CONVERSATION]
     utterances = [s for s in segments if s.kind == UTTERANCE]
     if config.road in (ROAD_ASSEMBLED, ROAD_MONOLOGUE) and conversations:
@@ -437,14 +435,9 @@ def run_dialogues(config: DialogueConfig) -> Summary:
     planner = plan_monologue if config.road == ROAD_MONOLOGUE else plan_assembled
     for plan in planner(utterances, config, report):
         jobs.append((plan.id, _plan_key(plan), plan))
-    records: list[DialogueRecord] = []
-    made = reused = 0
     for key, plan_key, job in progress(jobs, "dialogues", quiet=config.quiet):
         signature = fingerprint(plan_key, config.settings())
-        payload = markers.load(key, signature, report)
-        if payload is not None:
-            records.append(from_dict(DialogueRecord, payload))
-            reused += 1
+        if run.reuse(key, signature, DialogueRecord):
             continue
         source = job.source if isinstance(job, SegmentRecord) else f"{len(job.placements)} segments"
         try:
@@ -456,8 +449,5 @@ def run_dialogues(config: DialogueConfig) -> Summary:
         if not any(t.role == AGENT for t in record.turns):
             report.skip(key, source, "no agent speech in the dialogue")
             continue
-        markers.save(key, signature, [out / record.path], to_dict(record))
-        records.append(record)
-        made += 1
-    write_manifest(out / MANIFEST, records)
-    return report.finish(len(records), made, reused, sum(r.duration for r in records))
+        run.keep(key, signature, record, [out / record.path])
+    return run.finish()

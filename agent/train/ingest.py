@@ -29,10 +29,10 @@ import soundfile as sf
 
 from agent import SAMPLE_RATE
 from agent.audio import resample
-from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_wav, fingerprint,
-                                frame_rms_db, progress, safe_id, short_hash, write_manifest)
-from agent.train.records import (CONVERSATION, UTTERANCE, AudioRecord, RecordError, clean_text, from_dict,
-                                 parse_segments, parse_words, to_dict)
+from agent.train.common import (StageRun, Summary, UsageError, atomic_write_wav, fingerprint,
+                                frame_rms_db, progress, safe_id, short_hash)
+from agent.train.records import (CONVERSATION, UTTERANCE, AudioRecord, RecordError, clean_text, parse_segments,
+                                 parse_words)
 from agent.voices import load_catalogue
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}  # libsndfile reads these
@@ -437,14 +437,10 @@ def run_ingest(config: IngestConfig) -> Summary:
                          "(licence or permission) to train on it; nothing was downloaded")
     if not (config.manifests or config.folders or config.hf_datasets or config.urls):
         raise UsageError("nothing to ingest: give --manifest, --folder, --hf-dataset or --url")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report("ingest", out, config.quiet)
-    markers = Markers(out, config.force)
+    run = StageRun("ingest", config.out, config.force, config.quiet)
+    out, report = run.out, run.report
     emotions = [e.id for e in load_catalogue().emotions]
-    records: list[AudioRecord] = []
     seen: dict[str, str] = {}  # resolved audio -> the first item that used it
-    made = reused = 0
     for item in progress(list_items(config), "ingest", quiet=config.quiet):
         labels, reason = _check_item(item, config, emotions)
         item_id = f"{safe_id(item.name, 60)}-{short_hash(item.id_key or item.key, n=6)}"
@@ -455,20 +451,13 @@ def run_ingest(config: IngestConfig) -> Summary:
             continue
         seen[item.key] = item.source
         signature = fingerprint(item.key, item.stamp, {k: v for k, v in labels.items()}, config.audio_settings())
-        payload = markers.load(item_id, signature, report)
-        if payload is not None:
-            records.append(from_dict(AudioRecord, payload))
-            reused += 1
+        if run.reuse(item_id, signature, AudioRecord):
             continue
-        mark = report.mark()
         record, reason = _make_record(item, labels, item_id, config)
         if record is None:
             report.skip(item_id, item.source, reason or "unknown problem")
             continue
         if record.kind == CONVERSATION and record.user_speaker is None:
             report.note(item_id, item.source, "two-speaker recording without user_speaker: the user side is 'unknown'")
-        markers.save(item_id, signature, [out / record.path], to_dict(record), report.notes_since(mark))
-        records.append(record)
-        made += 1
-    write_manifest(out / MANIFEST, records)
-    return report.finish(len(records), made, reused, sum(r.duration for r in records))
+        run.keep(item_id, signature, record, [out / record.path])
+    return run.finish()

@@ -9,6 +9,8 @@ inside the file the record describes.
     dialogues  DialogueRecord  one stereo conversation (or monologue), LEFT = agent, RIGHT = user, with its Turns
     align      AlignedRecord   one dialogue ready for moshi-finetune (WAV + alignment JSON)
     tokens     TokenRecord     one dialogue as Mimi codes + the per-frame text stream (what training reads)
+    script     ScriptRecord    one synthetic dialogue's script: agent voice, persona, turns with events
+    synth      SynthRecord     an AlignedRecord (tokens reads it as align's) + the synthetic dialogue's labels
 """
 
 from __future__ import annotations
@@ -244,6 +246,58 @@ class TokenRecord:
     conditions: dict[str, str | None] = field(default_factory=dict)  # conditioner name -> value (speaker, emotion)
 
 
+TURN, BACKCHANNEL = "turn", "backchannel"
+
+
+@dataclass
+class ScriptTurn:
+    """One turn of a script. Timing is the synth stage's; the script says only what happens:
+    `interrupts`: starts while the other side's previous turn is still going, which stops there;
+    `overlap`: starts before the other side's previous turn ends, which finishes anyway;
+    `pause_ms`: a long silence before this turn (instead of a drawn gap);
+    kind "backchannel": a short acknowledgement on the listener's channel inside the other side's previous
+    turn (it does not take the floor)."""
+
+    speaker: str  # "agent" or "user"
+    text: str
+    emotion: str | None = None  # agent turns: a catalogue emotion id; user turns: None
+    kind: str = TURN
+    interrupts: bool = False
+    overlap: bool = False
+    pause_ms: int | None = None
+
+
+@dataclass
+class ScriptRecord:
+    """script/manifest.jsonl: one dialogue to synthesise."""
+
+    id: str
+    voice: str  # the agent's catalogue voice id
+    persona: str  # the agent's role/persona text (PersonaPlex-style text prompt)
+    turns: list[ScriptTurn]
+    licence: str  # of the text
+    source: str  # "sentences:FILE", "llm:HF_ID", "jsonl:FILE:LINE"
+    topic: str | None = None
+    prompt_text: str | None = None  # a sentence not in the dialogue, for the agent's voice-prompt clip
+    seed: int | None = None
+
+
+@dataclass
+class SynthRecord(AlignedRecord):
+    """synth/manifest.jsonl: an AlignedRecord (so `tokens` reads synth's folder as align's, with exact word
+    timings from the TTS engine instead of the approximate aligner) plus the synthetic dialogue's labels."""
+
+    persona: str = ""
+    user_voice: str = ""
+    voice_prompt: str = ""  # prompts/<id>.wav: the agent's voice on another sentence (mono, 24 kHz)
+    tts: str = ""  # backend and version
+    source: str = ""
+    seed: int | None = None
+    events: dict[str, int] = field(default_factory=dict)  # backchannels, interruptions, overlaps, pauses
+    turns: list[dict] = field(default_factory=list)  # role, kind, start, end, text, emotion, cut, words
+    acoustics: dict = field(default_factory=dict)  # what was done to the user channel: level, noise, room
+
+
 def to_dict(record: Any) -> dict:
     return asdict(record)
 
@@ -268,6 +322,11 @@ def from_dict(cls: type[T], data: dict) -> T:
                 kwargs[key] = _spans(kwargs[key])
         if cls is DialogueRecord:
             kwargs["turns"] = [from_dict(Turn, t) for t in kwargs.get("turns", [])]
+        if cls is ScriptRecord:
+            turns = kwargs.get("turns")
+            if not isinstance(turns, list):
+                raise RecordError("turns must be a list")
+            kwargs["turns"] = [from_dict(ScriptTurn, t) for t in turns]
         return cls(**kwargs)
     except RecordError:
         raise

@@ -24,9 +24,9 @@ import torch
 
 from agent import SAMPLE_RATE
 from agent.audio import resample
-from agent.train.common import (MANIFEST, Markers, Report, Summary, atomic_write_wav, fingerprint, link_or_copy,
-                                progress, read_audio_checked, read_manifest, write_manifest)
-from agent.train.records import (CONVERSATION, AudioRecord, SegmentRecord, Span, Word, from_dict, to_dict)
+from agent.train.common import (Report, StageRun, Summary, atomic_write_wav, fingerprint, link_or_copy,
+                                progress, read_audio_checked)
+from agent.train.records import (CONVERSATION, AudioRecord, SegmentRecord, Span, Word, to_dict)
 
 VAD_RATE = 16_000  # Silero's full-band rate; offline we can afford it (the live path uses 8 kHz)
 
@@ -188,33 +188,20 @@ def _segment_file(record: AudioRecord, in_dir: Path, config: SegmentConfig, vad:
 
 
 def run_segment(config: SegmentConfig) -> Summary:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report("segment", out, config.quiet)
-    inputs = read_manifest(Path(config.inp), AudioRecord, report)
+    run = StageRun("segment", config.out, config.force, config.quiet)
+    inputs = run.read(config.inp, AudioRecord)
     in_dir = Path(config.inp).parent
-    markers = Markers(out, config.force)
     vad: SileroRegions | None = None  # loaded only when something needs doing
-    records: list[SegmentRecord] = []
-    made = reused = 0
     for record in progress(inputs, "segment", quiet=config.quiet):
         source_file = in_dir / record.path
         stat = source_file.stat() if source_file.is_file() else None
         signature = fingerprint(to_dict(record), [stat.st_size, stat.st_mtime_ns] if stat else None, config.settings())
-        payload = markers.load(record.id, signature, report)
-        if payload is not None:
-            records.extend(from_dict(SegmentRecord, p) for p in payload)
-            reused += 1
+        if run.reuse(record.id, signature, SegmentRecord):
             continue
         if vad is None:
             vad = SileroRegions(config)
-        mark = report.mark()
-        segments = _segment_file(record, in_dir, config, vad, report)
+        segments = _segment_file(record, in_dir, config, vad, run.report)
         if segments is None:
             continue
-        markers.save(record.id, signature, [out / s.path for s in segments], [to_dict(s) for s in segments],
-                     report.notes_since(mark))
-        records.extend(segments)
-        made += 1
-    write_manifest(out / MANIFEST, records)
-    return report.finish(len(records), made, reused, sum(r.duration for r in records))
+        run.keep(record.id, signature, segments, [run.out / s.path for s in segments])
+    return run.finish()

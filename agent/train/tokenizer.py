@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from agent.train.align import MAIN_SPEAKER  # the only label whose words become the text stream
-from agent.train.common import (Markers, Report, Summary, UsageError, atomic_write_json, fingerprint,
+from agent.train.common import (Report, StageRun, Summary, UsageError, atomic_write_json, fingerprint,
                                 read_manifest)
 from agent.train.records import AlignedRecord, RecordError, Word, clean_text
 
@@ -252,15 +252,13 @@ def tokenizer_stats(sp: sentencepiece.SentencePieceProcessor, sentences: list[st
 
 def run_tokenizer(config: TokenizerConfig) -> Summary:
     _check(config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report("tokenizer", out, config.quiet)
+    run = StageRun("tokenizer", config.out, config.force, config.quiet)
+    out, report, markers = run.out, run.report, run.markers
     corpus = read_corpus(config, report)
     if not corpus.sentences:
         raise UsageError("no text to train the tokenizer on (every input was empty or skipped: see report.jsonl)")
     model_path, vocab_path = out / TOKENIZER_FILE, out / VOCAB_FILE
     signature = fingerprint(corpus.digest(), config.settings())
-    markers = Markers(out, config.force)
     reused = markers.load("tokenizer", signature) is not None
     if not reused:
         prefix = out / f".tokenizer.{os.getpid()}.tmp"

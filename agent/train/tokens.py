@@ -31,9 +31,9 @@ from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import ModelConfig
 from agent.models import TEXT_PADDING_ID, ModelLoadError, load_mimi, resolve_device, tiny_tokenizer_path
 from agent.train.align import MAIN_SPEAKER
-from agent.train.common import (MANIFEST, Markers, Report, Summary, UsageError, atomic_write_json, fingerprint,
-                                progress, read_audio_checked, read_manifest, write_manifest)
-from agent.train.records import AlignedRecord, TokenRecord, from_dict, to_dict
+from agent.train.common import (Report, StageRun, Summary, UsageError, atomic_write_json, fingerprint,
+                                progress, read_audio_checked)
+from agent.train.records import AlignedRecord, TokenRecord, to_dict
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 Hz
@@ -110,10 +110,9 @@ def encode_record(record: AlignedRecord, in_dir: Path, mimi, tokenizer: sentence
 
 
 def run_tokens(config: TokensConfig) -> Summary:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report("tokens", out, config.quiet)
-    aligned = read_manifest(Path(config.inp), AlignedRecord, report)
+    run = StageRun("tokens", config.out, config.force, config.quiet)
+    out, report = run.out, run.report
+    aligned = run.read(config.inp, AlignedRecord)
     in_dir = Path(config.inp).parent
     tokenizer_path = Path(config.tokenizer) if config.tokenizer else None
     if tokenizer_path is None:
@@ -136,17 +135,10 @@ def run_tokens(config: TokensConfig) -> Summary:
             "text_vocab": tokenizer.vocab_size(), "num_codebooks": int(mimi.num_codebooks),
             "frame_rate": FRAME_RATE, "text_padding": TEXT_PADDING, "end_of_padding": END_OF_PADDING}
     settings = {k: v for k, v in info.items() if k != "tokenizer"}
-    markers = Markers(out, config.force)
-    records: list[TokenRecord] = []
-    made = reused = 0
     for record in progress(aligned, "tokens", quiet=config.quiet):
         signature = fingerprint(to_dict(record), settings)
-        payload = markers.load(record.id, signature, report)
-        if payload is not None:
-            records.append(from_dict(TokenRecord, payload))
-            reused += 1
+        if run.reuse(record.id, signature, TokenRecord):
             continue
-        mark = report.mark()
         try:
             codes, stream, n_words, n_tokens = encode_record(record, in_dir, mimi, tokenizer, device)
         except ValueError as exc:
@@ -165,9 +157,6 @@ def run_tokens(config: TokensConfig) -> Summary:
             agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
             licences=record.licences, n_words=n_words, n_text_tokens=n_tokens,
             conditions=_conditions(record, known, report))
-        markers.save(record.id, signature, [shard], to_dict(result), report.notes_since(mark))
-        records.append(result)
-        made += 1
-    write_manifest(out / MANIFEST, records)
+        run.keep(record.id, signature, result, [shard])
     atomic_write_json(out / INFO, info)
-    return report.finish(len(records), made, reused, sum(r.duration for r in records))
+    return run.finish()

@@ -1,0 +1,37 @@
+"""Stage 7, train: LoRA fine-tuning of Moshi on the token shards (stage 6) -> <out>/checkpoints/step-N/.
+
+What trains (everything else stays the base model's weights):
+- moshi's own LoRA (`moshi.modules.lora.replace_all_linear_with_lora`, every Linear, as Kyutai's loader
+  rebuilds it from config.json's "lora"/"lora_rank"/"lora_scaling"); A Kaiming-uniform, B zero, so step 0
+  is exactly the base model;
+- the text vocabulary layers (`text_emb`, `depformer_text_emb`, `text_linear`) when `train_text_embeddings`:
+  a new Telugu tokenizer (stage 5) resizes them first (agent.train.tokenizer.resize_text_vocab);
+- the speaker/emotion LUT conditioners (assets/catalogue.json), added to a base without them with a zero
+  output projection (again: step 0 is the base model), fed through `ConditionAttributes` and
+  `condition_provider.prepare_and_provide`, the path the engine uses at inference.
+
+Loss: moshi-finetune's: cross-entropy on the text stream (padding and end-of-padding weighted by
+`text_padding_weight`) plus on the agent's 8 codebooks (the first, semantic one weighted by
+`first_codebook_weight_multiplier`); the user's codebooks are input only.
+
+Runs are exact to resume: the data order is a pure function of (data_seed, step), and a checkpoint holds
+the trainable weights, the optimizer and scheduler state and the RNG state; a killed run restarted with
+the same command continues from its last checkpoint and ends where an uninterrupted run ends.
+Several processes: `torchrun --nproc_per_node N -m agent.train train ...` (DDP; gloo on CPU, NCCL on
+GPUs; `fsdp: true` shards the 7B across GPUs instead). Logs: <out>/metrics.csv, and TensorBoard event
+files when the `tensorboard` package is installed.
+"""
+
+from agent.train.trainer.checkpoints import (CHECKPOINTS, STATE_FILE, TRAINABLE_FILE, checkpoint_dirs,
+                                             latest_checkpoint, load_trainable)
+from agent.train.trainer.config import TrainConfig
+from agent.train.trainer.loop import RUN_FILE, TrainResult, run_train
+from agent.train.trainer.loss import LossModule, masked_cross_entropy
+from agent.train.trainer.metrics import METRICS_FILE
+from agent.train.trainer.model import LORA_KEYS, TrainModel, build_train_model, is_trainable, trainable_state
+from agent.train.trainer.windows import Windows, split_records
+
+__all__ = ["CHECKPOINTS", "LORA_KEYS", "METRICS_FILE", "RUN_FILE", "STATE_FILE", "TRAINABLE_FILE", "LossModule",
+           "TrainConfig", "TrainModel", "TrainResult", "Windows", "build_train_model", "checkpoint_dirs",
+           "is_trainable", "latest_checkpoint", "load_trainable", "masked_cross_entropy", "run_train",
+           "split_records", "trainable_state"]

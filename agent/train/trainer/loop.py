@@ -1,0 +1,221 @@
+"""The training loop: build the model, read the shards, resume from the last checkpoint, step, evaluate,
+checkpoint (see the package docstring for what trains and how runs resume)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from agent.models import ModelLoadError, resolve_dtype
+from agent.train.common import Report, UsageError, atomic_write_json, read_manifest
+from agent.train.records import TokenRecord
+from agent.train.tokens import INFO as TOKENS_INFO
+from agent.train.tokens import file_digest
+from agent.train.trainer.checkpoints import (CHECKPOINTS, STATE_FILE, latest_checkpoint, load_trainable,
+                                             optimizer_state, save_checkpoint)
+from agent.train.trainer.config import TrainConfig
+from agent.train.trainer.distributed import Dist, fsdp_shard, init_distributed
+from agent.train.trainer.loss import LossModule
+from agent.train.trainer.metrics import Console, MetricsLog
+from agent.train.trainer.model import TrainModel, build_train_model, trainable_state
+from agent.train.trainer.windows import Windows, split_records
+
+RUN_FILE = "run.json"
+
+
+def _check_tokens(config: TrainConfig, model: TrainModel) -> dict:
+    info_path = Path(config.inp).parent / TOKENS_INFO
+    if not info_path.is_file():
+        raise UsageError(f"{info_path} is missing: run the tokens stage first")
+    info = json.loads(info_path.read_text())
+    if info["tokenizer_sha"] != file_digest(model.tokenizer_path):
+        raise UsageError(f"the shards were made with tokenizer {info['tokenizer']}, this run uses "
+                         f"{model.tokenizer_path}: pass the same --tokenizer to both stages")
+    if info["num_codebooks"] < model.lm.dep_q:
+        raise UsageError(f"shards hold {info['num_codebooks']} codebooks per side, the model needs {model.lm.dep_q}")
+    if info["model"] != config.model and not Path(config.model).is_dir():
+        model.notes.append(f"the shards were encoded with {info['model']}'s Mimi, training {config.model}")
+    return info
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    checkpoint: Path | None
+    last_loss: float | None
+    eval_loss: float | None
+    notes: list[str]
+
+    def line(self) -> str:
+        loss = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
+        ev = "-" if self.eval_loss is None else f"{self.eval_loss:.4f}"
+        return f"train: step {self.step}, loss {loss}, eval loss {ev}, checkpoint {self.checkpoint} -> {self.out}"
+
+
+def run_train(config: TrainConfig) -> TrainResult:
+    group, device = init_distributed(config.device)
+    try:
+        return _run(config, group, device)
+    finally:
+        if group.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
+    out = Path(config.out)
+    if config.batch_size % group.world:
+        raise UsageError(f"batch_size {config.batch_size} must be a multiple of the {group.world} processes")
+    if group.main:
+        if config.force:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+            (out / RUN_FILE).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    group.barrier()
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if previous.get("fingerprint") != config.fingerprint():
+            raise UsageError(f"{out} holds a run with other settings ({previous.get('config')}); "
+                             "use another --out, or --force to start over")
+    try:
+        dtype = resolve_dtype(config.dtype, device)
+    except ModelLoadError as exc:
+        raise UsageError(str(exc)) from exc
+    torch.manual_seed(config.data_seed)
+    model = build_train_model(config, device, dtype)
+    info = _check_tokens(config, model)
+    report = Console(config.quiet or not group.main)
+    for note in model.notes:
+        report.say(f"note: {note}")
+    manifest_report = Report("train", out, quiet=config.quiet or not group.main)
+    records = read_manifest(Path(config.inp), TokenRecord, manifest_report)
+    frames = max(1, int(round(config.duration_sec * info["frame_rate"])))
+    if frames > model.lm.context:
+        raise UsageError(f"duration_sec {config.duration_sec} is {frames} frames, beyond the model's context "
+                         f"of {model.lm.context}")
+    train_records, eval_records = split_records(records, config.eval_fraction)
+    if not train_records:
+        raise UsageError(f"{config.inp} has no token shards to train on")
+    root = Path(config.inp).parent
+    train_data = Windows(train_records, root, frames, config.data_seed, model.lm.zero_token_id)
+    eval_data = Windows(eval_records, root, frames, config.data_seed, model.lm.zero_token_id) if eval_records else None
+    if group.main:
+        atomic_write_json(run_file, {"fingerprint": config.fingerprint(), "config": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+            "lm_config": model.lm_config, "tokenizer": str(model.tokenizer_path), "base": config.model,
+            "mimi_config": model.base.mimi_config, "train_dialogues": len(train_records),
+            "eval_dialogues": len(eval_records), "windows": len(train_data),
+            "trainable_params": sum(p.numel() for p in model.lm.parameters() if p.requires_grad),
+            "licences": sorted({lic for r in records for lic in r.licences}), "notes": model.notes})
+
+    step, state = 0, None
+    resume = latest_checkpoint(out)
+    if resume is not None:  # weights go in before sharding; optimizer state after the optimizer exists
+        load_trainable(model.lm, resume)
+        state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
+    module = LossModule(model.lm, config)
+    wrapped: torch.nn.Module = module
+    sharded = group.world > 1 and config.fsdp
+    if sharded:
+        fsdp_shard(module, device, group.world, dtype)
+    elif group.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.max_steps,
+                                                    pct_start=config.pct_start)
+    if state is not None:
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(module, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = int(state["step"])
+        report.say(f"resuming from {resume} (step {step})")
+    log = MetricsLog(out, group.main, step)
+    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
+                else nullcontext())
+    per_rank = config.batch_size // group.world
+    last_loss = eval_loss = None
+    checkpoint = resume
+    started, frames_done = time.monotonic(), 0
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", file=sys.stderr,
+               disable=report.quiet, dynamic_ncols=True, mininterval=0.5)
+    while step < config.max_steps:
+        ks = list(range(step * config.batch_size + group.rank * per_rank,
+                        step * config.batch_size + (group.rank + 1) * per_rank))
+        codes, conditions = train_data.batch(ks)
+        codes = codes.to(device)
+        with autocast:
+            losses = wrapped(codes, conditions)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_norm)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        frames_done += codes.shape[0] * codes.shape[-1]
+        values = {k: v.detach() for k, v in losses.items()}
+        if group.world > 1:
+            for v in values.values():
+                dist.all_reduce(v)
+                v /= group.world
+        last_loss = float(values["loss"])
+        if step % config.log_every == 0 or step == config.max_steps or step == 1:
+            elapsed = time.monotonic() - started
+            log.write({"step": step, "split": "train", "loss": f"{last_loss:.6f}",
+                       "text_loss": f"{float(values['text_loss']):.6f}",
+                       "audio_loss": f"{float(values['audio_loss']):.6f}", "lr": f"{lr:.3e}",
+                       "grad_norm": f"{float(grad_norm):.4f}",
+                       "frames_per_s": f"{frames_done * group.world / max(elapsed, 1e-9):.1f}",
+                       "seconds": f"{elapsed:.1f}"})
+            report.say(f"step {step}/{config.max_steps} loss {last_loss:.4f} (text {float(values['text_loss']):.4f}, "
+                       f"audio {float(values['audio_loss']):.4f}) lr {lr:.2e}")
+        if eval_data is not None and (step % config.eval_every == 0 or step == config.max_steps):
+            eval_loss = evaluate(wrapped, eval_data, config, per_rank, group, device, autocast)
+            log.write({"step": step, "split": "eval", "loss": f"{eval_loss:.6f}"})
+            report.say(f"step {step} eval loss {eval_loss:.4f}")
+        if step % config.checkpoint_every == 0 or step == config.max_steps or step == config.stop_after:
+            # Every process takes part in gathering sharded tensors; the main one writes.
+            weights, optim_state = trainable_state(model.lm), optimizer_state(module, optimizer, sharded)
+            if group.main:
+                checkpoint = save_checkpoint(out, step, weights, optim_state, scheduler, config.keep_checkpoints)
+            group.barrier()
+        if config.stop_after is not None and step >= config.stop_after:
+            break
+    bar.close()
+    return TrainResult(out, step, checkpoint, last_loss, eval_loss, model.notes)
+
+
+def evaluate(wrapped: torch.nn.Module, data: Windows, config: TrainConfig, per_rank: int, group: Dist,
+             device: torch.device, autocast) -> float:
+    """Mean loss over the first eval_batches batches of held-out windows (the same ones every time)."""
+    total = torch.zeros(2, device=device)
+    n = min(len(data), config.eval_batches * config.batch_size)
+    with torch.no_grad(), autocast:
+        for first in range(0, n, config.batch_size):
+            ks = [k for k in range(first + group.rank * per_rank, first + (group.rank + 1) * per_rank) if k < n]
+            if ks:
+                codes, conditions = data.batch(ks)
+                total[0] += wrapped(codes.to(device), conditions)["loss"].float() * len(ks)
+                total[1] += len(ks)
+    if group.world > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1].clamp_min(1))
+
