@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 DEFAULT_GPU_MODEL = "kyutai/moshiko-pytorch-bf16"
 TINY_MODEL = "tiny"
 RANDOM_7B_MODEL = "moshi-7b-random"
+TELUGU_TINY_MODEL = "telugu-tiny"  # the toy trained here on synthetic espeak-ng speech (agent.train.telugu_tiny)
 MAX_TEMP = 2.0  # sampling temperatures above this make Moshi's output noise; a caller asking more is told so
 
 

@@ -5,7 +5,9 @@
 - a local folder with the same files (config.json, safetensors, sentencepiece model);
 - `tiny`: a small Moshi and Mimi with random, seeded weights, built from the `moshi` package's own
   classes so the real streaming code runs on a CPU (the voice is noise: nothing is trained);
-- `moshi-7b-random`: the full 7B architecture and full Mimi with random weights, for benchmarks.
+- `moshi-7b-random`: the full 7B architecture and full Mimi with random weights, for benchmarks;
+- `telugu-tiny`: the toy trained on this CPU on synthetic espeak-ng Telugu dialogues
+  (`python -m agent.train telugu-tiny`), shipped in assets/models/telugu-tiny/.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
-from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TINY_MODEL, ModelConfig
+from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TELUGU_TINY_MODEL, TINY_MODEL, ModelConfig
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_CORPUS = ASSETS / "telugu_sentences.txt"
 TEXT_PADDING_ID = 3  # Moshi's "no word" token; 0 is its end-of-padding marker
+TELUGU_TINY_DIR = ASSETS / "models" / TELUGU_TINY_MODEL
+TELUGU_TINY_NOTE = ("a toy trained on this project's CPU on synthetic espeak-ng Telugu dialogues, not a Telugu Moshi: "
+                    "a robotic voice, a few dozen sentences, no understanding. It exists to prove that the training "
+                    "pipeline teaches full-duplex behaviour (silent while you speak, answering when you stop) and "
+                    "to give the CPU demo a voice that speaks.")
 
 
 class ModelLoadError(RuntimeError):
@@ -57,11 +64,13 @@ class LoadedModel:
     lm_config: dict = field(default_factory=dict)  # LMModel kwargs as config.json holds them
     mimi_config: dict | None = None  # None: Kyutai's default Mimi
     tokenizer_path: Path | None = None
+    toy_note: str | None = None  # set for toy models trained here: what the page must say about them
 
     @property
     def description(self) -> str:
         params = sum(p.numel() for p in self.lm.parameters())
-        kind = "RANDOM WEIGHTS (not a trained speech model: the voice is noise)" if self.random_weights else "trained"
+        kind = "RANDOM WEIGHTS (not a trained speech model: the voice is noise)" if self.random_weights else \
+            "TOY trained on synthetic espeak-ng speech" if self.toy_note else "trained"
         return f"{self.name} · {params / 1e6:.1f} M LM params · {self.device.type} {str(self.dtype).removeprefix('torch.')} · {kind}"
 
     @property
@@ -323,11 +332,20 @@ def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> 
         return _tiny_mimi(device, seed), tiny_mimi_config()
     if name == RANDOM_7B_MODEL:
         return build_random_7b(device, torch.float32, seed).mimi, None
+    if name == TELUGU_TINY_MODEL:
+        name = str(_telugu_tiny_dir())
     info = checkpoint_info(name)
     try:
         return info.get_mimi(device=device), info.mimi_config
     except (RuntimeError, KeyError, OSError, ValueError) as exc:
         raise ModelLoadError(f"{name}: cannot load its Mimi codec: {str(exc)[:600]}") from exc
+
+
+def _telugu_tiny_dir() -> Path:
+    if not (TELUGU_TINY_DIR / "config.json").is_file():
+        raise ModelLoadError(f"--model {TELUGU_TINY_MODEL}: no trained weights in {TELUGU_TINY_DIR}. Train them on a "
+                             "CPU (about an hour): python -m agent.train telugu-tiny --work /tmp/telugu-tiny")
+    return TELUGU_TINY_DIR
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -339,6 +357,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model = build_tiny(device, dtype, config.seed, config.context)
     elif name == RANDOM_7B_MODEL:
         model = build_random_7b(device, dtype, config.seed, config.context)
+    elif name == TELUGU_TINY_MODEL:
+        model = load_checkpoint(str(_telugu_tiny_dir()), device, dtype, config.context)
+        model.name, model.toy_note = TELUGU_TINY_MODEL, TELUGU_TINY_NOTE
     else:
         model = load_checkpoint(name, device, dtype, config.context)
     if model.random_weights:
