@@ -123,6 +123,20 @@ def spectral_loss(out: torch.Tensor, ref: torch.Tensor, scales: tuple[int, ...] 
 # Training
 # ---------------------------------------------------------------------------------------------
 
+def autoencode(mimi: MimiModel, x: torch.Tensor, quantize_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MimiModel.forward's path (encoder, transformer, 12.5 Hz, quantizer, back, decoder), with the
+    quantized latent used for a random `quantize_rate` share of the batch and the continuous latent
+    for the rest, as Mimi was trained: the decoder learns from clean latents while the codebooks
+    catch up. Returns (decoded audio cut to the input's length, commitment penalty)."""
+    (emb,) = mimi.encoder_transformer(mimi.encoder(x))
+    emb = mimi.downsample(emb)
+    q = mimi.quantizer(emb, mimi.frame_rate)
+    use_q = (torch.rand(x.shape[0], 1, 1) < quantize_rate).to(emb.dtype)
+    emb = use_q * q.x + (1 - use_q) * emb
+    (emb,) = mimi.decoder_transformer(mimi.upsample(emb))
+    return mimi.decoder(emb)[..., :x.shape[-1]], q.penalty
+
+
 @dataclass
 class CodecConfig:
     audio: list[Path]  # WAVs (mono or stereo; every channel is a signal)
@@ -136,6 +150,7 @@ class CodecConfig:
     waveform_weight: float = 1.0
     spectral_weight: float = 1.0
     commit_weight: float = 1.0
+    quantize_rate: float = 0.5  # share of crops that go through the quantizer (Mimi's paper: 0.5)
     save_every: int = 100  # steps between snapshots of the codec in `out` (usable while training goes on)
     seed: int = 0
     quiet: bool = False
@@ -160,16 +175,16 @@ def train_codec(config: CodecConfig) -> MimiModel:
     smooth: dict[str, float] = {}
     for step in bar:
         ref = speech_crops(signals, config.batch_size, config.crop_frames * FRAME, rng)
-        result = mimi(ref)
-        wave = F.l1_loss(result.x, ref)
-        spec = spectral_loss(result.x, ref)
-        loss = config.waveform_weight * wave + config.spectral_weight * spec + config.commit_weight * result.penalty
+        decoded, penalty = autoencode(mimi, ref, config.quantize_rate)
+        wave = F.l1_loss(decoded, ref)
+        spec = spectral_loss(decoded, ref)
+        loss = config.waveform_weight * wave + config.spectral_weight * spec + config.commit_weight * penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        now = {"loss": loss.item(), "wave": wave.item(), "spec": spec.item(), "commit": result.penalty.item()}
+        now = {"loss": loss.item(), "wave": wave.item(), "spec": spec.item(), "commit": penalty.item()}
         smooth = {k: now[k] if step == 0 else 0.95 * smooth[k] + 0.05 * now[k] for k in now}  # batches are noisy
         row = {"step": step + 1, **{k: round(v, 5) for k, v in smooth.items()},
                "elapsed_s": round(time.monotonic() - started, 1)}

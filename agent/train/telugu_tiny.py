@@ -135,7 +135,7 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
     step(1, "sentences")
     train_sentences, held = split_sentences(w)
     step(2, "script")
-    stage(["script", "--sentences", str(train_sentences), "--out", str(w / "script"), "--count", str(config.dialogues * 2),
+    stage(["script", "--sentences", str(train_sentences), "--out", str(w / "script"), "--count", str(config.dialogues * 3),
            "--seed", str(config.seed), "--turns", "2:6", "--backchannel-prob", "0", "--interrupt-prob", "0",
            "--overlap-prob", "0", "--pause-prob", "0", *q])
     scripts = user_first(w / "script", config.dialogues)
