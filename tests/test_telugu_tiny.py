@@ -107,3 +107,25 @@ def test_telugu_tiny_shipped_weights_take_turns(tmp_path):
     assert eval_main(["run", str(folders["turn_taking"]), "--model", "telugu-tiny", "--threads", "1"]) == 0
     figures = score(folders["turn_taking"], "turn-taking").summary()
     assert figures["tor"] >= 0.6 and figures["latency_s"] < 1.0, figures
+
+
+def test_telugu_tiny_loudness_timing_sees_an_agent_that_waits_then_answers(tmp_path):
+    """Constructed outputs with known timing: quiet while the user speaks, loud 0.4 s after the turn
+    ends (the answerer); the same level throughout (the noise of an untrained model)."""
+    from agent.eval.evalset import make_set
+    folders = make_set(tmp_path / "set", per_task=2)
+    rate = 16_000
+    for i, sample in enumerate(sorted(folders["turn_taking"].iterdir())):
+        n = sf.info(str(sample / "input.wav")).frames
+        end = json.loads((sample / "turn_taking.json").read_text())[0]["timestamp"][0]
+        out = np.full(n, 0.001, np.float32)
+        out[int((end + 0.4) * rate):] = 0.1
+        sf.write(str(sample / "output.wav"), out, rate)
+    answered = telugu_tiny.loudness_timing(folders["turn_taking"])
+    assert answered["loud_within_3s"] == 2 and answered["mean_onset_s"] == pytest.approx(0.4, abs=0.09)
+    assert answered["after_over_during"] > 20
+    for sample in sorted(folders["turn_taking"].iterdir()):
+        n = sf.info(str(sample / "input.wav")).frames
+        sf.write(str(sample / "output.wav"), np.full(n, 0.05, np.float32), rate)
+    noise = telugu_tiny.loudness_timing(folders["turn_taking"])
+    assert noise["loud_within_3s"] == 0 and noise["after_over_during"] == pytest.approx(1.0, abs=0.01)

@@ -111,6 +111,34 @@ def stage(argv: list[str]) -> None:
         raise UsageError(f"stage failed: python -m agent.train {' '.join(argv)}")
 
 
+def loudness_timing(folder: Path, frame_s: float = 0.08, after_s: float = 3.0) -> dict:
+    """A codec-independent look at turn-taking: the agent's output level (RMS) while the user speaks and
+    in the `after_s` seconds after the user's turn ends, and when it first gets loud (an 80 ms frame
+    above 4x the level it kept while the user spoke, and above -46 dBFS). Not a benchmark figure: it
+    shows whether the LM stays quiet and then answers even where the codec's voice is too poor for
+    Silero to call it speech."""
+    import soundfile as sf
+    from agent.eval.layout import find_samples
+    during, after, onsets = [], [], []
+    for sample in find_samples(folder):
+        out, rate = sf.read(str(sample.folder / "output.wav"), dtype="float32")
+        start = json.loads((sample.folder / "transcription.json").read_text(encoding="utf-8"))[0]["timestamp"][0]
+        end = json.loads((sample.folder / "turn_taking.json").read_text(encoding="utf-8"))[0]["timestamp"][0]
+        hop = int(frame_s * rate)
+        user_part, answer = out[int(start * rate):int(end * rate)], out[int(end * rate):int((end + after_s) * rate)]
+        level = float(np.sqrt(np.mean(user_part ** 2))) if user_part.size else 0.0
+        during.append(level)
+        after.append(float(np.sqrt(np.mean(answer ** 2))) if answer.size else 0.0)
+        frames = np.sqrt(np.mean(answer[:answer.size // hop * hop].reshape(-1, hop) ** 2, axis=1))
+        loud = np.flatnonzero(frames > max(4 * level, 0.005))
+        onsets.append(float(loud[0] * frame_s) if loud.size else None)
+    found = [o for o in onsets if o is not None]
+    return {"n": len(during), "rms_during_user": round(float(np.mean(during)), 5),
+            "rms_after_turn_end": round(float(np.mean(after)), 5),
+            "after_over_during": round(float(np.mean(after) / max(np.mean(during), 1e-9)), 2),
+            "loud_within_3s": len(found), "mean_onset_s": round(float(np.mean(found)), 3) if found else None}
+
+
 def evaluate(model: str, set_dir: Path, out_dir: Path, seed: int) -> dict:
     """Turn-taking TOR and latency of `model` on a copy of the set (run writes beside the inputs)."""
     from agent.eval.__main__ import main as eval_main
@@ -120,7 +148,7 @@ def evaluate(model: str, set_dir: Path, out_dir: Path, seed: int) -> dict:
     shutil.copytree(set_dir, out_dir)
     if eval_main(["run", str(out_dir), "--model", model, "--seats", "8", "--threads", "1", "--seed", str(seed)]) != 0:
         raise UsageError(f"agent.eval run failed on {model}")
-    return score(out_dir, "turn-taking").summary()
+    return score(out_dir, "turn-taking").summary() | {"loudness": loudness_timing(out_dir)}
 
 
 def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
