@@ -20,6 +20,9 @@ from agent.models import TELUGU_TINY_DIR, ModelLoadError, load_model
 from agent.train import codec as codec_mod
 from agent.train import telugu_tiny
 
+shipped = pytest.mark.skipif(not (TELUGU_TINY_DIR / "config.json").is_file(),
+                             reason="no shipped telugu-tiny weights: train them with python -m agent.train telugu-tiny")
+
 
 @pytest.fixture(scope="module")
 def speech_wavs(tmp_path_factory) -> list[Path]:
@@ -96,8 +99,7 @@ def test_telugu_tiny_loads_a_folder_as_the_toy(trained_codec, tmp_path, monkeypa
         assert torch.equal(value, trained[key]), key  # the trained codec, not the random one
 
 
-@pytest.mark.skipif(not (TELUGU_TINY_DIR / "config.json").is_file(),
-                    reason="no shipped telugu-tiny weights: train them with python -m agent.train telugu-tiny")
+@shipped
 def test_telugu_tiny_shipped_weights_take_turns(tmp_path):
     """The issue's bar on a short set the model never trained on: TOR >= 0.6, latency < 1 s."""
     from agent.eval.__main__ import main as eval_main
@@ -129,3 +131,44 @@ def test_telugu_tiny_loudness_timing_sees_an_agent_that_waits_then_answers(tmp_p
         sf.write(str(sample / "output.wav"), np.full(n, 0.05, np.float32), rate)
     noise = telugu_tiny.loudness_timing(folders["turn_taking"])
     assert noise["loud_within_3s"] == 0 and noise["after_over_during"] == pytest.approx(1.0, abs=0.01)
+
+
+
+@shipped
+def test_telugu_tiny_live_call_answers_in_speech_with_voice_to_voice_latency(tmp_path):
+    """The real app on 127.0.0.1 serving the shipped toy: a caller asks a question it never trained on,
+    then stays silent; Silero hears the agent answer and the page's readouts show the turn's latency."""
+    import asyncio
+    import uuid
+
+    import requests
+
+    from agent.config import EngineConfig, ServerConfig
+    from agent.server import BackgroundServer, build_app, build_stream
+    from agent.service import build_service
+    from agent.ui import build_demo, readouts
+    from agent.wsclient import talk
+    from conftest import free_port
+
+    torch.set_num_threads(1)
+    service = build_service(ModelConfig(model="telugu-tiny", device="cpu"), EngineConfig(max_sessions=1),
+                            ServerConfig(), warm_up=False)
+    port = free_port()
+    server = BackgroundServer(build_app(service, build_demo(service), build_stream(service)), "127.0.0.1", port).start()
+    try:
+        page = requests.get(server.url + "/", timeout=10).text
+        assert "espeak-ng" in page and "toy" in page  # the page says what it is
+        question = speak("నాకు ఒక మంచి పుస్తకం చెప్పగలరా?", "te+m3", 24_000)
+        call_id = uuid.uuid4().hex
+        audio = np.concatenate([np.zeros(12_000, np.float32), question])
+        result = asyncio.run(talk(f"ws://127.0.0.1:{port}/websocket/offer", audio, websocket_id=call_id,
+                                  tail_seconds=4.0))
+        assert result.errors == []
+        session = service.registry.get(call_id)
+        answered = [t for t in session.latency.turns if t.latency_ms is not None]
+        assert answered, session.latency.turns  # Silero heard the agent's answer after the turn
+        table = readouts(service, call_id)[1]
+        assert "Voice-to-voice" in table and f"{answered[0].latency_ms:.0f}" in table, table
+    finally:
+        server.stop()
+        service.close()

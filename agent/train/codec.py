@@ -141,8 +141,8 @@ def autoencode(mimi: MimiModel, x: torch.Tensor, quantize_rate: float) -> tuple[
 class CodecConfig:
     audio: list[Path]  # WAVs (mono or stereo; every channel is a signal)
     out: Path
-    steps: int = 1500
-    batch_size: int = 8
+    steps: int = 4000
+    batch_size: int = 4
     crop_frames: int = 12  # 0.96 s crops
     lr: float = 2e-3
     seanet_filters: int = 8
@@ -151,7 +151,7 @@ class CodecConfig:
     spectral_weight: float = 1.0
     commit_weight: float = 1.0
     quantize_rate: float = 0.5  # share of crops that go through the quantizer (Mimi's paper: 0.5)
-    save_every: int = 100  # steps between snapshots of the codec in `out` (usable while training goes on)
+    save_every: int = 250  # steps between snapshots of the codec in `out` (usable while training goes on)
     seed: int = 0
     quiet: bool = False
     history: list[dict] = field(default_factory=list)

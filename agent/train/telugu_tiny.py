@@ -51,9 +51,9 @@ CODEC_VOICES = (("lakshmi", "female"), ("sravani", "female"), ("ravi", "male"), 
 class TeluguTinyConfig:
     work: Path  # everything intermediate (datasets, runs); a few hundred MB
     out: Path = DEFAULT_OUT  # the shipped model folder
-    dialogues: int = 240  # user-first dialogues to synthesise
-    codec_steps: int = 1500
-    lm_steps: int = 1500
+    dialogues: int = 100  # user-first dialogues to synthesise
+    codec_steps: int = 4000
+    lm_steps: int = 800
     lm_config: Path = TRAIN_CONFIG
     eval_samples: int = 12  # turn-taking samples in the final evaluation
     threads: int = 1  # torch threads: on a shared 2-core machine 1 is fastest
