@@ -36,10 +36,10 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _active(channel: np.ndarray, hop: int = 480) -> np.ndarray:
+def _active(channel: np.ndarray, hop: int = 480, floor_db: float = -50) -> np.ndarray:
     """Per 20 ms: True where the channel carries sound (silence between turns is digital zero)."""
     n = channel.size // hop
-    return np.sqrt(np.mean(channel[:n * hop].reshape(n, hop) ** 2, axis=1)) > 10 ** (-50 / 20)
+    return np.sqrt(np.mean(channel[:n * hop].reshape(n, hop) ** 2, axis=1)) > 10 ** (floor_db / 20)
 
 
 def _frames(start: float, end: float) -> slice:
@@ -97,6 +97,12 @@ def test_script_synth_chain_gives_labelled_stereo_dialogues_the_app_loads(made, 
     assert card["dialogues"] == 20 and card["hours"] > 0.05 and set(card["agent_voices"]) == VOICES
     assert set(card["agent_turns_per_emotion"]) == EMOTIONS and card["user_voices"] >= 8
     assert card["generator"]["tts"]["name"] == "espeak-ng" and card["generator"]["script_seeds"] == [7]
+    # Measured on the audio: each emotion's settings change pitch, rate and level the way they should.
+    effects = card["emotion_effects"]
+    assert effects["neutral"] == {"f0_ratio": 1.0, "rate_ratio": 1.0, "level_db": 0.0}
+    assert effects["surprised"]["f0_ratio"] > effects["happy"]["f0_ratio"] > 1.05 > 0.95 > effects["sad"]["f0_ratio"]
+    assert effects["sad"]["rate_ratio"] < 0.9 < 1.05 < effects["angry"]["rate_ratio"]
+    assert effects["sad"]["level_db"] < -1 and effects["angry"]["level_db"] > 1
     assert "MIT" in (b / "README.md").read_text()
 
     # tokens reads synth's folder as align's; a tiny training run; export; the app's loader loads it.
@@ -150,10 +156,12 @@ def test_script_from_jsonl_skips_bad_lines_with_reasons(tmp_path):
     assert [k["id"] for k in kept] == ["jsonl-000001"] and kept[0]["turns"][3]["interrupts"] is True
     reasons = [r["reason"] for r in _jsonl(tmp_path / "A/report.jsonl")]
     assert len(reasons) == 1 + len(bad)
-    for expected in ("not JSON", "empty text", "too long (401", "unknown voice 'robot'", "unknown emotion 'bored'",
+    for expected in ("not JSON", "empty text (turn 1)", "too long (turn 1: 401", "unknown voice 'robot'", "unknown emotion 'bored'",
                      "speaker must be", "by both the agent and the user", "must follow the other side",
                      "no licence"):
         assert any(expected in r for r in reasons), (expected, reasons)
+    kinds = json.loads((tmp_path / "A/summary.json").read_text())["reasons"]  # skips grouped by problem
+    assert kinds["empty text"] == kinds["text too long"] == kinds["not JSON"] == 1
 
 
 def test_script_is_deterministic_by_seed_and_worker_count(tmp_path):
@@ -190,7 +198,7 @@ def test_synth_tts_failure_skips_that_dialogue_and_flags_share_alike(tmp_path):
     report = _jsonl(tmp_path / "B/report.jsonl")
     skipped = [r for r in report if r["action"] == "skipped"]
     assert [(r["item"], r["reason"]) for r in skipped] == [
-        ("broken", "tts failed on turn 1 (user): engine crashed (injected)")]
+        ("broken", "tts failed (turn 1, user): engine crashed (injected)")]
     assert any(r["item"] == "shared" and "share-alike" in r["reason"] for r in report)
     card = json.loads((tmp_path / "B/card.json").read_text())
     assert card["share_alike"] == ["CC-BY-SA-4.0 (OpenSLR SLR66)"] and card["skipped"] == 1
@@ -211,7 +219,8 @@ def test_synth_user_noise_and_room_touch_only_the_user_channel(made, tmp_path):
         clean, _ = sf.read(made / "B" / record["path"], dtype="float32")
         noisy, _ = sf.read(tmp_path / "noisy" / record["path"], dtype="float32")
         assert np.array_equal(clean[:, 0], noisy[:, 0])  # the agent's channel is untouched
-        assert _active(noisy[:, 1]).all() and not _active(clean[:, 1]).all()  # noise fills the user's pauses
+        # noise (15-35 dB under the speech) fills the user's pauses, which are digital silence without it
+        assert _active(noisy[:, 1], floor_db=-100).all() and not _active(clean[:, 1], floor_db=-100).all()
         assert set(record["acoustics"]) == {"room_rt60_s", "noise_snr_db", "user_lufs"}
 
 

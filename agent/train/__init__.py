@@ -8,6 +8,8 @@
     python -m agent.train tokens    --in W/align/manifest.jsonl     --out W/tokens --tokenizer W/tokenizer/tokenizer.model
     python -m agent.train train     --in W/tokens/manifest.jsonl    --out W/run --tokenizer ... --config assets/train/X.json
     python -m agent.train export    --in W/run                      --out models/telugu [--fused]
+    python -m agent.train script    --sentences FILE | --llm HF_ID | --from JSONL --count N --seed S --out W/script
+    python -m agent.train synth     --in W/script --tts espeak|parler --out W/synth   (then tokens --in W/synth/...)
 
 Stages 1-6 read the previous stage's manifest.jsonl, write their own (records in `records.py`),
 report.jsonl (one line per skipped item or note) and summary.json, resume where they stopped, and never

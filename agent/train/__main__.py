@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--pause-prob", type=float, help="default 0.08")
     _flag(p, "--emotion-policy", choices=["dialogue", "turn"], help="one agent emotion per dialogue (default) or per turn")
     _flag(p, "--llm-device", help="cpu or cuda (default: cuda when present)")
-    _flag(p, "--workers", type=int, help="processes (default 1)")
+    _flag(p, "--workers", type=int, help="processes (default 1; with --llm each loads the model)")
 
     p = stages.add_parser("synth", help="scripts -> stereo dialogues (LEFT agent) with exact word timings, "
                                         "voice prompts and a dataset card; tokens reads its folder")

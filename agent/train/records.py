@@ -292,9 +292,9 @@ class SynthRecord(AlignedRecord):
     voice_prompt: str = ""  # prompts/<id>.wav: the agent's voice on another sentence (mono, 24 kHz)
     tts: str = ""  # backend and version
     source: str = ""
-    seed: int | None = None
-    events: dict[str, int] = field(default_factory=dict)  # backchannels, interruptions, overlaps, pauses
-    turns: list[dict] = field(default_factory=list)  # role, kind, start, end, text, emotion, cut, words
+    seed: int | None = None  # the script's (synth's own seed is in the dataset card)
+    events: dict[str, float] = field(default_factory=dict)  # backchannels, interruptions, overlaps, pauses, seconds
+    turns: list[dict] = field(default_factory=list)  # role, kind, start, end, text, emotion, voice, interrupted, words
     acoustics: dict = field(default_factory=dict)  # what was done to the user channel: level, noise, room
 
 

@@ -89,33 +89,33 @@ def validate(script: ScriptRecord, catalogue: Catalogue, max_chars: int) -> Scri
         raise RecordError("no licence")
     turns: list[ScriptTurn] = []
     for n, turn in enumerate(script.turns, 1):
-        where = f"turn {n}"
+        where = f"turn {n}"  # said after the problem, so the report groups skips by problem
         if turn.speaker not in (AGENT, USER):
-            raise RecordError(f"{where}: speaker must be 'agent' or 'user', got {turn.speaker!r}")
+            raise RecordError(f"speaker must be 'agent' or 'user', got {turn.speaker!r} ({where})")
         if turn.kind not in (TURN, BACKCHANNEL):
-            raise RecordError(f"{where}: kind must be 'turn' or 'backchannel', got {turn.kind!r}")
+            raise RecordError(f"kind must be 'turn' or 'backchannel', got {turn.kind!r} ({where})")
         text = clean_text(turn.text) if isinstance(turn.text, str) else None
         if not text or not has_letters(text):
-            raise RecordError(f"{where}: empty text")
+            raise RecordError(f"empty text ({where})")
         if len(text) > max_chars:
-            raise RecordError(f"{where}: text too long ({len(text)} characters, at most {max_chars})")
+            raise RecordError(f"text too long ({where}: {len(text)} characters, at most {max_chars})")
         if turn.speaker == AGENT and turn.emotion not in emotions:
-            raise RecordError(f"{where}: unknown emotion {turn.emotion!r} (catalogue: {sorted(emotions)})")
+            raise RecordError(f"unknown emotion {turn.emotion!r} ({where}; catalogue: {sorted(emotions)})")
         if turn.speaker == USER and turn.emotion is not None:
-            raise RecordError(f"{where}: a user turn carries no emotion label")
+            raise RecordError(f"a user turn carries no emotion label ({where})")
         mains = [t for t in turns if t.kind == TURN]
         if turn.kind == BACKCHANNEL:
             if len(text.split()) > BACKCHANNEL_MAX_WORDS:
-                raise RecordError(f"{where}: a backchannel has at most {BACKCHANNEL_MAX_WORDS} words")
+                raise RecordError(f"a backchannel has at most {BACKCHANNEL_MAX_WORDS} words ({where})")
             if not mains or mains[-1].speaker == turn.speaker:
-                raise RecordError(f"{where}: a backchannel must follow the other side's turn")
+                raise RecordError(f"a backchannel must follow the other side's turn ({where})")
         if turn.interrupts or turn.overlap:
             if turn.interrupts and turn.overlap:
-                raise RecordError(f"{where}: either interrupts or overlap, not both")
+                raise RecordError(f"either interrupts or overlap, not both ({where})")
             if turn.kind != TURN or not mains or mains[-1].speaker == turn.speaker:
-                raise RecordError(f"{where}: only a turn that follows the other side's turn can cut in")
+                raise RecordError(f"only a turn that follows the other side's turn can cut in ({where})")
         if turn.pause_ms is not None and not (isinstance(turn.pause_ms, int) and 0 <= turn.pause_ms <= 10_000):
-            raise RecordError(f"{where}: pause_ms must be an integer in 0..10000")
+            raise RecordError(f"pause_ms must be an integer in 0..10000 ({where})")
         turns.append(ScriptTurn(turn.speaker, text, turn.emotion, turn.kind, bool(turn.interrupts),
                                 bool(turn.overlap), turn.pause_ms))
     mains = [t for t in turns if t.kind == TURN]
@@ -339,16 +339,30 @@ def _licence(config: ScriptConfig, path: Path | None) -> str | None:
     return None
 
 
-def _make_sentence(job: tuple) -> tuple[str, Any]:
-    """Worker: one dialogue from sentences -> ("ok", record dict) or ("skip", reason)."""
+_WRITERS: dict[tuple, LLMWriter] = {}
+
+
+def _writer(config: ScriptConfig) -> LLMWriter:
+    """One instruction model per process, loaded when the first dialogue needs it."""
+    key = (config.llm, config.llm_device, config.llm_max_new_tokens)
+    if key not in _WRITERS:
+        _WRITERS[key] = LLMWriter(*key)
+    return _WRITERS[key]
+
+
+def _make(job: tuple) -> tuple[str, Any]:
+    """Worker: dialogue i from the sentences (or, with none, the LLM) -> ("ok", record dict), ("skip", reason)
+    or ("fatal", why the run cannot go on)."""
     i, config, sentences, licence = job
     catalogue, scenes = load_catalogue(), load_scenes()
     try:
-        script = validate(sentence_script(i, config, catalogue, scenes, sentences, licence), catalogue,
-                          config.max_chars)
+        script = (sentence_script(i, config, catalogue, scenes, sentences, licence) if sentences is not None
+                  else llm_script(i, config, catalogue, scenes, _writer(config), licence))
+        return "ok", to_dict(validate(script, catalogue, config.max_chars))
     except RecordError as exc:
         return "skip", str(exc)
-    return "ok", to_dict(script)
+    except UsageError as exc:
+        return "fatal", str(exc)
 
 
 def run_script(config: ScriptConfig) -> Summary:
@@ -359,7 +373,7 @@ def run_script(config: ScriptConfig) -> Summary:
         raise UsageError("--turns MIN:MAX needs 1 <= MIN <= MAX")
     if config.emotion_policy not in ("dialogue", "turn"):
         raise UsageError("--emotion-policy is 'dialogue' or 'turn'")
-    catalogue, scenes = load_catalogue(), load_scenes()
+    catalogue = load_catalogue()
     run = StageRun("script", config.out, config.force, config.quiet)
     settings = config.settings()
     if config.source_jsonl:
@@ -382,33 +396,18 @@ def run_script(config: ScriptConfig) -> Summary:
         raise UsageError("the text has no licence: pass --licence (e.g. 'CC-BY-4.0') or put it in "
                          f"{path or 'FILE'}.licence; sources without a licence are refused")
     count = 100 if config.count is None else config.count
-    if config.sentences:
-        sentences = read_sentences(path)
-        digest = fingerprint(sentences)
-        jobs = [(f"dialogue-{i:06d}", fingerprint(digest, licence, settings, i), i) for i in range(count)]
-        todo = [(key, sig, i) for key, sig, i in jobs if not run.reuse(key, sig, ScriptRecord)]
-        made = parallel_map(_make_sentence, [(i, config, sentences, licence) for _, _, i in todo], config.workers)
-        for (key, sig, i), (status, value) in progress(zip(todo, made), "script", total=len(todo),
-                                                        quiet=config.quiet):
-            if status == "skip":
-                run.report.skip(key, str(path), value)
-            else:
-                run.keep(key, sig, from_dict(ScriptRecord, value), [])
-        run.records.sort(key=lambda r: r.id)
-        return run.finish()
-
-    writer: LLMWriter | None = None  # loaded only when a dialogue needs writing
-    for i in progress(range(count), "script", quiet=config.quiet):
-        key = f"dialogue-{i:06d}"
-        signature = fingerprint(config.llm, licence, settings, i)
-        if run.reuse(key, signature, ScriptRecord):
-            continue
-        writer = writer or LLMWriter(config.llm, config.llm_device, config.llm_max_new_tokens)
-        try:
-            script = validate(llm_script(i, config, catalogue, scenes, writer, licence), catalogue, config.max_chars)
-        except RecordError as exc:
-            run.report.skip(key, f"llm:{config.llm}", str(exc))
-            continue
-        run.keep(key, signature, script, [])
+    sentences = read_sentences(path) if config.sentences else None
+    source_key = fingerprint(sentences) if sentences else config.llm
+    jobs = [(f"dialogue-{i:06d}", fingerprint(source_key, licence, settings, i), i) for i in range(count)]
+    todo = [(key, sig, i) for key, sig, i in jobs if not run.reuse(key, sig, ScriptRecord)]
+    made = parallel_map(_make, [(i, config, sentences, licence) for _, _, i in todo], config.workers)
+    source = str(path) if sentences else f"llm:{config.llm}"
+    for (key, sig, _), (status, value) in progress(zip(todo, made), "script", total=len(todo), quiet=config.quiet):
+        if status == "fatal":
+            raise UsageError(value)
+        if status == "skip":
+            run.report.skip(key, source, value)
+        else:
+            run.keep(key, sig, from_dict(ScriptRecord, value), [])
+    run.records.sort(key=lambda r: r.id)
     return run.finish()
-

@@ -43,11 +43,11 @@ from agent import SAMPLE_RATE
 from agent.train.align import MAIN_SPEAKER, OTHER_SPEAKER
 from agent.train.common import (PIPELINE_VERSION, StageRun, Summary, UsageError, atomic_write_json,
                                 atomic_write_text, atomic_write_wav, fingerprint, parallel_map, progress)
-from agent.train.records import (AGENT, BACKCHANNEL, RecordError, ScriptRecord, SynthRecord, Word, from_dict,
+from agent.train.records import (AGENT, BACKCHANNEL, USER, RecordError, ScriptRecord, SynthRecord, Word, from_dict,
                                  to_dict)
 from agent.train.script import validate
 from agent.train.tts import Backend, Speech, Style, TTSError, load_backend
-from agent.voices import EMOTION, SPEAKER, load_catalogue
+from agent.voices import EMOTION, GENDERS, SPEAKER, load_catalogue
 
 CARD, CARD_JSON, PROMPTS, GENERATOR = "README.md", "card.json", "prompts", "generator.json"
 SHARE_ALIKE = ("-SA", "SHARE-ALIKE", "SHAREALIKE", "BY-SA", "GPL")  # licences whose derivatives keep them
@@ -119,9 +119,10 @@ class Placed:
 
 
 def place(script: ScriptRecord, speech: list[Speech], config: SynthConfig, rng: random.Random) -> list[Placed]:
+    """Each turn's start in the dialogue (and the cut of an interrupted turn), per the module docstring."""
     placed: list[Placed] = []
     floor: Placed | None = None  # the last main turn
-    channel_end = {AGENT: 0.0, "user": 0.0}
+    channel_end = {AGENT: 0.0, USER: 0.0}
     for n, (turn, clip) in enumerate(zip(script.turns, speech)):
         item = Placed(n, turn.speaker, turn.kind, 0.0, clip)
         if turn.kind == BACKCHANNEL and floor is not None:
@@ -196,7 +197,7 @@ def mix(placed: list[Placed], config: SynthConfig, rng: np.random.Generator) -> 
     """(stereo float32 [T, 2], what was done to the user channel)."""
     duration = max(p.end for p in placed) + config.tail_ms / 1000
     n = int(math.ceil(duration * SAMPLE_RATE))
-    channels = {AGENT: np.zeros(n), "user": np.zeros(n)}
+    channels = {AGENT: np.zeros(n), USER: np.zeros(n)}
     fade = int(0.02 * SAMPLE_RATE)
     for p in placed:
         clip = p.speech.audio[:int(round(p.length * SAMPLE_RATE))].astype(np.float64)
@@ -204,7 +205,7 @@ def mix(placed: list[Placed], config: SynthConfig, rng: np.random.Generator) -> 
             clip[-fade:] *= np.linspace(1, 0, fade)
         at = int(round(p.start * SAMPLE_RATE))
         channels[p.role][at:at + clip.size] += clip[:n - at]
-    user, acoustics = channels["user"], {}
+    user, acoustics = channels[USER], {}
     if rng.random() < config.user_room_prob:
         acoustics["room_rt60_s"] = round(float(rng.uniform(*config.room_rt60_s)), 3)
         user = room(user, acoustics["room_rt60_s"], rng)
@@ -218,9 +219,10 @@ def mix(placed: list[Placed], config: SynthConfig, rng: np.random.Generator) -> 
     return stereo.astype(np.float32), acoustics
 
 
-def f0_median(x: np.ndarray, fmin: float = 70.0, fmax: float = 400.0) -> float | None:
-    """Median pitch (Hz) of the voiced 40 ms frames, by autocorrelation; None when nothing is voiced."""
-    frame, hop = int(0.04 * SAMPLE_RATE), int(0.02 * SAMPLE_RATE)
+def f0_median(x: np.ndarray, fmin: float = 60.0, fmax: float = 400.0) -> float | None:
+    """Median pitch (Hz) of the clearly voiced 60 ms frames by autocorrelation (unbiased; of the peaks within
+    15 % of the best, the shortest lag, against octave errors); None when nothing is voiced."""
+    frame, hop = int(0.06 * SAMPLE_RATE), int(0.02 * SAMPLE_RATE)
     lo, hi = int(SAMPLE_RATE / fmax), int(SAMPLE_RATE / fmin)
     level = np.sqrt(np.mean(x ** 2)) if x.size else 0.0
     values = []
@@ -228,10 +230,13 @@ def f0_median(x: np.ndarray, fmin: float = 70.0, fmax: float = 400.0) -> float |
         f = x[start:start + frame] - np.mean(x[start:start + frame])
         if np.sqrt(np.mean(f ** 2)) < level:
             continue  # quieter than the clip's average: not clearly voiced
-        ac = np.correlate(f, f, "full")[frame - 1:]
-        lag = lo + int(np.argmax(ac[lo:hi]))
-        if ac[lag] > 0.3 * ac[0]:
-            values.append(SAMPLE_RATE / lag)
+        ac = np.correlate(f, f, "full")[frame - 1:] / (frame - np.arange(frame))
+        seg = ac[lo:hi]
+        if seg.max() <= 0.3 * ac[0]:
+            continue
+        peaks = np.flatnonzero((seg[1:-1] >= seg[:-2]) & (seg[1:-1] >= seg[2:]) & (seg[1:-1] >= 0.85 * seg.max()))
+        lag = lo + (int(peaks[0]) + 1 if peaks.size else int(np.argmax(seg)))
+        values.append(SAMPLE_RATE / lag)
     return round(float(np.median(values)), 1) if values else None
 
 
@@ -249,8 +254,40 @@ def backend_for(config: SynthConfig) -> Backend:
     return _BACKEND[config.tts]
 
 
+def labels(script: ScriptRecord, placed: list[Placed], agent: str, user: str) -> tuple[list, list[dict]]:
+    """(moshi-finetune alignments sorted by start, per-turn label rows) of the placed turns."""
+    alignments, rows = [], []
+    for p in placed:
+        turn, words = script.turns[p.index], p.words()
+        alignments.extend([w.text, [w.start, w.end], MAIN_SPEAKER if p.role == AGENT else OTHER_SPEAKER]
+                          for w in words)
+        row = {"role": p.role, "kind": p.kind, "start": round(p.start, 4), "end": round(p.end, 4), "text": turn.text,
+               "emotion": turn.emotion, "voice": agent if p.role == AGENT else user,
+               "interrupted": p.cut is not None, "words": [[w.text, w.start, w.end] for w in words]}
+        if p.role == AGENT:  # acoustic figures per label, for the card
+            clip = p.speech.audio[:int(p.length * SAMPLE_RATE)]
+            row["rms_db"] = round(20 * math.log10(max(float(np.sqrt(np.mean(clip ** 2))), 1e-9)), 2)
+            row["words_per_s"] = round(len(words) / max(p.length, 1e-3), 3)
+            row["f0_hz"] = f0_median(clip)
+        rows.append(row)
+    return sorted(alignments, key=lambda a: a[1][0]), rows
+
+
+def count_events(script: ScriptRecord, placed: list[Placed]) -> dict[str, float]:
+    events: Counter = Counter()
+    for turn in script.turns:
+        events["backchannels"] += turn.kind == BACKCHANNEL
+        events["interruptions"] += bool(turn.interrupts)
+        events["overlaps"] += bool(turn.overlap)
+        events["pauses"] += turn.pause_ms is not None
+    both = [(a, b) for a in placed for b in placed if a.role == AGENT and b.role != AGENT]
+    events["overlapping_seconds"] = round(sum(max(0.0, min(a.end, b.end) - max(a.start, b.start)) for a, b in both), 3)
+    return dict(events)
+
+
 def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
-    """("ok", SynthRecord dict) with its files written, or ("skip", reason)."""
+    """("ok", {"record": SynthRecord dict, "generator": about}) with its files written, ("skip", reason), or
+    ("fatal", why no dialogue can be made)."""
     script_dict, config = job
     script = from_dict(ScriptRecord, script_dict)
     out = Path(config.out)
@@ -258,12 +295,11 @@ def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
         backend = backend_for(config)
     except TTSError as exc:
         return "fatal", str(exc)
-    catalogue = load_catalogue()
-    voice = catalogue.voice(script.voice)
+    voice = load_catalogue().voice(script.voice)
     rng = random.Random(f"synth/{config.seed}/{script.id}")
     np_rng = np.random.default_rng(int(fingerprint("synth", config.seed, script.id)[:12], 16))
-    user = rng.choice([s for s in backend.user_styles() if s.gender == rng.choice(["female", "male"])]
-                      or backend.user_styles())
+    gender = rng.choice(GENDERS)
+    user = rng.choice([s for s in backend.user_styles() if s.gender == gender] or backend.user_styles())
     styles = [Style(voice.id, voice.gender, t.emotion or "neutral") if t.speaker == AGENT else user
               for t in script.turns]
     prompt_text = script.prompt_text or f"నమస్కారం, నేను {voice.name_te} మాట్లాడుతున్నాను."
@@ -271,53 +307,30 @@ def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
     rendered = backend.synthesize(items)
     for n, (turn, result) in enumerate(zip(script.turns, rendered), 1):
         if isinstance(result, TTSError):
-            return "skip", f"tts failed on turn {n} ({turn.speaker}): {result}"
+            return "skip", f"tts failed (turn {n}, {turn.speaker}): {result}"
     if isinstance(rendered[-1], TTSError):
-        return "skip", f"tts failed on the voice prompt: {rendered[-1]}"
+        return "skip", f"tts failed (the voice prompt): {rendered[-1]}"
     speech: list[Speech] = rendered[:-1]  # type: ignore[assignment]
     placed = place(script, speech, config, rng)
     stereo, acoustics = mix(placed, config, np_rng)
-    wav, js, prompt = out / "data" / f"{script.id}.wav", out / "data" / f"{script.id}.json", \
-        out / PROMPTS / f"{script.id}.wav"
-    atomic_write_wav(wav, stereo, SAMPLE_RATE)
-    atomic_write_wav(prompt, normalise(rendered[-1].audio.astype(np.float64), config.agent_lufs), SAMPLE_RATE)
-    alignments, turns = [], []
-    for p in placed:
-        turn = script.turns[p.index]
-        words = p.words()
-        who = MAIN_SPEAKER if p.role == AGENT else OTHER_SPEAKER
-        alignments.extend([w.text, [w.start, w.end], who] for w in words)
-        clip = p.speech.audio[:int(p.length * SAMPLE_RATE)]
-        row = {"role": p.role, "kind": p.kind, "start": round(p.start, 4), "end": round(p.end, 4), "text": turn.text,
-               "emotion": turn.emotion, "voice": voice.id if p.role == AGENT else user.voice,
-               "interrupted": p.cut is not None, "words": [[w.text, w.start, w.end] for w in words]}
-        if p.role == AGENT:  # acoustic figures per label, for the card
-            row["rms_db"] = round(20 * math.log10(max(float(np.sqrt(np.mean(clip ** 2))), 1e-9)), 2)
-            row["words_per_s"] = round(len(words) / max(p.length, 1e-3), 3)
-            row["f0_hz"] = f0_median(clip)
-        turns.append(row)
-    alignments.sort(key=lambda a: a[1][0])
+    alignments, turns = labels(script, placed, voice.id, user.voice)
     emotions = {t.emotion for t in script.turns if t.speaker == AGENT}
     conditions = {SPEAKER: voice.id, **({EMOTION: next(iter(emotions))} if len(emotions) == 1 else {})}
+    wav, js, prompt = (out / "data" / f"{script.id}.wav", out / "data" / f"{script.id}.json",
+                       out / PROMPTS / f"{script.id}.wav")
+    atomic_write_wav(wav, stereo, SAMPLE_RATE)
+    atomic_write_wav(prompt, normalise(rendered[-1].audio.astype(np.float64), config.agent_lufs), SAMPLE_RATE)
     atomic_write_json(js, {"alignments": alignments, "text_conditions": conditions})
-    events = Counter()
-    for t, p in zip(script.turns, placed):
-        events["backchannels"] += t.kind == BACKCHANNEL
-        events["interruptions"] += bool(t.interrupts)
-        events["overlaps"] += bool(t.overlap)
-        events["pauses"] += t.pause_ms is not None
-    others = [(a, b) for a in placed for b in placed if a.role == AGENT and b.role != AGENT]
-    events["overlapping_seconds"] = round(sum(max(0.0, min(a.end, b.end) - max(a.start, b.start))
-                                              for a, b in others), 3)
     about = backend.about()
     record = SynthRecord(
-        id=script.id, path=f"data/{script.id}.wav", alignment=f"data/{script.id}.json",
+        id=script.id, path=str(wav.relative_to(out)), alignment=str(js.relative_to(out)),
         duration=round(stereo.shape[0] / SAMPLE_RATE, 4), agent_speaker=voice.id, agent_voice=voice.id,
         emotion=conditions.get(EMOTION), licences=[script.licence],
         n_words=sum(1 for a in alignments if a[2] == MAIN_SPEAKER), methods={speech[0].method: len(alignments)},
         text_conditions=conditions, persona=script.persona, user_voice=user.voice,
-        voice_prompt=f"{PROMPTS}/{script.id}.wav", tts=f"{about['name']} {about.get('version', '')}".strip(),
-        source=script.source, seed=script.seed, events=dict(events), turns=turns, acoustics=acoustics)
+        voice_prompt=str(prompt.relative_to(out)), tts=f"{about['name']} {about.get('version', '')}".strip(),
+        source=script.source, seed=script.seed, events=count_events(script, placed), turns=turns,
+        acoustics=acoustics)
     return "ok", {"record": to_dict(record), "generator": about}
 
 
@@ -351,7 +364,7 @@ def run_synth(config: SynthConfig) -> Summary:
         if share_alike(script.licence):
             run.report.note(script.id, script.source, f"licence {script.licence!r} is share-alike: the data made "
                                                       "from it must carry the same licence")
-        signature = fingerprint(to_dict(script), config.settings(), PIPELINE_VERSION)
+        signature = fingerprint(to_dict(script), config.settings())
         if not run.reuse(script.id, signature, SynthRecord):
             jobs.append((script, signature))
     results = parallel_map(synth_dialogue, [(to_dict(s), config) for s, _ in jobs], config.workers)
@@ -374,10 +387,39 @@ def run_synth(config: SynthConfig) -> Summary:
     return summary
 
 
+ACOUSTIC_KEYS = ("f0_hz", "rms_db", "words_per_s")
+
+
+def emotion_effects(records: list[SynthRecord]) -> dict[str, dict[str, float | None]]:
+    """Per emotion, how the agent's turns differ from the same voice's neutral turns (medians per voice,
+    then the mean over voices that have both): F0 and speaking rate as ratios, level in dB. Measured on the
+    audio, so it says whether an emotion setting (espeak) or description (Parler) changes the speech."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in records:
+        for t in r.turns:
+            if t["role"] == AGENT and t["kind"] != BACKCHANNEL and t.get("emotion"):
+                cell = values.setdefault((t["voice"], t["emotion"]), {k: [] for k in ACOUSTIC_KEYS})
+                for key in ACOUSTIC_KEYS:
+                    if t.get(key) is not None:
+                        cell[key].append(float(t[key]))
+    median = {k: {key: (float(np.median(v)) if v else None) for key, v in cell.items()} for k, cell in values.items()}
+    effects: dict[str, dict[str, float | None]] = {}
+    for emotion in sorted({e for _, e in median}):
+        out: dict[str, float | None] = {}
+        for key, name in (("f0_hz", "f0_ratio"), ("words_per_s", "rate_ratio"), ("rms_db", "level_db")):
+            diffs = []
+            for (voice, e), m in median.items():
+                base = median.get((voice, "neutral"), {}).get(key)
+                if e == emotion and m[key] is not None and base:
+                    diffs.append(m[key] - base if key == "rms_db" else m[key] / base)
+            out[name] = round(float(np.mean(diffs)), 3) if diffs else None
+        effects[emotion] = out
+    return effects
+
+
 def card_data(records: list[SynthRecord], config: SynthConfig, about: dict, summary: Summary) -> dict:
     voices, emotions, turns_by, events, sources, licences = Counter(), Counter(), Counter(), Counter(), Counter(), \
         Counter()
-    acoustic: dict[str, dict[str, list[float]]] = {}
     users = set()
     for r in records:
         voices[r.agent_voice] += 1
@@ -391,18 +433,13 @@ def card_data(records: list[SynthRecord], config: SynthConfig, about: dict, summ
             turns_by[t["role"]] += 1
             if t["role"] == AGENT and t["emotion"]:
                 emotions[t["emotion"]] += 1
-                stats = acoustic.setdefault(t["emotion"], {"rms_db": [], "words_per_s": [], "f0_hz": []})
-                for key in stats:
-                    if t.get(key) is not None:
-                        stats[key].append(float(t[key]))
     return {
         "dialogues": len(records), "hours": round(sum(r.duration for r in records) / 3600, 4),
         "turns": dict(turns_by), "agent_voices": dict(sorted(voices.items())),
         "agent_turns_per_emotion": dict(sorted(emotions.items())), "user_voices": len(users),
         "events": {k: round(v, 3) for k, v in sorted(events.items())}, "sources": dict(sources),
         "licences": dict(licences), "share_alike": sorted(lic for lic in licences if share_alike(lic)),
-        "emotion_acoustics": {e: {k: (round(float(np.median(v)), 2) if v else None) for k, v in s.items()}
-                              for e, s in sorted(acoustic.items())},
+        "emotion_effects": emotion_effects(records),
         "generator": {"tts": about, "pipeline_version": PIPELINE_VERSION, "synth_seed": config.seed,
                       "script_seeds": sorted({r.seed for r in records if r.seed is not None}),
                       "settings": config.settings()},
@@ -416,9 +453,9 @@ def write_card(out: Path, records: list[SynthRecord], config: SynthConfig, about
     licences = ", ".join(f"{k} ({v} dialogues)" for k, v in data["licences"].items()) or "none"
     flagged = ("\n**Share-alike:** " + ", ".join(data["share_alike"]) + " — data made from these must keep "
                "their licence.\n") if data["share_alike"] else ""
-    emo = "\n".join(f"| {e} | {n} | {data['emotion_acoustics'].get(e, {}).get('f0_hz')} | "
-                    f"{data['emotion_acoustics'].get(e, {}).get('rms_db')} | "
-                    f"{data['emotion_acoustics'].get(e, {}).get('words_per_s')} |"
+    effects = data["emotion_effects"]
+    emo = "\n".join(f"| {e} | {n} | " + " | ".join(str(effects.get(e, {}).get(k)) for k in
+                                                  ("f0_ratio", "level_db", "rate_ratio")) + " |"
                     for e, n in data["agent_turns_per_emotion"].items())
     text = f"""---
 language: [te]
@@ -442,9 +479,12 @@ times; `prompts/<id>.wav` is the agent's voice on another sentence. **Every voic
 | events | {json.dumps(data['events'])} |
 | skipped | {data['skipped']} {json.dumps(data['skip_reasons'])} |
 
-## Agent emotions: turns and what they do to the audio (medians per agent turn)
+## Agent emotions: turns, and what each does to the audio against the same voice's neutral turns
 
-| emotion | turns | F0 (Hz) | RMS (dBFS, before channel normalisation) | words/s |
+Medians per voice, then the mean over voices: F0 and speaking rate as ratios, level in dB (before the
+channel's loudness normalisation). Values near 1 (and 0 dB) mean the emotion did not change the speech.
+
+| emotion | turns | F0 vs neutral | level vs neutral (dB) | rate vs neutral |
 |---|---|---|---|---|
 {emo}
 

@@ -120,7 +120,7 @@ ESPEAK_EMOTIONS = {"neutral": (0, 50, 1.0, 100), "happy": (12, 85, 1.12, 115), "
 USER_VARIANTS = {"male": ["m2", "m4", "m5", "m6", "m7", "klatt", "klatt3"],
                  "female": ["f1", "f2", "f5", "klatt4", "klatt6"]}
 _RATE, _VOLUME, _PITCH, _RANGE = 1, 2, 3, 4  # espeak_PARAMETER
-_EVENT_END, _EVENT_WORD = 0, 1
+_EVENT_LIST_END, _EVENT_WORD = 0, 1  # espeakEVENT_LIST_TERMINATED, espeakEVENT_WORD
 
 
 class _EspeakEvent(ctypes.Structure):
@@ -159,7 +159,7 @@ class EspeakBackend:
         if n > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, (n,)).astype(np.float32) / 32768.0)
         i = 0
-        while events[i].type != _EVENT_END:
+        while events[i].type != _EVENT_LIST_END:
             e = events[i]
             self._events.append((e.type, e.text_position, e.length, e.sample))
             i += 1

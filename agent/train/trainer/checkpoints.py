@@ -65,3 +65,16 @@ def load_trainable(lm: LMModel, path: Path) -> None:
         for name, value in state.items():
             params[name].copy_(value.to(params[name].dtype))
 
+
+
+def restore_state(state: dict, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                  sharded: bool) -> int:
+    """Optimizer, scheduler and RNG state of a checkpoint (after the optimizer exists); returns its step."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])

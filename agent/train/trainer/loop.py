@@ -21,7 +21,7 @@ from agent.train.records import TokenRecord
 from agent.train.tokens import INFO as TOKENS_INFO
 from agent.train.tokens import file_digest
 from agent.train.trainer.checkpoints import (CHECKPOINTS, STATE_FILE, latest_checkpoint, load_trainable,
-                                             optimizer_state, save_checkpoint)
+                                             optimizer_state, restore_state, save_checkpoint)
 from agent.train.trainer.config import TrainConfig
 from agent.train.trainer.distributed import Dist, fsdp_shard, init_distributed
 from agent.train.trainer.loss import LossModule
@@ -71,10 +71,9 @@ def run_train(config: TrainConfig) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
+def _open_run_folder(config: TrainConfig, group: Dist) -> Path:
+    """The run folder, emptied with --force; refused when it holds a run with other settings."""
     out = Path(config.out)
-    if config.batch_size % group.world:
-        raise UsageError(f"batch_size {config.batch_size} must be a multiple of the {group.world} processes")
     if group.main:
         if config.force:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -87,6 +86,30 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
         if previous.get("fingerprint") != config.fingerprint():
             raise UsageError(f"{out} holds a run with other settings ({previous.get('config')}); "
                              "use another --out, or --force to start over")
+    return out
+
+
+def _windows(config: TrainConfig, model: TrainModel, info: dict, records: list[TokenRecord]
+             ) -> tuple[list[TokenRecord], list[TokenRecord], Windows, Windows | None]:
+    """(train records, eval records, their windows); UsageError when there is nothing to train on."""
+    frames = max(1, int(round(config.duration_sec * info["frame_rate"])))
+    if frames > model.lm.context:
+        raise UsageError(f"duration_sec {config.duration_sec} is {frames} frames, beyond the model's context "
+                         f"of {model.lm.context}")
+    train_records, eval_records = split_records(records, config.eval_fraction)
+    if not train_records:
+        raise UsageError(f"{config.inp} has no token shards to train on")
+    root = Path(config.inp).parent
+    train_data = Windows(train_records, root, frames, config.data_seed, model.lm.zero_token_id)
+    eval_data = Windows(eval_records, root, frames, config.data_seed, model.lm.zero_token_id) if eval_records else None
+    return train_records, eval_records, train_data, eval_data
+
+
+def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
+    if config.batch_size % group.world:
+        raise UsageError(f"batch_size {config.batch_size} must be a multiple of the {group.world} processes")
+    out = _open_run_folder(config, group)
+    run_file = out / RUN_FILE
     try:
         dtype = resolve_dtype(config.dtype, device)
     except ModelLoadError as exc:
@@ -99,16 +122,7 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
         report.say(f"note: {note}")
     manifest_report = Report("train", out, quiet=config.quiet or not group.main)
     records = read_manifest(Path(config.inp), TokenRecord, manifest_report)
-    frames = max(1, int(round(config.duration_sec * info["frame_rate"])))
-    if frames > model.lm.context:
-        raise UsageError(f"duration_sec {config.duration_sec} is {frames} frames, beyond the model's context "
-                         f"of {model.lm.context}")
-    train_records, eval_records = split_records(records, config.eval_fraction)
-    if not train_records:
-        raise UsageError(f"{config.inp} has no token shards to train on")
-    root = Path(config.inp).parent
-    train_data = Windows(train_records, root, frames, config.data_seed, model.lm.zero_token_id)
-    eval_data = Windows(eval_records, root, frames, config.data_seed, model.lm.zero_token_id) if eval_records else None
+    train_records, eval_records, train_data, eval_data = _windows(config, model, info, records)
     if group.main:
         atomic_write_json(run_file, {"fingerprint": config.fingerprint(), "config": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
@@ -136,15 +150,7 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.max_steps,
                                                     pct_start=config.pct_start)
     if state is not None:
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(module, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step = int(state["step"])
+        step = restore_state(state, module, optimizer, scheduler, sharded)
         report.say(f"resuming from {resume} (step {step})")
     log = MetricsLog(out, group.main, step)
     autocast = (torch.autocast(device_type="cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
