@@ -39,7 +39,8 @@ TOKENIZER_CORPUS = ASSETS / "telugu_sentences.txt"
 TEXT_PADDING_ID = 3  # Moshi's "no word" token; 0 is its end-of-padding marker
 TELUGU_TINY_DIR = ASSETS / "models" / TELUGU_TINY_MODEL
 TELUGU_TINY_NOTE = ("a toy trained on this project's CPU on synthetic espeak-ng Telugu dialogues, not a Telugu Moshi: "
-                    "a robotic voice, a few dozen sentences, no understanding. It exists to prove that the training "
+                    "a muffled robotic voice whose words are not intelligible, a few dozen sentences, no understanding. "
+                    "It exists to show that the training "
                     "pipeline teaches full-duplex behaviour (silent while you speak, answering when you stop) and "
                     "to give the CPU demo a voice that speaks.")
 

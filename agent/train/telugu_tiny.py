@@ -7,7 +7,8 @@ synthetic espeak-ng Telugu dialogues, through the same stages a real run uses, a
 the evaluation harness. It is a toy: robotic espeak-ng speech, a vocabulary of a few dozen sentences,
 no understanding. It is not a Telugu Moshi.
 
-Steps (each resumes: a rerun redoes only what is missing; each shows its own progress bar):
+Steps (each shows its own progress bar; a rerun reuses what the pipeline stages finished and a
+finished codec, but an interrupted codec run starts over: its snapshots are not resumed yet):
  1. sentences  assets/telugu_sentences.txt split: the evaluation set's questions and a few held-out
                sentences never reach training
  2. script     dialogues of whole turns, the user first (no backchannels/interruptions: a clean
