@@ -172,3 +172,20 @@ def test_telugu_tiny_live_call_answers_in_speech_with_voice_to_voice_latency(tmp
     finally:
         server.stop()
         service.close()
+
+
+def test_telugu_tiny_command_runs_the_whole_chain_at_smoke_scale(tmp_path):
+    """`python -m agent.train telugu-tiny` end to end, a few steps of each: script -> synth -> codec ->
+    tokens -> train -> export -> evaluate, writing a folder `--model` loads and the figures."""
+    from agent.train.__main__ import main
+    out = tmp_path / "model"
+    assert main(["telugu-tiny", "--work", str(tmp_path / "work"), "--out", str(out), "--dialogues", "2",
+                 "--codec-steps", "3", "--lm-steps", "40", "--eval-samples", "1", "--quiet"]) == 0
+    figures = json.loads((out / "eval.json").read_text())
+    assert set(figures["codec"]) == {"trained", "untrained", "heldout_sentences"}
+    assert figures["turn_taking"]["untrained_tiny"]["tor"] == 0.0
+    assert figures["turn_taking"]["trained"]["n"] == 1 and "loudness" in figures["turn_taking"]["trained"]
+    training = json.loads((out / "training.json").read_text())
+    assert training["step"] == 40
+    model = load_model(ModelConfig(model=str(out), device="cpu"))
+    assert model.mimi.num_codebooks == 8 and not model.random_weights
