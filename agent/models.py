@@ -10,6 +10,8 @@
   apart by its 16-step depformer, loaded on stock moshi by agent/personaplex.py, with its preset voices;
 - `tiny-personaplex`: a tiny random checkpoint in PersonaPlex's layout (16-step depformer, preset
   voices), written to a folder and loaded through the same code as the real one (tests, benchmarks).
+- `telugu-tiny`: the toy trained on this CPU on synthetic espeak-ng Telugu dialogues
+  (`python -m agent.train telugu-tiny`), shipped in assets/models/telugu-tiny/.
 """
 
 from __future__ import annotations
@@ -33,13 +35,20 @@ from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
 from agent import ASSETS, personaplex
-from agent.config import DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TINY_MODEL, TINY_PERSONAPLEX_MODEL, ModelConfig
+from agent.config import (DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TELUGU_TINY_MODEL, TINY_MODEL, TINY_PERSONAPLEX_MODEL,
+                          ModelConfig)
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_CORPUS = ASSETS / "telugu_sentences.txt"
 TEXT_PADDING_ID = 3  # Moshi's "no word" token; 0 is its end-of-padding marker
+TELUGU_TINY_DIR = ASSETS / "models" / TELUGU_TINY_MODEL
+TELUGU_TINY_NOTE = ("a toy trained on this project's CPU on synthetic espeak-ng Telugu dialogues, not a Telugu Moshi: "
+                    "a muffled robotic voice whose words are not intelligible, a few dozen sentences, no understanding. "
+                    "It exists to show that the training "
+                    "pipeline teaches full-duplex behaviour (silent while you speak, answering when you stop) and "
+                    "to give the CPU demo a voice that speaks.")
 
 
 class ModelLoadError(RuntimeError):
@@ -66,11 +75,13 @@ class LoadedModel:
     takes_prompts: bool = False
     preset_voices: dict[str, Path] = field(default_factory=dict)  # name -> voices/NAME.pt|.wav
     lm_weights: Path | None = None  # the LM file as loaded (export puts PersonaPlex's dropped steps back from it)
+    toy_note: str | None = None  # set for toy models trained here: what the page must say about them
 
     @property
     def description(self) -> str:
         params = sum(p.numel() for p in self.lm.parameters())
-        kind = "RANDOM WEIGHTS (not a trained speech model: the voice is noise)" if self.random_weights else "trained"
+        kind = "RANDOM WEIGHTS (not a trained speech model: the voice is noise)" if self.random_weights else \
+            "TOY trained on synthetic espeak-ng speech" if self.toy_note else "trained"
         return f"{self.name} · {params / 1e6:.1f} M LM params · {self.device.type} {str(self.dtype).removeprefix('torch.')} · {kind}"
 
     @property
@@ -445,11 +456,20 @@ def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> 
         return _tiny_mimi(device, seed), tiny_mimi_config()
     if name == RANDOM_7B_MODEL:
         return build_random_7b(device, torch.float32, seed).mimi, None
+    if name == TELUGU_TINY_MODEL:
+        name = str(_telugu_tiny_dir())
     info = checkpoint_info(name)
     try:
         return info.get_mimi(device=device), info.mimi_config
     except (RuntimeError, KeyError, OSError, ValueError) as exc:
         raise ModelLoadError(f"{name}: cannot load its Mimi codec: {str(exc)[:600]}") from exc
+
+
+def _telugu_tiny_dir() -> Path:
+    if not (TELUGU_TINY_DIR / "config.json").is_file():
+        raise ModelLoadError(f"--model {TELUGU_TINY_MODEL}: no trained weights in {TELUGU_TINY_DIR}. Train them on a "
+                             "CPU (about an hour): python -m agent.train telugu-tiny --work /tmp/telugu-tiny")
+    return TELUGU_TINY_DIR
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -465,6 +485,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model.name = TINY_PERSONAPLEX_MODEL
     elif name == RANDOM_7B_MODEL:
         model = build_random_7b(device, dtype, config.seed, config.context)
+    elif name == TELUGU_TINY_MODEL:
+        model = load_checkpoint(str(_telugu_tiny_dir()), device, dtype, config.context)
+        model.name, model.toy_note = TELUGU_TINY_MODEL, TELUGU_TINY_NOTE
     else:
         model = load_checkpoint(name, device, dtype, config.context)
     if model.random_weights:

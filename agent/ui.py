@@ -194,6 +194,8 @@ def build_demo(service: AgentService) -> gr.Blocks:
             gr.Markdown("⚠️ **Demo mode: random-weight model.** No trained weights are loaded, so the agent "
                         "answers with noise. Everything else (streaming, batching, latency figures) is real.",
                         elem_id="random-banner")
+        for model in {e.model.name: e.model for e in service.engines if e.model.toy_note}.values():
+            gr.Markdown(f"ℹ️ **`{model.name}` is {model.toy_note}**", elem_id="toy-banner")
         rtc = rtc_configuration_from_env()
         call = WebRTC(label="Call", modality="audio", mode="send-receive", elem_id="call", full_screen=False,
                       rtc_configuration=rtc, server_rtc_configuration=rtc,

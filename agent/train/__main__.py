@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--dtype", choices=["bf16", "fp16", "fp32"], help="of the weights written (default bf16)")
     _flag(p, "--force", action="store_true", help="overwrite a non-empty --out")
     _flag(p, "--quiet", action="store_true", help="no progress lines")
+
+    from agent.train.telugu_tiny import add_parser as add_telugu_tiny
+    add_telugu_tiny(stages)
     return parser
 
 
@@ -235,6 +238,11 @@ def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.stage == "telugu-tiny":
+            from agent.train.telugu_tiny import from_args, run_telugu_tiny
+            figures = run_telugu_tiny(from_args(args))
+            print(json.dumps({k: figures[k] for k in ("codec", "turn_taking", "minutes")}, ensure_ascii=False))
+            return 0
         if args.stage == "ingest":
             from agent.train.ingest import IngestConfig, run_ingest
             summary = run_ingest(_config(IngestConfig, args, {"hf_columns": _mapping(args.hf_columns, "--hf-column")}))
