@@ -14,8 +14,8 @@ import hmac
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Credentials:
     password: str
 
     @staticmethod
-    def parse(text: str | None) -> "Credentials | None":
+    def parse(text: str | None) -> Credentials | None:
         if not text:
             return None
         user, sep, password = text.partition(":")

@@ -8,9 +8,8 @@ sample is dropped or duplicated at chunk boundaries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import signal

@@ -247,8 +247,9 @@ class E2EResult:
 
 
 def telugu_speech(seconds: float) -> np.ndarray:
-    from agent.audio import resample
     import soundfile as sf
+
+    from agent.audio import resample
 
     text = ("నమస్కారం, మీరు ఎలా ఉన్నారు? ఈ రోజు వాతావరణం చాలా బాగుంది. "
             "నాకు ఒక కప్పు కాఫీ కావాలి. రేపు మనం కలుద్దాం.")

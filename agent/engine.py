@@ -38,8 +38,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ class Seat:
     `deliver`, `tell`, `mark_closed`) is called by the engine with its lock held. Seat and engine
     share one lock, which the engine hands over at construction."""
 
-    def __init__(self, engine: "FrameEngine", index: int, owner: str, config: EngineConfig,
+    def __init__(self, engine: FrameEngine, index: int, owner: str, config: EngineConfig,
                  lock: threading.Lock, engine_wake: threading.Condition):
         self.index = index
         self.owner = owner
@@ -670,7 +670,7 @@ class FrameEngine:
             self.on_step = on_step
         self.stats = EngineStats(seats_total=self.num_seats)
 
-    def start(self) -> "FrameEngine":
+    def start(self) -> FrameEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="frame-engine", daemon=True)
             self._thread.start()

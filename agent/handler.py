@@ -55,7 +55,7 @@ class MoshiHandler(AsyncStreamHandler):
         self._warned: set[str] = set()
         self._activity: asyncio.Event | None = None  # set by receive(): emit() waits on it between calls
 
-    def copy(self) -> "MoshiHandler":
+    def copy(self) -> MoshiHandler:
         return MoshiHandler(self.hub, self.input_sample_rate)
 
     def note_offer(self, call_id: str, client: str | None) -> None:

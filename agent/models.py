@@ -35,8 +35,14 @@ from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
 from agent import ASSETS, personaplex
-from agent.config import (DEFAULT_GPU_MODEL, RANDOM_7B_MODEL, TELUGU_TINY_MODEL, TINY_MODEL, TINY_PERSONAPLEX_MODEL,
-                          ModelConfig)
+from agent.config import (
+    DEFAULT_GPU_MODEL,
+    RANDOM_7B_MODEL,
+    TELUGU_TINY_MODEL,
+    TINY_MODEL,
+    TINY_PERSONAPLEX_MODEL,
+    ModelConfig,
+)
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 log = logging.getLogger(__name__)

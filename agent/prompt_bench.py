@@ -64,7 +64,7 @@ class Feeder:
         self._noise = np.random.default_rng(0).uniform(-0.3, 0.3, (50, FRAME_SIZE)).astype(np.float32)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Feeder":
+    def start(self) -> Feeder:
         self._thread.start()
         return self
 

@@ -18,8 +18,9 @@ server (`SamplingConfig.max_top_k*`): the cap fixes the shapes the sampler works
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from moshi.models.lm import LMGen, LMModel
@@ -47,12 +48,12 @@ class SeatSampling:
     top_k_text: int
 
     @classmethod
-    def defaults(cls, config: SamplingConfig) -> "SeatSampling":
+    def defaults(cls, config: SamplingConfig) -> SeatSampling:
         if not config.use_sampling:
             return cls(0.0, 0.0, config.top_k, config.top_k_text)
         return cls(config.temp, config.temp_text, config.top_k, config.top_k_text)
 
-    def checked(self, config: SamplingConfig) -> "SeatSampling":
+    def checked(self, config: SamplingConfig) -> SeatSampling:
         """Itself, or SamplingError if a value is outside what this server allows."""
         for name, value in (("audio temperature", self.temp), ("text temperature", self.temp_text)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_TEMP:
@@ -63,7 +64,7 @@ class SeatSampling:
                 raise SamplingError(f"{name} must be a whole number from 1 to {cap}, got {value!r}")
         return self
 
-    def with_request(self, request: SamplingRequest) -> "SeatSampling":
+    def with_request(self, request: SamplingRequest) -> SeatSampling:
         return replace(self, **dict(request))
 
 

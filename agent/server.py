@@ -27,12 +27,12 @@ from typing import Any
 
 import gradio as gr
 import uvicorn
-from uvicorn.protocols.utils import ClientDisconnected
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.websockets import WebSocketState
 from fastrtc import Stream
 from fastrtc.stream import Body
 from fastrtc.websocket import WebSocketHandler
+from uvicorn.protocols.utils import ClientDisconnected
 
 from agent import kyutai_api
 from agent.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
@@ -246,7 +246,7 @@ class BackgroundServer:
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.url = f"http://{host}:{port}"
 
-    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

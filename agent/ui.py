@@ -13,9 +13,9 @@ from fastrtc import WebRTC
 
 from agent import ASSETS
 from agent.access import rtc_configuration_from_env
+from agent.config import MAX_TEMP
 from agent.handler import MoshiHandler, note_offers
 from agent.metrics import fmt_ms
-from agent.config import MAX_TEMP
 from agent.service import AgentService
 from agent.voices import MAX_TEXT_PROMPT_CHARS
 

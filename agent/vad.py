@@ -23,8 +23,8 @@ import bisect
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class Silero:
     `_model_8k`), with the state passed in, so streams can join and leave a batch freely.
     tests/test_vad.py checks it against the package's own stateful call."""
 
-    _shared: "Silero | None" = None
+    _shared: Silero | None = None
     _lock = threading.Lock()
 
     def __init__(self):
@@ -75,7 +75,7 @@ class Silero:
             raise RuntimeError(f"unexpected Silero VAD build: 8 kHz context {self._net.context_size_samples}")
 
     @classmethod
-    def shared(cls) -> "Silero":
+    def shared(cls) -> Silero:
         with cls._lock:
             if cls._shared is None:
                 cls._shared = cls()
@@ -273,7 +273,7 @@ class TurnLatencyTracker:
         return TurnLatencyTracker.judge_all([self])[0]
 
     @staticmethod
-    def judge_all(trackers: Sequence["TurnLatencyTracker"]) -> list[list[Turn]]:
+    def judge_all(trackers: Sequence[TurnLatencyTracker]) -> list[list[Turn]]:
         """Judge every tracker's queued audio with one batched Silero call per window round (what
         `VadHub` does for every call). Returns each tracker's turns that ended or were answered."""
         for tracker in trackers:
@@ -394,7 +394,7 @@ class VadHub:
             except Exception:  # one bad round must not end latency measurement for every call
                 log.exception("VAD round failed")
 
-    def start(self) -> "VadHub":
+    def start(self) -> VadHub:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="vad-hub", daemon=True)
             self._thread.start()

@@ -17,9 +17,9 @@ without a model).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
 
 from agent import ASSETS
 from agent.config import SamplingRequest

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio import (AudioFormatError, ChunkReport, Framer, InputAudio, PolyphaseResampler, resample, to_int16,
-                         to_mono_float)
+from agent.audio import (
+    AudioFormatError,
+    ChunkReport,
+    Framer,
+    InputAudio,
+    PolyphaseResampler,
+    resample,
+    to_int16,
+    to_mono_float,
+)
 
 
 def sweep(rate: int, seconds: float, f0: float = 50.0, f1: float = 10_000.0) -> np.ndarray:
@@ -96,7 +104,7 @@ def test_layouts_and_dtypes():
     np.testing.assert_allclose(to_mono_float(stereo_cn), mono, atol=1e-6)
     np.testing.assert_allclose(to_mono_float(stereo_nc), mono, atol=1e-6)
     np.testing.assert_allclose(to_mono_float(mono.astype(np.float64)), mono, atol=1e-7)
-    np.testing.assert_allclose(to_mono_float((as_int16.astype(np.int32) << 16)), mono, atol=1e-4)
+    np.testing.assert_allclose(to_mono_float(as_int16.astype(np.int32) << 16), mono, atol=1e-4)
     # unsigned 8-bit WAV style: 128 is silence
     np.testing.assert_allclose(to_mono_float(np.full(10, 128, np.uint8)), np.zeros(10), atol=1e-7)
     # opposite channels cancel: proves channels are mixed, not one picked

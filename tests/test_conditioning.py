@@ -13,8 +13,14 @@ import torch
 from agent import FRAME_SIZE
 from agent.config import EngineConfig, ModelConfig, SamplingConfig
 from agent.engine import ConditionError, FrameEngine
-from agent.models import (ModelLoadError, load_model, tiny_lm_kwargs, tiny_mimi_config, tiny_tokenizer_path,
-                          write_checkpoint_folder)
+from agent.models import (
+    ModelLoadError,
+    load_model,
+    tiny_lm_kwargs,
+    tiny_mimi_config,
+    tiny_tokenizer_path,
+    write_checkpoint_folder,
+)
 from agent.voices import load_catalogue
 
 GREEDY = SamplingConfig(use_sampling=False)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

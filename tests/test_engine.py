@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import tiny_model
-from tiny_helpers import GREEDY, frames_of, varied_audio
 
 from agent import FRAME_SIZE
 from agent.config import EngineConfig
 from agent.engine import FrameEngine, OutputFrame, Seat, SeatsFullError
+from conftest import tiny_model
+from tiny_helpers import GREEDY, frames_of, varied_audio
 
 N_FRAMES = 12
 

@@ -10,16 +10,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
-from conftest import tiny_model
-from tiny_helpers import GREEDY, varied_audio
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.eval.__main__ import main
 from agent.eval.layout import find_samples
 from agent.eval.runner import RunConfig, SeatOptions, run_set
 from agent.infer import infer
+from conftest import tiny_model
+from tiny_helpers import GREEDY, varied_audio
 
 
 def make_set(root: Path) -> dict[str, tuple[int, int]]:

@@ -147,7 +147,7 @@ def test_eval_output_json_words_are_used(tmp_path, clips):
     """A transcript beside output.wav (FDB's asr.py format) decides, not the VAD."""
     truth, end = turn_taking_set(tmp_path, clips)
     write_words(tmp_path / "1" / "output.json",  # the silent sample, with 4 quick words 0.5 s after
-                [Word(w, end + 0.5 + 0.2 * i, end + 0.6 + 0.2 * i) for i, w in enumerate("ఒకటి రెండు మూడు నాలుగు".split())])
+                [Word(w, end + 0.5 + 0.2 * i, end + 0.6 + 0.2 * i) for i, w in enumerate(["ఒకటి", "రెండు", "మూడు", "నాలుగు"])])
     write_words(tmp_path / "0" / "output.json", [Word("అవును", end + 0.3, end + 0.6)])  # one short word
     rows = {r.name: r for r in score(tmp_path, "turn-taking").samples}
     assert rows["1"].took_turn and rows["1"].latency_s == pytest.approx(0.5)

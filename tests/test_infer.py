@@ -24,8 +24,6 @@ import torch
 from moshi.conditioners import ConditionAttributes
 from moshi.models import loaders
 from moshi.models.lm import LMGen
-from conftest import tiny_model
-from tiny_helpers import GREEDY
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.audio import resample
@@ -39,6 +37,8 @@ from agent.models import (
     tiny_tokenizer_path,
     write_checkpoint_folder,
 )
+from conftest import tiny_model
+from tiny_helpers import GREEDY
 
 REPO = Path(__file__).resolve().parent.parent
 

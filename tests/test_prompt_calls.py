@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.parse
 import urllib.request
 
@@ -136,7 +135,7 @@ async def api_chat(url: str, n_frames: int = 8, while_connected=lambda: None) ->
         while received < 2 and asyncio.get_running_loop().time() < deadline:
             try:
                 msg = await ws.receive_bytes(timeout=1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             received += msg[:1] == b"\x01"
         while_connected()
@@ -186,7 +185,7 @@ def test_prompt_websocket_query_parameters_choose_the_persona(persona_server):
             while got < 3 and asyncio.get_running_loop().time() < deadline:
                 try:
                     msg = json.loads(await asyncio.wait_for(ws.recv(), 1))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 got += msg.get("event") == "media"
                 if msg.get("type") == "call":  # WebSocket call ids are the server's, told in this message
@@ -311,7 +310,7 @@ def test_prompt_websocket_caller_is_told_when_the_call_starts_over_at_the_contex
                 while asyncio.get_running_loop().time() < deadline and not notes:
                     try:
                         msg = json.loads(await asyncio.wait_for(ws.recv(), 1))
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         continue
                     if msg.get("type") == "warning":
                         notes.append(msg)

@@ -44,7 +44,7 @@ class CuttableProxy:
         self._transports: list[asyncio.Transport] = []
         self.cuts = 0
 
-    async def start(self) -> "CuttableProxy":
+    async def start(self) -> CuttableProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

@@ -9,15 +9,15 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model, wait_until
 from moshi.conditioners import ConditionAttributes
 from moshi.models.lm import LMGen
-from tiny_helpers import GREEDY, frames_of, varied_audio
 
 from agent.config import EngineConfig, SamplingConfig
 from agent.engine import FrameEngine, OutputFrame, Seat
 from agent.handler import MoshiHandler
 from agent.sampling import SamplingError, SeatLMGen, SeatSampler, SeatSampling, sampling_request
+from conftest import tiny_model, wait_until
+from tiny_helpers import GREEDY, frames_of, varied_audio
 
 CARD = 16
 DRAWS = 20_000

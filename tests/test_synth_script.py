@@ -280,9 +280,8 @@ def test_synth_parler_backend_with_a_tiny_random_model(tmp_path):
     """The real parler-tts code path (batched generate, left-padded transcripts, audios_length cuts) on a tiny
     random model; its speech is noise, so only the plumbing and the labels are checked."""
     pytest.importorskip("parler_tts")
-    from synth_helpers import build_tiny_parler
-
     from agent.train.tts import ParlerBackend, Style
+    from synth_helpers import build_tiny_parler
     build_tiny_parler(tmp_path / "parler")
     lines = [_line(id="one"), _line(id="two", voice="sravani", emotion="surprised")]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), "utf-8")

@@ -152,7 +152,7 @@ def corpus(tmp_path_factory) -> Path:
     voiced = np.flatnonzero(np.abs(agent) > 0.02)  # given timings span the agent's audible speech
     words, t = [], (a0 + voiced[0]) / SAMPLE_RATE
     step = (voiced[-1] - voiced[0]) / SAMPLE_RATE / 3
-    for word in "నేను ఇంట్లో ఉన్నాను.".split():
+    for word in ["నేను", "ఇంట్లో", "ఉన్నాను."]:
         words.append([word, round(t, 3), round(t + step, 3)])
         t += step
     with (src / "conversation.csv").open("w", encoding="utf-8") as f:

@@ -17,8 +17,14 @@ from moshi.models import LMGen
 
 from agent.models import build_tiny, tiny_tokenizer_path
 from agent.train.common import UsageError
-from agent.train.tokenizer import (TOKENIZER_FILE, TokenizerConfig, alignment_text, resize_text_vocab, row_plan,
-                                   run_tokenizer)
+from agent.train.tokenizer import (
+    TOKENIZER_FILE,
+    TokenizerConfig,
+    alignment_text,
+    resize_text_vocab,
+    row_plan,
+    run_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGLISH = ["Hello, how are you today?", "The weather is very nice.", "I would like a cup of coffee, please.",

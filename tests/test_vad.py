@@ -6,8 +6,16 @@ import torch
 
 from agent import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
 from agent.audio import resample
-from agent.vad import (REPLY_TIMEOUT_S, VAD_RATE, WINDOW, Silero, SpeechDetector, TurnLatencyTracker, VadHub,
-                       run_detectors)
+from agent.vad import (
+    REPLY_TIMEOUT_S,
+    VAD_RATE,
+    WINDOW,
+    Silero,
+    SpeechDetector,
+    TurnLatencyTracker,
+    VadHub,
+    run_detectors,
+)
 
 WINDOW_S = 0.032  # Silero's 256-sample window at 8 kHz: the resolution of every boundary
 

@@ -77,9 +77,8 @@ async def webrtc_call(base_url: str, audio: np.ndarray, seconds: float,
     if page_component is not None:  # what the page's WebRTC component posts (a Gradio server function)
         url = f"{base_url}/gradio_api/component_server"
         offer = {"data": offer, "component_id": page_component, "fn_name": "offer", "session_hash": webrtc_id}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url, json=offer) as resp:
-            answer = await resp.json()
+    async with aiohttp.ClientSession() as http, http.post(url, json=offer) as resp:
+        answer = await resp.json()
     assert "sdp" in answer, answer
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
     await asyncio.sleep(seconds)

@@ -49,6 +49,7 @@ def _make_set(args: argparse.Namespace) -> int:
 
 def _asr(args: argparse.Namespace) -> int:
     from dataclasses import asdict
+
     from agent.eval.asr import load_transcriber
     from agent.eval.intelligibility import format_table, transcribe_set
     from agent.eval.layout import find_samples

@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agent.eval.layout import Sample, find_samples, read_audio, EvalDataError
-from agent.eval.timing import (MODEL_MERGE_GAP_S, USER_MERGE_GAP_S, merge_gaps, overlaps, response_gaps,
-                               speech_segments)
+from agent.eval.layout import EvalDataError, Sample, find_samples, read_audio
+from agent.eval.timing import MODEL_MERGE_GAP_S, USER_MERGE_GAP_S, merge_gaps, overlaps, response_gaps, speech_segments
 from agent.eval.transcript import Speech, read_words, write_words
 
 if TYPE_CHECKING:
@@ -96,7 +95,7 @@ class TaskScore:
         return {JSON_KEYS[self.task]: self.summary(), "samples": [asdict(r) for r in self.samples]}
 
 
-def _model_speech(sample: Sample, audio: np.ndarray, rate: int, transcriber: "Transcriber | None",
+def _model_speech(sample: Sample, audio: np.ndarray, rate: int, transcriber: Transcriber | None,
                   segments: list[tuple[float, float]], crop_s: float = 0.0) -> tuple[Speech, str]:
     """The agent's speech in `audio` from `crop_s` on, in file seconds, and where it came from
     (`segments`: its merged VAD segments, the fallback)."""
@@ -144,7 +143,7 @@ def _backchannel(speech: Speech, segments: list[tuple[float, float]], duration_s
     return took, len(found), float(jensenshannon(bins, reference))
 
 
-def score_sample(sample: Sample, task: str, transcriber: "Transcriber | None" = None,
+def score_sample(sample: Sample, task: str, transcriber: Transcriber | None = None,
                  gt_distribution: dict[str, list[float]] | None = None) -> SampleScore:
     if not sample.output.exists():
         raise EvalDataError(f"{sample.folder}: no output.wav (run `python -m agent.eval run` first)")
@@ -188,7 +187,7 @@ def score_sample(sample: Sample, task: str, transcriber: "Transcriber | None" = 
     return row
 
 
-def score(root: Path, task: str, transcriber: "Transcriber | None" = None,
+def score(root: Path, task: str, transcriber: Transcriber | None = None,
           gt_distribution: dict[str, list[float]] | None = None) -> TaskScore:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -206,7 +205,7 @@ def task_of_folder(name: str) -> str | None:
     return None
 
 
-def score_all(root: Path, transcriber: "Transcriber | None" = None,
+def score_all(root: Path, transcriber: Transcriber | None = None,
               gt_distribution: dict[str, list[float]] | None = None) -> dict[str, TaskScore]:
     """Every task folder directly under `root`, scored as its name says; folder name -> scores."""
     folders = sorted(f for f in Path(root).iterdir() if f.is_dir() and task_of_folder(f.name))

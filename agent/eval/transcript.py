@@ -62,11 +62,11 @@ class Speech:
     are_words: bool  # True: ASR words (the word-count rule applies); False: VAD segments
 
     @classmethod
-    def from_words(cls, words: list[Word]) -> "Speech":
+    def from_words(cls, words: list[Word]) -> Speech:
         return cls(tuple((w.start, w.end) for w in words), True)
 
     @classmethod
-    def from_segments(cls, segments: list[tuple[float, float]]) -> "Speech":
+    def from_segments(cls, segments: list[tuple[float, float]]) -> Speech:
         return cls(tuple(segments), False)
 
     @property

@@ -24,15 +24,25 @@ from __future__ import annotations
 
 import importlib
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from agent import SAMPLE_RATE
-from agent.train.common import (StageRun, Summary, UsageError, atomic_write_json, atomic_write_text,
-                                fingerprint, link_or_copy, progress, read_audio_checked)
+from agent.train.common import (
+    StageRun,
+    Summary,
+    UsageError,
+    atomic_write_json,
+    atomic_write_text,
+    fingerprint,
+    link_or_copy,
+    progress,
+    read_audio_checked,
+)
 from agent.train.records import AGENT, USER, AlignedRecord, DialogueRecord, Span, Turn, Word, to_dict
 from agent.voices import EMOTION, SPEAKER
 

@@ -15,9 +15,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -94,7 +95,7 @@ def write_manifest(path: Path, records: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-def read_manifest(path: Path, cls: type[T], report: "Report") -> list[T]:
+def read_manifest(path: Path, cls: type[T], report: Report) -> list[T]:
     """The records of a previous stage's manifest; malformed lines go to the report, the rest are kept."""
     if not path.is_file():
         raise UsageError(f"input manifest {path} does not exist (run the previous stage first)")

@@ -38,10 +38,32 @@ from pathlib import Path
 import numpy as np
 
 from agent import SAMPLE_RATE
-from agent.train.common import (Report, StageRun, Summary, UsageError, atomic_write_wav, fingerprint,
-                                link_or_copy, progress, read_audio_checked)
-from agent.train.records import (AGENT, CONVERSATION, ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE, USER,
-                                 UTTERANCE, DialogueRecord, SegmentRecord, Span, Turn, Word, to_dict)
+from agent.train.common import (
+    Report,
+    StageRun,
+    Summary,
+    UsageError,
+    atomic_write_wav,
+    fingerprint,
+    link_or_copy,
+    progress,
+    read_audio_checked,
+)
+from agent.train.records import (
+    AGENT,
+    CONVERSATION,
+    ROAD_ASSEMBLED,
+    ROAD_CONVERSATION,
+    ROAD_MONOLOGUE,
+    USER,
+    UTTERANCE,
+    DialogueRecord,
+    SegmentRecord,
+    Span,
+    Turn,
+    Word,
+    to_dict,
+)
 from agent.voices import CatalogueError, load_catalogue
 
 ROADS = ("auto", ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE)

@@ -35,8 +35,15 @@ from safetensors.torch import load_file, save_file
 from agent import personaplex
 from agent.models import ModelLoadError, resolve_dtype
 from agent.train.common import UsageError, atomic_write_json
-from agent.train.trainer import (CHECKPOINTS, RUN_FILE, TRAINABLE_FILE, TrainConfig, build_train_model,
-                                 latest_checkpoint, load_trainable)
+from agent.train.trainer import (
+    CHECKPOINTS,
+    RUN_FILE,
+    TRAINABLE_FILE,
+    TrainConfig,
+    build_train_model,
+    latest_checkpoint,
+    load_trainable,
+)
 
 PERSONAPLEX_LICENCE = ("PersonaPlex weights: NVIDIA Open Model License (Moshi and Mimi underneath: CC-BY 4.0, Kyutai); "
                        "keep its notice and attribute your data sources")

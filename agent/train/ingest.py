@@ -20,19 +20,36 @@ import io
 import json
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
 from agent import SAMPLE_RATE
 from agent.audio import resample
-from agent.train.common import (StageRun, Summary, UsageError, atomic_write_wav, fingerprint,
-                                frame_rms_db, progress, safe_id, short_hash)
-from agent.train.records import (CONVERSATION, UTTERANCE, AudioRecord, RecordError, clean_text, parse_segments,
-                                 parse_words)
+from agent.train.common import (
+    StageRun,
+    Summary,
+    UsageError,
+    atomic_write_wav,
+    fingerprint,
+    frame_rms_db,
+    progress,
+    safe_id,
+    short_hash,
+)
+from agent.train.records import (
+    CONVERSATION,
+    UTTERANCE,
+    AudioRecord,
+    RecordError,
+    clean_text,
+    parse_segments,
+    parse_words,
+)
 from agent.voices import load_catalogue
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"}  # libsndfile reads these

@@ -50,7 +50,7 @@ class Word:
     start: float
     end: float
 
-    def shifted(self, offset: float) -> "Word":
+    def shifted(self, offset: float) -> Word:
         return Word(self.text, round(self.start + offset, 4), round(self.end + offset, 4))
 
     @property
@@ -58,7 +58,7 @@ class Word:
         return (self.start + self.end) / 2
 
     @classmethod
-    def parse(cls, obj: Any) -> "Word":
+    def parse(cls, obj: Any) -> Word:
         """[w, s, e], [w, [s, e]], [w, [s, e], speaker] (moshi-finetune's shape) or {"word"|"text", "start", "end"}."""
         try:
             if isinstance(obj, dict):
@@ -107,7 +107,7 @@ class GivenSegment:
     emotion: str | None = None
 
     @classmethod
-    def parse(cls, obj: Any) -> "GivenSegment":
+    def parse(cls, obj: Any) -> GivenSegment:
         try:
             seg = cls(float(obj["start"]), float(obj["end"]), clean_text(obj.get("transcript", obj.get("text"))),
                       clean_text(obj.get("emotion")))

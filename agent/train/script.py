@@ -32,8 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from agent.train.common import StageRun, Summary, UsageError, fingerprint, parallel_map, progress
-from agent.train.records import (AGENT, BACKCHANNEL, TURN, USER, RecordError, ScriptRecord, ScriptTurn,
-                                 clean_text, from_dict, to_dict)
+from agent.train.records import (
+    AGENT,
+    BACKCHANNEL,
+    TURN,
+    USER,
+    RecordError,
+    ScriptRecord,
+    ScriptTurn,
+    clean_text,
+    from_dict,
+    to_dict,
+)
 from agent.voices import Catalogue, load_catalogue
 
 SCENES_PATH = Path(__file__).resolve().parents[2] / "assets" / "dialogue" / "scenes.json"

@@ -24,9 +24,17 @@ import torch
 
 from agent import SAMPLE_RATE
 from agent.audio import resample
-from agent.train.common import (Report, StageRun, Summary, atomic_write_wav, fingerprint, link_or_copy,
-                                progress, read_audio_checked)
-from agent.train.records import (CONVERSATION, AudioRecord, SegmentRecord, Span, Word, to_dict)
+from agent.train.common import (
+    Report,
+    StageRun,
+    Summary,
+    atomic_write_wav,
+    fingerprint,
+    link_or_copy,
+    progress,
+    read_audio_checked,
+)
+from agent.train.records import CONVERSATION, AudioRecord, SegmentRecord, Span, Word, to_dict
 
 VAD_RATE = 16_000  # Silero's full-band rate; offline we can afford it (the live path uses 8 kHz)
 

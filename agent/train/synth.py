@@ -41,10 +41,29 @@ import numpy as np
 
 from agent import SAMPLE_RATE
 from agent.train.align import MAIN_SPEAKER, OTHER_SPEAKER
-from agent.train.common import (PIPELINE_VERSION, StageRun, Summary, UsageError, atomic_write_json,
-                                atomic_write_text, atomic_write_wav, fingerprint, parallel_map, progress)
-from agent.train.records import (AGENT, BACKCHANNEL, USER, RecordError, ScriptRecord, SynthRecord, Word, from_dict,
-                                 to_dict)
+from agent.train.common import (
+    PIPELINE_VERSION,
+    StageRun,
+    Summary,
+    UsageError,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_wav,
+    fingerprint,
+    parallel_map,
+    progress,
+)
+from agent.train.records import (
+    AGENT,
+    BACKCHANNEL,
+    USER,
+    RecordError,
+    ScriptRecord,
+    SynthRecord,
+    Word,
+    from_dict,
+    to_dict,
+)
 from agent.train.script import validate
 from agent.train.tts import Backend, Speech, Style, TTSError, load_backend
 from agent.voices import EMOTION, GENDERS, SPEAKER, load_catalogue

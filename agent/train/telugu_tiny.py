@@ -119,6 +119,7 @@ def loudness_timing(folder: Path, frame_s: float = 0.08, after_s: float = 3.0) -
     shows whether the LM stays quiet and then answers even where the codec's voice is too poor for
     Silero to call it speech."""
     import soundfile as sf
+
     from agent.eval.layout import find_samples
     during, after, onsets = [], [], []
     for sample in find_samples(folder):
@@ -172,7 +173,14 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
     stage(["synth", "--in", str(scripts), "--out", str(w / "synth"), "--seed", str(config.seed), *q])
 
     step(4, "codec")
-    from agent.train.codec import CodecConfig, build_mimi, codec_mimi_config, evaluate_codec, load_mimi_folder, train_codec
+    from agent.train.codec import (
+        CodecConfig,
+        build_mimi,
+        codec_mimi_config,
+        evaluate_codec,
+        load_mimi_folder,
+        train_codec,
+    )
     codec_dir = w / "codec"
     if not (codec_dir / "codec.json").exists() or not json.loads((codec_dir / "codec.json").read_text())["done"]:
         train_codec(CodecConfig(audio=sorted((w / "synth" / "data").glob("*.wav")), out=codec_dir,

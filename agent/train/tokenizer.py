@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from agent.train.align import MAIN_SPEAKER  # the only label whose words become the text stream
-from agent.train.common import (Report, StageRun, Summary, UsageError, atomic_write_json, fingerprint,
-                                read_manifest)
+from agent.train.common import Report, StageRun, Summary, UsageError, atomic_write_json, fingerprint, read_manifest
 from agent.train.records import AlignedRecord, RecordError, Word, clean_text
 
 if TYPE_CHECKING:

@@ -34,8 +34,16 @@ from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import TINY_MODEL, TINY_PERSONAPLEX_MODEL, ModelConfig
 from agent.models import TEXT_PADDING_ID, ModelLoadError, load_mimi, resolve_device, tiny_tokenizer_path
 from agent.train.align import MAIN_SPEAKER
-from agent.train.common import (Report, StageRun, Summary, UsageError, atomic_write_json, fingerprint,
-                                progress, read_audio_checked)
+from agent.train.common import (
+    Report,
+    StageRun,
+    Summary,
+    UsageError,
+    atomic_write_json,
+    fingerprint,
+    progress,
+    read_audio_checked,
+)
 from agent.train.records import AlignedRecord, TokenRecord, to_dict
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 

@@ -23,8 +23,14 @@ GPUs; `fsdp: true` shards the 7B across GPUs instead). Logs: <out>/metrics.csv, 
 files when the `tensorboard` package is installed.
 """
 
-from agent.train.trainer.checkpoints import (CHECKPOINTS, STATE_FILE, TRAINABLE_FILE, checkpoint_dirs,
-                                             latest_checkpoint, load_trainable)
+from agent.train.trainer.checkpoints import (
+                                             CHECKPOINTS,
+                                             STATE_FILE,
+                                             TRAINABLE_FILE,
+                                             checkpoint_dirs,
+                                             latest_checkpoint,
+                                             load_trainable,
+)
 from agent.train.trainer.config import TrainConfig
 from agent.train.trainer.loop import RUN_FILE, TrainResult, run_train
 from agent.train.trainer.loss import LossModule, masked_cross_entropy

@@ -21,8 +21,15 @@ from agent.train.common import Report, UsageError, atomic_write_json, read_manif
 from agent.train.records import TokenRecord
 from agent.train.tokens import INFO as TOKENS_INFO
 from agent.train.tokens import file_digest
-from agent.train.trainer.checkpoints import (CHECKPOINTS, STATE_FILE, latest_checkpoint, load_trainable,
-                                             optimizer_state, restore_state, save_checkpoint)
+from agent.train.trainer.checkpoints import (
+    CHECKPOINTS,
+    STATE_FILE,
+    latest_checkpoint,
+    load_trainable,
+    optimizer_state,
+    restore_state,
+    save_checkpoint,
+)
 from agent.train.trainer.config import TrainConfig
 from agent.train.trainer.distributed import Dist, fsdp_shard, init_distributed
 from agent.train.trainer.loss import LossModule
