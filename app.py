@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=env("AGENT_MODEL"),
                    help="HF repo id (default on GPU: kyutai/moshiko-pytorch-bf16), a local checkpoint folder, "
-                        "'tiny' (random weights, default on CPU), 'moshi-7b-random', nvidia/personaplex-7b-v1 (voice and persona "
-                        "prompts; gated: HF_TOKEN) or 'tiny-personaplex' (its layout, random weights). Several, comma-separated "
+                        "'tiny' (random weights, default on CPU), 'moshi-7b-random', nvidia/personaplex-7b-v1 "
+                        "(voice and persona prompts; gated: HF_TOKEN) or 'tiny-personaplex' (its layout, "
+                        "random weights). Several, comma-separated "
                         "(e.g. kyutai/moshiko-pytorch-bf16,kyutai/moshika-pytorch-bf16), serve each voice from "
                         "the model that has it")
     p.add_argument("--device", default=env("AGENT_DEVICE"), help="cuda, cuda:1, cpu (default: cuda if present)")
@@ -49,13 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=None, help="LM attention context in frames (12.5 per second)")
     p.add_argument("--max-sessions", type=int, default=int(env("AGENT_MAX_SESSIONS", "0")) or None,
                    help="seats: calls served at once in one batch (default: from device memory; 4 on CPU)")
-    p.add_argument("--temp", type=float, default=sampling.temp, help="every call's starting audio temperature (a call may choose its own)")
+    p.add_argument("--temp", type=float, default=sampling.temp,
+                   help="every call's starting audio temperature (a call may choose its own)")
     p.add_argument("--temp-text", type=float, default=sampling.temp_text, help="every call's starting text temperature")
     p.add_argument("--top-k", type=int, default=sampling.top_k, help="every call's starting audio top-k")
     p.add_argument("--top-k-text", type=int, default=sampling.top_k_text, help="every call's starting text top-k")
     p.add_argument("--seed", type=int, default=ModelConfig.seed, help="seed for random-weight models")
-    p.add_argument("--host", default=env("AGENT_HOST", env("GRADIO_SERVER_NAME", ServerConfig.host)), help="0.0.0.0 to serve the network")
-    p.add_argument("--port", type=int, default=int(env("AGENT_PORT", env("GRADIO_SERVER_PORT", str(ServerConfig.port)))))
+    p.add_argument("--host", default=env("AGENT_HOST", env("GRADIO_SERVER_NAME", ServerConfig.host)),
+                   help="0.0.0.0 to serve the network")
+    p.add_argument("--port", type=int,
+                   default=int(env("AGENT_PORT", env("GRADIO_SERVER_PORT", str(ServerConfig.port)))))
     p.add_argument("--share", action="store_true",
                    help="public Gradio link (downloads Gradio's tunnel binary: needs internet)")
     p.add_argument("--vad-silence-ms", type=int, default=ServerConfig.vad_silence_ms,
@@ -67,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "prefer the AGENT_AUTH variable, which stays out of shell history")
     p.add_argument("--max-calls-per-client", type=int, default=int(env("AGENT_MAX_CALLS_PER_CLIENT", "0")) or None,
                    help="concurrent WebSocket calls from one address (default: none; 2 with --share)")
-    p.add_argument("--drain-seconds", type=float, default=float(env("AGENT_DRAIN_SECONDS", str(ServerConfig.drain_seconds))),
+    p.add_argument("--drain-seconds", type=float,
+                   default=float(env("AGENT_DRAIN_SECONDS", str(ServerConfig.drain_seconds))),
                    help="on SIGTERM, how long live calls may go on before the server exits")
     p.add_argument("--resume-seconds", type=float,
                    default=float(env("AGENT_RESUME_SECONDS", str(ServerConfig.resume_seconds))),

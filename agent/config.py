@@ -39,7 +39,7 @@ class SamplingConfig:
 
 @dataclass
 class ModelConfig:
-    model: str | None = None  # HF repo id, local folder, "tiny", "tiny-personaplex" or "moshi-7b-random"; None = by device
+    model: str | None = None  # HF id, local folder, "tiny", "tiny-personaplex" or "moshi-7b-random"; None = by device
     device: str | None = None  # None = cuda if available, else cpu
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
     seed: int = 42424242

@@ -10,6 +10,7 @@ ending a call run on the hub's few call-setup threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -246,10 +247,8 @@ class MoshiHandler(AsyncStreamHandler):
             wake.clear()
             if self.session is not session:  # a call opened meanwhile
                 return None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), IDLE_WAIT_S)
-            except TimeoutError:
-                pass
             return None
         out = await session.wait_output(EMIT_WAIT_S)
         for notice in session.take_notices():

@@ -51,8 +51,8 @@ TOKENIZER_CORPUS = ASSETS / "telugu_sentences.txt"
 TEXT_PADDING_ID = 3  # Moshi's "no word" token; 0 is its end-of-padding marker
 TELUGU_TINY_DIR = ASSETS / "models" / TELUGU_TINY_MODEL
 TELUGU_TINY_NOTE = ("a toy trained on this project's CPU on synthetic espeak-ng Telugu dialogues, not a Telugu Moshi: "
-                    "a muffled robotic voice whose words are not intelligible, a few dozen sentences, no understanding. "
-                    "It exists to show that the training "
+                    "a muffled robotic voice whose words are not intelligible, a few dozen sentences, "
+                    "no understanding. It exists to show that the training "
                     "pipeline teaches full-duplex behaviour (silent while you speak, answering when you stop) and "
                     "to give the CPU demo a voice that speaks.")
 
@@ -88,7 +88,8 @@ class LoadedModel:
         params = sum(p.numel() for p in self.lm.parameters())
         kind = "RANDOM WEIGHTS (not a trained speech model: the voice is noise)" if self.random_weights else \
             "TOY trained on synthetic espeak-ng speech" if self.toy_note else "trained"
-        return f"{self.name} · {params / 1e6:.1f} M LM params · {self.device.type} {str(self.dtype).removeprefix('torch.')} · {kind}"
+        return (f"{self.name} · {params / 1e6:.1f} M LM params · "
+                f"{self.device.type} {str(self.dtype).removeprefix('torch.')} · {kind}")
 
     @property
     def condition_values(self) -> dict[str, list[str]]:
@@ -296,7 +297,8 @@ def tiny_personaplex_folder(seed: int = ModelConfig.seed, cache_dir: Path | None
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, tmp / "mimi.safetensors")
     (tmp / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
     (tmp / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(), indent=1))
-    (tmp / "config.json").write_text(json.dumps(dict(config, moshi_name="model.safetensors", mimi_name="mimi.safetensors",
+    (tmp / "config.json").write_text(json.dumps(dict(config, moshi_name="model.safetensors",
+                                                     mimi_name="mimi.safetensors",
                                                      tokenizer_name="tokenizer.model",
                                                      mimi_config_name="mimi_config.json",
                                                      model_id={"base": TINY_MODEL}), indent=1))
@@ -452,7 +454,8 @@ def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
                        lm_config=lm_config,
                        mimi_config=info.mimi_config, tokenizer_path=Path(info.tokenizer),
                        takes_prompts=is_personaplex, lm_weights=Path(info.moshi_weights),
-                       preset_voices=personaplex.preset_voices(Path(info.moshi_weights).parent) if is_personaplex else {})
+                       preset_voices=(personaplex.preset_voices(Path(info.moshi_weights).parent)
+                                      if is_personaplex else {}))
 
 
 def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> tuple[MimiModel, dict | None]:

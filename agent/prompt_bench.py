@@ -108,7 +108,8 @@ def _window(latency: list[tuple[float, float]], start: float, end: float) -> dic
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)), "n": len(values)}
 
 
-def _start_call(engine: FrameEngine, feeder: Feeder, spec: PromptSpec | None, timeout: float = 20.0) -> tuple[Seat, float]:
+def _start_call(engine: FrameEngine, feeder: Feeder, spec: PromptSpec | None,
+                timeout: float = 20.0) -> tuple[Seat, float]:
     """Take a seat, ask for the prompt, feed audio: ms until the first agent frame arrives."""
     t0 = time.monotonic()
     seat = engine.acquire("bench-join")
@@ -123,7 +124,8 @@ def _start_call(engine: FrameEngine, feeder: Feeder, spec: PromptSpec | None, ti
     raise RuntimeError("no agent frame within the timeout")
 
 
-def _burst(engine: FrameEngine, feeder: Feeder, voice: str | None, joiners: int, with_prompts: bool) -> dict[str, float]:
+def _burst(engine: FrameEngine, feeder: Feeder, voice: str | None, joiners: int,
+           with_prompts: bool) -> dict[str, float]:
     """`joiners` calls join at once (new prompts, or none); the other calls' latency over the next 3 s."""
     start = time.monotonic()
     joined: list[Seat] = []
@@ -198,8 +200,10 @@ def print_prompts(r: PromptBench) -> None:
         print(f"  call start (connect -> first agent frame), {kind:9s}: {ms(values)}")
     print(f"  prompt prefill (one pass, between two ticks): {ms(r.prefill_ms)}; batch step p50 {r.step_p50_ms:.1f} ms")
     print(f"  one forced step per tick instead: {r.prompt_frames} ticks = {r.forced_step_alternative_ms:.0f} ms "
-          f"before answering, and {r.prompt_frames} extra batch steps (~{r.prompt_frames * r.step_p50_ms:.0f} ms of compute)")
+          f"before answering, and {r.prompt_frames} extra batch steps "
+          f"(~{r.prompt_frames * r.step_p50_ms:.0f} ms of compute)")
     b, d, c = r.others_before_ms, r.others_during_ms, r.others_during_plain_ms
     print(f"  other calls' frame latency p50 / p99: before {b['p50']:.0f} / {b['p99']:.0f} ms; "
           f"4 calls joining with new prompts {d['p50']:.0f} / {d['p99']:.0f} ms; "
-          f"4 joining without prompts {c['p50']:.0f} / {c['p99']:.0f} ms (step p99 over the run {r.step_p99_during_ms:.0f} ms)")
+          f"4 joining without prompts {c['p50']:.0f} / {c['p99']:.0f} ms "
+          f"(step p99 over the run {r.step_p99_during_ms:.0f} ms)")

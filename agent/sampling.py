@@ -138,7 +138,8 @@ class SeatSampler:
     def sample(self, logits: torch.Tensor, stream: Stream) -> torch.Tensor:
         uniform = self._uniform
         if uniform is not None and self._scalar_allowed:
-            temp, top_k = (uniform.temp, uniform.top_k) if stream == "audio" else (uniform.temp_text, uniform.top_k_text)
+            temp, top_k = ((uniform.temp, uniform.top_k) if stream == "audio"
+                           else (uniform.temp_text, uniform.top_k_text))
             return sample_token(logits.float(), temp > 0, temp, top_k)
         if self.rank[stream].numel() > logits.shape[-1]:  # a cap above the vocabulary: the whole of it
             self.rank[stream] = self.rank[stream][:logits.shape[-1]]

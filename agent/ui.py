@@ -92,7 +92,8 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
     rtf = "–" if step["rtf"] is None else f"{step['rtf']:.2f}"
     lines = [
         "| Figure | Now |", "|---|---|",
-        f"| Step (last / p50 / p95) | {fmt_ms(step['last_ms'])} / {fmt_ms(step['p50_ms'])} / {fmt_ms(step['p95_ms'])} |",
+        f"| Step (last / p50 / p95) | {fmt_ms(step['last_ms'])} / {fmt_ms(step['p50_ms'])} / "
+        f"{fmt_ms(step['p95_ms'])} |",
         f"| Real-time factor | {rtf} |",
         f"| Seats in use | {service.seats_in_use()} / {service.seats_total()} |",
     ]
@@ -107,7 +108,8 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
         transcript = fig.transcript
         turns = [f"{v:.0f}" if v is not None else "no reply" for v in fig.turn_latencies_ms[-5:]]
         lines += [
-            f"| Frame latency p50 / p95 | {fmt_ms(fig.frame_latency_ms['p50'])} / {fmt_ms(fig.frame_latency_ms['p95'])} |",
+            f"| Frame latency p50 / p95 | {fmt_ms(fig.frame_latency_ms['p50'])} / "
+            f"{fmt_ms(fig.frame_latency_ms['p95'])} |",
             f"| Voice-to-voice, last turns (ms) | {', '.join(turns) if turns else 'speak, then pause'} |",
             f"| Frames in / out | {fig.frames_in} / {fig.frames_out} |",
             f"| Dropped in / out · late ticks | {fig.input_dropped} / {fig.output_dropped} · {fig.frozen_ticks} |",
@@ -119,7 +121,8 @@ def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.D
             lines.append(f"| Persona | {persona[:60]}{'…' if len(persona) > 60 else ''} |")
         if fig.sampling is not None:
             s = fig.sampling
-            lines.append(f"| Sampling text · audio | T {s.temp_text:g}, top-{s.top_k_text} · T {s.temp:g}, top-{s.top_k} |")
+            lines.append(f"| Sampling text · audio | T {s.temp_text:g}, top-{s.top_k_text} · "
+                         f"T {s.temp:g}, top-{s.top_k} |")
         if fig.closed_reason:
             lines.append(f"| Call | ended: {fig.closed_reason} |")
         points += [{"seconds": round(at - now, 1), "ms": value, "series": "voice-to-voice"}
@@ -209,8 +212,8 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
-        call.stream(MoshiHandler(service.hub), inputs=[call, voice, emotion, *sampling, persona, preset], outputs=[call],
-                    concurrency_limit=service.seats_total())
+        call.stream(MoshiHandler(service.hub), inputs=[call, voice, emotion, *sampling, persona, preset],
+                    outputs=[call], concurrency_limit=service.seats_total())
         note_offers(call, service.hub)
 
         wide_screen = gr.Checkbox(visible=False)  # set by the browser on load (IS_WIDE_SCREEN_JS)

@@ -86,7 +86,8 @@ class Silero:
         return torch.zeros(2, n, 128)
 
     @torch.no_grad()
-    def __call__(self, windows: np.ndarray, contexts: np.ndarray, states: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    def __call__(self, windows: np.ndarray, contexts: np.ndarray,
+                 states: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         x = torch.from_numpy(np.concatenate([contexts, windows], axis=1).astype(np.float32, copy=False))
         out, states = self._net(x, states)
         return out[:, 0].numpy(), states

@@ -168,7 +168,8 @@ class Catalogue:
         for v in self.voices:
             if prompt_presets is not None:
                 ok = self._voice_prompt(v, prompt_presets) is not None
-                out[v.id] = Support(ok, "a voice prompt" if ok else f"its voice prompt {v.prompt!r} is not on this model")
+                out[v.id] = Support(ok, "a voice prompt" if ok
+                                    else f"its voice prompt {v.prompt!r} is not on this model")
             elif values is not None:
                 out[v.id] = Support(v.id in values, "" if v.id in values else "not among this model's trained speakers")
             elif v.released_checkpoint and _same_checkpoint(model_name, v.released_checkpoint):
@@ -208,7 +209,8 @@ def load_catalogue(path: Path = CATALOGUE_PATH) -> Catalogue:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CatalogueError(f"cannot read catalogue {path}: {exc}") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("voices"), list) or not isinstance(raw.get("emotions"), list):
+    if (not isinstance(raw, dict) or not isinstance(raw.get("voices"), list)
+            or not isinstance(raw.get("emotions"), list)):
         raise CatalogueError(f"{path}: needs 'voices' and 'emotions' lists")
     voices = []
     for i, v in enumerate(raw["voices"]):

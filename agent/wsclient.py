@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl as ssl_module
@@ -160,10 +161,8 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
                     break
                 await asyncio.sleep(0.02)
             if stop:
-                try:
+                with contextlib.suppress(websockets.ConnectionClosed):
                     await ws.send(json.dumps({"event": "stop"}))
-                except websockets.ConnectionClosed:
-                    pass
         finally:
             read_task.cancel()
             await asyncio.gather(read_task, return_exceptions=True)

@@ -22,7 +22,8 @@ def test_engine_bench_structure(tmp_path):
         assert p.encode_ms > 0 and p.lm_ms > 0 and p.decode_ms > 0 and p.rtf > 0 and p.rss_mib > 0
     assert result.max_sessions_p99_under_frame in (0, 1, 2)
     overhead = bench_overhead(TINY, batch=1, frames=5, warmup=2)
-    assert overhead.engine_ms > 0 and overhead.bare_ms > 0 and math.isclose(overhead.ratio, overhead.engine_ms / overhead.bare_ms)
+    assert (overhead.engine_ms > 0 and overhead.bare_ms > 0
+            and math.isclose(overhead.ratio, overhead.engine_ms / overhead.bare_ms))
     assert overhead.per_seat_sampling_ms is None  # one seat always agrees with itself
     assert bench_overhead(TINY, batch=2, frames=3, warmup=1).per_seat_sampling_ms > 0
 

@@ -129,7 +129,8 @@ def test_conditioned_checkpoint_roundtrip_and_missing_conditioner_weights(tmp_pa
 
     # weights saved without the conditioner tables, config still declaring them: a clear error
     from safetensors.torch import load_file, save_file
-    state = {k: v for k, v in load_file(folder / "model.safetensors").items() if not k.startswith("condition_provider.")}
+    state = {k: v for k, v in load_file(folder / "model.safetensors").items()
+             if not k.startswith("condition_provider.")}
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ModelLoadError, match="conditioner weights"):
         load_model(ModelConfig(model=str(folder), device="cpu"))
@@ -144,7 +145,8 @@ def test_moshiko_and_moshika_together_route_calls_by_voice(tmp_path, telugu_spee
 
     moshiko = unconditioned_folder(tmp_path / "moshiko-pytorch-bf16", seed=1)
     moshika = unconditioned_folder(tmp_path / "moshika-pytorch-bf16", seed=2)
-    service = build_service([ModelConfig(model=str(moshiko), device="cpu"), ModelConfig(model=str(moshika), device="cpu")],
+    service = build_service([ModelConfig(model=str(moshiko), device="cpu"),
+                             ModelConfig(model=str(moshika), device="cpu")],
                             EngineConfig(max_sessions=2), ServerConfig(), warm_up=False)
     try:
         assert all(s.supported for s in service.voice_support().values())  # together they have every voice

@@ -11,6 +11,7 @@ the real nginx.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -248,10 +249,8 @@ def test_start_sh_serves_on_the_port_then_drains_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the group start.sh leads: whatever it left behind
-        except ProcessLookupError:
-            pass
         proc.wait()
     log = proc.stdout.read()
     assert "nothing to download" in log and "draining" in log
@@ -557,7 +556,7 @@ def test_reliab_k8s_manifests_validate_against_kubernetes_schemas():
 
     version = kv.latest_version()
     checked = []
-    for name, doc in k8s_documents():
+    for _name, doc in k8s_documents():
         if (doc["apiVersion"], doc["kind"]) in CUSTOM_RESOURCES:
             continue
         kv.validate(doc, version, strict=True)  # raises ValidationError with the path of what is wrong

@@ -125,10 +125,16 @@ def test_eval_run_clean_prefix_and_seeded_sampling(tmp_path):
         folder.mkdir(parents=True)
         sf.write(folder / "input.wav", varied_audio(6, seed=1), SAMPLE_RATE)
         sf.write(folder / "clean_input.wav", varied_audio(5, seed=2), SAMPLE_RATE)
-    sampled = lambda seed: RunConfig(seats=1, seed=seed, prefix="clean_")
+
+    def sampled(seed):
+        return RunConfig(seats=1, seed=seed, prefix="clean_")
+
     for root, seed in (("a", 7), ("b", 7), ("c", 8)):
         run_set(tiny_model(), find_samples(tmp_path / root), config=sampled(seed))
-    read = lambda root: sf.read(tmp_path / root / "0" / "clean_output.wav", dtype="int16")[0]
+
+    def read(root):
+        return sf.read(tmp_path / root / "0" / "clean_output.wav", dtype="int16")[0]
+
     assert not (tmp_path / "a" / "0" / "output.wav").exists()
     assert read("a").size == 5 * FRAME_SIZE
     np.testing.assert_array_equal(read("a"), read("b"))

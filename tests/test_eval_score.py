@@ -135,7 +135,9 @@ def test_eval_backchannel_rate_and_jsd(tmp_path, clips):
 
 def test_eval_word_rule_as_fdb():
     """>= 1 s or > 3 words takes the turn; no words never does."""
-    words = lambda n, span: [Word(f"w{i}", i * span / n, (i + 1) * span / n) for i in range(n)]
+    def words(n, span):
+        return [Word(f"w{i}", i * span / n, (i + 1) * span / n) for i in range(n)]
+
     assert not Speech.from_words([]).took_turn()
     assert not Speech.from_words(words(3, 0.9)).took_turn()
     assert Speech.from_words(words(4, 0.9)).took_turn()
@@ -147,7 +149,8 @@ def test_eval_output_json_words_are_used(tmp_path, clips):
     """A transcript beside output.wav (FDB's asr.py format) decides, not the VAD."""
     truth, end = turn_taking_set(tmp_path, clips)
     write_words(tmp_path / "1" / "output.json",  # the silent sample, with 4 quick words 0.5 s after
-                [Word(w, end + 0.5 + 0.2 * i, end + 0.6 + 0.2 * i) for i, w in enumerate(["ఒకటి", "రెండు", "మూడు", "నాలుగు"])])
+                [Word(w, end + 0.5 + 0.2 * i, end + 0.6 + 0.2 * i)
+                 for i, w in enumerate(["ఒకటి", "రెండు", "మూడు", "నాలుగు"])])
     write_words(tmp_path / "0" / "output.json", [Word("అవును", end + 0.3, end + 0.6)])  # one short word
     rows = {r.name: r for r in score(tmp_path, "turn-taking").samples}
     assert rows["1"].took_turn and rows["1"].latency_s == pytest.approx(0.5)

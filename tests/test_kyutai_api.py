@@ -37,7 +37,8 @@ class CollectingPrinter(RawPrinter):
 def headless_connection(ws, printer) -> Connection:
     """moshi's client Connection without its sounddevice streams."""
     conn = Connection.__new__(Connection)
-    conn.printer, conn.websocket, conn.sample_rate, conn.frame_size, conn.channels = printer, ws, SAMPLE_RATE, FRAME_SIZE, 1
+    conn.printer, conn.websocket, conn.sample_rate, conn.frame_size, conn.channels = (
+        printer, ws, SAMPLE_RATE, FRAME_SIZE, 1)
     conn._done = False
     conn._opus_writer = sphn.OpusStreamWriter(SAMPLE_RATE)
     conn._opus_reader = sphn.OpusStreamReader(SAMPLE_RATE)
@@ -91,7 +92,8 @@ def test_api_chat_full_house_gets_an_error_message(live_server):
     held = [engine.acquire(f"x{i}") for i in range(engine.num_seats)]
     try:
         async def go():
-            async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{live_server.port}/api/chat") as ws:
+            async with (aiohttp.ClientSession() as http,
+                        http.ws_connect(f"ws://127.0.0.1:{live_server.port}/api/chat") as ws):
                 return await ws.receive_bytes(timeout=5)
         first = asyncio.run(go())
     finally:

@@ -63,7 +63,8 @@ def test_persona_trimmed_depformer_gives_the_agent_codebooks_unchanged(persona_f
 
 def test_persona_moshiko_folders_keep_loading_unprompted(tmp_path):
     tiny = load_model(ModelConfig(model="tiny", device="cpu"))
-    folder = write_checkpoint_folder(tiny, tmp_path / "moshiko-like", tiny.lm_config, tiny.mimi_config, tiny.tokenizer_path)
+    folder = write_checkpoint_folder(tiny, tmp_path / "moshiko-like", tiny.lm_config, tiny.mimi_config,
+                                     tiny.tokenizer_path)
     model = load_checkpoint(str(folder), torch.device("cpu"), torch.float32)
     assert not model.takes_prompts and model.preset_voices == {}
 

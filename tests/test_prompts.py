@@ -107,7 +107,8 @@ def test_prompt_unreadable_silent_or_long_voice_wav_is_refused(persona_folder, t
             builder.frames(PromptSpec(str(path)))
 
 
-def reference_run(model, frames, user_audio: np.ndarray, batch: int = 1, row: int = 0) -> tuple[list[int], list[np.ndarray]]:
+def reference_run(model, frames, user_audio: np.ndarray, batch: int = 1,
+                  row: int = 0) -> tuple[list[int], list[np.ndarray]]:
     """THE documented sequence, plainly: one conversation on stock moshi's LMGen, its P prompt steps
     forced one by one (agent/prompt_state.py's contract), then the conversation. Returns each
     conversation frame's text token and decoded audio.
@@ -234,7 +235,7 @@ def test_prompt_call_ends_before_its_prompt_leaves_the_context(persona_folder):
     prompted.set_prompt(PromptSpec("NATF0"))
     length = len(engine.prompts.frames(PromptSpec("NATF0")))
     audio = frames_of(varied_audio(context, 5))
-    for k, frame in enumerate(audio):
+    for _k, frame in enumerate(audio):
         if prompted.closed:
             break
         prompted.push(frame)
@@ -329,7 +330,7 @@ def test_prompt_prefill_failure_ends_only_its_own_call(persona_folder, monkeypat
 
     monkeypatch.setattr(engine.lm_gen, "prefill", broken)
     failing.set_prompt(PromptSpec("NATF0", PERSONA_EN))
-    for k, frame in enumerate(frames_of(varied_audio(4, 2))):
+    for _k, frame in enumerate(frames_of(varied_audio(4, 2))):
         other.push(frame)
         if not failing.closed:
             failing.push(frame)

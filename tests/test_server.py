@@ -99,7 +99,8 @@ def test_client_vanishing_mid_call_frees_its_seat_and_spares_others(live_server,
     assert result.errors == [] and result.received_seconds >= result.sent_seconds - 0.5
     # its seat waits for it to resume the call, then is freed
     resume_s = live_server.service.hub.resume_seconds
-    assert wait_until(lambda: engine.seats_in_use() == 0, timeout=resume_s + 10), "the vanished client's seat was not freed"
+    assert wait_until(lambda: engine.seats_in_use() == 0,
+                      timeout=resume_s + 10), "the vanished client's seat was not freed"
 
 
 def test_malformed_messages_are_answered_and_the_call_goes_on(live_server, telugu_speech):

@@ -156,8 +156,9 @@ def test_script_from_jsonl_skips_bad_lines_with_reasons(tmp_path):
     assert [k["id"] for k in kept] == ["jsonl-000001"] and kept[0]["turns"][3]["interrupts"] is True
     reasons = [r["reason"] for r in _jsonl(tmp_path / "A/report.jsonl")]
     assert len(reasons) == 1 + len(bad)
-    for expected in ("not JSON", "empty text (turn 1)", "too long (turn 1: 401", "unknown voice 'robot'", "unknown emotion 'bored'",
-                     "speaker must be", "by both the agent and the user", "must follow the other side",
+    for expected in ("not JSON", "empty text (turn 1)", "too long (turn 1: 401", "unknown voice 'robot'",
+                     "unknown emotion 'bored'", "speaker must be", "by both the agent and the user",
+                     "must follow the other side",
                      "no licence"):
         assert any(expected in r for r in reasons), (expected, reasons)
     kinds = json.loads((tmp_path / "A/summary.json").read_text())["reasons"]  # skips grouped by problem
@@ -297,7 +298,8 @@ def test_synth_parler_backend_with_a_tiny_random_model(tmp_path):
         assert rate == 24_000 and audio.shape[1] == 2 and _active(audio[:, 0]).any() and _active(audio[:, 1]).any()
         assert record["n_words"] == sum(len(t["words"]) for t in record["turns"] if t["role"] == "agent")
     card = json.loads((tmp_path / "B/card.json").read_text())
-    assert card["generator"]["tts"]["name"] == "Indic Parler-TTS" and card["generator"]["tts"]["licence"] == "Apache-2.0"
+    assert (card["generator"]["tts"]["name"] == "Indic Parler-TTS"
+            and card["generator"]["tts"]["licence"] == "Apache-2.0")
     # Each catalogue voice and emotion reads as its own description; the card's named Telugu speakers are used.
     descriptions = {ParlerBackend.description(Style(v.id, v.gender, e.id))
                     for v in CATALOGUE.voices for e in CATALOGUE.emotions}

@@ -117,7 +117,7 @@ def test_telugu_tiny_loudness_timing_sees_an_agent_that_waits_then_answers(tmp_p
     from agent.eval.evalset import make_set
     folders = make_set(tmp_path / "set", per_task=2)
     rate = 16_000
-    for i, sample in enumerate(sorted(folders["turn_taking"].iterdir())):
+    for _i, sample in enumerate(sorted(folders["turn_taking"].iterdir())):
         n = sf.info(str(sample / "input.wav")).frames
         end = json.loads((sample / "turn_taking.json").read_text())[0]["timestamp"][0]
         out = np.full(n, 0.001, np.float32)

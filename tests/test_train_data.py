@@ -348,8 +348,8 @@ def test_later_stages_skip_bad_records(work, tmp_path):
     _write(tmp_path / "r8k.wav", np.zeros(8_000, np.float32), 8_000)
     base = {"duration": 1.0, "kind": "utterance", "speaker": "x", "emotion": "neutral", "licence": "l", "source": "s"}
     (tmp_path / "manifest.jsonl").write_text(
-        json.dumps({"id": "r8k", "path": "r8k.wav", **base}) + "\n" + json.dumps({"id": "gone", "path": "gone.wav", **base})
-        + "\n" + '{"id": "partial"}\n', encoding="utf-8")
+        json.dumps({"id": "r8k", "path": "r8k.wav", **base}) + "\n"
+        + json.dumps({"id": "gone", "path": "gone.wav", **base}) + "\n" + '{"id": "partial"}\n', encoding="utf-8")
     assert main(["segment", "--in", str(tmp_path / "manifest.jsonl"), "--out", str(tmp_path / "seg"), "--quiet"]) == 0
     report = {x["item"]: x["reason"] for x in _jsonl(tmp_path / "seg/report.jsonl")}
     assert report["r8k"].startswith("wrong sample rate: 8000 Hz")

@@ -147,7 +147,8 @@ def test_train_loss_falls_and_export_loads_into_the_app(data, tmp_path, telugu_s
     # What the app loaded is the trained model: on a training dialogue its loss is the trained loss, far
     # below where training started (a loader that dropped the LoRA or the new text layers would not be).
     record = json.loads((data / "tokens/manifest.jsonl").read_text().splitlines()[0])
-    losses = [_teacher_forced_loss(m.lm, data / "tokens" / record["path"], record["conditions"]) for m in (adapter, fused)]
+    losses = [_teacher_forced_loss(m.lm, data / "tokens" / record["path"], record["conditions"])
+              for m in (adapter, fused)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
     assert losses[0] < 0.7 * first, (losses, first)
 
@@ -242,7 +243,8 @@ def test_bad_inputs_are_clear(data, tmp_path, capsys):
     # Shards made with one tokenizer cannot train with another (the text ids would mean other words).
     other = tmp_path / "other.model"
     other.write_bytes(_tiny_tokenizer_bytes())
-    assert "pass the same --tokenizer" in _refused(capsys, *train, "--out", str(tmp_path / "x"), "--tokenizer", str(other))
+    assert "pass the same --tokenizer" in _refused(capsys, *train, "--out", str(tmp_path / "x"),
+                                                   "--tokenizer", str(other))
     # A run folder holding another run's settings is not silently mixed with a new one.
     _train(data, tmp_path / "one", 2)
     assert "other settings" in _refused(capsys, *train, "--out", str(tmp_path / "one"), "--lr", "1e-5",

@@ -57,7 +57,8 @@ def test_silence_and_noise_are_not_speech():
     rng = np.random.default_rng(0)
     detector = SpeechDetector()
     events = []
-    for _, frame in frames(np.concatenate([silence(1.0), (0.003 * rng.standard_normal(SAMPLE_RATE * 2)).astype(np.float32)])):
+    for _, frame in frames(np.concatenate([silence(1.0),
+                                           (0.003 * rng.standard_normal(SAMPLE_RATE * 2)).astype(np.float32)])):
         events += detector.push(frame)
     assert events == []
 

@@ -17,7 +17,8 @@ def test_shipped_catalogue_has_two_female_two_male_voices_and_five_emotions():
     assert cat.settings("ravi", "happy").emotion == "happy"
 
 
-@pytest.mark.parametrize("voice, emotion, match", [("nobody", None, "unknown voice"), (None, "bored", "unknown emotion")])
+@pytest.mark.parametrize("voice, emotion, match",
+                         [("nobody", None, "unknown voice"), (None, "bored", "unknown emotion")])
 def test_unknown_ids_are_refused_clearly(voice, emotion, match):
     with pytest.raises(CatalogueError, match=match):
         load_catalogue().settings(voice, emotion)

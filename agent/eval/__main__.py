@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     from agent.voices import CatalogueError
     try:
         return args.func(args)
-    except (EvalDataError, TranscriptError, AsrError, SpeechError, ModelLoadError, CatalogueError, OSError, ValueError) as exc:
+    except (EvalDataError, TranscriptError, AsrError, SpeechError, ModelLoadError, CatalogueError, OSError,
+            ValueError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -14,7 +14,7 @@ package behind each backend is imported only then:
 
 MODEL may be a local folder. None of these packages is a runtime requirement of the agent; tests use
 transformers for the tiny random Whisper, so requirements.txt pins it.
-"""
+"""  # noqa: E501 - a Markdown table
 
 from __future__ import annotations
 
@@ -166,8 +166,9 @@ def load_transcriber(spec: str, device: str | None = None, language: str = "te")
     model = model or DEFAULT_MODELS[backend]
     if backend == "whisper" and model == TINY_RANDOM:
         log.warning("ASR whisper:tiny-random has RANDOM weights: its words are noise (for tests and smoke runs)")
-        transcriber = WhisperTranscriber(str(build_tiny_whisper(Path(tempfile.gettempdir()) / "agent-eval-tiny-whisper")),
-                                         device=device, language=language)
+        transcriber = WhisperTranscriber(
+            str(build_tiny_whisper(Path(tempfile.gettempdir()) / "agent-eval-tiny-whisper")),
+            device=device, language=language)
         transcriber.name = f"whisper:{TINY_RANDOM}"
         return transcriber
     return BACKENDS[backend](model, device=device, language=language)

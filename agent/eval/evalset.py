@@ -14,7 +14,7 @@ detected):
 
 Each sample also has `transcription.json` ([{"text", "timestamp": [start, end]}] per user utterance).
 The set is synthetic speech, far from real conversation: it checks the harness, not the model.
-"""
+"""  # noqa: E501 - a Markdown table
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def _write(folder: Path, audio: np.ndarray, rate: int, utterances: list[tuple[st
     folder.mkdir(parents=True, exist_ok=True)
     sf.write(str(folder / "input.wav"), audio, rate, subtype="PCM_16")
     transcription = [{"text": text, "timestamp": [round(s, 3), round(e, 3)]} for text, s, e in utterances]
-    (folder / "transcription.json").write_text(json.dumps(transcription, ensure_ascii=False, indent=2), encoding="utf-8")
+    (folder / "transcription.json").write_text(json.dumps(transcription, ensure_ascii=False, indent=2),
+                                               encoding="utf-8")
     for name, data in meta.items():
         (folder / name).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 

@@ -89,7 +89,10 @@ def transcribe_set(samples: list[Sample], transcriber: Transcriber) -> SetIntell
 
 def format_table(result: SetIntelligibility) -> str:
     r = result.rates
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     return (f"{'n':>5}{'CER ↓':>10}{'WER ↓':>10}   ASR\n"
             f"{r.n:>5}{fmt(r.cer):>10}{fmt(r.wer):>10}   {result.backend}"
             + (f"   ({r.skipped} with an empty reference left out)" if r.skipped else ""))

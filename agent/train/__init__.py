@@ -16,7 +16,7 @@ report.jsonl (one line per skipped item or note) and summary.json, resume where 
 stop on bad data. `W/align/train.jsonl` + `W/align/data/` is also a moshi-finetune dataset. Training
 checkpoints and resumes exactly (trainer/); `torchrun` runs it on several processes. Export writes
 Kyutai's folder layout: `python app.py --model models/telugu`. See docs/training.md.
-"""
+"""  # noqa: E501 - aligned command lines
 
 from agent.train.align import AlignConfig, Aligner, ProportionalAligner, run_align
 from agent.train.dialogues import DialogueConfig, run_dialogues

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stages.add_parser("dialogues", help="stereo conversations, LEFT = agent, RIGHT = user")
     _common(p)
-    _flag(p, "--road", choices=["auto", "assembled", "conversation", "monologue"], help="default auto: by each input's kind")
+    _flag(p, "--road", choices=["auto", "assembled", "conversation", "monologue"],
+          help="default auto: by each input's kind")
     _flag(p, "--seed", type=int, help="default 0")
     _flag(p, "--count", type=int, help="assembled dialogues to make (default: about one use per agent utterance)")
     _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="turns per assembled dialogue (default 4:10)")
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--backchannel-prob", type=float, help="chance of a backchannel in a turn of >= 1.5 s (default 0.3)")
     _flag(p, "--agent-voice", dest="agent_voices", action="append", metavar="SPEAKER=VOICE",
           help="data speaker -> catalogue voice id; when given, only these speakers are agents (repeatable)")
-    _flag(p, "--emotion-policy", choices=["dialogue", "turn"], help="one agent emotion per dialogue (default) or per turn")
+    _flag(p, "--emotion-policy", choices=["dialogue", "turn"],
+          help="one agent emotion per dialogue (default) or per turn")
 
     p = stages.add_parser("align", help="moshi-finetune word alignments (agent words, SPEAKER_MAIN)")
     _common(p)
@@ -149,14 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--interrupt-prob", type=float, help="default 0.12")
     _flag(p, "--overlap-prob", type=float, help="default 0.12")
     _flag(p, "--pause-prob", type=float, help="default 0.08")
-    _flag(p, "--emotion-policy", choices=["dialogue", "turn"], help="one agent emotion per dialogue (default) or per turn")
+    _flag(p, "--emotion-policy", choices=["dialogue", "turn"],
+          help="one agent emotion per dialogue (default) or per turn")
     _flag(p, "--llm-device", help="cpu or cuda (default: cuda when present)")
     _flag(p, "--workers", type=int, help="processes (default 1; with --llm each loads the model)")
 
     p = stages.add_parser("synth", help="scripts -> stereo dialogues (LEFT agent) with exact word timings, "
                                         "voice prompts and a dataset card; tokens reads its folder")
     _common(p)
-    _flag(p, "--tts", help="espeak (default; offline, CPU), parler (Indic Parler-TTS; needs parler-tts), or module:Class")
+    _flag(p, "--tts",
+          help="espeak (default; offline, CPU), parler (Indic Parler-TTS; needs parler-tts), or module:Class")
     _flag(p, "--seed", type=int, help="default 0")
     _flag(p, "--workers", type=int, help="processes (default 1)")
     _flag(p, "--user-noise-prob", type=float, help="chance of pink noise on the user channel (default 0)")
@@ -172,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _dataclass_flags(p, TrainConfig, skip={"inp", "out", "force", "quiet"})
 
     p = stages.add_parser("export", help="a checkpoint -> a folder `python app.py --model FOLDER` loads")
-    _flag(p, "--in", dest="inp", type=Path, metavar="RUN", help="a training run folder (latest checkpoint) or a step-N folder")
+    _flag(p, "--in", dest="inp", type=Path, metavar="RUN",
+          help="a training run folder (latest checkpoint) or a step-N folder")
     _flag(p, "--out", type=Path, metavar="FOLDER", help="the model folder to write")
     _flag(p, "--config", type=Path, help="JSON file of this stage's settings (flags override it)")
     _flag(p, "--fused", action="store_true", help="fold the LoRA into the weights (default: a separate adapter)")

@@ -115,7 +115,8 @@ def spectral_loss(out: torch.Tensor, ref: torch.Tensor, scales: tuple[int, ...] 
     total = out.new_zeros(())
     for n_fft in scales:
         a, b = log_spectrum(out, n_fft), log_spectrum(ref, n_fft)
-        total = total + (a.log() - b.log()).abs().mean() + torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-5)
+        total = (total + (a.log() - b.log()).abs().mean()
+                 + torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-5))
     return total / len(scales)
 
 

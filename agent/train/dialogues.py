@@ -87,7 +87,8 @@ class DialogueConfig:
     lead_in_s: tuple[float, float] = (0.2, 0.8)
     tail_s: float = 0.5
     user_first_prob: float = 0.6
-    agent_voices: dict[str, str] = field(default_factory=dict)  # data speaker -> catalogue voice; if set, only these are agents
+    # data speaker -> catalogue voice; if set, only these are agents
+    agent_voices: dict[str, str] = field(default_factory=dict)
     emotion_policy: str = "dialogue"  # "dialogue": one agent emotion per dialogue; "turn": any per turn
     turn_gap_ms: int = 800  # conversation road: a pause this long on one channel ends that side's turn
     backchannel_turn_s: float = 1.0  # conversation road: a shorter turn inside the other side's turn is a backchannel
@@ -214,7 +215,8 @@ def plan_assembled(segments: list[SegmentRecord], config: DialogueConfig, report
             emotion = emotions[(d // len(agents)) % len(emotions)]  # rotate so every emotion gets dialogues
             agent_pool = [u for u in agent_pool if u.emotion == emotion]
         pools = {AGENT: agent_pool, USER: by_speaker[user]}
-        main = {role: [u for u in pool if u.duration > config.backchannel_max_s] or pool for role, pool in pools.items()}
+        main = {role: [u for u in pool if u.duration > config.backchannel_max_s] or pool
+                for role, pool in pools.items()}
         short = {role: [u for u in pool if u.duration <= config.backchannel_max_s] for role, pool in pools.items()}
         speaker_of = {AGENT: agent, USER: user}
 
@@ -315,7 +317,8 @@ def plan_monologue(segments: list[SegmentRecord], config: DialogueConfig, report
     for agent in agents:
         transcribed = [u for u in by_speaker[agent] if u.transcript]
         if config.emotion_policy == "dialogue":
-            pools[agent] = {e: [u for u in transcribed if u.emotion == e] for e in sorted({u.emotion for u in transcribed})}
+            pools[agent] = {e: [u for u in transcribed if u.emotion == e]
+                            for e in sorted({u.emotion for u in transcribed})}
         else:
             pools[agent] = {None: transcribed}
 

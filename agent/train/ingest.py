@@ -388,13 +388,15 @@ def _check_item(item: SourceItem, config: IngestConfig, emotions: list[str]) -> 
     return labels, None
 
 
-def _make_record(item: SourceItem, labels: dict, item_id: str, config: IngestConfig) -> tuple[AudioRecord | None, str | None]:
+def _make_record(item: SourceItem, labels: dict, item_id: str,
+                 config: IngestConfig) -> tuple[AudioRecord | None, str | None]:
     """Decode, check, convert and write one item; (record, None) or (None, reason to skip)."""
     try:
         audio, rate = item.loader() if item.loader is not None else decode(item.path)
     except Exception as exc:  # noqa: BLE001 - a bad item must never stop the run
         reason = str(exc)
-        return None, reason if reason.startswith(("corrupt", "unsupported", "download")) else f"corrupt or unreadable audio: {reason}"
+        return None, (reason if reason.startswith(("corrupt", "unsupported", "download"))
+                      else f"corrupt or unreadable audio: {reason}")
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 1:
         audio = audio[:, None]

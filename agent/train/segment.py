@@ -102,7 +102,8 @@ def _words_in(words: list[Word] | None, start: float, end: float) -> list[Word]:
 
 
 def _plan_utterance(record: AudioRecord, fine: list[Span], utterances: list[Span], duration: float,
-                    config: SegmentConfig, report: Report) -> list[tuple[float, float, str | None, str | None, list[Word] | None, str]]:
+                    config: SegmentConfig,
+                    report: Report) -> list[tuple[float, float, str | None, str | None, list[Word] | None, str]]:
     """(start, end, transcript, scope, words, emotion) for each utterance to cut from one file."""
     pad = config.pad_ms / 1000
     plans = []
@@ -113,7 +114,8 @@ def _plan_utterance(record: AudioRecord, fine: list[Span], utterances: list[Span
             start = max(given.start - pad, (before + given.start) / 2 if i else 0.0, 0.0)
             end = min(given.end + pad, (given.end + after) / 2 if i + 1 < len(record.segments) else duration, duration)
             if not _inside(fine, start, end):
-                report.note(record.id, record.source, f"given segment {given.start:.2f}-{given.end:.2f} s has no speech: dropped")
+                report.note(record.id, record.source,
+                            f"given segment {given.start:.2f}-{given.end:.2f} s has no speech: dropped")
                 continue
             plans.append((start, end, given.transcript, "segment" if given.transcript else None,
                           _words_in(record.words, start, end) or None, given.emotion or record.emotion))

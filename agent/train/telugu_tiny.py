@@ -66,10 +66,10 @@ def split_sentences(work: Path) -> tuple[Path, list[str]]:
     """Training sentences (file, with the corpus's licence beside it) and held-out Telugu sentences:
     every 9th Telugu line, and none of the evaluation set's questions."""
     from agent.eval.evalset import QUESTIONS
-    lines = [l.strip() for l in SENTENCES.read_text(encoding="utf-8").splitlines() if l.strip()]
-    telugu = [l for l in lines if re.search("[\u0c00-\u0c7f]", l) and l not in QUESTIONS]
+    lines = [line.strip() for line in SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
+    telugu = [line for line in lines if re.search("[\u0c00-\u0c7f]", line) and line not in QUESTIONS]
     held = telugu[4::9]
-    train = [l for l in lines if l not in held and l not in QUESTIONS]
+    train = [line for line in lines if line not in held and line not in QUESTIONS]
     folder = work / "sentences"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train.txt"
@@ -81,7 +81,8 @@ def split_sentences(work: Path) -> tuple[Path, list[str]]:
 
 def user_first(script_dir: Path, keep: int) -> Path:
     """The first `keep` scripts whose first turn is the user's (the agent listens, then answers)."""
-    rows = [json.loads(l) for l in (script_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if l]
+    rows = [json.loads(line) for line in (script_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+            if line]
     chosen = [r for r in rows if r["turns"] and r["turns"][0]["speaker"] == "user"][:keep]
     if not chosen:
         raise UsageError(f"{script_dir}: no script starts with the user")
@@ -165,7 +166,8 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
     step(1, "sentences")
     train_sentences, held = split_sentences(w)
     step(2, "script")
-    stage(["script", "--sentences", str(train_sentences), "--out", str(w / "script"), "--count", str(config.dialogues * 3),
+    stage(["script", "--sentences", str(train_sentences), "--out", str(w / "script"),
+           "--count", str(config.dialogues * 3),
            "--seed", str(config.seed), "--turns", "2:6", "--backchannel-prob", "0", "--interrupt-prob", "0",
            "--overlap-prob", "0", "--pause-prob", "0", *q])
     scripts = user_first(w / "script", config.dialogues)
