@@ -164,10 +164,10 @@ def test_telugu_tiny_live_call_answers_in_speech_with_voice_to_voice_latency(tmp
         result = asyncio.run(talk(f"ws://127.0.0.1:{port}/websocket/offer", audio, websocket_id=call_id,
                                   tail_seconds=4.0))
         assert result.errors == []
-        session = service.registry.get(call_id)
+        session = service.registry.get(result.call_id)  # WebSocket call ids are the server's
         answered = [t for t in session.latency.turns if t.latency_ms is not None]
         assert answered, session.latency.turns  # Silero heard the agent's answer after the turn
-        table = readouts(service, call_id)[1]
+        table = readouts(service, result.call_id)[1]
         assert "Voice-to-voice" in table and f"{answered[0].latency_ms:.0f}" in table, table
     finally:
         server.stop()

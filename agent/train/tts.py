@@ -131,6 +131,15 @@ class _EspeakEvent(ctypes.Structure):
 
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                              ctypes.POINTER(_EspeakEvent))
+# The library keeps one synthesis callback per process: every EspeakBackend registers this same one,
+# and it feeds whichever backend is synthesising now (a per-instance callback would be taken over by
+# the next instance made, and the first would then get no audio).
+_synthesising: EspeakBackend | None = None
+
+
+@_CALLBACK
+def _feed_active(wav, n: int, events) -> int:
+    return _synthesising._collect(wav, n, events) if _synthesising is not None else 0
 
 
 class EspeakBackend:
@@ -147,11 +156,10 @@ class EspeakBackend:
         self.language = language
         self._chunks: list[np.ndarray] = []
         self._events: list[tuple[int, int, int, int]] = []
-        self._callback = _CALLBACK(self._collect)  # kept referenced: the library calls it
         self.rate = self._lib.espeak_Initialize(2, 0, None, 0)  # AUDIO_OUTPUT_SYNCHRONOUS
         if self.rate <= 0:
             raise TTSError("espeak-ng failed to initialise")
-        self._lib.espeak_SetSynthCallback(self._callback)
+        self._lib.espeak_SetSynthCallback(_feed_active)
         self._lib.espeak_Info.restype = ctypes.c_char_p
         self.version = self._lib.espeak_Info(None).decode()
 
@@ -226,9 +234,14 @@ class EspeakBackend:
             raise TTSError(f"espeak-ng has no voice {self.language}+{variant}")
         for param, value in ((_PITCH, pitch), (_RANGE, spread), (_RATE, rate), (_VOLUME, volume)):
             self._lib.espeak_SetParameter(param, value, 0)
+        global _synthesising
         self._chunks, self._events = [], []
         data = text.encode("utf-8") + b"\0"
-        status = self._lib.espeak_Synth(data, len(data), 0, 1, 0, 1, None, None)  # POS_CHARACTER, CHARS_UTF8
+        _synthesising = self
+        try:
+            status = self._lib.espeak_Synth(data, len(data), 0, 1, 0, 1, None, None)  # POS_CHARACTER, CHARS_UTF8
+        finally:
+            _synthesising = None
         if status != 0 or not self._chunks:
             raise TTSError(f"espeak-ng failed (status {status}) on {text[:40]!r}")
         audio = np.concatenate(self._chunks)
