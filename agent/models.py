@@ -82,6 +82,7 @@ class LoadedModel:
     preset_voices: dict[str, Path] = field(default_factory=dict)  # name -> voices/NAME.pt|.wav
     lm_weights: Path | None = None  # the LM file as loaded (export puts PersonaPlex's dropped steps back from it)
     toy_note: str | None = None  # set for toy models trained here: what the page must say about them
+    weights_licence: str | None = None  # as the folder's config.json (model_id) states it; None: not stated
 
     @property
     def description(self) -> str:
@@ -455,7 +456,8 @@ def load_checkpoint(spec: str, device: torch.device, dtype: torch.dtype,
                        mimi_config=info.mimi_config, tokenizer_path=Path(info.tokenizer),
                        takes_prompts=is_personaplex, lm_weights=Path(info.moshi_weights),
                        preset_voices=(personaplex.preset_voices(Path(info.moshi_weights).parent)
-                                      if is_personaplex else {}))
+                                      if is_personaplex else {}),
+                       weights_licence=(info.model_id or {}).get("weights_licence"))
 
 
 def load_mimi(name: str, device: torch.device, seed: int = ModelConfig.seed) -> tuple[MimiModel, dict | None]:
@@ -508,15 +510,17 @@ def load_model(config: ModelConfig) -> LoadedModel:
 
 
 def write_checkpoint_folder(model: LoadedModel, folder: Path, lm_kwargs: dict, mimi_config: dict | None,
-                            tokenizer_file: Path) -> Path:
+                            tokenizer_file: Path, model_id: dict | None = None) -> Path:
     """Save a model in Kyutai's folder layout (config.json + safetensors + tokenizer) so
-    `load_model` and `moshi.run_inference` both read it."""
+    `load_model` and `moshi.run_inference` both read it. `model_id`: provenance (e.g. "weights_licence")."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.lm.state_dict().items()}, folder / "model.safetensors")
     save_file({k: v.contiguous() for k, v in model.mimi.state_dict().items()}, folder / "mimi.safetensors")
     (folder / "tokenizer.model").write_bytes(Path(tokenizer_file).read_bytes())
     config = dict(lm_kwargs, moshi_name="model.safetensors", mimi_name="mimi.safetensors",
                   tokenizer_name="tokenizer.model")
+    if model_id:
+        config["model_id"] = model_id
     if mimi_config is not None:
         (folder / "mimi_config.json").write_text(json.dumps(mimi_config, indent=1))
         config["mimi_config_name"] = "mimi_config.json"

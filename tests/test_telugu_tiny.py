@@ -64,6 +64,76 @@ def test_telugu_tiny_codec_folder_reloads_with_moshi_geometry(trained_codec, spe
     assert set(figures) == {"clips", "speech_ratio", "lsd_db"} and figures["lsd_db"] > 0
 
 
+def _codec_config(speech_wavs, out: Path, **overrides) -> codec_mod.CodecConfig:
+    settings = dict(steps=8, batch_size=2, crop_frames=4, lr=3e-3, save_every=4, quiet=True) | overrides
+    return codec_mod.CodecConfig(audio=speech_wavs, out=out, **settings)
+
+
+def test_telugu_tiny_codec_killed_run_resumes_to_the_same_weights(speech_wavs, tmp_path, monkeypatch):
+    """An interrupted codec run goes on from its last snapshot and ends where an uninterrupted one ends."""
+    settings = dict(steps=10, save_every=4)  # 4: codebooks start their dead-code countdowns at steps 1-8
+    torch.set_num_threads(1)
+    whole = codec_mod.train_codec(_codec_config(speech_wavs, tmp_path / "whole", **settings)).state_dict()
+    real_crops, calls = codec_mod.speech_crops, []
+
+    def crops_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # during step 7: the state of step 4 is on disk
+            raise KeyboardInterrupt
+        return real_crops(*args, **kwargs)
+
+    monkeypatch.setattr(codec_mod, "speech_crops", crops_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        codec_mod.train_codec(_codec_config(speech_wavs, tmp_path / "killed", **settings))
+    assert json.loads((tmp_path / "killed" / "codec.json").read_text())["done"] is False
+    monkeypatch.setattr(codec_mod, "speech_crops", real_crops)
+    resumed_config = _codec_config(speech_wavs, tmp_path / "killed", **settings)
+    resumed = codec_mod.train_codec(resumed_config).state_dict()
+    assert [row["step"] for row in resumed_config.history] == [10]
+    for key, value in whole.items():
+        assert torch.equal(value, resumed[key]), key
+    assert not (tmp_path / "killed" / codec_mod.STATE_FILE).exists()
+
+
+def _scripted_judge(monkeypatch, ratios: list[float]) -> dict[int, dict]:
+    """Silero's verdicts replaced by a script (the selection logic is under test, not Silero); returns
+    the weights seen at each judgement, by judgement number."""
+    seen: dict[int, dict] = {}
+
+    def judge(mimi, clips):
+        seen[len(seen)] = {k: v.clone() for k, v in mimi.state_dict().items()}
+        return {"clips": len(clips), "speech_ratio": ratios[len(seen) - 1], "lsd_db": 20.0 - len(seen)}
+
+    monkeypatch.setattr(codec_mod, "evaluate_codec", judge)
+    return seen
+
+
+def test_telugu_tiny_codec_trains_on_until_a_snapshot_is_heard_as_speech(speech_wavs, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    seen = _scripted_judge(monkeypatch, [0.1, 0.3, 0.9, 0.95])
+    clip = sf.read(str(speech_wavs[0]), dtype="float32")[0]
+    config = _codec_config(speech_wavs, tmp_path / "codec", steps=4, save_every=2, extra_steps=6)
+    kept = codec_mod.train_codec(config, [clip]).state_dict()
+    log = json.loads((tmp_path / "codec" / "codec.json").read_text())
+    assert [s["step"] for s in log["snapshots"]] == [2, 4, 6]  # past `steps`, stopped at the first pass
+    assert log["chosen"]["step"] == 6 and log["passed"] is True and log["done"] is True
+    for key, value in seen[2].items():  # the judged weights of step 6 are the codec written
+        assert torch.equal(value, kept[key]), key
+
+
+def test_telugu_tiny_codec_keeps_the_best_snapshot_when_none_passes(speech_wavs, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    seen = _scripted_judge(monkeypatch, [0.1, 0.5, 0.3, 0.2])
+    clip = sf.read(str(speech_wavs[0]), dtype="float32")[0]
+    config = _codec_config(speech_wavs, tmp_path / "codec", steps=4, save_every=2, extra_steps=4)
+    kept = codec_mod.train_codec(config, [clip]).state_dict()
+    log = json.loads((tmp_path / "codec" / "codec.json").read_text())
+    assert [s["step"] for s in log["snapshots"]] == [2, 4, 6, 8]
+    assert log["chosen"]["step"] == 4 and log["passed"] is False
+    for key, value in seen[1].items():
+        assert torch.equal(value, kept[key]), key
+
+
 def test_telugu_tiny_spectral_distance_is_zero_for_identical_audio(speech_wavs):
     audio, _ = sf.read(str(speech_wavs[0]), dtype="float32")
     assert codec_mod.log_spectral_distance(audio, audio) == pytest.approx(0.0, abs=1e-6)
@@ -180,12 +250,15 @@ def test_telugu_tiny_command_runs_the_whole_chain_at_smoke_scale(tmp_path):
     from agent.train.__main__ import main
     out = tmp_path / "model"
     assert main(["telugu-tiny", "--work", str(tmp_path / "work"), "--out", str(out), "--dialogues", "2",
-                 "--codec-steps", "3", "--lm-steps", "40", "--eval-samples", "1", "--quiet"]) == 0
+                 "--codec-steps", "3", "--codec-extra-steps", "0", "--lm-steps", "40", "--eval-samples", "1",
+                 "--quiet"]) == 0
     figures = json.loads((out / "eval.json").read_text())
-    assert set(figures["codec"]) == {"trained", "untrained", "heldout_sentences"}
+    assert set(figures["codec"]) == {"trained", "untrained", "heldout_sentences", "chosen_snapshot", "passed"}
+    assert figures["codec"]["chosen_snapshot"]["step"] == 3  # the one judged snapshot (--codec-steps 3)
     assert figures["turn_taking"]["untrained_tiny"]["tor"] == 0.0
     assert figures["turn_taking"]["trained"]["n"] == 1 and "loudness" in figures["turn_taking"]["trained"]
     training = json.loads((out / "training.json").read_text())
     assert training["step"] == 40
+    assert training["weights_licence"].startswith("MIT")  # random init + our data: not Kyutai's CC-BY
     model = load_model(ModelConfig(model=str(out), device="cpu"))
     assert model.mimi.num_codebooks == 8 and not model.random_weights

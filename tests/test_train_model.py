@@ -129,6 +129,9 @@ def test_train_loss_falls_and_export_loads_into_the_app(data, tmp_path, telugu_s
     assert "lora" not in json.loads((tmp_path / "fused/config.json").read_text())
     provenance = json.loads((tmp_path / "adapter/training.json").read_text())
     assert provenance["data_licences"] == ["CC-BY-4.0 (synthetic test speech)"]
+    # Trained from the random tiny model: no Kyutai weights inside, so not their licence
+    assert provenance["weights_licence"].startswith("MIT") and "Kyutai)" not in provenance["weights_licence"]
+    assert config["model_id"]["weights_licence"] == provenance["weights_licence"]  # carried to the next fine-tune
 
     _, audio = telugu_speech
     greedy = SamplingConfig(use_sampling=False)
@@ -164,6 +167,16 @@ def _teacher_forced_loss(lm, shard_path: Path, conditions: dict) -> float:
     codes = torch.cat([shard["text"][None, :75].long(), shard["audio"][:, :75].long()])[None]
     with torch.no_grad():
         return float(LossModule(lm, TrainConfig(inp=Path("-"), out=Path("-")))(codes, [conditions])["loss"])
+
+
+@pytest.mark.parametrize("steps", [1, 20])
+def test_short_runs_train_whatever_their_length(data, tmp_path, steps):
+    """OneCycleLR divides by its warm-up length minus one step: with pct_start 0.05, a 20-step run
+    raised ZeroDivisionError; a 1-step run has no room for a warm-up at all."""
+    run = _train(data, tmp_path / "run", steps)
+    rows = _metrics(run)
+    assert len(rows) == steps and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert float(rows[0]["lr"]) > 0
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
@@ -270,3 +283,16 @@ def test_bad_inputs_are_clear(data, tmp_path, capsys):
 def _tiny_tokenizer_bytes() -> bytes:
     from agent.models import tiny_tokenizer_path
     return tiny_tokenizer_path().read_bytes()
+
+
+def test_export_licence_follows_the_base():
+    """Exported weights inherit their base's licence: Kyutai's CC-BY for their checkpoints, MIT for
+    random initialisation, what a base folder states, PersonaPlex's for PersonaPlex."""
+    from dataclasses import replace
+
+    from agent.train.export import KYUTAI_LICENCE, PERSONAPLEX_LICENCE, RANDOM_INIT_LICENCE, weights_licence
+    tiny = load_model(ModelConfig(model="tiny", device="cpu", dtype="float32"))
+    assert weights_licence(tiny) == RANDOM_INIT_LICENCE
+    assert weights_licence(replace(tiny, random_weights=False)) == KYUTAI_LICENCE
+    assert weights_licence(replace(tiny, random_weights=False, weights_licence="Apache-2.0")) == "Apache-2.0"
+    assert weights_licence(replace(tiny, takes_prompts=True)) == PERSONAPLEX_LICENCE

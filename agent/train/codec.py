@@ -8,8 +8,10 @@ multi-scale log-spectral loss and the quantizer's commitment penalty. No adversa
 losses (Mimi's paper uses both): at this size and budget they are not worth their cost, so the voice is
 muffled but recognisably speech.
 
-Contract: `train_codec(CodecConfig)` -> a trained `MimiModel` saved as `mimi.safetensors` +
-`mimi_config.json` in `config.out`, plus `codec.json` with its losses and settings.
+Contract: `train_codec(CodecConfig, validation)` -> a trained `MimiModel` saved as `mimi.safetensors` +
+`mimi_config.json` in `config.out` (with validation clips: the best snapshot as Silero hears it), plus
+`codec.json` with its losses, judged snapshots and settings. An interrupted run resumes from
+`state.pt` in `config.out`.
 `evaluate_codec(mimi, clips)` -> the reconstruction figures on held-out clips (Silero speech ratio,
 log-spectral distance).
 """
@@ -20,6 +22,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
+from moshi.quantization.core_vq import EuclideanCodebook
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -152,29 +156,66 @@ class CodecConfig:
     spectral_weight: float = 1.0
     commit_weight: float = 1.0
     quantize_rate: float = 0.5  # share of crops that go through the quantizer (Mimi's paper: 0.5)
-    save_every: int = 250  # steps between snapshots of the codec in `out` (usable while training goes on)
+    save_every: int = 250  # steps between snapshots (each judged on the validation clips, when given)
+    # With validation clips, the kept codec is the best snapshot, and training goes on past `steps` (at
+    # the final learning rate, up to `extra_steps` more) until one passes: Silero hears speech in at
+    # least `min_speech_ratio` of the validation speech. Why: the decoded voice turns from murmur into
+    # speech suddenly, somewhere between 1,000 and 4,000+ steps at similar losses, so neither the loss
+    # nor a fixed step count says when the codec is ready.
+    min_speech_ratio: float = 0.8
+    extra_steps: int = 4000
     seed: int = 0
     quiet: bool = False
     history: list[dict] = field(default_factory=list)
+    snapshots: list[dict] = field(default_factory=list)  # every judged snapshot
+    kept: dict | None = None  # the judged snapshot whose weights are in `out`
 
 
-def train_codec(config: CodecConfig) -> MimiModel:
+STATE_FILE = "state.pt"  # the latest weights, optimizer and random state: an interrupted run resumes from it
+
+
+def dead_code_countdowns(mimi: MimiModel) -> dict[str, int]:
+    """Each codebook's steps until its next dead-code check. moshi keeps this countdown outside the
+    state_dict (a plain attribute, started when the codebook is first initialised), so a resumed run
+    must carry it to go on exactly as an uninterrupted one would."""
+    return {name: module._next_unused_check for name, module in mimi.named_modules()
+            if isinstance(module, EuclideanCodebook)}
+
+
+def restore_dead_code_countdowns(mimi: MimiModel, countdowns: dict[str, int]) -> None:
+    for name, module in mimi.named_modules():
+        if name in countdowns:
+            module._next_unused_check = countdowns[name]
+
+
+def snapshot_rank(snapshot: dict, min_speech_ratio: float) -> tuple:
+    """Order of preference between snapshots: a passing one beats any other; then the more speech Silero
+    hears (a ratio above 1, speech heard where there was none, counts as 1), then the closer spectrum."""
+    ratio = snapshot["speech_ratio"]
+    return (ratio >= min_speech_ratio, min(ratio, 1.0), -snapshot["lsd_db"], -snapshot["step"])
+
+
+def train_codec(config: CodecConfig, validation: list[np.ndarray] | None = None) -> MimiModel:
+    """Train (or resume training) the codec. Without `validation` clips the final weights are kept;
+    with them, the best snapshot (see CodecConfig) is kept and written to `config.out`."""
     cfg = codec_mimi_config(config.seanet_filters, config.seanet_dim)
     mimi = build_mimi(cfg, config.seed)
     for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
         rvq.q_dropout = False  # every frame trains all 8 levels: the LM always uses all of them
     signals = read_signals(config.audio)
     rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
     params = [p for p in mimi.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.8, 0.99), weight_decay=0.0)
     warmup = max(1, config.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.55 + 0.45 * math.cos(math.pi * min(1.0, s / config.steps))))  # warm up, then cosine to 10%
+        0.55 + 0.45 * math.cos(math.pi * min(1.0, s / config.steps))))  # warm up, cosine to 10%, then stay
+    step, smooth = _resume(config, mimi, opt, sched, rng)
+    limit = config.steps + (config.extra_steps if validation else 0)
     mimi.train()
     started = time.monotonic()
-    bar = tqdm(range(config.steps), desc="codec", disable=config.quiet, unit="step")
-    smooth: dict[str, float] = {}
-    for step in bar:
+    bar = tqdm(total=max(config.steps, step), initial=step, desc="codec", disable=config.quiet, unit="step")
+    while step < limit:
         ref = speech_crops(signals, config.batch_size, config.crop_frames * FRAME, rng)
         decoded, penalty = autoencode(mimi, ref, config.quantize_rate)
         wave = F.l1_loss(decoded, ref)
@@ -186,27 +227,105 @@ def train_codec(config: CodecConfig) -> MimiModel:
         opt.step()
         sched.step()
         now = {"loss": loss.item(), "wave": wave.item(), "spec": spec.item(), "commit": penalty.item()}
-        smooth = {k: now[k] if step == 0 else 0.95 * smooth[k] + 0.05 * now[k] for k in now}  # batches are noisy
-        row = {"step": step + 1, **{k: round(v, 5) for k, v in smooth.items()},
-               "elapsed_s": round(time.monotonic() - started, 1)}
-        if (step + 1) % 25 == 0 or step + 1 == config.steps:
-            config.history.append(row)
-        bar.set_postfix(spec=f"{row['spec']:.3f}", wave=f"{row['wave']:.4f}")
-        if (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            _save(mimi, cfg, config, signals, done=False)
-    mimi.eval()
-    _save(mimi, cfg, config, signals, done=True)
+        smooth = {k: now[k] if not smooth else 0.95 * smooth[k] + 0.05 * now[k] for k in now}  # batches are noisy
+        step += 1
+        bar.update(1)
+        bar.set_postfix(spec=f"{smooth['spec']:.3f}", wave=f"{smooth['wave']:.4f}")
+        if step % 25 == 0 or step == config.steps:
+            config.history.append({"step": step, **{k: round(v, 5) for k, v in smooth.items()},
+                                   "elapsed_s": round(time.monotonic() - started, 1)})
+        if step % config.save_every and step not in (config.steps, limit):
+            continue
+        _snapshot(mimi, cfg, config, validation, step)
+        if step >= config.steps and (config.kept is None or config.kept["speech_ratio"] >= config.min_speech_ratio):
+            break
+        if step >= bar.total:  # no snapshot heard as speech yet: the bar shows the extra steps allowed
+            bar.total = limit
+            bar.refresh()
+        _save_state(config, mimi, opt, sched, rng, step, smooth, signals)
+    bar.close()
+    if validation:
+        mimi, _ = load_mimi_folder(config.out)  # the chosen snapshot
+    else:
+        mimi.eval()
+        save_mimi(mimi, cfg, config.out)
+    _save_log(config, signals, done=True)
+    (config.out / STATE_FILE).unlink(missing_ok=True)
     return mimi
 
 
-def _save(mimi: MimiModel, cfg: dict, config: CodecConfig, signals: list[np.ndarray], done: bool) -> None:
-    """The codec and its log; `codec.json` says whether training finished (a snapshot is usable too)."""
-    save_mimi(mimi, cfg, config.out)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                if k not in ("audio", "history")}
+def _snapshot(mimi: MimiModel, cfg: dict, config: CodecConfig, validation: list[np.ndarray] | None,
+              step: int) -> None:
+    """Judge the current weights on the validation clips (if any); write them to `out` and make them
+    `config.kept` when they beat the snapshot kept so far."""
+    if not validation:
+        return
+    mimi.eval()
+    figures = evaluate_codec(mimi, validation)
+    mimi.train()
+    snapshot = {"step": step, "speech_ratio": figures["speech_ratio"], "lsd_db": figures["lsd_db"]}
+    config.snapshots.append(snapshot)
+    rank = partial(snapshot_rank, min_speech_ratio=config.min_speech_ratio)
+    if config.kept is None or rank(snapshot) > rank(config.kept):
+        save_mimi(mimi, cfg, config.out)
+        config.kept = snapshot
+    if not config.quiet:
+        tqdm.write(f"codec step {step}: validation speech ratio {snapshot['speech_ratio']:.3f}, "
+                   f"LSD {snapshot['lsd_db']:.1f} dB (kept: step {config.kept['step']})")
+
+
+def _settings(config: CodecConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
+            if k not in ("audio", "history", "snapshots", "kept", "quiet")}
+
+
+def _save_state(config: CodecConfig, mimi: MimiModel, opt: torch.optim.Optimizer, sched, rng: np.random.Generator,
+                step: int, smooth: dict, signals: list[np.ndarray]) -> None:
+    """Everything needed to go on from `step` exactly as an uninterrupted run would."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    tmp = config.out / (STATE_FILE + ".tmp")
+    torch.save({"settings": _settings(config), "files": [str(p) for p in config.audio], "step": step,
+                "mimi": mimi.state_dict(), "countdowns": dead_code_countdowns(mimi),
+                "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "smooth": smooth,
+                "history": config.history, "snapshots": config.snapshots, "kept": config.kept}, tmp)
+    tmp.replace(config.out / STATE_FILE)
+    _save_log(config, signals, done=False)
+
+
+def _resume(config: CodecConfig, mimi: MimiModel, opt: torch.optim.Optimizer, sched,
+            rng: np.random.Generator) -> tuple[int, dict]:
+    """(step, smoothed losses) to start from: 0 and {} unless `out` holds the state of an interrupted run
+    with the same settings and data."""
+    path = config.out / STATE_FILE
+    if not path.is_file():
+        return 0, {}
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["settings"] != _settings(config) or state["files"] != [str(p) for p in config.audio]:
+        if not config.quiet:
+            tqdm.write(f"codec: {path} is from other settings or data; starting over")
+        return 0, {}
+    mimi.load_state_dict(state["mimi"])
+    restore_dead_code_countdowns(mimi, state["countdowns"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    config.history[:], config.snapshots[:], config.kept = state["history"], state["snapshots"], state["kept"]
+    if not config.quiet:
+        tqdm.write(f"codec: resuming from step {state['step']}")
+    return state["step"], state["smooth"]
+
+
+def _save_log(config: CodecConfig, signals: list[np.ndarray], done: bool) -> None:
+    """`codec.json`: settings, losses, judged snapshots and whether training finished."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    chosen = config.kept
     (config.out / "codec.json").write_text(json.dumps(
-        {"done": done, "settings": settings, "files": len(config.audio), "signals": len(signals),
-         "audio_s": round(sum(s.size for s in signals) / SAMPLE_RATE, 1), "history": config.history}, indent=1))
+        {"done": done, "settings": _settings(config), "files": len(config.audio), "signals": len(signals),
+         "audio_s": round(sum(s.size for s in signals) / SAMPLE_RATE, 1),
+         "chosen": chosen, "passed": None if chosen is None else chosen["speech_ratio"] >= config.min_speech_ratio,
+         "snapshots": config.snapshots, "history": config.history}, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------

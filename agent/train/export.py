@@ -33,7 +33,7 @@ from moshi.modules.lora import replace_lora_with_linear
 from safetensors.torch import load_file, save_file
 
 from agent import personaplex
-from agent.models import ModelLoadError, resolve_dtype
+from agent.models import LoadedModel, ModelLoadError, resolve_dtype
 from agent.train.common import UsageError, atomic_write_json
 from agent.train.trainer import (
     CHECKPOINTS,
@@ -47,6 +47,18 @@ from agent.train.trainer import (
 
 PERSONAPLEX_LICENCE = ("PersonaPlex weights: NVIDIA Open Model License (Moshi and Mimi underneath: CC-BY 4.0, Kyutai); "
                        "keep its notice and attribute your data sources")
+KYUTAI_LICENCE = "Moshi and Mimi weights: CC-BY 4.0 (Kyutai); attribute them and your data sources"
+RANDOM_INIT_LICENCE = ("MIT, as this repository: trained from random initialisation; no Kyutai weights are inside "
+                       "(only moshi's code and architecture); attribute your data sources")
+
+
+def weights_licence(base: LoadedModel) -> str:
+    """The licence the exported weights inherit from the base they were trained from."""
+    if base.takes_prompts:
+        return PERSONAPLEX_LICENCE
+    if base.weights_licence:
+        return base.weights_licence  # stated by the base folder (e.g. an earlier export, the toy's base)
+    return RANDOM_INIT_LICENCE if base.random_weights else KYUTAI_LICENCE
 
 
 @dataclass
@@ -152,7 +164,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     shutil.copyfile(model.tokenizer_path, tmp / "tokenizer.model")
     lm_config.update(moshi_name="model.safetensors", mimi_name="mimi.safetensors", tokenizer_name="tokenizer.model",
                      model_id={"base": train_config.model, "step": int(checkpoint.name.removeprefix("step-")),
-                               "fused": fused})
+                               "fused": fused, "weights_licence": weights_licence(model.base)})
     if model.base.mimi_config is not None:
         (tmp / "mimi_config.json").write_text(json.dumps(model.base.mimi_config, indent=1))
         lm_config["mimi_config_name"] = "mimi_config.json"
@@ -164,8 +176,7 @@ def run_export(config: ExportConfig) -> ExportResult:
         "fused": fused, "dtype": config.dtype, "notes": model.notes, "takes_prompts": personaplex_base,
         "prompted_training": train_config.prompts,
         "data_licences": run_info.get("licences", []), "train_dialogues": run_info.get("train_dialogues"),
-        "weights_licence": (PERSONAPLEX_LICENCE if personaplex_base else
-                            "Moshi and Mimi weights: CC-BY 4.0 (Kyutai); attribute them and your data sources")})
+        "weights_licence": lm_config["model_id"]["weights_licence"]})
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)

@@ -7,15 +7,17 @@ synthetic espeak-ng Telugu dialogues, through the same stages a real run uses, a
 the evaluation harness. It is a toy: robotic espeak-ng speech, a vocabulary of a few dozen sentences,
 no understanding. It is not a Telugu Moshi.
 
-Steps (each shows its own progress bar; a rerun reuses what the pipeline stages finished and a
-finished codec, but an interrupted codec run starts over: its snapshots are not resumed yet):
+Steps (each shows its own progress bar; a rerun reuses what the stages finished, and an interrupted
+codec run resumes from its last snapshot):
  1. sentences  assets/telugu_sentences.txt split: the evaluation set's questions and a few held-out
                sentences never reach training
- 2. script     dialogues of whole turns, the user first (no backchannels/interruptions: a clean
-               "listen, then answer" rhythm), our 4 voices x 5 emotions
- 3. synth      espeak-ng, two channels (LEFT agent, RIGHT user), exact word timings
- 4. codec      the tiny Mimi trained as an autoencoder on both channels (agent.train.codec), then
-               measured on held-out sentences (Silero speech ratio, log-spectral distance)
+ 2. script     dialogues of whole turns (no backchannels/interruptions: a clean "listen, then answer"
+               rhythm), our 4 voices x 5 emotions; those where the user speaks first are the LM's
+ 3. synth      espeak-ng, two channels (LEFT agent, RIGHT user), exact word timings; the other
+               dialogues too, as more speech for the codec
+ 4. codec      the tiny Mimi trained as an autoencoder on every channel (agent.train.codec); each
+               snapshot judged by Silero on training sentences, the best kept, training extended until
+               one is heard as speech; then measured on held-out sentences (speech ratio, LSD)
  5. base       a Kyutai folder: the tiny LM (random) + the trained codec + the tiny tokenizer
  6. tokens     the dialogues encoded with the trained codec
  7. train      the LM on the shards (assets/train/telugu_tiny.json: LoRA at the model's full rank on
@@ -54,6 +56,7 @@ class TeluguTinyConfig:
     out: Path = DEFAULT_OUT  # the shipped model folder
     dialogues: int = 100  # user-first dialogues to synthesise
     codec_steps: int = 4000
+    codec_extra_steps: int = 4000  # at most this many more until a codec snapshot is heard as speech
     lm_steps: int = 800
     lm_config: Path = TRAIN_CONFIG
     eval_samples: int = 12  # turn-taking samples in the final evaluation
@@ -79,20 +82,23 @@ def split_sentences(work: Path) -> tuple[Path, list[str]]:
     return path, held
 
 
-def user_first(script_dir: Path, keep: int) -> Path:
-    """The first `keep` scripts whose first turn is the user's (the agent listens, then answers)."""
+def split_scripts(script_dir: Path, keep: int) -> tuple[Path, Path]:
+    """The first `keep` scripts whose first turn is the user's (the LM's data: the agent listens, then
+    answers) and all the others (more speech for the codec only), as two script files."""
     rows = [json.loads(line) for line in (script_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
             if line]
     chosen = [r for r in rows if r["turns"] and r["turns"][0]["speaker"] == "user"][:keep]
     if not chosen:
         raise UsageError(f"{script_dir}: no script starts with the user")
-    path = script_dir.parent / "script-user-first.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
-    return path
+    rest = [r for r in rows if r not in chosen]
+    paths = script_dir.parent / "script-user-first.jsonl", script_dir.parent / "script-codec-only.jsonl"
+    for path, part in zip(paths, (chosen, rest)):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    return paths
 
 
-def heldout_clips(sentences: list[str]) -> list[np.ndarray]:
-    """The held-out sentences in the agent voices (one voice each, in turn), 24 kHz mono."""
+def spoken_clips(sentences: list[str]) -> list[np.ndarray]:
+    """The sentences in the agent voices (one voice each, in turn), 24 kHz mono."""
     from agent.train.tts import EspeakBackend, Style
     items = [(text, Style(*CODEC_VOICES[i % len(CODEC_VOICES)])) for i, text in enumerate(sentences)]
     return [speech.audio for speech in EspeakBackend().synthesize(items)]
@@ -102,9 +108,12 @@ def write_base(codec_dir: Path, folder: Path, seed: int) -> Path:
     """The tiny LM (random weights from `seed`) with the trained codec, in Kyutai's folder layout."""
     from agent.models import build_tiny, write_checkpoint_folder
     from agent.train.codec import load_mimi_folder
+    from agent.train.export import RANDOM_INIT_LICENCE
     model = build_tiny(torch.device("cpu"), torch.float32, seed)
     model.mimi, mimi_config = load_mimi_folder(codec_dir)
-    return write_checkpoint_folder(model, folder, model.lm_config, mimi_config, model.tokenizer_path)
+    provenance = {"base": f"telugu-tiny-base: the tiny LM (random, seed {seed}) + the codec trained here",
+                  "weights_licence": RANDOM_INIT_LICENCE}
+    return write_checkpoint_folder(model, folder, model.lm_config, mimi_config, model.tokenizer_path, provenance)
 
 
 def stage(argv: list[str]) -> None:
@@ -170,9 +179,11 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
            "--count", str(config.dialogues * 3),
            "--seed", str(config.seed), "--turns", "2:6", "--backchannel-prob", "0", "--interrupt-prob", "0",
            "--overlap-prob", "0", "--pause-prob", "0", *q])
-    scripts = user_first(w / "script", config.dialogues)
+    lm_scripts, codec_scripts = split_scripts(w / "script", config.dialogues)
     step(3, "synth")
-    stage(["synth", "--in", str(scripts), "--out", str(w / "synth"), "--seed", str(config.seed), *q])
+    stage(["synth", "--in", str(lm_scripts), "--out", str(w / "synth"), "--seed", str(config.seed), *q])
+    if codec_scripts.stat().st_size:
+        stage(["synth", "--in", str(codec_scripts), "--out", str(w / "synth-codec"), "--seed", str(config.seed), *q])
 
     step(4, "codec")
     from agent.train.codec import (
@@ -185,13 +196,18 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
     )
     codec_dir = w / "codec"
     if not (codec_dir / "codec.json").exists() or not json.loads((codec_dir / "codec.json").read_text())["done"]:
-        train_codec(CodecConfig(audio=sorted((w / "synth" / "data").glob("*.wav")), out=codec_dir,
-                                steps=config.codec_steps, seed=config.seed, quiet=config.quiet))
-    clips = heldout_clips(held)
+        # Snapshots are judged on training sentences (the held-out ones stay unseen until the figures below)
+        validation = spoken_clips(train_sentences.read_text(encoding="utf-8").splitlines()[:len(CODEC_VOICES)])
+        audio = sorted((w / "synth" / "data").glob("*.wav")) + sorted((w / "synth-codec" / "data").glob("*.wav"))
+        train_codec(CodecConfig(audio=audio, out=codec_dir, steps=config.codec_steps,
+                                extra_steps=config.codec_extra_steps, seed=config.seed, quiet=config.quiet),
+                    validation)
+    clips = spoken_clips(held)
     trained, _ = load_mimi_folder(codec_dir)
     untrained = build_mimi(codec_mimi_config(), config.seed).eval()
+    log = json.loads((codec_dir / "codec.json").read_text())
     figures["codec"] = {"trained": evaluate_codec(trained, clips), "untrained": evaluate_codec(untrained, clips),
-                        "heldout_sentences": held}
+                        "heldout_sentences": held, "chosen_snapshot": log["chosen"], "passed": log["passed"]}
 
     step(5, "base")
     base = write_base(codec_dir, w / "base", seed=42424242)
@@ -226,7 +242,7 @@ def add_parser(stages: argparse._SubParsersAction) -> None:
                                               "synthetic espeak-ng dialogues) and measure it")
     p.add_argument("--work", type=Path, required=True, help="folder for everything intermediate")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the model folder (default {DEFAULT_OUT})")
-    for name in ("dialogues", "codec_steps", "lm_steps", "eval_samples", "threads", "seed"):
+    for name in ("dialogues", "codec_steps", "codec_extra_steps", "lm_steps", "eval_samples", "threads", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TeluguTinyConfig, name))
     p.add_argument("--lm-config", type=Path, default=TRAIN_CONFIG)
     p.add_argument("--quiet", action="store_true")
@@ -234,5 +250,6 @@ def add_parser(stages: argparse._SubParsersAction) -> None:
 
 def from_args(args: argparse.Namespace) -> TeluguTinyConfig:
     return TeluguTinyConfig(work=args.work, out=args.out, dialogues=args.dialogues, codec_steps=args.codec_steps,
+                            codec_extra_steps=args.codec_extra_steps,
                             lm_steps=args.lm_steps, lm_config=args.lm_config, eval_samples=args.eval_samples,
                             threads=args.threads, seed=args.seed, quiet=args.quiet)

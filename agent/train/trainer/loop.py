@@ -71,6 +71,17 @@ class TrainResult:
         return f"train: step {self.step}, loss {loss}, eval loss {ev}, checkpoint {self.checkpoint} -> {self.out}"
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """moshi-finetune's schedule: OneCycleLR, a `pct_start` warm-up then cosine down. OneCycleLR divides by
+    its warm-up length minus one step, so short runs (pct_start 0.05 at 20 steps) raised
+    ZeroDivisionError: the warm-up is at least 2 steps, and a run of under 3 steps keeps a constant rate."""
+    total = config.max_steps
+    if total < 3:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    pct = min(max(config.pct_start, 2 / total), (total - 1) / total)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=pct)
+
+
 def run_train(config: TrainConfig) -> TrainResult:
     group, device = init_distributed(config.device)
     try:
@@ -185,8 +196,7 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
         wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.max_steps,
-                                                    pct_start=config.pct_start)
+    scheduler = build_scheduler(optimizer, config)
     if state is not None:
         step = restore_state(state, module, optimizer, scheduler, sharded)
         report.say(f"resuming from {resume} (step {step})")
