@@ -1,0 +1,171 @@
+"""Dropped WebRTC calls: the server holds a call whose peer connection fails (and ends one that hangs
+up), and the page reconnects by itself, resuming the same call.
+
+Drops are real: the WebRTC media runs through a UDP relay on 127.0.0.1 (the server's answer names the
+relay as the server's only ICE candidate), and `cut()` makes the relay drop every packet both ways, as a
+failing network does. Neither side closes anything: each finds out the way it would in the field, by its
+ICE consent checks going unanswered (RFC 7675)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import selectors
+import socket
+import threading
+import time
+import uuid
+
+import aiohttp
+import aioice.ice
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from agent.config import ServerConfig
+from conftest import LiveServer, wait_until
+from test_browser import AUDIO_STATE_JS, launch_chromium, mic_wav  # noqa: F401  (mic_wav: a fixture)
+from test_webrtc import SpeechTrack
+
+RESUME_S = 10.0
+CANDIDATE = re.compile(r"^a=candidate:(\S+) (\d) udp (\d+) (\d+\.\d+\.\d+\.\d+) (\d+) typ host", re.M)
+
+
+@pytest.fixture(scope="module")
+def server():
+    live = LiveServer(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
+    yield live
+    live.close()
+
+
+class CuttableUdpRelay:
+    """Carries one WebRTC connection's UDP between a client and the server; `cut()` drops every
+    packet from then on, both ways."""
+
+    def __init__(self, server_addr: tuple[str, int]):
+        self.server_addr = server_addr
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the client sends here
+        self.front.bind(("127.0.0.1", 0))
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the server sees this address
+        self.back.bind(("0.0.0.0", 0))
+        self.port = self.front.getsockname()[1]
+        self.client_addr: tuple[str, int] | None = None
+        self.carried = 0  # packets carried (either way)
+        self._cut = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="udp-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.front, selectors.EVENT_READ)
+        selector.register(self.back, selectors.EVENT_READ)
+        while not self._closed.is_set():
+            for key, _ in selector.select(0.1):
+                data, addr = key.fileobj.recvfrom(65536)
+                if self._cut.is_set():
+                    continue
+                if key.fileobj is self.front:
+                    self.client_addr = addr
+                    self.back.sendto(data, self.server_addr)
+                elif self.client_addr is not None:
+                    self.front.sendto(data, self.client_addr)
+                else:
+                    continue
+                self.carried += 1
+        selector.close()
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=2)
+        self.front.close()
+        self.back.close()
+
+
+def through_relay(sdp: str) -> tuple[str, CuttableUdpRelay]:
+    """The answer with its first host UDP IPv4 candidate moved onto a new relay, and no other candidate."""
+    first = CANDIDATE.search(sdp)
+    assert first is not None, sdp
+    relay = CuttableUdpRelay((first.group(4), int(first.group(5))))
+    lines = []
+    for line in sdp.split("\r\n"):
+        found = CANDIDATE.match(line)
+        if found and found.group(4, 5) == first.group(4, 5):
+            line = line.replace(f" {first.group(4)} {first.group(5)} ", f" 127.0.0.1 {relay.port} ")
+        elif line.startswith("a=candidate:"):
+            continue
+        lines.append(line)
+    return "\r\n".join(lines), relay
+
+
+async def relayed_call(base_url: str, audio, page_component: int) -> tuple[RTCPeerConnection, CuttableUdpRelay]:
+    """An aiortc call made the way the page makes it, its media through a relay."""
+    pc = RTCPeerConnection()
+    pc.createDataChannel("text")  # fastrtc expects a data channel before the offer
+    pc.addTrack(SpeechTrack(audio))
+    await pc.setLocalDescription(await pc.createOffer())
+    webrtc_id = uuid.uuid4().hex
+    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "webrtc_id": webrtc_id}
+    body = {"data": offer, "component_id": page_component, "fn_name": "offer", "session_hash": webrtc_id}
+    async with aiohttp.ClientSession() as http, http.post(f"{base_url}/gradio_api/component_server",
+                                                          json=body) as resp:
+        answer = await resp.json()
+    sdp, relay = through_relay(answer["sdp"])
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=answer["type"]))
+    return pc, relay
+
+
+def page_component(live: LiveServer) -> int:
+    return next(b for b in live.demo.blocks.values() if getattr(b, "elem_id", None) == "call")._id
+
+
+def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(server, telugu_speech, monkeypatch):
+    """The server's side of a page call: a peer connection that fails (its network cut: the server's
+    ICE consent checks go unanswered) holds the call, its seat frozen, for the resume window and then
+    frees it; one that hangs up (`pc.close()`: DTLS closes) frees its seat at once, nothing held.
+    aioice checks consent every 5 s and gives up after 6 misses (30 s); here every 0.3 s, 3 misses."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.3)
+    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
+    _, audio = telugu_speech
+    service = server.service
+
+    async def call_then(end: str) -> tuple:
+        pc, relay = await relayed_call(server.url, audio, page_component(server))
+        try:
+            # the page's inputs never come from this client: the call opens after INPUTS_WAIT_S
+            deadline = time.monotonic() + 30
+            while not service.registry.live() or service.registry.live()[0].seat.counters.frames_out < 10:
+                assert time.monotonic() < deadline, "the call never ran"
+                await asyncio.sleep(0.1)
+            session = service.registry.live()[0]
+            assert relay.carried > 0
+            if end == "cut":
+                relay.cut()
+            else:
+                await pc.close()
+            ended_at = time.monotonic()
+            while not (session.dropped or session.closed):
+                assert time.monotonic() - ended_at < 15, "the server never saw the connection end"
+                await asyncio.sleep(0.05)
+            noticed = (session.dropped, session.closed, session.seat.closed_reason)
+            return session, noticed, ended_at
+        finally:
+            await pc.close()
+            relay.close()
+
+    session, noticed, cut_at = asyncio.run(call_then("cut"))
+    assert noticed[:2] == (True, False), noticed  # held, not ended
+    assert service.seats_in_use() == 1 and service.registry.live() == [session]
+    frames = session.seat.counters.frames_out
+    time.sleep(1.0)
+    assert session.seat.counters.frames_out == frames, "a held seat is not stepped"
+    wait_until(lambda: session.closed, RESUME_S + 10, "the held seat was not freed after the window")
+    assert time.monotonic() - cut_at >= RESUME_S - 0.5
+    assert "not resumed" in session.seat.closed_reason
+    wait_until(lambda: service.seats_in_use() == 0, 5)
+
+    session, noticed, _ = asyncio.run(call_then("hang up"))
+    assert noticed == (False, True, "client left"), noticed
+    wait_until(lambda: service.seats_in_use() == 0, 5, "a hang-up did not free its seat")
