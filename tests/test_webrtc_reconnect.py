@@ -9,6 +9,7 @@ ICE consent checks going unanswered (RFC 7675)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import selectors
 import socket
@@ -169,3 +170,101 @@ def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(
     session, noticed, _ = asyncio.run(call_then("hang up"))
     assert noticed == (False, True, "client left"), noticed
     wait_until(lambda: service.seats_in_use() == 0, 5, "a hang-up did not free its seat")
+
+
+def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav):  # noqa: F811
+    """The page in headless Chromium: its call's network is cut (the relay drops everything; neither
+    side closes anything). Chromium's ICE notices within seconds; the page says it is reconnecting,
+    calls again with the call's resume token, and the server gives it back the same call: the same
+    session on the same seat, no second call opened, the agent's audio flowing and playing again. The
+    server's side is left to aioice's own consent timing (30 s), so the page comes back before the
+    server noticed: the new connection takes the call over. Then the caller presses Stop: the call ends
+    and the page does not reconnect."""
+    from playwright.sync_api import sync_playwright
+
+    service = server.service
+    relays: list[CuttableUdpRelay] = []
+
+    first_call: list[str] = []
+
+    def first_call_through_relay(route) -> None:
+        """The page's offers and ICE candidates are Gradio server function calls. For the first call
+        only, the relay is the one path between the two: its answer's candidates are moved onto the
+        relay, and the page's own candidates are kept from the server (it learns the page's address from
+        the relay's packets). A reconnection goes straight to the server."""
+        body = route.request.post_data_json or {}
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        if data.get("sdp") and not first_call:
+            first_call.append(data.get("webrtc_id"))
+            data["sdp"] = "\r\n".join(line for line in data["sdp"].split("\r\n")
+                                       if not line.startswith("a=candidate:"))
+            response = route.fetch(post_data=json.dumps(body))
+            answer = response.json()
+            answer["sdp"], relay = through_relay(answer["sdp"])
+            relays.append(relay)
+            route.fulfill(response=response, json=answer)
+        elif data.get("type") == "ice-candidate" and data.get("webrtc_id") in first_call:
+            route.fulfill(json={"status": "success"})
+        else:
+            route.continue_()
+
+    def serving_routes(page, condition, timeout: float) -> bool:
+        """wait_until, inside Playwright calls: the route above runs only while one is under way."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            page.wait_for_timeout(100)
+        return True
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p, mic_wav)
+        try:
+            page = browser.new_context(permissions=["microphone"]).new_page()
+            offers = re.compile(r"/gradio_api/component_server/?$")
+            page.route(offers, first_call_through_relay)
+            page.goto(server.url + "/", wait_until="load")
+            page.get_by_text("Click to Access Microphone").click(timeout=30_000)
+            page.locator("#call button", has_text="Record").first.click(timeout=30_000)
+
+            assert serving_routes(page, lambda: service.registry.live(), 30), "the page's call never reached the engine"
+            session = service.registry.live()[0]
+            assert serving_routes(page, lambda: session.seat.counters.frames_out > 20, 30), session.seat.counters
+            page.get_by_text("In call").wait_for(timeout=15_000)  # the readouts (and the resume token) arrived
+            assert relays and relays[0].carried > 0, "the call's media did not go through the relay"
+            page.unroute(offers, first_call_through_relay)
+            started = service.metric_values()["calls_started"]
+            seat = session.seat
+
+            relays[0].cut()
+            status = page.locator("#reconnect-status")
+            page.wait_for_function("() => /reconnecting/.test(document.querySelector('#reconnect-status').innerText)",
+                                   timeout=30_000)
+            assert "Connection lost" in status.inner_text()
+            page.wait_for_function("() => /Reconnected: the call goes on/.test("
+                                   "document.querySelector('#reconnect-status').innerText)", timeout=45_000)
+
+            # the same call: the same session on the same seat, resumed once, no other call opened
+            assert service.registry.live() == [session] and session.seat is seat and not session.closed
+            assert session.connection == 1
+            assert service.metric_values()["calls_started"] == started
+            # ... and it goes on: frames flow and the agent's voice plays in the page again
+            frames = session.seat.counters.frames_out
+            assert wait_until(lambda: session.seat.counters.frames_out > frames + 20, 30), session.seat.counters
+            assert wait_until(lambda: any(a["live"] and not a["paused"] for a in page.evaluate(AUDIO_STATE_JS)), 15)
+            played = max(a["time"] for a in page.evaluate(AUDIO_STATE_JS))
+            assert wait_until(lambda: max(a["time"] for a in page.evaluate(AUDIO_STATE_JS)) > played + 0.5, 15)
+            page.get_by_text("In call").wait_for(timeout=15_000)  # the readouts follow the new connection
+
+            # the caller hangs up: the call ends, nothing reconnects
+            page.locator("#call button", has_text="Stop").first.click()
+            assert wait_until(lambda: session.closed, 15), "hanging up did not end the call"
+            assert session.seat.closed_reason == "client left" and not session.dropped
+            page.wait_for_timeout(4000)  # longer than the page's first reconnection backoff and its connecting
+            assert not service.registry.live(), "the page called again after Stop"
+            assert service.metric_values()["calls_started"] == started
+            assert "reconnecting" not in status.inner_text()
+        finally:
+            browser.close()
+            for relay in relays:
+                relay.close()
