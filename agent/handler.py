@@ -304,7 +304,8 @@ class MoshiHandler(AsyncStreamHandler):
 
 def hold_dropped_calls(connections: WebRTCConnectionMixin) -> None:
     """Make a WebRTC call whose connection breaks wait for its caller to resume it (CallHub.drop)
-    instead of ending: `connections` is the page's WebRTC component or the Stream.
+    instead of ending. For the page's WebRTC component, whose script reconnects with the call's
+    resume token (ui.RECONNECT_JS); `/webrtc/offer` clients send no token, so their calls end.
 
     fastrtc ends a call the same way whether the caller hung up or the connection broke: on the
     peer connection's "failed" or "closed" state it closes it and calls the handler's `shutdown()`

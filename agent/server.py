@@ -36,7 +36,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 
 from agent import kyutai_api
 from agent.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
-from agent.handler import MoshiHandler, hold_dropped_calls
+from agent.handler import MoshiHandler
 from agent.service import AgentService
 from agent.session import WEBSOCKET_HANG_UP_CODES
 
@@ -168,11 +168,9 @@ class AgentStream(Stream):
 
 def build_stream(service: AgentService) -> AgentStream:
     rtc = rtc_configuration_from_env()
-    stream = AgentStream(MoshiHandler(service.hub), modality="audio", mode="send-receive",
-                         concurrency_limit=service.seats_total(), rtc_configuration=rtc,
-                         server_rtc_configuration=rtc, verbose=False)
-    hold_dropped_calls(stream)
-    return stream
+    return AgentStream(MoshiHandler(service.hub), modality="audio", mode="send-receive",
+                       concurrency_limit=service.seats_total(), rtc_configuration=rtc,
+                       server_rtc_configuration=rtc, verbose=False)
 
 
 def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None:
