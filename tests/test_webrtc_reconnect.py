@@ -28,6 +28,23 @@ from test_browser import AUDIO_STATE_JS, launch_chromium, mic_wav  # noqa: F401 
 from test_webrtc import SpeechTrack
 
 RESUME_S = 10.0
+# The test's own view of the page's peer connections (added before the page's script wraps the class too)
+KEEP_PEERS_JS = """(() => {
+  const Native = window.RTCPeerConnection;
+  window.__peers = [];
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) { super(...args); window.__peers.push(this); }
+  };
+})();"""
+# Audio bytes the newest peer connection received from the server
+BYTES_IN_JS = """async () => {
+  const peers = window.__peers;
+  let bytes = 0;
+  (await peers[peers.length - 1].getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "audio") bytes += r.bytesReceived;
+  });
+  return [peers.length, bytes];
+}"""
 CANDIDATE = re.compile(r"^a=candidate:(\S+) (\d) udp (\d+) (\d+\.\d+\.\d+\.\d+) (\d+) typ host", re.M)
 
 
@@ -40,7 +57,7 @@ def server():
 
 class CuttableUdpRelay:
     """Carries one WebRTC connection's UDP between a client and the server; `cut()` drops every
-    packet from then on, both ways."""
+    packet from then on, both ways (or only the client's)."""
 
     def __init__(self, server_addr: tuple[str, int]):
         self.server_addr = server_addr
@@ -51,7 +68,8 @@ class CuttableUdpRelay:
         self.port = self.front.getsockname()[1]
         self.client_addr: tuple[str, int] | None = None
         self.carried = 0  # packets carried (either way)
-        self._cut = threading.Event()
+        self._cut_to_server = threading.Event()
+        self._cut_to_client = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="udp-relay", daemon=True)
         self._thread.start()
@@ -63,20 +81,20 @@ class CuttableUdpRelay:
         while not self._closed.is_set():
             for key, _ in selector.select(0.1):
                 data, addr = key.fileobj.recvfrom(65536)
-                if self._cut.is_set():
-                    continue
-                if key.fileobj is self.front:
+                if key.fileobj is self.front and not self._cut_to_server.is_set():
                     self.client_addr = addr
                     self.back.sendto(data, self.server_addr)
-                elif self.client_addr is not None:
+                elif key.fileobj is self.back and self.client_addr is not None and not self._cut_to_client.is_set():
                     self.front.sendto(data, self.client_addr)
                 else:
                     continue
                 self.carried += 1
         selector.close()
 
-    def cut(self) -> None:
-        self._cut.set()
+    def cut(self, both_ways: bool = True) -> None:
+        self._cut_to_server.set()
+        if both_ways:
+            self._cut_to_client.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -172,15 +190,22 @@ def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(
     wait_until(lambda: service.seats_in_use() == 0, 5, "a hang-up did not free its seat")
 
 
-def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav):  # noqa: F811
-    """The page in headless Chromium: its call's network is cut (the relay drops everything; neither
-    side closes anything). Chromium's ICE notices within seconds; the page says it is reconnecting,
-    calls again with the call's resume token, and the server gives it back the same call: the same
-    session on the same seat, no second call opened, the agent's audio flowing and playing again. The
-    server's side is left to aioice's own consent timing (30 s), so the page comes back before the
-    server noticed: the new connection takes the call over. Then the caller presses Stop: the call ends
-    and the page does not reconnect."""
+@pytest.mark.parametrize("cut", ["both ways", "page to server"])
+def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cut, monkeypatch):  # noqa: F811
+    """The page in headless Chromium: its call's network is cut (the relay drops packets; neither side
+    closes anything). The page says it is reconnecting, calls again with the call's resume token, and
+    the server gives it back the same call: the same session on the same seat, no second call opened,
+    audio flowing both ways again. Then the caller presses Stop: the call ends, nothing reconnects.
+    - "both ways": Chromium's ICE notices within seconds; the server is left to aioice's own consent
+      timing (30 s), so the page comes back first and its new connection takes the call over.
+    - "page to server": only the page's packets are lost. The server's consent checks (every 0.3 s
+      here) go unanswered and it holds the call while Chromium still hears it; once the server has
+      let go of the connection Chromium hears nothing either, and the page resumes the held call."""
     from playwright.sync_api import sync_playwright
+
+    if cut == "page to server":
+        monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.3)
+        monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
 
     service = server.service
     relays: list[CuttableUdpRelay] = []
@@ -221,6 +246,7 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav):  
         browser = launch_chromium(p, mic_wav)
         try:
             page = browser.new_context(permissions=["microphone"]).new_page()
+            page.add_init_script(KEEP_PEERS_JS)
             offers = re.compile(r"/gradio_api/component_server/?$")
             page.route(offers, first_call_through_relay)
             page.goto(server.url + "/", wait_until="load")
@@ -236,7 +262,10 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav):  
             started = service.metric_values()["calls_started"]
             seat = session.seat
 
-            relays[0].cut()
+            relays[0].cut(both_ways=cut == "both ways")
+            if cut == "page to server":
+                assert wait_until(lambda: session.dropped, 15), "the server did not hold the call"
+                assert service.seats_in_use() == 1 and not session.closed
             status = page.locator("#reconnect-status")
             page.wait_for_function("() => /reconnecting/.test(document.querySelector('#reconnect-status').innerText)",
                                    timeout=30_000)
@@ -246,14 +275,16 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav):  
 
             # the same call: the same session on the same seat, resumed once, no other call opened
             assert service.registry.live() == [session] and session.seat is seat and not session.closed
-            assert session.connection == 1
+            assert session.connection == 1 and not session.dropped
             assert service.metric_values()["calls_started"] == started
-            # ... and it goes on: frames flow and the agent's voice plays in the page again
-            frames = session.seat.counters.frames_out
-            assert wait_until(lambda: session.seat.counters.frames_out > frames + 20, 30), session.seat.counters
+            # ... and it goes on over the new connection: the page's microphone reaches the call, the agent's
+            # audio reaches the page and plays
+            frames_in = session.seat.counters.frames_in
+            assert wait_until(lambda: session.seat.counters.frames_in > frames_in + 20, 30), session.seat.counters
+            peers, received = page.evaluate(BYTES_IN_JS)
+            assert peers >= 2  # the first call, then the reconnection(s)
+            assert wait_until(lambda: page.evaluate(BYTES_IN_JS)[1] > received + 10_000, 15), received
             assert wait_until(lambda: any(a["live"] and not a["paused"] for a in page.evaluate(AUDIO_STATE_JS)), 15)
-            played = max(a["time"] for a in page.evaluate(AUDIO_STATE_JS))
-            assert wait_until(lambda: max(a["time"] for a in page.evaluate(AUDIO_STATE_JS)) > played + 0.5, 15)
             page.get_by_text("In call").wait_for(timeout=15_000)  # the readouts follow the new connection
 
             # the caller hangs up: the call ends, nothing reconnects
