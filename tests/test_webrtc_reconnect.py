@@ -266,6 +266,7 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cu
             if cut == "page to server":
                 assert wait_until(lambda: session.dropped, 15), "the server did not hold the call"
                 assert service.seats_in_use() == 1 and not session.closed
+                page.get_by_text("the call waits").wait_for(timeout=10_000)  # the readouts say so too
             status = page.locator("#reconnect-status")
             page.wait_for_function("() => /reconnecting/.test(document.querySelector('#reconnect-status').innerText)",
                                    timeout=30_000)
