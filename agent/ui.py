@@ -50,7 +50,7 @@ RECONNECT_JS = """() => {
   window.__callReconnects = true;
   let current = null;   // the call's live connection
   let lostAt = null;    // when its connection dropped; null while not reconnecting
-  let attempts = 0, timer = null;
+  let attempts = 0, timer = null, gaveUp = false;
   const say = (text, state) => {
     const box = document.querySelector("#reconnect-status");
     if (!box) return;
@@ -61,6 +61,7 @@ RECONNECT_JS = """() => {
   const finish = (text, state) => {
     clearTimeout(timer);
     timer = null; lostAt = null; attempts = 0;
+    gaveUp = state === "lost";
     say(text, state);
   };
   const recordButton = () => Array.from(document.querySelectorAll("#call button"))
@@ -68,6 +69,7 @@ RECONNECT_JS = """() => {
   const tryAgain = () => {
     if (lostAt === null) return;
     if (Date.now() - lostAt > WINDOW_MS) {
+      current = null;  // an attempt still under way may fail later: that is no new drop
       finish("Call lost: the connection did not come back in time. Press Record to call again.", "lost");
       return;
     }
@@ -89,7 +91,7 @@ RECONNECT_JS = """() => {
   const told = (data) => {
     let message;
     try { message = JSON.parse(data); } catch { return; }
-    if (!message || message.type !== "call" || lostAt === null) return;
+    if (!message || message.type !== "call" || (lostAt === null && !gaveUp)) return;
     finish(message.resumed ? "Reconnected: the call goes on."
                            : "Reconnected, but the call had ended: this is a new call.",
            message.resumed ? "reconnected" : "new-call");

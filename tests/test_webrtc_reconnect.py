@@ -23,6 +23,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from agent.config import ServerConfig
+from agent.session import Session
 from conftest import LiveServer, wait_until
 from test_browser import AUDIO_STATE_JS, launch_chromium, mic_wav  # noqa: F401  (mic_wav: a fixture)
 from test_webrtc import SpeechTrack
@@ -136,6 +137,71 @@ async def relayed_call(base_url: str, audio, page_component: int) -> tuple[RTCPe
     return pc, relay
 
 
+class RelayedPageCalls:
+    """Sends the page's calls through relays. The page's offers and ICE candidates are Gradio server
+    function calls: a relayed call's answer names only its relay, and the page's own candidates are
+    kept from the server (which learns the page's address from the relay's packets), so the relay is
+    the one path between the two. The first call is relayed; later ones go straight to the server, or
+    are refused while `refusing` (the server cannot be reached). Routes run only inside Playwright
+    calls: wait with `wait`."""
+
+    OFFERS = re.compile(r"/gradio_api/component_server/?$")
+
+    def __init__(self, page):
+        self.page = page
+        self.relays: list[CuttableUdpRelay] = []
+        self.refusing = False
+        self._relayed: list[str] = []
+        page.route(self.OFFERS, self._route)
+
+    def _route(self, route) -> None:
+        body = route.request.post_data_json or {}
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        if data.get("sdp") and self.refusing:
+            route.fulfill(json={"status": "failed", "meta": {"error": "connection_closed"}})
+        elif data.get("sdp") and not self._relayed:
+            self._relayed.append(data.get("webrtc_id"))
+            data["sdp"] = "\r\n".join(line for line in data["sdp"].split("\r\n")
+                                       if not line.startswith("a=candidate:"))
+            response = route.fetch(post_data=json.dumps(body))
+            answer = response.json()
+            answer["sdp"], relay = through_relay(answer["sdp"])
+            self.relays.append(relay)
+            route.fulfill(response=response, json=answer)
+        elif data.get("type") == "ice-candidate" and data.get("webrtc_id") in self._relayed:
+            route.fulfill(json={"status": "success"})
+        else:
+            route.continue_()
+
+    def wait(self, condition, timeout: float) -> bool:
+        """wait_until, inside Playwright calls."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            self.page.wait_for_timeout(100)
+        return True
+
+    def first_call(self, service) -> Session:
+        """Press Record; the call runs through the relay, with its readouts (and resume token) on the page."""
+        self.page.get_by_text("Click to Access Microphone").click(timeout=30_000)
+        self.page.locator("#call button", has_text="Record").first.click(timeout=30_000)
+        assert self.wait(lambda: service.registry.live(), 30), "the page's call never reached the engine"
+        session = service.registry.live()[0]
+        assert self.wait(lambda: session.seat.counters.frames_out > 20, 30), session.seat.counters
+        self.page.get_by_text("In call").wait_for(timeout=15_000)
+        assert self.relays and self.relays[0].carried > 0, "the call's media did not go through the relay"
+        return session
+
+    def stop(self) -> None:
+        """Later calls go straight to the server, without waiting on this test's routes."""
+        self.page.unroute(self.OFFERS, self._route)
+
+    def close(self) -> None:
+        for relay in self.relays:
+            relay.close()
+
+
 def page_component(live: LiveServer) -> int:
     return next(b for b in live.demo.blocks.values() if getattr(b, "elem_id", None) == "call")._id
 
@@ -208,61 +274,19 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cu
         monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
 
     service = server.service
-    relays: list[CuttableUdpRelay] = []
-
-    first_call: list[str] = []
-
-    def first_call_through_relay(route) -> None:
-        """The page's offers and ICE candidates are Gradio server function calls. For the first call
-        only, the relay is the one path between the two: its answer's candidates are moved onto the
-        relay, and the page's own candidates are kept from the server (it learns the page's address from
-        the relay's packets). A reconnection goes straight to the server."""
-        body = route.request.post_data_json or {}
-        data = body.get("data") if isinstance(body.get("data"), dict) else {}
-        if data.get("sdp") and not first_call:
-            first_call.append(data.get("webrtc_id"))
-            data["sdp"] = "\r\n".join(line for line in data["sdp"].split("\r\n")
-                                       if not line.startswith("a=candidate:"))
-            response = route.fetch(post_data=json.dumps(body))
-            answer = response.json()
-            answer["sdp"], relay = through_relay(answer["sdp"])
-            relays.append(relay)
-            route.fulfill(response=response, json=answer)
-        elif data.get("type") == "ice-candidate" and data.get("webrtc_id") in first_call:
-            route.fulfill(json={"status": "success"})
-        else:
-            route.continue_()
-
-    def serving_routes(page, condition, timeout: float) -> bool:
-        """wait_until, inside Playwright calls: the route above runs only while one is under way."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                return False
-            page.wait_for_timeout(100)
-        return True
-
     with sync_playwright() as p:
         browser = launch_chromium(p, mic_wav)
+        page = browser.new_context(permissions=["microphone"]).new_page()
+        page.add_init_script(KEEP_PEERS_JS)
+        calls = RelayedPageCalls(page)
         try:
-            page = browser.new_context(permissions=["microphone"]).new_page()
-            page.add_init_script(KEEP_PEERS_JS)
-            offers = re.compile(r"/gradio_api/component_server/?$")
-            page.route(offers, first_call_through_relay)
             page.goto(server.url + "/", wait_until="load")
-            page.get_by_text("Click to Access Microphone").click(timeout=30_000)
-            page.locator("#call button", has_text="Record").first.click(timeout=30_000)
-
-            assert serving_routes(page, lambda: service.registry.live(), 30), "the page's call never reached the engine"
-            session = service.registry.live()[0]
-            assert serving_routes(page, lambda: session.seat.counters.frames_out > 20, 30), session.seat.counters
-            page.get_by_text("In call").wait_for(timeout=15_000)  # the readouts (and the resume token) arrived
-            assert relays and relays[0].carried > 0, "the call's media did not go through the relay"
-            page.unroute(offers, first_call_through_relay)
+            session = calls.first_call(service)
+            calls.stop()
             started = service.metric_values()["calls_started"]
             seat = session.seat
 
-            relays[0].cut(both_ways=cut == "both ways")
+            calls.relays[0].cut(both_ways=cut == "both ways")
             if cut == "page to server":
                 assert wait_until(lambda: session.dropped, 15), "the server did not hold the call"
                 assert service.seats_in_use() == 1 and not session.closed
@@ -298,5 +322,48 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cu
             assert "reconnecting" not in status.inner_text()
         finally:
             browser.close()
-            for relay in relays:
-                relay.close()
+            calls.close()
+
+
+def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_new_call(server, mic_wav,  # noqa: F811
+                                                                                         monkeypatch):
+    """The call's network is cut both ways and the server cannot be reached for longer than the resume
+    window (its answers to the page's new offers say the connection failed). The server holds the call
+    (its consent checks every 0.3 s here), then frees it; the page tries again with backoff, then says
+    the call is lost. When the caller presses Record later, the page still has the old call's token: the
+    server says that call can no longer be resumed and starts a new one."""
+    from playwright.sync_api import sync_playwright
+
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.3)
+    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
+    service = server.service
+    with sync_playwright() as p:
+        browser = launch_chromium(p, mic_wav)
+        page = browser.new_context(permissions=["microphone"]).new_page()
+        calls = RelayedPageCalls(page)
+        try:
+            page.goto(server.url + "/", wait_until="load")
+            session = calls.first_call(service)
+            calls.refusing = True
+            calls.relays[0].cut()
+            cut_at = time.monotonic()
+            assert calls.wait(lambda: session.dropped, 15), "the server did not hold the call"
+            page.wait_for_function("() => /reconnecting/.test(document.querySelector('#reconnect-status').innerText)",
+                                   timeout=30_000)
+            page.wait_for_function("() => /Call lost/.test(document.querySelector('#reconnect-status').innerText)",
+                                   timeout=1000 * (RESUME_S + 30))
+            assert time.monotonic() - cut_at > RESUME_S, "the page gave up before the resume window had passed"
+            assert calls.wait(lambda: session.closed, 15), "the server did not free the held call"
+            assert "not resumed" in session.seat.closed_reason
+            assert not service.registry.live()
+
+            calls.stop()  # the server can be reached again
+            page.locator("#call button", has_text="Record").first.click(timeout=30_000)
+            assert wait_until(lambda: service.registry.live(), 30), "the new call never reached the engine"
+            assert service.registry.live()[0] is not session
+            page.get_by_text("can no longer be resumed").first.wait_for(timeout=15_000)
+            page.locator("#call button", has_text="Stop").first.click(timeout=30_000)
+            assert wait_until(lambda: not service.registry.live(), 15)
+        finally:
+            browser.close()
+            calls.close()
