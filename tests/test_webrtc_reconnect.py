@@ -2,9 +2,9 @@
 up), and the page reconnects by itself, resuming the same call.
 
 Drops are real: the WebRTC media runs through a UDP relay on 127.0.0.1 (the server's answer names the
-relay as the server's only ICE candidate), and `cut()` makes the relay drop every packet both ways, as a
-failing network does. Neither side closes anything: each finds out the way it would in the field, by its
-ICE consent checks going unanswered (RFC 7675)."""
+relay as the server's only ICE candidate), and `cut()` makes the relay drop every packet both ways (or
+only the client's), as a failing network does. Neither side closes anything: each finds out the way it
+would in the field, by its ICE consent checks going unanswered (RFC 7675)."""
 
 from __future__ import annotations
 
