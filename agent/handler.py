@@ -19,8 +19,10 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from aiortc import RTCPeerConnection
 from fastrtc import AsyncStreamHandler, WebRTC
 from fastrtc.utils import CloseStream, current_context
+from fastrtc.webrtc_connection_mixin import WebRTCConnectionMixin
 
 from agent import SAMPLE_RATE
 from agent.audio import AudioFormatError, to_int16
@@ -38,16 +40,23 @@ EMIT_WAIT_S = 0.1
 # With no call (refused, or the engine freed the seat), emit() waits this long for the next chunk.
 IDLE_WAIT_S = 1.0
 # The page's inputs after the call component, in order (ui.build_demo); other clients may send fewer.
+# "resume": the token of a dropped call this connection resumes (`?resume=` on the WebSocket URL).
 INPUT_NAMES = ("voice", "emotion", "text_temperature", "text_topk", "audio_temperature", "audio_topk",
-               "text_prompt", "voice_prompt")
+               "text_prompt", "voice_prompt", "resume")
+# How long a page call waits for the page's inputs (its settings, a resume token) before it opens with
+# the defaults: fastrtc asks the page for them over the data channel when the call starts.
+INPUTS_WAIT_S = 2.0
 WEBRTC_MARKER = "__webrtc_value__"
 
 
 class MoshiHandler(AsyncStreamHandler):
-    def __init__(self, hub: CallHub, input_sample_rate: int = SAMPLE_RATE):
+    def __init__(self, hub: CallHub, input_sample_rate: int = SAMPLE_RATE, await_inputs: bool = False):
+        """`await_inputs`: open each call once its client sent its inputs (the page does, when fastrtc
+        asks; a resumed call's token is one of them)."""
         super().__init__(expected_layout="mono", output_sample_rate=SAMPLE_RATE,
                          input_sample_rate=input_sample_rate)
         self.hub = hub
+        self.await_inputs = await_inputs
         self.session: Session | None = None
         self._connection = 0  # the session's connection number this handler carries (Session.connection)
         self._refused: str | None = None
@@ -57,7 +66,7 @@ class MoshiHandler(AsyncStreamHandler):
         self._activity: asyncio.Event | None = None  # set by receive(): emit() waits on it between calls
 
     def copy(self) -> MoshiHandler:
-        return MoshiHandler(self.hub, self.input_sample_rate)
+        return MoshiHandler(self.hub, self.input_sample_rate, self.await_inputs)
 
     def note_offer(self, call_id: str, client: str | None) -> None:
         """A WebRTC offer for `call_id` came from `client` (see CallHub.note_offer)."""
@@ -76,11 +85,19 @@ class MoshiHandler(AsyncStreamHandler):
         return client.host if client is not None else None
 
     def _resume_token(self) -> str | None:
-        """The token of a dropped call this connection resumes (`?resume=` on the WebSocket URL)."""
-        ctx = current_context.get()
-        if ctx is not None and ctx.websocket is not None:
-            return ctx.websocket.query_params.get("resume") or None
-        return None
+        """The token of a dropped call this connection resumes (`?resume=` on the WebSocket URL, the
+        page's "resume" input)."""
+        token = self._inputs().get("resume")
+        return token if isinstance(token, str) and token else None
+
+    async def _await_inputs(self) -> None:
+        """With `await_inputs`, wait (briefly) until the client sent its inputs: fastrtc asks for them."""
+        if not self.await_inputs or self.args_set.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.wait_for_args(), INPUTS_WAIT_S)
+        except TimeoutError:
+            log.warning("no inputs from the client within %.0f s: the call opens with the defaults", INPUTS_WAIT_S)
 
     def _inputs(self) -> dict[str, Any]:
         """The call's choices by name (INPUT_NAMES). A fastrtc WebSocket client gives them in its URL's
@@ -149,6 +166,7 @@ class MoshiHandler(AsyncStreamHandler):
             reason = ended.seat.closed_reason
             await self.hub.close_async(ended, "its seat was freed by the engine")
             self._notify("warning", f"The call starts over: {reason}")
+        await self._await_inputs()
         try:
             try:
                 settings = self._requested_settings()
@@ -283,6 +301,45 @@ class MoshiHandler(AsyncStreamHandler):
         if self._activity is not None:
             self._activity.set()
 
+
+def hold_dropped_calls(connections: WebRTCConnectionMixin) -> None:
+    """Make a WebRTC call whose connection breaks wait for its caller to resume it (CallHub.drop)
+    instead of ending. For the page's WebRTC component, whose script reconnects with the call's
+    resume token (ui.RECONNECT_JS); `/webrtc/offer` clients send no token, so their calls end.
+
+    fastrtc ends a call the same way whether the caller hung up or the connection broke: on the
+    peer connection's "failed" or "closed" state it closes it and calls the handler's `shutdown()`
+    (and when ICE fails first, it forgets the connection without even that). With aiortc a broken
+    network (ICE consent expired, RFC 7675) mostly shows as "closed" too: DTLS notices first and
+    closes the connection. What tells them apart is the ICE transport: a broken one has gone
+    "failed"; a hang-up (the page's Stop, `pc.close()`) closes DTLS and stops ICE without failing
+    it. So each new peer connection gets a plain (not async) listener, which aiortc runs the moment
+    the state changes, before fastrtc's own listener (a coroutine) runs: on a broken connection it
+    holds the call, then cleans the connection up as fastrtc does for a closed one (whose
+    `shutdown()` then finds no call to end)."""
+    handle_offer = connections.handle_offer
+
+    async def handle_offer_watching_drops(body: dict[str, Any], set_outputs):
+        answer = await handle_offer(body, set_outputs)
+        call_id = body.get("webrtc_id") if body.get("sdp") else None  # ICE candidates come this way too
+        pc, handler = connections.pcs.get(call_id), connections.handlers.get(call_id)
+        if pc is not None and isinstance(handler, MoshiHandler):
+            def on_state_change() -> None:
+                if pc.connectionState in ("failed", "closed") and ice_failed(pc):
+                    log.info("call %s: the WebRTC connection broke", call_id)
+                    handler.connection_dropped()
+                    for track in connections.clean_up(call_id):
+                        track.stop()
+            pc.on("connectionstatechange", on_state_change)
+        return answer
+
+    connections.handle_offer = handle_offer_watching_drops  # type: ignore[method-assign]
+
+
+def ice_failed(pc: RTCPeerConnection) -> bool:
+    """Whether the connection's ICE transport broke (aiortc: consent expired, or its socket was lost)."""
+    return pc.connectionState == "failed" or any(
+        t.receiver.transport.transport.state == "failed" for t in pc.getTransceivers())
 
 
 def note_offers(component: WebRTC, hub: CallHub) -> None:

@@ -247,11 +247,14 @@ class Session:
 
 
 class SessionRegistry:
-    """Live calls by connection id, so readouts (UI timers, /metrics) can find them."""
+    """Live calls by connection id, so readouts (UI timers, /metrics) can find them. A resumed call
+    is found by its first connection's id (its call id) and by each later connection's."""
 
-    def __init__(self, keep_closed: int = 32):
+    def __init__(self, keep_closed: int = 32, keep_links: int = 1024):
         self._live: dict[str, Session] = {}
         self._recent: deque[Session] = deque(maxlen=keep_closed)
+        self._links: OrderedDict[str, str] = OrderedDict()  # a later connection's id -> its call id
+        self._keep_links = keep_links
         self._lock = threading.Lock()
 
     def add(self, session: Session) -> None:
@@ -263,6 +266,15 @@ class SessionRegistry:
             if self._live.get(session.call_id) is session:
                 del self._live[session.call_id]
                 self._recent.append(session)
+
+    def link(self, connection_id: str, session: Session) -> None:
+        """`connection_id` now carries `session` (a resumed call): `get` finds the call by it too."""
+        if connection_id == session.call_id:
+            return
+        with self._lock:
+            self._links[connection_id] = session.call_id
+            while len(self._links) > self._keep_links:
+                self._links.popitem(last=False)
 
     def is_live(self, call_id: str) -> bool:
         with self._lock:
@@ -277,6 +289,7 @@ class SessionRegistry:
         if not call_id:
             return None
         with self._lock:
+            call_id = self._links.get(call_id, call_id)
             found = self._live.get(call_id)
             if found is None:
                 found = next((s for s in reversed(self._recent) if s.call_id == call_id), None)
@@ -344,7 +357,7 @@ class CallHub:
         resume token of a call whose connection dropped, that same call (its seat, its conversation)
         if it is still held; ResumeFailed if not (the caller may then start a new call)."""
         if resume_token:
-            return self._resume(resume_token)
+            return self._resume(resume_token, call_id)
         engine = self.route(settings)
         prompt = self.prompt(engine, settings)
         with self._admit:
@@ -412,12 +425,13 @@ class CallHub:
                 return  # resumed (and maybe dropped again since: that drop has its own expiry)
         self.close_soon(session, f"connection dropped and not resumed within {self.resume_seconds:g} s")
 
-    def _resume(self, token: str) -> Session:
+    def _resume(self, token: str, connection_id: str) -> Session:
         with self._admit:
             session = self._by_token.get(token)
             if session is None or session.closed:
                 raise ResumeFailed("That call can no longer be resumed (it ended, or its time to reconnect ran out).")
             session.resume()
+            self.registry.link(connection_id, session)
         return session
 
     async def open_async(self, call_id: str, settings: CallSettings, client: str | None = None,

@@ -1,6 +1,10 @@
 """The page: a Gradio Blocks layout with the call in the main area and a sidebar of settings and
 live readouts. The call itself is fastrtc's WebRTC component streaming through `MoshiHandler`;
-the readouts are polled by a `gr.Timer` from the session registry by connection id."""
+the readouts are polled by a `gr.Timer` from the session registry by connection id.
+
+A dropped call reconnects by itself: the timer keeps the call's resume token in the page's state (an
+input of the call), and the page's script (RECONNECT_JS) restarts the call when its connection drops
+without the caller pressing Stop; the server resumes the held call (same seat, same conversation)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from fastrtc import WebRTC
 from agent import ASSETS
 from agent.access import rtc_configuration_from_env
 from agent.config import MAX_TEMP
-from agent.handler import MoshiHandler, note_offers
+from agent.handler import MoshiHandler, hold_dropped_calls, note_offers
 from agent.metrics import fmt_ms
 from agent.service import AgentService
 from agent.voices import MAX_TEXT_PROMPT_CHARS
@@ -30,6 +34,89 @@ OPEN_SIDEBAR_JS = """() => {
 }"""
 POLL_SECONDS = 0.5
 PLOT_SECONDS = 60
+RECONNECT_BACKOFF_MS = (500, 1000, 2000, 4000)
+RECONNECT_WAIT_MS = 8000  # an attempt not connected by then (plus its backoff) is tried again
+# The page's own script: it watches the call's peer connections (fastrtc's component makes them with
+# the page's RTCPeerConnection, which this wraps) and the server's messages on their data channel.
+# A connection that goes "disconnected" or "failed" without the caller pressing a call button is a
+# drop: the script says so in #reconnect-status and presses Record again (backoff, until the server's
+# resume window has passed); the call's resume token goes with the new connection as an input, and
+# the server's "call" message says whether the call was resumed. A press of Stop (a real click, which
+# a script's click() is not) ends the call: its connection is forgotten and nothing reconnects.
+RECONNECT_JS = """() => {
+  const WINDOW_MS = %(window_ms)d, BACKOFF_MS = %(backoff_ms)s, WAIT_MS = %(wait_ms)d;
+  const Native = window.RTCPeerConnection;
+  if (!Native || window.__callReconnects) return;
+  window.__callReconnects = true;
+  let current = null;   // the call's live connection
+  let lostAt = null;    // when its connection dropped; null while not reconnecting
+  let attempts = 0, timer = null, gaveUp = false;
+  const say = (text, state) => {
+    const box = document.querySelector("#reconnect-status");
+    if (!box) return;
+    box.textContent = text;
+    box.dataset.state = state;
+    box.style.display = text ? "" : "none";
+  };
+  const finish = (text, state) => {
+    clearTimeout(timer);
+    timer = null; lostAt = null; attempts = 0;
+    gaveUp = state === "lost";
+    say(text, state);
+  };
+  const recordButton = () => Array.from(document.querySelectorAll("#call button"))
+    .find((b) => /Record/.test(b.textContent));
+  const tryAgain = () => {
+    if (lostAt === null) return;
+    if (Date.now() - lostAt > WINDOW_MS) {
+      current = null;  // an attempt still under way may fail later: that is no new drop
+      finish("Call lost: the connection did not come back in time. Press Record to call again.", "lost");
+      return;
+    }
+    const record = recordButton();
+    if (!record) { timer = setTimeout(tryAgain, 250); return; }  // the last attempt is still starting
+    attempts += 1;
+    say(`Connection lost: reconnecting… (attempt ${attempts})`, "reconnecting");
+    record.click();
+    timer = setTimeout(tryAgain, WAIT_MS + BACKOFF_MS[Math.min(attempts, BACKOFF_MS.length - 1)]);
+  };
+  const dropped = (pc) => {
+    if (pc !== current) return;  // hung up, or replaced already
+    current = null;
+    if (lostAt === null) { lostAt = Date.now(); attempts = 0; }
+    say("Connection lost: reconnecting…", "reconnecting");
+    clearTimeout(timer);
+    timer = setTimeout(tryAgain, BACKOFF_MS[Math.min(attempts, BACKOFF_MS.length - 1)]);
+  };
+  const told = (data) => {
+    let message;
+    try { message = JSON.parse(data); } catch { return; }
+    if (!message || message.type !== "call" || (lostAt === null && !gaveUp)) return;
+    finish(message.resumed ? "Reconnected: the call goes on."
+                           : "Reconnected, but the call had ended: this is a new call.",
+           message.resumed ? "reconnected" : "new-call");
+  };
+  class WatchedPeerConnection extends Native {
+    constructor(...args) {
+      super(...args);
+      current = this;
+      this.addEventListener("connectionstatechange", () => {
+        if (this.connectionState === "disconnected" || this.connectionState === "failed") dropped(this);
+      });
+    }
+    createDataChannel(...args) {
+      const channel = super.createDataChannel(...args);
+      channel.addEventListener("message", (event) => told(event.data));
+      return channel;
+    }
+  }
+  window.RTCPeerConnection = WatchedPeerConnection;
+  document.addEventListener("click", (event) => {
+    if (!event.isTrusted || !event.target.closest || !event.target.closest("#call button")) return;
+    if (/Stop/.test(event.target.closest("button").textContent)) current = null;  // a hang-up
+    finish("", "");  // the caller acts: the last notice has been seen
+  }, true);
+}"""
 
 
 def _choices(items, support) -> list[tuple[str, str]]:
@@ -77,11 +164,23 @@ def call_status(service: AgentService, call_id: str | None) -> str:
     if session is None:
         return "Press **Record** to start a call." if not call_id else "Connecting…"
     figures = session.figures()
+    if session.dropped and figures.closed_reason is None:
+        return (f"🟡 **Connection lost**: the call waits {service.hub.resume_seconds:g} s for this page to "
+                "reconnect.")
     if figures.closed_reason is None:
         return (f"🟢 **In call** · {figures.seconds:.0f} s · `{session.engine.model.name}` seat {figures.seat + 1} "
                 f"of {session.engine.num_seats}")
     return (f"🔴 **The call ended**: {figures.closed_reason}. If the connection dropped, press **Record** "
             "to call again.")
+
+
+def page_resume_token(service: AgentService, call_id: str | None, current: str) -> str:
+    """The token the page sends when it restarts a dropped call: its call's while that call lives,
+    none once it ended; kept while the page's connection is starting (its id is not known yet)."""
+    session = service.registry.get(call_id)
+    if session is None:
+        return current
+    return "" if session.closed else session.resume_token
 
 
 def readouts(service: AgentService, call_id: str | None) -> tuple[str, str, pd.DataFrame, str]:
@@ -175,7 +274,9 @@ def build_demo(service: AgentService) -> gr.Blocks:
     voice_support, emotion_support = service.voice_support(), service.emotion_support()
     css = CSS_PATH.read_text() if CSS_PATH.exists() else None
 
-    with gr.Blocks(title="Telugu voice agent (Moshi)", css=css, theme=gr.themes.Soft()) as demo:
+    reconnect_js = RECONNECT_JS % {"window_ms": 1000 * service.hub.resume_seconds, "wait_ms": RECONNECT_WAIT_MS,
+                                   "backoff_ms": list(RECONNECT_BACKOFF_MS)}
+    with gr.Blocks(title="Telugu voice agent (Moshi)", css=css, theme=gr.themes.Soft(), js=reconnect_js) as demo:
         with gr.Sidebar(open=False, width=380, elem_id="settings") as sidebar:
             voice = gr.Dropdown(_choices(catalogue.voices, voice_support), value=catalogue.default_voice,
                                 label="Speaker voice · స్వరం", elem_id="voice")
@@ -205,6 +306,9 @@ def build_demo(service: AgentService) -> gr.Blocks:
                       track_constraints={"echoCancellation": True, "noiseSuppression": True,
                                          "autoGainControl": True, "sampleRate": {"ideal": 48000}})
         status = gr.Markdown("Press **Record** to start a call.", elem_id="call-status")
+        # RECONNECT_JS writes here ("reconnecting…", "reconnected", "call lost"); hidden while empty
+        gr.HTML('<div id="reconnect-status" role="status" aria-live="polite" style="display: none"></div>')
+        resume = gr.State("")  # the call's resume token (page_resume_token), sent when the page reconnects
         # On a phone the sidebar is closed and its own toggle is a small arrow: this opens it (CSS hides it on
         # wider screens, where the sidebar is open beside the call).
         gr.Button("⚙️ Voice, persona & emotion · live figures", elem_id="open-settings", size="sm",
@@ -212,15 +316,19 @@ def build_demo(service: AgentService) -> gr.Blocks:
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
         # The handler reads these by position (handler.INPUT_NAMES).
-        call.stream(MoshiHandler(service.hub), inputs=[call, voice, emotion, *sampling, persona, preset],
+        call.stream(MoshiHandler(service.hub, await_inputs=True),
+                    inputs=[call, voice, emotion, *sampling, persona, preset, resume],
                     outputs=[call], concurrency_limit=service.seats_total())
         note_offers(call, service.hub)
+        hold_dropped_calls(call)
+        call.stop_recording(lambda: "", outputs=[resume], queue=False)  # hung up: the next Record is a new call
 
         wide_screen = gr.Checkbox(visible=False)  # set by the browser on load (IS_WIDE_SCREEN_JS)
         demo.load(lambda wide: gr.Sidebar(open=True) if wide else gr.update(), inputs=[wide_screen],
                   outputs=[sidebar], js=IS_WIDE_SCREEN_JS, queue=False, show_progress="hidden")
 
         timer = gr.Timer(POLL_SECONDS)
-        timer.tick(lambda call_id: readouts(service, call_id), inputs=[call],
-                   outputs=[transcript, stats, plot, status], show_progress="hidden", queue=False)
+        timer.tick(lambda call_id, token: (*readouts(service, call_id), page_resume_token(service, call_id, token)),
+                   inputs=[call, resume], outputs=[transcript, stats, plot, status, resume], show_progress="hidden",
+                   queue=False)
     return demo
