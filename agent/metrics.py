@@ -24,8 +24,10 @@ class RollingWindow:
         self._lock = threading.Lock()
 
     def add(self, value: float, at: float | None = None) -> None:
+        stamp = time.monotonic() if at is None else at
         with self._lock:
-            self._items.append((time.monotonic() if at is None else at, float(value)))
+            self._items.append((stamp, float(value)))
+            self._trim(stamp)  # here, not only when read: unread windows would hold `max_items` values
 
     def _trim(self, now: float) -> None:
         while self._items and now - self._items[0][0] > self.horizon:

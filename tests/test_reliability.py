@@ -469,3 +469,28 @@ def test_reliab_refused_callers_who_leave_at_once_raise_nothing_on_the_server(se
         for seat in held:
             seat.release()
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_reliab_rolling_windows_forget_values_past_their_horizon_even_unread():
+    """A figure window keeps its last 60 s, read or not. It used to drop old values only when read, so
+    the windows nobody polled (a WebSocket call's frame latencies, the engine's step times) filled up
+    to 5,000 values each: the 10-minute soak's memory grew until minute 8 and levelled off there."""
+    import tracemalloc
+
+    from agent.metrics import RollingWindow
+    window = RollingWindow(horizon=60.0)
+    frames_per_minute = 750  # 12.5 frames a second
+    began = time.monotonic() - 8 * 60  # eight minutes of a call, ending now
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for i in range(frames_per_minute):
+            window.add(float(i), at=began + i / 12.5)
+        after_one_minute = tracemalloc.get_traced_memory()[0] - start
+        for i in range(frames_per_minute, 8 * frames_per_minute):  # seven more minutes, never read
+            window.add(float(i), at=began + i / 12.5)
+        after_eight_minutes = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert after_eight_minutes < 1.2 * after_one_minute, (after_one_minute, after_eight_minutes)
+    assert abs(len(window) - frames_per_minute) <= 2  # what a reader sees: the last minute, as before
