@@ -150,6 +150,19 @@ def test_telugu_tiny_sentence_split_keeps_the_eval_questions_out(tmp_path):
     assert (tmp_path / "sentences" / "train.txt.licence").is_file()  # the script stage needs the licence
 
 
+def test_telugu_tiny_scripts_split_between_the_lm_and_the_codec(tmp_path):
+    """The LM gets the first user-first dialogues; the codec the first dialogues whoever speaks first
+    (read in CODEC_ORDER_NOTE's order), and only those the LM lacks are synthesised again for it."""
+    first = ["user", "agent", "user", "agent", "user", "user"]
+    rows = [{"id": f"s{i}", "turns": [{"speaker": who, "text": "x"}]} for i, who in enumerate(first)]
+    (tmp_path / "script").mkdir()
+    (tmp_path / "script" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lm, codec_only, codec_ids = telugu_tiny.split_scripts(tmp_path / "script", keep=3, codec_first=4)
+    ids = [[json.loads(line)["id"] for line in path.read_text().splitlines()] for path in (lm, codec_only)]
+    assert ids == [["s0", "s2", "s4"], ["s1", "s3"]]
+    assert codec_ids == ["s0", "s2", "s1", "s3"]  # the LM's user-first ones lead, then the others by id
+
+
 def test_telugu_tiny_without_weights_says_how_to_train(tmp_path, monkeypatch):
     monkeypatch.setattr("agent.models.TELUGU_TINY_DIR", tmp_path / "absent")
     with pytest.raises(ModelLoadError, match="python -m agent.train telugu-tiny"):

@@ -48,16 +48,24 @@ SENTENCES = REPO / "assets" / "telugu_sentences.txt"
 TRAIN_CONFIG = REPO / "assets" / "train" / "telugu_tiny.json"
 DEFAULT_OUT = REPO / "assets" / "models" / "telugu-tiny"
 CODEC_VOICES = (("lakshmi", "female"), ("sravani", "female"), ("ravi", "male"), ("kiran", "male"))
+# CODEC_ORDER_NOTE: the codec reads its dialogues in a fixed order: the first 100 user-first ones, then
+# the others by id. Why: its voice turns from a murmur into speech (to Silero) suddenly, at a step that
+# depends on the data and on the order it is read in. Read in this order, the first 300 dialogues gave
+# speech from step 2,000 (every snapshot to 4,000 passed). The same 300 sorted by id had not by step
+# 6,500, nor the LM's 600 dialogues by 4,250: a closer spectrum, but the 1-3 kHz formants missing.
+# Snapshot selection (agent.train.codec) catches a codec that does not cross; it cannot make one cross.
+CODEC_LEADING_USER_FIRST = 100
 
 
 @dataclass
 class TeluguTinyConfig:
     work: Path  # everything intermediate (datasets, runs); a few hundred MB
     out: Path = DEFAULT_OUT  # the shipped model folder
-    dialogues: int = 100  # user-first dialogues to synthesise
+    dialogues: int = 600  # user-first dialogues for the LM (with 100 its held-out loss rose from step 300 on)
     codec_steps: int = 4000
     codec_extra_steps: int = 4000  # at most this many more until a codec snapshot is heard as speech
-    lm_steps: int = 800
+    codec_dialogues: int = 300  # the codec's data: the first 300 dialogues, whoever speaks first (see below)
+    lm_steps: int = 1600
     lm_config: Path = TRAIN_CONFIG
     eval_samples: int = 12  # turn-taking samples in the final evaluation
     threads: int = 1  # torch threads: on a shared 2-core machine 1 is fastest
@@ -82,19 +90,24 @@ def split_sentences(work: Path) -> tuple[Path, list[str]]:
     return path, held
 
 
-def split_scripts(script_dir: Path, keep: int) -> tuple[Path, Path]:
-    """The first `keep` scripts whose first turn is the user's (the LM's data: the agent listens, then
-    answers) and all the others (more speech for the codec only), as two script files."""
+def split_scripts(script_dir: Path, keep: int, codec_first: int) -> tuple[Path, Path, list[str]]:
+    """The LM's scripts: the first `keep` whose first turn is the user's (the agent listens, then
+    answers). The codec's: the first `codec_first` scripts, whoever speaks first, in the order the
+    codec reads them (CODEC_ORDER_NOTE). Returns the LM's script file, a script file of the codec's
+    that the LM does not have (synthesised for the codec only), and the codec's script ids in order."""
     rows = [json.loads(line) for line in (script_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
             if line]
     chosen = [r for r in rows if r["turns"] and r["turns"][0]["speaker"] == "user"][:keep]
     if not chosen:
         raise UsageError(f"{script_dir}: no script starts with the user")
-    rest = [r for r in rows if r not in chosen]
+    lm_ids = {r["id"] for r in chosen}
+    codec_only = [r for r in rows[:codec_first] if r["id"] not in lm_ids]
     paths = script_dir.parent / "script-user-first.jsonl", script_dir.parent / "script-codec-only.jsonl"
-    for path, part in zip(paths, (chosen, rest)):
+    for path, part in zip(paths, (chosen, codec_only)):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
-    return paths
+    codec_ids = {r["id"] for r in rows[:codec_first]}
+    leading = [r["id"] for r in chosen[:CODEC_LEADING_USER_FIRST] if r["id"] in codec_ids]
+    return *paths, leading + sorted(codec_ids - set(leading))
 
 
 def spoken_clips(sentences: list[str]) -> list[np.ndarray]:
@@ -179,10 +192,10 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
            "--count", str(config.dialogues * 3),
            "--seed", str(config.seed), "--turns", "2:6", "--backchannel-prob", "0", "--interrupt-prob", "0",
            "--overlap-prob", "0", "--pause-prob", "0", *q])
-    lm_scripts, codec_scripts = split_scripts(w / "script", config.dialogues)
+    lm_scripts, codec_scripts, codec_ids = split_scripts(w / "script", config.dialogues, config.codec_dialogues)
     step(3, "synth")
     stage(["synth", "--in", str(lm_scripts), "--out", str(w / "synth"), "--seed", str(config.seed), *q])
-    if codec_scripts.stat().st_size:
+    if codec_scripts.stat().st_size:  # empty when the LM has all of the codec's dialogues
         stage(["synth", "--in", str(codec_scripts), "--out", str(w / "synth-codec"), "--seed", str(config.seed), *q])
 
     step(4, "codec")
@@ -198,7 +211,8 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
     if not (codec_dir / "codec.json").exists() or not json.loads((codec_dir / "codec.json").read_text())["done"]:
         # Snapshots are judged on training sentences (the held-out ones stay unseen until the figures below)
         validation = spoken_clips(train_sentences.read_text(encoding="utf-8").splitlines()[:len(CODEC_VOICES)])
-        audio = sorted((w / "synth" / "data").glob("*.wav")) + sorted((w / "synth-codec" / "data").glob("*.wav"))
+        lm_ids = {json.loads(line)["id"] for line in lm_scripts.read_text(encoding="utf-8").splitlines() if line}
+        audio = [w / ("synth" if i in lm_ids else "synth-codec") / "data" / f"{i}.wav" for i in codec_ids]
         train_codec(CodecConfig(audio=audio, out=codec_dir, steps=config.codec_steps,
                                 extra_steps=config.codec_extra_steps, seed=config.seed, quiet=config.quiet),
                     validation)
@@ -242,7 +256,8 @@ def add_parser(stages: argparse._SubParsersAction) -> None:
                                               "synthetic espeak-ng dialogues) and measure it")
     p.add_argument("--work", type=Path, required=True, help="folder for everything intermediate")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the model folder (default {DEFAULT_OUT})")
-    for name in ("dialogues", "codec_steps", "codec_extra_steps", "lm_steps", "eval_samples", "threads", "seed"):
+    for name in ("dialogues", "codec_steps", "codec_extra_steps", "codec_dialogues", "lm_steps", "eval_samples",
+                 "threads", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TeluguTinyConfig, name))
     p.add_argument("--lm-config", type=Path, default=TRAIN_CONFIG)
     p.add_argument("--quiet", action="store_true")
@@ -250,6 +265,6 @@ def add_parser(stages: argparse._SubParsersAction) -> None:
 
 def from_args(args: argparse.Namespace) -> TeluguTinyConfig:
     return TeluguTinyConfig(work=args.work, out=args.out, dialogues=args.dialogues, codec_steps=args.codec_steps,
-                            codec_extra_steps=args.codec_extra_steps,
+                            codec_extra_steps=args.codec_extra_steps, codec_dialogues=args.codec_dialogues,
                             lm_steps=args.lm_steps, lm_config=args.lm_config, eval_samples=args.eval_samples,
                             threads=args.threads, seed=args.seed, quiet=args.quiet)
