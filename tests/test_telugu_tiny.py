@@ -108,29 +108,21 @@ def _scripted_judge(monkeypatch, ratios: list[float]) -> dict[int, dict]:
     return seen
 
 
-def test_telugu_tiny_codec_trains_on_until_a_snapshot_is_heard_as_speech(speech_wavs, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("ratios", "extra_steps", "judged", "kept_step", "passed"), [
+    ([0.1, 0.3, 0.9, 0.95], 6, [2, 4, 6], 6, True),  # past `steps` (4), stopped at the first pass
+    ([0.1, 0.5, 0.3, 0.2], 4, [2, 4, 6, 8], 4, False),  # none passes: the best is kept
+], ids=["trains-on-until-one-passes", "keeps-the-best-when-none-passes"])
+def test_telugu_tiny_codec_keeps_the_snapshot_silero_hears_best(speech_wavs, tmp_path, monkeypatch, ratios,
+                                                                 extra_steps, judged, kept_step, passed):
     torch.set_num_threads(1)
-    seen = _scripted_judge(monkeypatch, [0.1, 0.3, 0.9, 0.95])
+    seen = _scripted_judge(monkeypatch, ratios)
     clip = sf.read(str(speech_wavs[0]), dtype="float32")[0]
-    config = _codec_config(speech_wavs, tmp_path / "codec", steps=4, save_every=2, extra_steps=6)
+    config = _codec_config(speech_wavs, tmp_path / "codec", steps=4, save_every=2, extra_steps=extra_steps)
     kept = codec_mod.train_codec(config, [clip]).state_dict()
     log = json.loads((tmp_path / "codec" / "codec.json").read_text())
-    assert [s["step"] for s in log["snapshots"]] == [2, 4, 6]  # past `steps`, stopped at the first pass
-    assert log["chosen"]["step"] == 6 and log["passed"] is True and log["done"] is True
-    for key, value in seen[2].items():  # the judged weights of step 6 are the codec written
-        assert torch.equal(value, kept[key]), key
-
-
-def test_telugu_tiny_codec_keeps_the_best_snapshot_when_none_passes(speech_wavs, tmp_path, monkeypatch):
-    torch.set_num_threads(1)
-    seen = _scripted_judge(monkeypatch, [0.1, 0.5, 0.3, 0.2])
-    clip = sf.read(str(speech_wavs[0]), dtype="float32")[0]
-    config = _codec_config(speech_wavs, tmp_path / "codec", steps=4, save_every=2, extra_steps=4)
-    kept = codec_mod.train_codec(config, [clip]).state_dict()
-    log = json.loads((tmp_path / "codec" / "codec.json").read_text())
-    assert [s["step"] for s in log["snapshots"]] == [2, 4, 6, 8]
-    assert log["chosen"]["step"] == 4 and log["passed"] is False
-    for key, value in seen[1].items():
+    assert [s["step"] for s in log["snapshots"]] == judged
+    assert log["chosen"]["step"] == kept_step and log["passed"] is passed and log["done"] is True
+    for key, value in seen[judged.index(kept_step)].items():  # the codec written is the kept snapshot's
         assert torch.equal(value, kept[key]), key
 
 

@@ -13,9 +13,10 @@ codec run resumes from its last snapshot):
                sentences never reach training
  2. script     dialogues of whole turns (no backchannels/interruptions: a clean "listen, then answer"
                rhythm), our 4 voices x 5 emotions; those where the user speaks first are the LM's
- 3. synth      espeak-ng, two channels (LEFT agent, RIGHT user), exact word timings; the other
-               dialogues too, as more speech for the codec
- 4. codec      the tiny Mimi trained as an autoencoder on every channel (agent.train.codec); each
+ 3. synth      espeak-ng, two channels (LEFT agent, RIGHT user), exact word timings; also those of
+               the first 300 dialogues the LM does not have, as speech for the codec
+ 4. codec      the tiny Mimi trained as an autoencoder on every channel of the first 300 dialogues, in
+               a fixed order (CODEC_ORDER_NOTE; agent.train.codec); each
                snapshot judged by Silero on training sentences, the best kept, training extended until
                one is heard as speech; then measured on held-out sentences (speech ratio, LSD)
  5. base       a Kyutai folder: the tiny LM (random) + the trained codec + the tiny tokenizer
