@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import aiohttp
 import aioice.ice
@@ -206,13 +207,44 @@ def page_component(live: LiveServer) -> int:
     return next(b for b in live.demo.blocks.values() if getattr(b, "elem_id", None) == "call")._id
 
 
+def quick_consent_checks(monkeypatch) -> None:
+    """The server's ICE consent checks every 0.3 s, given up after 3 misses (aioice: 5 s and 6), so a cut
+    is noticed by the server within about a second."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.3)
+    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
+
+
+@contextmanager
+def page_with_relayed_calls(live: LiveServer, mic_wav, keep_peers: bool = False):  # noqa: F811
+    """The page open in headless Chromium (fake microphone), its calls through relays: (page, calls)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p, mic_wav)
+        page = browser.new_context(permissions=["microphone"]).new_page()
+        if keep_peers:
+            page.add_init_script(KEEP_PEERS_JS)
+        calls = RelayedPageCalls(page)
+        try:
+            page.goto(live.url + "/", wait_until="load")
+            yield page, calls
+        finally:
+            browser.close()
+            calls.close()
+
+
+def wait_for_status(page, pattern: str, timeout_ms: float) -> None:
+    """Until the page's reconnection notice (#reconnect-status) matches the JS regular expression."""
+    page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#reconnect-status').innerText)",
+                           timeout=timeout_ms)
+
+
 def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(server, telugu_speech, monkeypatch):
     """The server's side of a page call: a peer connection that fails (its network cut: the server's
     ICE consent checks go unanswered) holds the call, its seat frozen, for the resume window and then
     frees it; one that hangs up (`pc.close()`: DTLS closes) frees its seat at once, nothing held.
     aioice checks consent every 5 s and gives up after 6 misses (30 s); here every 0.3 s, 3 misses."""
-    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.3)
-    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
+    quick_consent_checks(monkeypatch)
     _, audio = telugu_speech
     service = server.service
 
@@ -267,62 +299,48 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cu
     - "page to server": only the page's packets are lost. The server's consent checks (every 0.3 s
       here) go unanswered and it holds the call while Chromium still hears it; once the server has
       let go of the connection Chromium hears nothing either, and the page resumes the held call."""
-    from playwright.sync_api import sync_playwright
-
     if cut == "page to server":
-        monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.3)
-        monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
+        quick_consent_checks(monkeypatch)
 
     service = server.service
-    with sync_playwright() as p:
-        browser = launch_chromium(p, mic_wav)
-        page = browser.new_context(permissions=["microphone"]).new_page()
-        page.add_init_script(KEEP_PEERS_JS)
-        calls = RelayedPageCalls(page)
-        try:
-            page.goto(server.url + "/", wait_until="load")
-            session = calls.first_call(service)
-            calls.stop()
-            started = service.metric_values()["calls_started"]
-            seat = session.seat
+    with page_with_relayed_calls(server, mic_wav, keep_peers=True) as (page, calls):
+        session = calls.first_call(service)
+        calls.stop()
+        started = service.metric_values()["calls_started"]
+        seat = session.seat
 
-            calls.relays[0].cut(both_ways=cut == "both ways")
-            if cut == "page to server":
-                assert wait_until(lambda: session.dropped, 15), "the server did not hold the call"
-                assert service.seats_in_use() == 1 and not session.closed
-                page.get_by_text("the call waits").wait_for(timeout=10_000)  # the readouts say so too
-            status = page.locator("#reconnect-status")
-            page.wait_for_function("() => /reconnecting/.test(document.querySelector('#reconnect-status').innerText)",
-                                   timeout=30_000)
-            assert "Connection lost" in status.inner_text()
-            page.wait_for_function("() => /Reconnected: the call goes on/.test("
-                                   "document.querySelector('#reconnect-status').innerText)", timeout=45_000)
+        calls.relays[0].cut(both_ways=cut == "both ways")
+        if cut == "page to server":
+            assert wait_until(lambda: session.dropped, 15), "the server did not hold the call"
+            assert service.seats_in_use() == 1 and not session.closed
+            page.get_by_text("the call waits").wait_for(timeout=10_000)  # the readouts say so too
+        status = page.locator("#reconnect-status")
+        wait_for_status(page, "reconnecting", 30_000)
+        assert "Connection lost" in status.inner_text()
+        wait_for_status(page, "Reconnected: the call goes on", 45_000)
 
-            # the same call: the same session on the same seat, resumed once, no other call opened
-            assert service.registry.live() == [session] and session.seat is seat and not session.closed
-            assert session.connection == 1 and not session.dropped
-            assert service.metric_values()["calls_started"] == started
-            # ... and it goes on over the new connection: the page's microphone reaches the call, the agent's
-            # audio reaches the page and plays
-            frames_in = session.seat.counters.frames_in
-            assert wait_until(lambda: session.seat.counters.frames_in > frames_in + 20, 30), session.seat.counters
-            peers, received = page.evaluate(BYTES_IN_JS)
-            assert peers >= 2  # the first call, then the reconnection(s)
-            assert wait_until(lambda: page.evaluate(BYTES_IN_JS)[1] > received + 10_000, 15), received
-            assert wait_until(lambda: any(a["live"] and not a["paused"] for a in page.evaluate(AUDIO_STATE_JS)), 15)
-            page.get_by_text("In call").wait_for(timeout=15_000)  # the readouts follow the new connection
+        # the same call: the same session on the same seat, resumed once, no other call opened
+        assert service.registry.live() == [session] and session.seat is seat and not session.closed
+        assert session.connection == 1 and not session.dropped
+        assert service.metric_values()["calls_started"] == started
+        # ... and it goes on over the new connection: the page's microphone reaches the call, the agent's
+        # audio reaches the page and plays
+        frames_in = session.seat.counters.frames_in
+        assert wait_until(lambda: session.seat.counters.frames_in > frames_in + 20, 30), session.seat.counters
+        peers, received = page.evaluate(BYTES_IN_JS)
+        assert peers >= 2  # the first call, then the reconnection(s)
+        assert wait_until(lambda: page.evaluate(BYTES_IN_JS)[1] > received + 10_000, 15), received
+        assert wait_until(lambda: any(a["live"] and not a["paused"] for a in page.evaluate(AUDIO_STATE_JS)), 15)
+        page.get_by_text("In call").wait_for(timeout=15_000)  # the readouts follow the new connection
 
-            # the caller hangs up: the call ends, nothing reconnects
-            page.locator("#call button", has_text="Stop").first.click()
-            assert wait_until(lambda: session.closed, 15), "hanging up did not end the call"
-            assert session.seat.closed_reason == "client left" and not session.dropped
-            page.wait_for_timeout(4000)  # longer than the page's first reconnection backoff and its connecting
-            assert not service.registry.live(), "the page called again after Stop"
-            assert service.metric_values()["calls_started"] == started
-            assert "reconnecting" not in status.inner_text()
-        finally:
-            browser.close()
-            calls.close()
+        # the caller hangs up: the call ends, nothing reconnects
+        page.locator("#call button", has_text="Stop").first.click()
+        assert wait_until(lambda: session.closed, 15), "hanging up did not end the call"
+        assert session.seat.closed_reason == "client left" and not session.dropped
+        page.wait_for_timeout(4000)  # longer than the page's first reconnection backoff and its connecting
+        assert not service.registry.live(), "the page called again after Stop"
+        assert service.metric_values()["calls_started"] == started
+        assert "reconnecting" not in status.inner_text()
 
 
 def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_new_call(server, mic_wav,  # noqa: F811
@@ -332,38 +350,25 @@ def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_ne
     (its consent checks every 0.3 s here), then frees it; the page tries again with backoff, then says
     the call is lost. When the caller presses Record later, the page still has the old call's token: the
     server says that call can no longer be resumed and starts a new one."""
-    from playwright.sync_api import sync_playwright
-
-    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.3)
-    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 3)
+    quick_consent_checks(monkeypatch)
     service = server.service
-    with sync_playwright() as p:
-        browser = launch_chromium(p, mic_wav)
-        page = browser.new_context(permissions=["microphone"]).new_page()
-        calls = RelayedPageCalls(page)
-        try:
-            page.goto(server.url + "/", wait_until="load")
-            session = calls.first_call(service)
-            calls.refusing = True
-            calls.relays[0].cut()
-            cut_at = time.monotonic()
-            assert calls.wait(lambda: session.dropped, 15), "the server did not hold the call"
-            page.wait_for_function("() => /reconnecting/.test(document.querySelector('#reconnect-status').innerText)",
-                                   timeout=30_000)
-            page.wait_for_function("() => /Call lost/.test(document.querySelector('#reconnect-status').innerText)",
-                                   timeout=1000 * (RESUME_S + 30))
-            assert time.monotonic() - cut_at > RESUME_S, "the page gave up before the resume window had passed"
-            assert calls.wait(lambda: session.closed, 15), "the server did not free the held call"
-            assert "not resumed" in session.seat.closed_reason
-            assert not service.registry.live()
+    with page_with_relayed_calls(server, mic_wav) as (page, calls):
+        session = calls.first_call(service)
+        calls.refusing = True
+        calls.relays[0].cut()
+        cut_at = time.monotonic()
+        assert calls.wait(lambda: session.dropped, 15), "the server did not hold the call"
+        wait_for_status(page, "reconnecting", 30_000)
+        wait_for_status(page, "Call lost", 1000 * (RESUME_S + 30))
+        assert time.monotonic() - cut_at > RESUME_S, "the page gave up before the resume window had passed"
+        assert calls.wait(lambda: session.closed, 15), "the server did not free the held call"
+        assert "not resumed" in session.seat.closed_reason
+        assert not service.registry.live()
 
-            calls.stop()  # the server can be reached again
-            page.locator("#call button", has_text="Record").first.click(timeout=30_000)
-            assert wait_until(lambda: service.registry.live(), 30), "the new call never reached the engine"
-            assert service.registry.live()[0] is not session
-            page.get_by_text("can no longer be resumed").first.wait_for(timeout=15_000)
-            page.locator("#call button", has_text="Stop").first.click(timeout=30_000)
-            assert wait_until(lambda: not service.registry.live(), 15)
-        finally:
-            browser.close()
-            calls.close()
+        calls.stop()  # the server can be reached again
+        page.locator("#call button", has_text="Record").first.click(timeout=30_000)
+        assert wait_until(lambda: service.registry.live(), 30), "the new call never reached the engine"
+        assert service.registry.live()[0] is not session
+        page.get_by_text("can no longer be resumed").first.wait_for(timeout=15_000)
+        page.locator("#call button", has_text="Stop").first.click(timeout=30_000)
+        assert wait_until(lambda: not service.registry.live(), 15)
