@@ -23,8 +23,8 @@ from agent.config import EngineConfig, ModelConfig, SamplingConfig, ServerConfig
 if TYPE_CHECKING:  # app.py imports no model code until something is built
     import gradio as gr
 
-    from agent.server import BackgroundServer
     from agent.service import AgentService
+    from agent.web.server import BackgroundServer
 
 log = logging.getLogger("app")
 
@@ -96,9 +96,9 @@ def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, 
 
 def build(args: argparse.Namespace):
     """(service, demo, stream) for these arguments."""
-    from agent.server import build_stream
     from agent.service import build_service
-    from agent.ui import build_demo
+    from agent.web.server import build_stream
+    from agent.web.ui import build_demo
 
     model_cfg, engine_cfg, server_cfg = configs(args)
     service = build_service(model_cfg, engine_cfg, server_cfg)
@@ -120,7 +120,7 @@ class RunningAgent:
 
     @property
     def ws_url(self) -> str:
-        """fastrtc's WebSocket endpoint, for `agent.wsclient.talk`."""
+        """fastrtc's WebSocket endpoint, for `agent.tools.wsclient.talk`."""
         return "ws" + self.url.removeprefix("http") + "/websocket/offer"
 
     def close(self) -> None:
@@ -141,7 +141,7 @@ class RunningAgent:
 def start(argv: list[str] | None = None) -> RunningAgent:
     """Build the agent from `python app.py`'s flags (and the same environment variables) and serve it from
     a background thread; `--port 0` takes a free port. For notebooks: `agent = app.start(["--port", "0"])`."""
-    from agent.server import BackgroundServer, build_app
+    from agent.web.server import BackgroundServer, build_app
 
     args = parse_args(argv)
     service, demo, stream = build(args)
@@ -158,8 +158,8 @@ def start(argv: list[str] | None = None) -> RunningAgent:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from agent.access import Credentials
-    from agent.models import ModelLoadError
+    from agent.errors import ModelLoadError
+    from agent.ops.access import Credentials
 
     try:
         Credentials.parse(args.auth)
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    from agent.server import build_app, serve
-    from agent.share import serve_shared_link
+    from agent.web.server import build_app, serve
+    from agent.web.share import serve_shared_link
 
     try:
         service, demo, stream = build(args)

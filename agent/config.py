@@ -16,7 +16,7 @@ MAX_TEMP = 2.0  # sampling temperatures above this make Moshi's output noise; a 
 @dataclass
 class SamplingConfig:
     """Every call's starting settings (Moshi's own defaults, moshi.models.lm.LMGen); a call may
-    choose its own (agent.sampling), top-k up to the caps (they fix the sampler's shapes)."""
+    choose its own (agent.engine.sampling), top-k up to the caps (they fix the sampler's shapes)."""
 
     temp: float = 0.8
     temp_text: float = 0.7

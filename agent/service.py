@@ -1,8 +1,8 @@
 """The running agent: the loaded models, their engines and the live calls.
 
 Built once per process (`build_service`) and shared by the page, the WebSocket endpoint and the
-readouts. Nothing here knows about HTTP, Gradio or fastrtc: the transports (agent.handler,
-agent.kyutai_api) open calls through `hub`.
+readouts. Nothing here knows about HTTP, Gradio or fastrtc: the transports (agent.transports.fastrtc_handler,
+agent.transports.kyutai_api) open calls through `hub`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from agent.calls.session import CallHub, SessionRegistry
+from agent.calls.vad import VadHub
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 from agent.engine import FrameEngine
-from agent.metrics import PrometheusExporter
 from agent.models import LoadedModel, load_model
-from agent.session import CallHub, SessionRegistry
-from agent.vad import VadHub
+from agent.ops.metrics import PrometheusExporter
 from agent.voices import Catalogue, Support, load_catalogue
 
 log = logging.getLogger(__name__)

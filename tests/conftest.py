@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 
 from agent import SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -98,8 +98,8 @@ class LiveServer:
     """The real app (page + fastrtc endpoints) served by uvicorn on 127.0.0.1."""
 
     def __init__(self, max_sessions: int = 3, server_config: ServerConfig | None = None, **engine_kwargs):
-        from agent.server import BackgroundServer, build_app, build_stream
-        from agent.ui import build_demo
+        from agent.web.server import BackgroundServer, build_app, build_stream
+        from agent.web.ui import build_demo
 
         self.service = make_service(max_sessions, server_config, **engine_kwargs)
         self.demo = build_demo(self.service)

@@ -10,9 +10,9 @@ import requests
 import websockets
 
 from agent import SAMPLE_RATE
-from agent.access import Credentials, rtc_configuration_from_env
 from agent.config import ServerConfig
-from agent.wsclient import talk
+from agent.ops.access import Credentials, rtc_configuration_from_env
+from agent.tools.wsclient import talk
 from conftest import LiveServer
 
 BASIC = {"Authorization": "Basic " + base64.b64encode(b"ana:s3cret").decode()}

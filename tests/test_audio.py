@@ -4,16 +4,8 @@ import numpy as np
 import pytest
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio import (
-    AudioFormatError,
-    ChunkReport,
-    Framer,
-    InputAudio,
-    PolyphaseResampler,
-    resample,
-    to_int16,
-    to_mono_float,
-)
+from agent.audio.stream import ChunkReport, Framer, InputAudio, PolyphaseResampler, resample, to_int16, to_mono_float
+from agent.errors import AudioFormatError
 
 
 def sweep(rate: int, seconds: float, f0: float = 50.0, f1: float = 10_000.0) -> np.ndarray:
@@ -152,7 +144,7 @@ def test_framer_remainder_and_int16_roundtrip():
 def test_ulaw_is_bit_exact_with_audioop():
     """Every 16-bit sample and every μ-law byte against Python's own G.711 code (gone in 3.13)."""
     audioop = pytest.importorskip("audioop", reason="Python 3.13 removed audioop; the G.711 points below still run")
-    from agent.audio import ulaw_decode, ulaw_encode
+    from agent.audio.stream import ulaw_decode, ulaw_encode
 
     every_sample = np.arange(-32768, 32768, dtype=np.int16)
     assert ulaw_encode(every_sample) == audioop.lin2ulaw(every_sample.tobytes(), 2)
@@ -162,7 +154,7 @@ def test_ulaw_is_bit_exact_with_audioop():
 
 
 def test_ulaw_g711_reference_points():
-    from agent.audio import ulaw_decode, ulaw_encode
+    from agent.audio.stream import ulaw_decode, ulaw_encode
 
     # G.711 μ-law: 0 is 0xFF, full scale is 0x80 / 0x00, the decoder's peak is ±32124, and the
     # encoder's first segment steps by 8 (in 16-bit terms) around zero.
@@ -183,7 +175,7 @@ def test_wsclient_runs_without_audioop():
 
     code = ("import sys; sys.modules['audioop'] = None\n"
             "import numpy as np\n"
-            "from agent.wsclient import decode_media, encode_media\n"
+            "from agent.tools.wsclient import decode_media, encode_media\n"
             "x = np.sin(np.arange(480) / 10).astype(np.float32) * 0.5\n"
             "y = decode_media(encode_media(x))\n"
             "assert y.shape == x.shape and np.max(np.abs(y - x)) < 0.02, np.max(np.abs(y - x))\n")

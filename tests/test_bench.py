@@ -4,8 +4,8 @@ never asserted here)."""
 import json
 import math
 
-from agent.bench import bench_e2e, bench_engine, bench_overhead, main, session_counts
 from agent.config import ModelConfig
+from agent.tools.bench import bench_e2e, bench_engine, bench_overhead, main, session_counts
 
 TINY = ModelConfig(model="tiny", device="cpu")
 

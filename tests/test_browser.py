@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from agent import SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from conftest import wait_until
 
 CHROMIUM = "/usr/bin/chromium"

@@ -12,15 +12,9 @@ import torch
 
 from agent import FRAME_SIZE
 from agent.config import EngineConfig, ModelConfig, SamplingConfig
-from agent.engine import ConditionError, FrameEngine
-from agent.models import (
-    ModelLoadError,
-    load_model,
-    tiny_lm_kwargs,
-    tiny_mimi_config,
-    tiny_tokenizer_path,
-    write_checkpoint_folder,
-)
+from agent.engine import FrameEngine
+from agent.errors import ConditionError, ModelLoadError
+from agent.models import load_model, tiny_lm_kwargs, tiny_mimi_config, tiny_tokenizer_path, write_checkpoint_folder
 from agent.voices import load_catalogue
 
 GREEDY = SamplingConfig(use_sampling=False)
@@ -140,8 +134,8 @@ def test_moshiko_and_moshika_together_route_calls_by_voice(tmp_path, telugu_spee
     """Two unconditioned checkpoints (local copies named like Kyutai's repos): each call goes to the
     model whose fixed voice it asks for, and a mid-call switch across models is refused clearly."""
     from agent.config import ServerConfig
-    from agent.handler import MoshiHandler
     from agent.service import build_service
+    from agent.transports.fastrtc_handler import MoshiHandler
 
     moshiko = unconditioned_folder(tmp_path / "moshiko-pytorch-bf16", seed=1)
     moshika = unconditioned_folder(tmp_path / "moshika-pytorch-bf16", seed=2)

@@ -418,7 +418,7 @@ def test_service_is_sticky_and_reaches_the_pods():
 
 
 def server_metric_names() -> set[str]:
-    from agent.metrics import PrometheusExporter
+    from agent.ops.metrics import PrometheusExporter
 
     body, _ = PrometheusExporter(snapshot=dict).render()
     return set(re.findall(r"^# TYPE (\w+) ", body.decode(), re.MULTILINE))
@@ -596,7 +596,7 @@ def test_deploy_docs_cover_the_roads_and_say_what_was_not_run():
     text = (ROOT / "docs" / "deploy.md").read_text()
     for needle in ("runpod/template.json", "runpod/setup_pod.sh", "deploy/nginx/nginx.conf",
                    "kubectl apply -k deploy/k8s", "TURN_URLS", "/websocket/offer", "AGENT_DRAIN_SECONDS",
-                   "benchmarks.md", "python -m agent.bench"):
+                   "benchmarks.md", "python -m agent.tools.bench"):
         assert needle in text, f"docs/deploy.md does not mention {needle}"
     assert "no Docker engine" in text
     readme = (RUNPOD / "README.md").read_text()

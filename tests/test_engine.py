@@ -14,7 +14,8 @@ import pytest
 
 from agent import FRAME_SIZE
 from agent.config import EngineConfig
-from agent.engine import FrameEngine, OutputFrame, Seat, SeatsFullError
+from agent.engine import FrameEngine, OutputFrame, Seat
+from agent.errors import SeatsFullError
 from conftest import tiny_model
 from tiny_helpers import GREEDY, frames_of, varied_audio
 

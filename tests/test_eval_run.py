@@ -1,7 +1,7 @@
 """`python -m agent.eval run`: a set goes through the live engine, many samples in one batch.
 
 On the tiny random-weight model (real moshi streaming code). Exactness checks use greedy sampling:
-a batch of seats must give each sample what it gets alone, and what `agent.infer` (one seat) gives.
+a batch of seats must give each sample what it gets alone, and what `agent.tools.infer` (one seat) gives.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.eval.__main__ import main
 from agent.eval.layout import find_samples
 from agent.eval.runner import RunConfig, SeatOptions, run_set
-from agent.infer import infer
+from agent.tools.infer import infer
 from conftest import tiny_model
 from tiny_helpers import GREEDY, varied_audio
 
@@ -27,7 +27,7 @@ def make_set(root: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for i, (name, (rate, n_frames, kind)) in enumerate(specs.items()):
         audio = varied_audio(n_frames, seed=10 + i)  # 24 kHz
-        from agent.audio import resample
+        from agent.audio.stream import resample
         audio = resample(audio, SAMPLE_RATE, rate)[: n_frames * FRAME_SIZE * rate // SAMPLE_RATE - 37]
         folder = root / name
         folder.mkdir(parents=True)
@@ -75,7 +75,7 @@ def test_eval_run_samples_in_one_batch_do_not_mix(tmp_path):
 
 
 def test_eval_run_one_seat_equals_agent_infer(tmp_path):
-    """The same engine as `agent.infer` (one seat): the same audio and text, greedy."""
+    """The same engine as `agent.tools.infer` (one seat): the same audio and text, greedy."""
     make_set(tmp_path)
     samples = [s for s in find_samples(tmp_path) if s.name == "0"]  # the 24 kHz float sample
     run_set(tiny_model(), samples, config=RunConfig(seats=1, sampling=GREEDY))

@@ -13,8 +13,8 @@ import torch
 
 from agent.config import EngineConfig, ModelConfig, SamplingConfig
 from agent.engine import FrameEngine
+from agent.engine.sampling import SeatSampling
 from agent.models import load_model
-from agent.sampling import SeatSampling
 from tiny_helpers import frames_of, varied_audio
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-"""`agent.infer` on a Kyutai-layout checkpoint folder, against moshi's own inference loop.
+"""`agent.tools.infer` on a Kyutai-layout checkpoint folder, against moshi's own inference loop.
 
 The folder is written here from the tiny model (its Mimi codebooks fitted so it hears its input,
 see agent.models.build_tiny; its LM has the speaker/emotion conditioners). The reference loads the folder
@@ -26,17 +26,11 @@ from moshi.models import loaders
 from moshi.models.lm import LMGen
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.config import ModelConfig
-from agent.infer import infer, main, read_wav
-from agent.models import (
-    ModelLoadError,
-    load_model,
-    tiny_lm_kwargs,
-    tiny_mimi_config,
-    tiny_tokenizer_path,
-    write_checkpoint_folder,
-)
+from agent.errors import ModelLoadError
+from agent.models import load_model, tiny_lm_kwargs, tiny_mimi_config, tiny_tokenizer_path, write_checkpoint_folder
+from agent.tools.infer import infer, main, read_wav
 from conftest import tiny_model
 from tiny_helpers import GREEDY
 
@@ -106,7 +100,7 @@ def test_cli_reads_any_wav_and_writes_audio_and_text(checkpoint, telugu_speech, 
     sf.write(wav_in, np.stack([at_16k, 0.5 * at_16k], axis=1), 16_000, subtype="PCM_16")
 
     env = dict(os.environ, NO_TORCH_COMPILE="1")
-    proc = subprocess.run([sys.executable, "-m", "agent.infer", "--model", str(checkpoint), "--greedy",
+    proc = subprocess.run([sys.executable, "-m", "agent.tools.infer", "--model", str(checkpoint), "--greedy",
                            "--device", "cpu", "--voice", "kiran", str(wav_in), str(wav_out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from agent.config import ModelConfig
-from agent.models import ModelLoadError, load_model, resolve_dtype, tiny_tokenizer_path
+from agent.errors import ModelLoadError
+from agent.models import load_model, resolve_dtype, tiny_tokenizer_path
 
 
 def test_tiny_model_is_real_moshi_with_real_framing():

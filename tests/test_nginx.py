@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from agent import SAMPLE_RATE
-from agent.wsclient import talk
+from agent.tools.wsclient import talk
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """examples/quickstart.ipynb executed for real with nbclient and an IPython kernel: it starts the agent
-inline, calls it with agent.wsclient and plots the call's latency figures."""
+inline, calls it with agent.tools.wsclient and plots the call's latency figures."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import requests
 import websockets
 
 from agent import SAMPLE_RATE
-from agent.wsclient import talk
+from agent.tools.wsclient import talk
 from conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

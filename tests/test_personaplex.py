@@ -11,9 +11,9 @@ import pytest
 import torch
 from moshi.models import loaders
 
-from agent import personaplex
 from agent.config import ModelConfig
-from agent.models import ModelLoadError, load_checkpoint, load_model, tiny_personaplex_folder, write_checkpoint_folder
+from agent.errors import ModelLoadError
+from agent.models import load_checkpoint, load_model, personaplex, tiny_personaplex_folder, write_checkpoint_folder
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ asserted here)."""
 import math
 
 from agent.config import TINY_PERSONAPLEX_MODEL, ModelConfig
-from agent.prompt_bench import bench_prompts, print_prompts
+from agent.tools.prompt_bench import bench_prompts, print_prompts
 
 
 def test_prompt_bench_reports_call_start_and_others_latency(capsys):

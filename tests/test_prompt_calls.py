@@ -16,10 +16,10 @@ import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import TINY_MODEL, TINY_PERSONAPLEX_MODEL, EngineConfig, ModelConfig, ServerConfig
-from agent.prompts import PromptSpec
-from agent.session import CallRefused
-from agent.voices import CatalogueError, load_catalogue
-from agent.wsclient import encode_media
+from agent.engine.prompts import PromptSpec
+from agent.errors import CallRefused, CatalogueError
+from agent.tools.wsclient import encode_media
+from agent.voices import load_catalogue
 from conftest import free_port, wait_until
 from tiny_helpers import varied_audio
 
@@ -66,9 +66,9 @@ def test_persona_catalogue_wav_voice_needs_a_licence_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def persona_server():
-    from agent.server import BackgroundServer, build_app, build_stream
     from agent.service import build_service
-    from agent.ui import build_demo
+    from agent.web.server import BackgroundServer, build_app, build_stream
+    from agent.web.ui import build_demo
 
     service = build_service(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu"), EngineConfig(max_sessions=3),
                             ServerConfig(), warm_up=False)
@@ -202,8 +202,8 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
     """The page sends [webrtc value, voice, emotion, 4 sampling values, persona, preset voice]
     (ui.build_demo): they start the call; a new persona during the call is kept for the next call
     (the caller is warned), while sampling still changes live."""
-    from agent.handler import MoshiHandler
-    from agent.ui import build_demo
+    from agent.transports.fastrtc_handler import MoshiHandler
+    from agent.web.ui import build_demo
 
     service, _ = persona_server
     config = build_demo(service).config
@@ -236,9 +236,9 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
 
 def test_prompt_api_chat_caller_is_told_when_the_context_is_full():
     """A prompted /api/chat call that reaches the context gets a 0x05 message saying why."""
-    from agent.server import BackgroundServer, build_app, build_stream
     from agent.service import build_service
-    from agent.ui import build_demo
+    from agent.web.server import BackgroundServer, build_app, build_stream
+    from agent.web.ui import build_demo
 
     service = build_service(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu", context=120),
                             EngineConfig(max_sessions=1), ServerConfig(), warm_up=False)
@@ -283,9 +283,9 @@ def test_prompt_api_chat_caller_is_told_when_the_context_is_full():
 def test_prompt_websocket_caller_is_told_when_the_call_starts_over_at_the_context():
     """A prompted fastrtc WebSocket call that reaches the context starts over from its prompt, and
     the client gets a warning saying why."""
-    from agent.server import BackgroundServer, build_app, build_stream
     from agent.service import build_service
-    from agent.ui import build_demo
+    from agent.web.server import BackgroundServer, build_app, build_stream
+    from agent.web.ui import build_demo
 
     service = build_service(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu", context=120),
                             EngineConfig(max_sessions=1), ServerConfig(), warm_up=False)

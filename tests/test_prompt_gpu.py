@@ -9,8 +9,8 @@ import torch
 
 from agent.config import EngineConfig
 from agent.engine import FrameEngine
+from agent.engine.prompts import PromptSpec
 from agent.models import load_checkpoint, tiny_personaplex_folder
-from agent.prompts import PromptSpec
 from test_prompts import PERSONA_EN, assert_same_call, reference_run, run_prompted_calls
 from tiny_helpers import GREEDY, varied_audio
 

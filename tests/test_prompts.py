@@ -29,8 +29,9 @@ from moshi.models.lm import LMGen  # noqa: E402
 from agent import FRAME_SIZE  # noqa: E402
 from agent.config import EngineConfig  # noqa: E402
 from agent.engine import FrameEngine  # noqa: E402
+from agent.engine.prompts import SILENCE_FRAMES, TARGET_LUFS, PromptBuilder, PromptSpec, prepare_voice  # noqa: E402
+from agent.errors import PromptError  # noqa: E402
 from agent.models import load_checkpoint, tiny_personaplex_folder  # noqa: E402
-from agent.prompts import SILENCE_FRAMES, TARGET_LUFS, PromptBuilder, PromptError, PromptSpec, prepare_voice  # noqa: E402
 from tiny_helpers import GREEDY, frames_of, varied_audio  # noqa: E402
 
 PERSONA_EN = "You are Lakshmi, a patient bank support agent. Answer briefly."
@@ -110,7 +111,7 @@ def test_prompt_unreadable_silent_or_long_voice_wav_is_refused(persona_folder, t
 def reference_run(model, frames, user_audio: np.ndarray, batch: int = 1,
                   row: int = 0) -> tuple[list[int], list[np.ndarray]]:
     """THE documented sequence, plainly: one conversation on stock moshi's LMGen, its P prompt steps
-    forced one by one (agent/prompt_state.py's contract), then the conversation. Returns each
+    forced one by one (agent/engine/prompt_state.py's contract), then the conversation. Returns each
     conversation frame's text token and decoded audio.
 
     `batch`/`row`: run that one row in a batch of the engine's size, the other rows frozen
@@ -247,10 +248,10 @@ def test_prompt_call_ends_before_its_prompt_leaves_the_context(persona_folder):
 
 
 def test_prompt_offline_infer_runs_the_same_prompt_path(persona_folder, tmp_path, monkeypatch):
-    """`python -m agent.infer --voice-prompt ... --text-prompt ... --greedy` equals the plain run."""
+    """`python -m agent.tools.infer --voice-prompt ... --text-prompt ... --greedy` equals the plain run."""
     import soundfile as sf
 
-    from agent import infer as infer_cli
+    from agent.tools import infer as infer_cli
 
     audio = varied_audio(10, 21)
     wav, out = tmp_path / "in.wav", tmp_path / "out.wav"
@@ -303,7 +304,7 @@ def test_prompt_personaplex_pt_voice_replays_like_its_wav(persona_folder, tmp_pa
 
 
 def test_prompt_cache_is_bounded_in_entries_and_bytes_least_recent_first():
-    from agent.prompt_state import PromptCache, PromptState
+    from agent.engine.prompt_state import PromptCache, PromptState
 
     def state(mib: int) -> PromptState:
         return PromptState(1, (torch.zeros(mib * 2**18),), (), torch.zeros(17, dtype=torch.long))

@@ -26,12 +26,12 @@ import sphn
 import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.access import Credentials
+from agent.calls.session import CALL_SETUP_WORKERS
+from agent.calls.vad import MAX_INBOX_CHUNKS, TurnLatencyTracker
 from agent.config import EngineConfig, ServerConfig
 from agent.engine import FAILING_AFTER, FrameEngine
-from agent.session import CALL_SETUP_WORKERS
-from agent.vad import MAX_INBOX_CHUNKS, TurnLatencyTracker
-from agent.wsclient import encode_media, talk
+from agent.ops.access import Credentials
+from agent.tools.wsclient import encode_media, talk
 from conftest import LiveServer, tiny_model, wait_until
 from test_webrtc import webrtc_call
 from tiny_helpers import GREEDY, frames_of, varied_audio
@@ -352,8 +352,9 @@ def test_reliab_vad_inbox_is_bounded():
 # Encapsulation: objects keep their privates; the running agent does not know its transports
 # ---------------------------------------------------------------------------------------------
 
-RUNTIME_MODULES = ("engine", "session", "vad", "handler", "service", "server", "kyutai_api", "access",
-                   "metrics", "sampling", "audio", "voices", "wsclient")
+RUNTIME_MODULES = ("engine/__init__", "calls/session", "calls/vad", "transports/fastrtc_handler", "service",
+                   "web/server", "transports/kyutai_api", "ops/access", "ops/metrics", "engine/sampling",
+                   "audio/stream", "voices", "tools/wsclient")
 # private names of other packages that we must touch, each for a stated reason
 FOREIGN_PRIVATES = {
     "_is_server_fn": "gradio's mark for a component's server function (handler.note_offers)",
@@ -406,7 +407,8 @@ def test_reliab_objects_keep_their_privates():
 
 def test_reliab_service_knows_no_transport():
     """agent.service (models, engines, calls) imports neither the fastrtc handler nor fastrtc."""
-    probe = "import sys, agent.service; print(sorted(m for m in sys.modules if m == 'fastrtc' or m == 'agent.handler'))"
+    probe = ("import sys, agent.service; "
+             "print(sorted(m for m in sys.modules if m in ('fastrtc', 'agent.transports.fastrtc_handler')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -427,7 +429,7 @@ def server_errors():
 
 
 def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_server(server, telugu_speech):
-    """Found by `python -m agent.loadtest fuzz`: a binary message on fastrtc's WebSocket (a KeyError
+    """Found by `python -m agent.tools.loadtest fuzz`: a binary message on fastrtc's WebSocket (a KeyError
     inside starlette) and a client that leaves before "start" (fastrtc's clean-up AttributeError)
     were unhandled exceptions in the server. Now: an error answer, and a quiet close."""
     _, audio = telugu_speech
@@ -477,7 +479,7 @@ def test_reliab_rolling_windows_forget_values_past_their_horizon_even_unread():
     to 5,000 values each: the 10-minute soak's memory grew until minute 8 and levelled off there."""
     import tracemalloc
 
-    from agent.metrics import RollingWindow
+    from agent.ops.metrics import RollingWindow
     window = RollingWindow(horizon=60.0)
     frames_per_minute = 750  # 12.5 frames a second
     began = time.monotonic() - 8 * 60  # eight minutes of a call, ending now

@@ -22,7 +22,7 @@ import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import ServerConfig
-from agent.wsclient import encode_media, talk, talk_with_reconnect
+from agent.tools.wsclient import encode_media, talk, talk_with_reconnect
 from conftest import LiveServer
 from test_reliability import opus_pages
 
@@ -84,7 +84,7 @@ def zero_frames(audio: np.ndarray) -> list[int]:
 
 
 def test_resume_and_reconnect_after_a_dropped_websocket_call(server, telugu_speech):
-    """agent.wsclient's reconnect resumes the same call: same seat, LM never reset, no new call."""
+    """agent.tools.wsclient's reconnect resumes the same call: same seat, LM never reset, no new call."""
     _, audio = telugu_speech
     engine, registry = server.service.engine, server.service.registry
     started = engine.stats.calls_started

@@ -1,4 +1,4 @@
-"""Sampling settings per seat (agent.sampling): each row of the batch sampled with its own settings."""
+"""Sampling settings per seat (agent.engine.sampling): each row of the batch sampled with its own settings."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from moshi.models.lm import LMGen
 
 from agent.config import EngineConfig, SamplingConfig
 from agent.engine import FrameEngine, OutputFrame, Seat
-from agent.handler import MoshiHandler
-from agent.sampling import SamplingError, SeatLMGen, SeatSampler, SeatSampling, sampling_request
+from agent.engine.sampling import SeatLMGen, SeatSampler, SeatSampling, sampling_request
+from agent.errors import SamplingError
+from agent.transports.fastrtc_handler import MoshiHandler
 from conftest import tiny_model, wait_until
 from tiny_helpers import GREEDY, frames_of, varied_audio
 

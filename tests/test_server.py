@@ -13,9 +13,9 @@ import requests
 import websockets
 
 from agent import SAMPLE_RATE
-from agent.handler import MoshiHandler
-from agent.ui import readouts
-from agent.wsclient import encode_media, talk
+from agent.tools.wsclient import encode_media, talk
+from agent.transports.fastrtc_handler import MoshiHandler
+from agent.web.ui import readouts
 from conftest import wait_until
 
 
@@ -197,7 +197,7 @@ def test_a_call_whose_seat_the_engine_freed_is_ended_before_the_next_opens():
 
 def test_websocket_client_chooses_voice_and_sampling_in_its_url(live_server, telugu_speech):
     """fastrtc's WebSocket clients have no page inputs: the URL's query carries their choices."""
-    from agent.sampling import SeatSampling
+    from agent.engine.sampling import SeatSampling
 
     _, speech = telugu_speech
     query = "?voice=kiran&emotion=happy&audio_temperature=0.3&text_topk=5"

@@ -111,7 +111,7 @@ def test_share_without_internet_serves_the_page_guarded_and_says_why(tmp_path):
 
 
 def test_share_on_a_space_tries_no_tunnel(monkeypatch):
-    from agent.share import open_share_link
+    from agent.web.share import open_share_link
 
     monkeypatch.setenv("SPACE_ID", "someone/telugu-agent")
     outcome = open_share_link("0.0.0.0", 7860)

@@ -15,8 +15,9 @@ import soundfile as sf
 import torch
 
 from agent.config import ModelConfig
+from agent.errors import ModelLoadError
 from agent.eval.speech import speak
-from agent.models import TELUGU_TINY_DIR, ModelLoadError, load_model
+from agent.models import TELUGU_TINY_DIR, load_model
 from agent.train import codec as codec_mod
 from agent.train import telugu_tiny
 
@@ -219,10 +220,10 @@ def test_telugu_tiny_live_call_answers_in_speech_with_voice_to_voice_latency(tmp
     import requests
 
     from agent.config import EngineConfig, ServerConfig
-    from agent.server import BackgroundServer, build_app, build_stream
     from agent.service import build_service
-    from agent.ui import build_demo, readouts
-    from agent.wsclient import talk
+    from agent.tools.wsclient import talk
+    from agent.web.server import BackgroundServer, build_app, build_stream
+    from agent.web.ui import build_demo, readouts
     from conftest import free_port
 
     torch.set_num_threads(1)

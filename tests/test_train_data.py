@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 
 from agent import SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.train.__main__ import main
 from agent.train.ingest import yt_dlp_command
 from agent.train.records import Word

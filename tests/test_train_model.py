@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from agent.config import ModelConfig, SamplingConfig
-from agent.infer import infer
 from agent.models import load_model
+from agent.tools.infer import infer
 from agent.train.__main__ import main
 from agent.train.tokens import END_OF_PADDING, TEXT_PADDING, text_stream
 from agent.voices import EMOTION, SPEAKER

@@ -3,7 +3,7 @@
 window, the loss masked over the prompt; the export loads as PersonaPlex again and still takes prompts.
 
 Real parts throughout: espeak-ng's Telugu voices for the synth set, the serving code's PromptBuilder,
-moshi's LM, the pipeline's own command line, the app's loader and `agent.infer`.
+moshi's LM, the pipeline's own command line, the app's loader and `agent.tools.infer`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from agent.config import TINY_PERSONAPLEX_MODEL, ModelConfig
+from agent.engine.prompts import PromptSpec
 from agent.models import load_model, tiny_personaplex_folder
-from agent.personaplex import depformer_steps
-from agent.prompts import PromptSpec
+from agent.models.personaplex import depformer_steps
 from agent.train.__main__ import main
 from agent.train.common import UsageError
 
@@ -75,7 +75,7 @@ def test_tokens_keep_each_dialogues_prompt(tokens):
 
 
 def test_prompted_windows_start_with_the_serving_prompt_sequence(tokens):
-    from agent.prompts import PromptBuilder
+    from agent.engine.prompts import PromptBuilder
     _, model, windows = _prompted_model_and_windows(tokens)
     batch = windows.batch([0, 1, 2])
     serving = PromptBuilder(load_model(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu", dtype="float32")))
@@ -161,11 +161,11 @@ def test_prompted_training_exports_a_personaplex_that_still_takes_prompts(tokens
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k].float(), got[k].float()) for k in expected)
 
-    # It takes prompts where a call starts: agent.infer with a preset voice and a persona, and a WAV voice.
+    # It takes prompts where a call starts: agent.tools.infer with a preset voice and a persona, and a WAV voice.
     speech = tmp_path / "in.wav"
     t = np.arange(24_000) / 24_000
     sf.write(speech, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 24_000)
-    from agent import infer
+    from agent.tools import infer
     for voice in ("NATF0", str(tokens.parent / _jsonl(tokens)[0]["voice_prompt"])):
         out = tmp_path / "out.wav"
         assert infer.main(["--model", str(folder), "--device", "cpu", "--greedy", "--voice-prompt", voice,

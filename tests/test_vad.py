@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from agent import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
-from agent.audio import resample
-from agent.vad import (
+from agent.audio.stream import resample
+from agent.calls.vad import (
     REPLY_TIMEOUT_S,
     VAD_RATE,
     WINDOW,

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from agent.voices import CatalogueError, load_catalogue
+from agent.errors import CatalogueError
+from agent.voices import load_catalogue
 
 
 def test_shipped_catalogue_has_two_female_two_male_voices_and_five_emotions():

@@ -13,7 +13,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from av import AudioFrame
 
 from agent import SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 
 WEBRTC_RATE = 48_000
 PTIME = 0.02

@@ -23,8 +23,8 @@ import aioice.ice
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from agent.calls.session import Session
 from agent.config import ServerConfig
-from agent.session import Session
 from conftest import LiveServer, wait_until
 from test_browser import AUDIO_STATE_JS, launch_chromium, mic_wav  # noqa: F401  (mic_wav: a fixture)
 from test_webrtc import SpeechTrack

@@ -1,6 +1,6 @@
 import asyncio
 
-from agent.wsclient import talk
+from agent.tools.wsclient import talk
 
 
 def test_websocket_call_roundtrip(live_server, telugu_speech):

@@ -152,12 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from agent.errors import CatalogueError, ModelLoadError
     from agent.eval.asr import AsrError
     from agent.eval.layout import EvalDataError
     from agent.eval.speech import SpeechError
     from agent.eval.transcript import TranscriptError
-    from agent.models import ModelLoadError
-    from agent.voices import CatalogueError
     try:
         return args.func(args)
     except (EvalDataError, TranscriptError, AsrError, SpeechError, ModelLoadError, CatalogueError, OSError,

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.eval.transcript import Word
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from agent.audio import resample
+from agent.audio.stream import resample
 
 INPUT = "input.wav"
 OUTPUT = "output.wav"

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from agent import SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.config import EngineConfig, SamplingConfig
 from agent.engine import FrameEngine, Seat
 from agent.eval.layout import EvalDataError, Sample, read_audio, write_output
-from agent.infer import to_frames
 from agent.models import LoadedModel
+from agent.tools.infer import to_frames
 from agent.voices import load_catalogue
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from agent.audio import resample
+from agent.audio.stream import resample
 
 TRIM_LEVEL = 0.01  # |sample| below this, at the ends of espeak's output, is its padding
 

@@ -23,7 +23,7 @@ import threading
 import numpy as np
 import torch
 
-from agent.audio import resample
+from agent.audio.stream import resample
 
 VAD_RATE = 16_000
 USER_MERGE_GAP_S = 0.6
@@ -40,7 +40,7 @@ def _silero():
     which is why calls are serialised by the lock in `speech_segments`)."""
     global _model
     if _model is None:
-        from agent.vad import load_silero_package
+        from agent.calls.vad import load_silero_package
         _model = load_silero_package()
     return _model
 

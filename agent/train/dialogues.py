@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from agent import SAMPLE_RATE
+from agent.errors import CatalogueError
 from agent.train.common import (
     Report,
     StageRun,
@@ -64,7 +65,7 @@ from agent.train.records import (
     Word,
     to_dict,
 )
-from agent.voices import CatalogueError, load_catalogue
+from agent.voices import load_catalogue
 
 ROADS = ("auto", ROAD_ASSEMBLED, ROAD_CONVERSATION, ROAD_MONOLOGUE)
 

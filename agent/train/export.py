@@ -11,7 +11,7 @@
     tokenizer.model     the text tokenizer the model was trained with
     training.json       provenance: base, steps, losses, data licences (CC-BY data needs attribution)
 
-A PersonaPlex base (it takes voice and text prompts; see agent/personaplex.py) is always exported fused,
+A PersonaPlex base (it takes voice and text prompts; see agent/models/personaplex.py) is always exported fused,
 with the user-codebook depformer steps that loading dropped put back from the base's own weights, and its
 preset voices copied to voices/: the folder loads as PersonaPlex again and still takes prompts.
 
@@ -32,8 +32,8 @@ import torch
 from moshi.modules.lora import replace_lora_with_linear
 from safetensors.torch import load_file, save_file
 
-from agent import personaplex
-from agent.models import LoadedModel, ModelLoadError, resolve_dtype
+from agent.errors import ModelLoadError
+from agent.models import LoadedModel, personaplex, resolve_dtype
 from agent.train.common import UsageError, atomic_write_json
 from agent.train.trainer import (
     CHECKPOINTS,

@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 
 from agent import SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.train.common import (
     StageRun,
     Summary,

@@ -31,6 +31,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from agent import ASSETS
 from agent.train.common import StageRun, Summary, UsageError, fingerprint, parallel_map, progress
 from agent.train.records import (
     AGENT,
@@ -46,7 +47,7 @@ from agent.train.records import (
 )
 from agent.voices import Catalogue, load_catalogue
 
-SCENES_PATH = Path(__file__).resolve().parents[2] / "assets" / "dialogue" / "scenes.json"
+SCENES_PATH = ASSETS / "dialogue" / "scenes.json"
 BACKCHANNEL_MAX_WORDS = 3
 
 

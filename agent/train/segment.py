@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from agent import SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.train.common import (
     Report,
     StageRun,
@@ -62,7 +62,7 @@ class SileroRegions:
     """Speech probabilities once per channel, then voiced regions at any grouping (seconds)."""
 
     def __init__(self, config: SegmentConfig):
-        from agent.vad import load_silero_package
+        from agent.calls.vad import load_silero_package
         self.config = config
         self.model = load_silero_package()
 

@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agent import ASSETS
 from agent.train.common import UsageError
 
-REPO = Path(__file__).resolve().parents[2]
-SENTENCES = REPO / "assets" / "telugu_sentences.txt"
-TRAIN_CONFIG = REPO / "assets" / "train" / "telugu_tiny.json"
-DEFAULT_OUT = REPO / "assets" / "models" / "telugu-tiny"
+SENTENCES = ASSETS / "telugu_sentences.txt"
+TRAIN_CONFIG = ASSETS / "train" / "telugu_tiny.json"
+DEFAULT_OUT = ASSETS / "models" / "telugu-tiny"
 CODEC_VOICES = (("lakshmi", "female"), ("sravani", "female"), ("ravi", "male"), ("kiran", "male"))
 # CODEC_ORDER_NOTE: the codec reads its dialogues in a fixed order: the first 100 user-first ones, then
 # the others by id. Why: its voice turns from a murmur into speech (to Silero) suddenly, at a step that

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import TINY_MODEL, TINY_PERSONAPLEX_MODEL, ModelConfig
-from agent.models import TEXT_PADDING_ID, ModelLoadError, load_mimi, resolve_device, tiny_tokenizer_path
+from agent.errors import ModelLoadError
+from agent.models import TEXT_PADDING_ID, load_mimi, resolve_device, tiny_tokenizer_path
 from agent.train.align import MAIN_SPEAKER
 from agent.train.common import (
     Report,

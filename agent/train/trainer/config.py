@@ -30,7 +30,7 @@ class TrainConfig:
     train_conditioners: bool = True
     use_conditions: bool = True  # feed each shard's speaker/emotion; False: train unconditioned
     conditioner_dim: int = 128
-    # PersonaPlex: each dialogue's voice + text prompt (agent/prompts.py's sequence) before every window,
+    # PersonaPlex: each dialogue's voice + text prompt (agent/engine/prompts.py's sequence) before every window,
     # loss masked over it, so the fine-tune still takes prompts; needs a base that takes them
     prompts: bool = False
     # data and steps

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from agent.models import ModelLoadError, resolve_dtype
+from agent.errors import ModelLoadError
+from agent.models import resolve_dtype
 from agent.train.common import Report, UsageError, atomic_write_json, read_manifest
 from agent.train.records import TokenRecord
 from agent.train.tokens import INFO as TOKENS_INFO

@@ -16,7 +16,8 @@ from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora, replace
 from moshi.modules.transformer import StreamingTransformer
 
 from agent.config import ModelConfig
-from agent.models import LoadedModel, ModelLoadError, load_model, voice_conditioners
+from agent.errors import ModelLoadError
+from agent.models import LoadedModel, load_model, voice_conditioners
 from agent.train.common import UsageError
 from agent.train.tokens import file_digest
 from agent.train.trainer.config import TrainConfig

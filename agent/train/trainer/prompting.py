@@ -2,7 +2,7 @@
 voice and text prompts.
 
 Each dialogue's prompt (tokens' record: the persona text and prompts/<id>.wav, synth's voice clip) becomes
-forced codes with the serving code's own builder (agent/prompts.py: voice frames at -24 LUFS, 0.5 s
+forced codes with the serving code's own builder (agent/engine/prompts.py: voice frames at -24 LUFS, 0.5 s
 silence, the `<system>`-wrapped text, 0.5 s silence, every stream forced), so training and serving share
 one definition of the sequence. They are built once per dialogue when the run starts (one Mimi pass per
 voice clip), never per step. The text is tokenized with the run's tokenizer (a Telugu one after a vocabulary
@@ -18,7 +18,8 @@ import numpy as np
 import sentencepiece
 import torch
 
-from agent.prompts import AUDIO_CODEBOOKS, PromptBuilder, PromptError, PromptFrames, PromptSpec
+from agent.engine.prompts import AUDIO_CODEBOOKS, PromptBuilder, PromptFrames, PromptSpec
+from agent.errors import PromptError
 from agent.train.common import UsageError
 from agent.train.records import TokenRecord
 from agent.train.trainer.model import TrainModel

@@ -4,7 +4,7 @@ Endpoints (all on one port):
 - `/`                   the Gradio page (WebRTC call, sidebar, readouts)
 - `/websocket/offer`    fastrtc's WebSocket audio protocol (see README)
 - `/webrtc/offer`       fastrtc's WebRTC offer endpoint for non-browser WebRTC clients
-- `/api/chat`           Kyutai's own Moshi protocol (agent/kyutai_api.py), for Moshi's clients
+- `/api/chat`           Kyutai's own Moshi protocol (agent/transports/kyutai_api.py), for Moshi's clients
 - `/healthz`            process alive, with seat counts
 - `/readyz`             200 when a new call would get a seat; 503 when full or draining
 - `/metrics`            Prometheus text format
@@ -34,11 +34,11 @@ from fastrtc.stream import Body
 from fastrtc.websocket import WebSocketHandler
 from uvicorn.protocols.utils import ClientDisconnected
 
-from agent import kyutai_api
-from agent.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
-from agent.handler import MoshiHandler
+from agent.calls.session import WEBSOCKET_HANG_UP_CODES
+from agent.ops.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
 from agent.service import AgentService
-from agent.session import WEBSOCKET_HANG_UP_CODES
+from agent.transports import kyutai_api
+from agent.transports.fastrtc_handler import MoshiHandler
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def add_routes(app: FastAPI, service: AgentService, stream: AgentStream) -> None
         await kyutai_api.chat(websocket, service.hub)
 
     # The probes are coroutines: they only read counters, and a hop to a worker thread is what made
-    # them slow when many calls keep the interpreter busy (python -m agent.loadtest load).
+    # them slow when many calls keep the interpreter busy (python -m agent.tools.loadtest load).
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "pid": os.getpid(), "models": [e.model.name for e in service.engines],
@@ -273,7 +273,7 @@ def listening_port(server: uvicorn.Server, asked: int) -> int:
 def serve_in_background(service: AgentService, host: str = "127.0.0.1") -> BackgroundServer:
     """The whole app (page, stream, API) for this service on a free port of `host`, in a thread
     (benchmarks, notebooks)."""
-    from agent.ui import build_demo
+    from agent.web.ui import build_demo
 
     return BackgroundServer(build_app(service, build_demo(service), build_stream(service)), host, 0).start()
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from agent import FRAME_SECONDS, SAMPLE_RATE
-from agent.audio import StreamResampler
-from agent.metrics import RollingWindow
+from agent.audio.stream import StreamResampler
+from agent.ops.metrics import RollingWindow
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent import FRAME_SECONDS, SAMPLE_RATE
-from agent.audio import ChunkReport, InputAudio
-from agent.engine import ConditionError, EngineStoppedError, FrameEngine, OutputFrame, Seat, SeatsFullError
-from agent.metrics import RollingWindow
-from agent.prompts import PromptError, PromptSpec
-from agent.sampling import SamplingError, SeatSampling
-from agent.vad import TurnLatencyTracker, VadHub
-from agent.voices import CallSettings, Catalogue, CatalogueError
+from agent.audio.stream import ChunkReport, InputAudio
+from agent.calls.vad import TurnLatencyTracker, VadHub
+from agent.engine import FrameEngine, OutputFrame, Seat
+from agent.engine.prompts import PromptSpec
+from agent.engine.sampling import SeatSampling
+from agent.errors import (
+    CallRefused,
+    CatalogueError,
+    ConditionError,
+    EngineStoppedError,
+    PromptError,
+    ResumeFailed,
+    SamplingError,
+    SeatsFullError,
+)
+from agent.ops.metrics import RollingWindow
+from agent.voices import CallSettings, Catalogue
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +310,8 @@ class SessionRegistry:
             return list(self._live.values())
 
 
-class CallRefused(RuntimeError):
-    """A call could not start; the message is fit to show the caller."""
 
 
-class ResumeFailed(CallRefused):
-    """The call a resume token names is gone; a new call may start instead."""
 
 
 @dataclass

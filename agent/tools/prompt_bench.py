@@ -1,7 +1,7 @@
 """Prompted calls joining a busy engine: call-start latency and what the others feel.
 
-    python -m agent.bench --prompts --model tiny-personaplex --max-sessions 6      # CPU
-    python -m agent.bench --prompts --model nvidia/personaplex-7b-v1 --max-sessions 16   # a GPU
+    python -m agent.tools.bench --prompts --model tiny-personaplex --max-sessions 6      # CPU
+    python -m agent.tools.bench --prompts --model nvidia/personaplex-7b-v1 --max-sessions 16   # a GPU
 
 The engine runs on its own thread in real time, as when serving. `others` calls (by default the
 pool less the 4 joiners) stream audio all along (one frame per 80 ms each). Then:
@@ -30,8 +30,8 @@ import numpy as np
 from agent import FRAME_SECONDS, FRAME_SIZE
 from agent.config import EngineConfig, ModelConfig
 from agent.engine import FrameEngine, Seat
+from agent.engine.prompts import PromptSpec
 from agent.models import load_model
-from agent.prompts import PromptSpec
 
 PERSONA = "You are a patient support agent at a bank in Hyderabad. Keep answers short. Variant {}."
 

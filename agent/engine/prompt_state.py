@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agent.prompts import PromptFrames
-from agent.sampling import SeatLMGen
+from agent.engine.prompts import PromptFrames
+from agent.engine.sampling import SeatLMGen
 
 
 @dataclass(frozen=True)

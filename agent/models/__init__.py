@@ -7,7 +7,7 @@
   classes so the real streaming code runs on a CPU (the voice is noise: nothing is trained);
 - `moshi-7b-random`: the full 7B architecture and full Mimi with random weights, for benchmarks;
 - NVIDIA's PersonaPlex (`nvidia/personaplex-7b-v1`, gated) or a local folder with its weights: told
-  apart by its 16-step depformer, loaded on stock moshi by agent/personaplex.py, with its preset voices;
+  apart by its 16-step depformer, loaded on stock moshi by agent/models/personaplex.py, with its preset voices;
 - `tiny-personaplex`: a tiny random checkpoint in PersonaPlex's layout (16-step depformer, preset
   voices), written to a folder and loaded through the same code as the real one (tests, benchmarks).
 - `telugu-tiny`: the toy trained on this CPU on synthetic espeak-ng Telugu dialogues
@@ -34,7 +34,7 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
-from agent import ASSETS, personaplex
+from agent import ASSETS
 from agent.config import (
     DEFAULT_GPU_MODEL,
     RANDOM_7B_MODEL,
@@ -43,6 +43,8 @@ from agent.config import (
     TINY_PERSONAPLEX_MODEL,
     ModelConfig,
 )
+from agent.errors import ModelLoadError
+from agent.models import personaplex
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,6 @@ TELUGU_TINY_NOTE = ("a toy trained on this project's CPU on synthetic espeak-ng 
                     "to give the CPU demo a voice that speaks.")
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do instead."""
 
 
 @dataclass
@@ -77,7 +77,7 @@ class LoadedModel:
     lm_config: dict = field(default_factory=dict)  # LMModel kwargs as config.json holds them
     mimi_config: dict | None = None  # None: Kyutai's default Mimi
     tokenizer_path: Path | None = None
-    # PersonaPlex-style models take a voice prompt and a text prompt per call (agent/prompts.py)
+    # PersonaPlex-style models take a voice prompt and a text prompt per call (agent/engine/prompts.py)
     takes_prompts: bool = False
     preset_voices: dict[str, Path] = field(default_factory=dict)  # name -> voices/NAME.pt|.wav
     lm_weights: Path | None = None  # the LM file as loaded (export puts PersonaPlex's dropped steps back from it)
@@ -413,7 +413,7 @@ def _agent_steps_only(info: loaders.CheckpointInfo) -> None:
 
 def _load_lm(info: loaders.CheckpointInfo, device: torch.device, dtype: torch.dtype) -> tuple[LMModel, bool]:
     """The LM, and whether its weights are PersonaPlex's (a depformer with more steps than the
-    config's `dep_q`: the user-codebook steps are dropped, see agent/personaplex.py)."""
+    config's `dep_q`: the user-codebook steps are dropped, see agent/models/personaplex.py)."""
     config = copy.deepcopy(info.lm_config or loaders._lm_kwargs)
     if _depformer_steps(info) <= config["dep_q"]:
         return info.get_moshi(device=device, dtype=dtype), False

@@ -15,14 +15,13 @@ import numpy as np
 from scipy import signal
 
 from agent import FRAME_SIZE, SAMPLE_RATE
+from agent.errors import AudioFormatError
 
 MAX_CHUNK_SECONDS = 10.0  # larger chunks are refused: a client should stream, not upload
 MAX_CHANNELS = 8
 MIN_RATE, MAX_RATE = 4_000, 192_000
 
 
-class AudioFormatError(ValueError):
-    """Input audio that cannot be interpreted; the message says why."""
 
 
 @dataclass

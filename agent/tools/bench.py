@@ -1,9 +1,9 @@
 """The benchmark: how many conversations one device serves, and what the engine costs.
 
-    python -m agent.bench --model tiny --max-sessions 8                      # CPU, CI-sized
-    python -m agent.bench --model moshi-7b-random --context 3000 --max-sessions 64   # a GPU
-    python -m agent.bench --model tiny --e2e 8 --seconds 120                 # real clients, real time
-    python -m agent.bench --prompts --model tiny-personaplex --max-sessions 6 # prompted calls joining
+    python -m agent.tools.bench --model tiny --max-sessions 8                      # CPU, CI-sized
+    python -m agent.tools.bench --model moshi-7b-random --context 3000 --max-sessions 64   # a GPU
+    python -m agent.tools.bench --model tiny --e2e 8 --seconds 120                 # real clients, real time
+    python -m agent.tools.bench --prompts --model tiny-personaplex --max-sessions 6 # prompted calls joining
 
 Engine mode: one engine per pool size (the batch is fixed, as when serving), k seats busy and the rest
 idle, random-noise input; per-frame step time p50/p95/p99 split into Mimi encode, LM step and Mimi
@@ -249,7 +249,7 @@ class E2EResult:
 def telugu_speech(seconds: float) -> np.ndarray:
     import soundfile as sf
 
-    from agent.audio import resample
+    from agent.audio.stream import resample
 
     text = ("నమస్కారం, మీరు ఎలా ఉన్నారు? ఈ రోజు వాతావరణం చాలా బాగుంది. "
             "నాకు ఒక కప్పు కాఫీ కావాలి. రేపు మనం కలుద్దాం.")
@@ -265,7 +265,7 @@ def run_clients(url: str, clients: int, seconds: float) -> list[dict]:
     """K clients at once (run in a child process, so the server's figures are its own: its memory,
     and no client competing for its interpreter lock). Returns a summary per client, with the id
     the server gave its call."""
-    from agent.wsclient import talk
+    from agent.tools.wsclient import talk
 
     audio = telugu_speech(seconds)
 
@@ -281,8 +281,8 @@ def bench_e2e(config: ModelConfig, clients: int, seconds: float) -> E2EResult:
     from concurrent.futures import ProcessPoolExecutor
 
     from agent.config import ServerConfig
-    from agent.server import serve_in_background
     from agent.service import build_service, settle_heap
+    from agent.web.server import serve_in_background
 
     service = build_service(config, EngineConfig(max_sessions=clients), ServerConfig())
     server = serve_in_background(service)
@@ -357,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--prompts", action="store_true",
                    help="call-start latency of prompted calls and what 4 calls joining do to the others "
-                        "(agent/prompt_bench.py; a model that takes prompts)")
+                        "(agent/tools/prompt_bench.py; a model that takes prompts)")
     args = p.parse_args(argv)
     config = ModelConfig(model=args.model, device=args.device, dtype=args.dtype, context=args.context)
     if args.prompts:
-        from agent.prompt_bench import bench_prompts, print_prompts
+        from agent.tools.prompt_bench import bench_prompts, print_prompts
 
         result = bench_prompts(config, pool=args.max_sessions)
         print_prompts(result)

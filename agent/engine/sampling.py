@@ -27,6 +27,7 @@ from moshi.models.lm import LMGen, LMModel
 from moshi.utils.sampling import multinomial, sample_token
 
 from agent.config import MAX_TEMP, SamplingConfig, SamplingRequest
+from agent.errors import SamplingError
 
 Stream = Literal["text", "audio"]
 # Kyutai's web client sends these query parameters; we take the same names everywhere.
@@ -34,8 +35,6 @@ REQUEST_NAMES = {"text_temperature": "temp_text", "text_topk": "top_k_text",
                  "audio_temperature": "temp", "audio_topk": "top_k"}
 
 
-class SamplingError(ValueError):
-    """Sampling settings out of range; the message is fit to show a caller."""
 
 
 @dataclass(frozen=True)

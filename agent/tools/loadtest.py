@@ -1,8 +1,8 @@
 """Reliability benchmarks against a real server on 127.0.0.1 (figures, not pass/fail tests):
 
-    python -m agent.loadtest load --calls 64 --seconds 20     # N concurrent WebSocket calls vs an N-seat server
-    python -m agent.loadtest soak --calls 8 --seconds 600     # long calls: frames lost, memory over time
-    python -m agent.loadtest fuzz --seconds 30                # garbage at every endpoint beside a normal call
+    python -m agent.tools.loadtest load --calls 64 --seconds 20     # N concurrent WebSocket calls vs an N-seat server
+    python -m agent.tools.loadtest soak --calls 8 --seconds 600     # long calls: frames lost, memory over time
+    python -m agent.tools.loadtest fuzz --seconds 30                # garbage at every endpoint beside a normal call
 
 The server (tiny model unless --model) runs in this process; the clients and the fuzzer run in one
 child process and the `/healthz` prober in another (so its figures are the server's, not the busy
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from agent.bench import percentiles, rss_mib, telugu_speech
 from agent.config import EngineConfig, ModelConfig, ServerConfig
+from agent.tools.bench import percentiles, rss_mib, telugu_speech
 
 HEALTH_EVERY_S = 0.1
 
@@ -139,7 +139,7 @@ async def _fuzz(base: str, stop: asyncio.Event, seed: int = 0) -> int:
 
 
 def run_clients(base: str, calls: int, seconds: float, fuzz: bool) -> dict:
-    from agent.wsclient import talk
+    from agent.tools.wsclient import talk
 
     audio = telugu_speech(seconds)
 
@@ -180,8 +180,8 @@ def sample_server(stop: threading.Event, every: float = 1.0) -> list[ServerSampl
 
 
 def run(mode: str, model: str, seats: int, calls: int, seconds: float, trace_memory: bool = False) -> Report:
-    from agent.server import serve_in_background
     from agent.service import build_service, settle_heap
+    from agent.web.server import serve_in_background
 
     service = build_service(ModelConfig(model=model, device="cpu" if model == "tiny" else None),
                             EngineConfig(max_sessions=seats), ServerConfig(), warm_up=False)

@@ -1,8 +1,8 @@
 """Offline inference for evaluations: a recording in, the agent's audio and text out.
 
-    python -m agent.infer --model kyutai/moshiko-pytorch-bf16 IN.wav OUT.wav --greedy
-    python -m agent.infer --model tiny IN.wav OUT.wav --voice ravi --emotion sad   # random weights, CPU
-    python -m agent.infer --model nvidia/personaplex-7b-v1 --voice-prompt NATF2 \
+    python -m agent.tools.infer --model kyutai/moshiko-pytorch-bf16 IN.wav OUT.wav --greedy
+    python -m agent.tools.infer --model tiny IN.wav OUT.wav --voice ravi --emotion sad   # random weights, CPU
+    python -m agent.tools.infer --model nvidia/personaplex-7b-v1 --voice-prompt NATF2 \
         --text-prompt "You are a friendly bank agent." --greedy IN.wav OUT.wav
 
 The recording goes through the same `FrameEngine` a live call uses, as one seat, frame by frame
@@ -14,8 +14,8 @@ resampled to 24 kHz); the last partial frame is padded with zeros. A conditioned
 with the catalogue's voice and emotion (its defaults unless --voice/--emotion say otherwise), as a
 call does; an unconditioned one (Kyutai's Moshiko/Moshika) ignores them. A model that takes prompts
 (PersonaPlex) starts from `--voice-prompt` (a preset name of the model or a WAV file) and
-`--text-prompt` (the persona) through the same prompt path as a live call (agent/prompts.py,
-agent/prompt_state.py): output frame 0 is then already the agent's first answer frame.
+`--text-prompt` (the persona) through the same prompt path as a live call (agent/engine/prompts.py,
+agent/engine/prompt_state.py): output frame 0 is then already the agent's first answer frame.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ import soundfile as sf
 import torch
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
 from agent.config import EngineConfig, ModelConfig, SamplingConfig
-from agent.engine import ConditionError, FrameEngine
-from agent.models import LoadedModel, ModelLoadError, load_model
-from agent.prompts import PromptError, PromptSpec
-from agent.voices import CatalogueError, load_catalogue
+from agent.engine import FrameEngine
+from agent.engine.prompts import PromptSpec
+from agent.errors import CatalogueError, ConditionError, ModelLoadError, PromptError
+from agent.models import LoadedModel, load_model
+from agent.voices import load_catalogue
 
 log = logging.getLogger(__name__)
 

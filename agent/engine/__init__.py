@@ -8,10 +8,10 @@ Each tick takes at most one input frame per seat and runs
 
 once for the whole batch. A seat that takes a new caller is reset alone (`reset_streaming(mask)`);
 a seat with no input this tick is frozen (`set_exec_mask`) so its state does not advance. Each seat
-has its own condition row (voice, emotion) and its own sampling settings (agent.sampling), both
+has its own condition row (voice, emotion) and its own sampling settings (agent.engine.sampling), both
 written into fixed-size tensors between ticks. On a model that takes prompts (PersonaPlex) a seat may
 start from a voice/text prompt: before the tick its row is reset and the prompt's state copied in
-(agent/prompt_state.py), computed first in one pass if the prompt is new; its first output is already
+(agent/engine/prompt_state.py), computed first in one pass if the prompt is new; its first output is already
 an answer frame.
 
 Jitter policy (per seat, counted in `SeatCounters`):
@@ -47,11 +47,12 @@ from moshi.conditioners import ConditionAttributes
 
 from agent import FRAME_SECONDS, FRAME_SIZE
 from agent.config import EngineConfig, SamplingConfig
-from agent.metrics import StepTimes
+from agent.engine.prompt_state import PromptCache, PromptLMGen, PromptState
+from agent.engine.prompts import PromptBuilder, PromptFrames, PromptSpec
+from agent.engine.sampling import SeatSampler, SeatSampling
+from agent.errors import ConditionError, EngineStoppedError, PromptError, SeatsFullError
 from agent.models import LoadedModel
-from agent.prompt_state import PromptCache, PromptLMGen, PromptState
-from agent.prompts import PromptBuilder, PromptError, PromptFrames, PromptSpec
-from agent.sampling import SeatSampler, SeatSampling
+from agent.ops.metrics import StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,14 @@ FAILING_AFTER = 3  # steps failed in a row before the engine reports itself unhe
 STEP_FAILED_NOTICE = "The agent hit an internal error and restarted this conversation; keep talking."
 
 
-class SeatsFullError(RuntimeError):
-    """Every seat is taken; the message is fit to show a caller."""
 
 
-class EngineStoppedError(RuntimeError):
-    pass
 
 
-class ConditionError(ValueError):
-    """A conditioner value the loaded model was not trained with."""
 
 
 # A prompted call ends this many frames before its conversation would push the prompt out of the
-# LM's attention context (agent/prompt_state.py): the persona and voice would be forgotten.
+# LM's attention context (agent/engine/prompt_state.py): the persona and voice would be forgotten.
 PROMPT_CONTEXT_MARGIN = 2
 
 
@@ -202,7 +197,7 @@ class Seat:
         self._engine.set_sampling(self, settings)
 
     def set_prompt(self, spec: PromptSpec) -> None:
-        """Start this seat's conversation over from a voice/text prompt (agent/prompts.py) at its
+        """Start this seat's conversation over from a voice/text prompt (agent/engine/prompts.py) at its
         next tick. Raises PromptError for a prompt the model cannot take. Other seats never wait
         for it: a cached prompt is copied into the seat's row, a new one is computed once, in one
         pass, between two ticks."""

@@ -15,7 +15,7 @@ a text: the persona) into `PromptFrames`: P frames, each forcing all 17 streams 
   int64 [1, 17, 4]}`, their `LMGen` after the voice phase) is replayed as they do: its N-1 summed
   input embeddings stand in for ring positions 0..N-2, and its token ring gives the voice's last
   two frames (positions N-1 and N). Read from their code; not checked against their files, which
-  cannot be downloaded here. `save_voice_embeddings` (agent/prompt_state.py) writes one from a WAV.
+  cannot be downloaded here. `save_voice_embeddings` (agent/engine/prompt_state.py) writes one from a WAV.
 - The voice WAV is read at any rate and channel count, mixed to mono, resampled to 24 kHz,
   loudness-normalised to -24 LUFS with pyloudnorm, cut in 1920-sample frames (the last padded
   with zeros) and encoded frame by frame by a batch-1 streaming Mimi, as their server does.
@@ -25,7 +25,7 @@ a text: the persona) into `PromptFrames`: P frames, each forcing all 17 streams 
   codec (the tiny test model) gets its own: its codes for a silent frame and for their 440 Hz,
   0.5-amplitude sine frame, encoded once.
 - How the frames are stepped through moshi (which positions are forced, what is cached) is
-  agent/prompt_state.py's contract; this module knows nothing of moshi's streaming state.
+  agent/engine/prompt_state.py's contract; this module knows nothing of moshi's streaming state.
 
 A bad prompt (unknown preset, unreadable or silent WAV, too long a voice or text) raises
 `PromptError` with a message fit for the caller.
@@ -46,7 +46,8 @@ import soundfile as sf
 import torch
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio import resample
+from agent.audio.stream import resample
+from agent.errors import PromptError
 from agent.models import TEXT_PADDING_ID, LoadedModel
 
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)  # PersonaPlex's lm.py, Kyutai's Mimi
@@ -63,8 +64,6 @@ AUDIO_CODEBOOKS = 8
 MAX_ENCODED_VOICES = 64
 
 
-class PromptError(ValueError):
-    """A voice or text prompt that cannot be used; the message is fit to show a caller."""
 
 
 @dataclass(frozen=True)

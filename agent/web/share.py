@@ -21,9 +21,9 @@ from urllib.parse import urlparse, urlunparse
 from fastapi import FastAPI
 from gradio import networking, tunneling
 
-from agent.access import rtc_configuration_from_env
-from agent.server import DrainingServer, listening_port, server_config
+from agent.ops.access import rtc_configuration_from_env
 from agent.service import AgentService
+from agent.web.server import DrainingServer, listening_port, server_config
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Protocol (JSON text messages):
                     {"type": "error" | "warning", "message": "..."}
                     {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": N}}
 
-    python -m agent.wsclient ws://127.0.0.1:7860/websocket/offer IN.wav OUT.wav
+    python -m agent.tools.wsclient ws://127.0.0.1:7860/websocket/offer IN.wav OUT.wav
 
 streams IN.wav at real-time pace, records the agent to OUT.wav, and if the connection drops,
 reconnects with backoff and resumes the same call (`?resume=<resume_token>`, the token the server
@@ -36,7 +36,7 @@ import numpy as np
 import websockets
 
 from agent import SAMPLE_RATE
-from agent.audio import to_int16, ulaw_decode, ulaw_encode
+from agent.audio.stream import to_int16, ulaw_decode, ulaw_encode
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ async def talk_with_reconnect(url: str, audio: np.ndarray, attempts: int = 5, **
 def main() -> None:
     import soundfile as sf
 
-    from agent.audio import resample
+    from agent.audio.stream import resample
 
     p = argparse.ArgumentParser(description="Talk to the agent over fastrtc's WebSocket protocol.")
     p.add_argument("url", help="ws://HOST:PORT/websocket/offer")

@@ -1,7 +1,7 @@
 """NVIDIA PersonaPlex checkpoints on stock `moshi==0.2.13` (no fork).
 
 PersonaPlex is Moshi 7B fine-tuned to take a voice prompt and a text prompt per conversation
-(agent/prompts.py builds them). Its weights differ from Moshiko's in one way that matters here:
+(agent/engine/prompts.py builds them). Its weights differ from Moshiko's in one way that matters here:
 its depformer has 16 steps (0-7 the agent's codebooks, 8-15 the user's), while stock moshi's LMGen
 needs `dep_q = 8` (with 16 it would expect no user codebooks at all). The depformer is causal over
 its steps, so dropping steps 8-15 leaves the agent's codebooks exactly as they were:

@@ -33,9 +33,9 @@ import sphn
 from fastapi import WebSocket, WebSocketDisconnect
 
 from agent import SAMPLE_RATE
-from agent.audio import AudioFormatError
-from agent.sampling import sampling_request
-from agent.session import WEBSOCKET_HANG_UP_CODES, CallHub, CallRefused, ResumeFailed, Session
+from agent.calls.session import WEBSOCKET_HANG_UP_CODES, CallHub, Session
+from agent.engine.sampling import sampling_request
+from agent.errors import AudioFormatError, CallRefused, ResumeFailed
 
 log = logging.getLogger(__name__)
 

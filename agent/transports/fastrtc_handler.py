@@ -25,11 +25,19 @@ from fastrtc.utils import CloseStream, current_context
 from fastrtc.webrtc_connection_mixin import WebRTCConnectionMixin
 
 from agent import SAMPLE_RATE
-from agent.audio import AudioFormatError, to_int16
-from agent.engine import ConditionError, EngineStoppedError
-from agent.sampling import SamplingError, sampling_request
-from agent.session import CallHub, CallRefused, ResumeFailed, Session
-from agent.voices import CallSettings, CatalogueError
+from agent.audio.stream import to_int16
+from agent.calls.session import CallHub, Session
+from agent.engine.sampling import sampling_request
+from agent.errors import (
+    AudioFormatError,
+    CallRefused,
+    CatalogueError,
+    ConditionError,
+    EngineStoppedError,
+    ResumeFailed,
+    SamplingError,
+)
+from agent.voices import CallSettings
 
 log = logging.getLogger(__name__)
 

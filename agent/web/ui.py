@@ -16,11 +16,11 @@ import pandas as pd
 from fastrtc import WebRTC
 
 from agent import ASSETS
-from agent.access import rtc_configuration_from_env
 from agent.config import MAX_TEMP
-from agent.handler import MoshiHandler, hold_dropped_calls, note_offers
-from agent.metrics import fmt_ms
+from agent.ops.access import rtc_configuration_from_env
+from agent.ops.metrics import fmt_ms
 from agent.service import AgentService
+from agent.transports.fastrtc_handler import MoshiHandler, hold_dropped_calls, note_offers
 from agent.voices import MAX_TEXT_PROMPT_CHARS
 
 CSS_PATH = ASSETS / "style.css"
