@@ -171,7 +171,7 @@ class FrameEngine:
             return 0
         tick = TickInput(batch.pcm, batch.exec_mask, taken.reset, {i: states[i] for i in ready})
         try:
-            self._admission.restoring(ready)
+            self._admission.restoring(ready)  # a step that fails restores them again at the next tick
             self._deliver(batch, self._step.step(tick))
             self._admission.end_outgrown(self._seats)
         except Exception as exc:

@@ -233,11 +233,12 @@ def gather(seats: Sequence[Seat | None]) -> Gathered:
     for seat in seats:
         if seat is None or seat.held:
             continue
-        frame = seat.take_input()
-        if frame is None:
+        one = seat.take_input()
+        if one is None:
             taken.late += 1
             continue
-        taken.pcm[seat.index, 0] = frame[0]
+        frame, done_at = one
+        taken.pcm[seat.index, 0] = frame
         taken.exec_mask[seat.index] = True
-        taken.seats.append((seat, frame[1]))
+        taken.seats.append((seat, done_at))
     return taken
