@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import pytest
+import sentencepiece
 import torch
 
 from agent.config import ModelConfig
 from agent.errors import ModelLoadError
 from agent.models import load_model, resolve_dtype, tiny_tokenizer_path
+from agent.models.tiny import TOKENIZER_CORPUS
 
 
 def test_tiny_model_is_real_moshi_with_real_framing():
@@ -35,7 +37,22 @@ def test_tokenizer_decodes_telugu_and_hides_padding():
     text = "".join(model.decode_text(i) for i in ids)
     assert text.strip() == "నమస్కారం మీరు"
     assert model.decode_text(0) == model.decode_text(3) == model.decode_text(-2) == ""
-    assert tiny_tokenizer_path() == tiny_tokenizer_path()  # cached by content
+
+
+def test_tiny_tokenizer_is_cached_by_content(tmp_path, monkeypatch):
+    """Trained once per corpus: the same corpus reuses the file, a changed one is not served the stale one."""
+    first = tiny_tokenizer_path(tmp_path)
+    assert first.is_file() and first.parent == tmp_path
+
+    def train(**_):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(sentencepiece.SentencePieceTrainer, "train", train)
+    assert tiny_tokenizer_path(tmp_path) == first  # no training: the cached file
+    changed = tmp_path / "corpus.txt"
+    changed.write_bytes(TOKENIZER_CORPUS.read_bytes() + "కొత్త వాక్యం\n".encode())
+    with pytest.raises(AssertionError, match="trained again"):
+        tiny_tokenizer_path(tmp_path, corpus=changed)
 
 
 def test_unknown_dtype_and_bad_spec():

@@ -157,7 +157,7 @@ def test_telugu_tiny_scripts_split_between_the_lm_and_the_codec(tmp_path):
 
 
 def test_telugu_tiny_without_weights_says_how_to_train(tmp_path, monkeypatch):
-    monkeypatch.setattr("agent.models.TELUGU_TINY_DIR", tmp_path / "absent")
+    monkeypatch.setattr("agent.models.kinds.TELUGU_TINY_DIR", tmp_path / "absent")
     with pytest.raises(ModelLoadError, match="python -m agent.train telugu-tiny"):
         load_model(ModelConfig(model="telugu-tiny", device="cpu"))
 
@@ -165,7 +165,7 @@ def test_telugu_tiny_without_weights_says_how_to_train(tmp_path, monkeypatch):
 def test_telugu_tiny_loads_a_folder_as_the_toy(trained_codec, tmp_path, monkeypatch):
     folder, _ = trained_codec
     base = telugu_tiny.write_base(folder, tmp_path / "telugu-tiny", seed=7)
-    monkeypatch.setattr("agent.models.TELUGU_TINY_DIR", base)
+    monkeypatch.setattr("agent.models.kinds.TELUGU_TINY_DIR", base)
     model = load_model(ModelConfig(model="telugu-tiny", device="cpu"))
     assert model.name == "telugu-tiny" and model.toy_note and "espeak-ng" in model.toy_note
     assert "TOY" in model.description

@@ -12,7 +12,9 @@ its steps, so dropping steps 8-15 leaves the agent's codebooks exactly as they w
   rows of the first 8 steps.
 
 The number of steps is read from the weights (`depformer_steps`), never from a name, so a local
-folder in Kyutai's layout holding PersonaPlex weights is recognised too.
+folder in Kyutai's layout holding PersonaPlex weights is recognised too. Every conversion between the
+two layouts lives here: trimming on load (`load_lm`), stacking for the tiny fixture
+(`stack_depformer_projections`), restoring the dropped steps on export (`restore_depformer`).
 
 Files of the gated hub repo `nvidia/personaplex-7b-v1` (licence accepted on the hub, `HF_TOKEN`):
 the LM, Mimi (same file as Moshiko's), the text tokenizer and `voices.tgz` (preset voices). Its
@@ -28,6 +30,11 @@ import tarfile
 from pathlib import Path
 
 import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+
+from agent.errors import ModelLoadError
+from agent.models.checkpoint import VOICES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +43,25 @@ LM_FILE = "model.safetensors"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 VOICES_ARCHIVE = "voices.tgz"
-VOICES_DIR = "voices"
 VOICE_SUFFIXES = (".pt", ".wav")
 
+_LAYER = r"depformer\.layers\.\d+"
 # Per-step weights of the depformer: (pattern, how many steps the list holds for dep_q steps)
 _PER_STEP = [
     (re.compile(r"^depformer_in\.(\d+)\."), 0),
     (re.compile(r"^linears\.(\d+)\."), 0),
     (re.compile(r"^depformer_emb\.(\d+)\."), -1),  # one embedding per step after the first
-    (re.compile(r"^depformer\.layers\.\d+\.gating\.(\d+)\."), 0),
-    (re.compile(r"^depformer\.layers\.\d+\.self_attn\.(?:in|out)_projs\.(\d+)\."), 0),
+    (re.compile(rf"^{_LAYER}\.gating\.(\d+)\."), 0),
+    (re.compile(rf"^{_LAYER}\.self_attn\.(?:in|out)_projs\.(\d+)\."), 0),
 ]
-_STACKED = re.compile(r"^depformer\.layers\.\d+\.self_attn\.(in_proj_weight|out_proj\.weight)$")
+# The attention projections per step, as stock moshi names them, and stacked, as PersonaPlex's files hold them
+_PER_STEP_PROJ = re.compile(rf"^({_LAYER}\.self_attn)\.(in|out)_projs\.(\d+)\.weight$")
+_STACKED = re.compile(rf"^{_LAYER}\.self_attn\.(?:in_proj_weight|out_proj\.weight)$")
 
 
-class PersonaPlexError(RuntimeError):
-    """A PersonaPlex checkpoint could not be fetched or read; the message says what to do."""
+def _stacked_name(per_step: re.Match) -> str:
+    """The stacked tensor a `_PER_STEP_PROJ` match belongs to."""
+    return f"{per_step.group(1)}.{'in_proj_weight' if per_step.group(2) == 'in' else 'out_proj.weight'}"
 
 
 def depformer_steps(keys) -> int:
@@ -89,9 +99,6 @@ def trim_depformer(state: dict[str, torch.Tensor], dep_q: int) -> dict[str, torc
     return out
 
 
-_PER_STEP_PROJ = re.compile(r"^(depformer\.layers\.\d+\.self_attn)\.(in|out)_projs\.(\d+)\.weight$")
-
-
 def restore_depformer(trained: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `trim_depformer` for a fine-tune: the trained weights (the agent's `dep_q` steps,
     per-step projections as stock moshi names them) with the original checkpoint's dropped user-codebook
@@ -105,7 +112,7 @@ def restore_depformer(trained: dict[str, torch.Tensor], original: dict[str, torc
     per_step: dict[str, dict[int, torch.Tensor]] = {}
     for key, value in trained.items():
         m = _PER_STEP_PROJ.match(key)
-        stacked = f"{m.group(1)}.{'in_proj_weight' if m.group(2) == 'in' else 'out_proj.weight'}" if m else None
+        stacked = _stacked_name(m) if m else None
         if stacked is not None and stacked in original:
             per_step.setdefault(stacked, {})[int(m.group(3))] = value
         else:
@@ -131,6 +138,54 @@ def load_lm_state(path: Path, dep_q: int, device: torch.device | str = "cpu") ->
     return trim_depformer(load_file(str(path), device=str(device)), dep_q)
 
 
+def stack_depformer_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The depformer's per-step attention projections in the stacked form PersonaPlex's files use."""
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, value in state.items():
+        m = _PER_STEP_PROJ.match(key)
+        if m:
+            stacks.setdefault(_stacked_name(m), []).append((int(m.group(3)), value))
+        else:
+            out[key] = value.contiguous()
+    for name, parts in stacks.items():
+        out[name] = torch.cat([v for _, v in sorted(parts, key=lambda p: p[0])]).contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading on stock moshi
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_steps(info: loaders.CheckpointInfo) -> int:
+    """The depformer steps a checkpoint's LM file carries (0 when it is not safetensors)."""
+    weights = Path(info.moshi_weights)
+    return depformer_steps(weight_keys(weights)) if weights.suffix == ".safetensors" else 0
+
+
+def agent_steps_only(info: loaders.CheckpointInfo) -> None:
+    """A config written for PersonaPlex's fork (`dep_q = n_q`: the user's codebooks predicted too)
+    would make stock moshi expect no user codebooks: keep the agent's half (the weights are trimmed)."""
+    config = info.lm_config
+    if config and config.get("dep_q") == config.get("n_q") and checkpoint_steps(info) == config["dep_q"]:
+        log.info("%s: the depformer predicts the user's codebooks too; loading the agent's %d steps",
+                 info.moshi_weights, config["n_q"] // 2)
+        info.lm_config = dict(config, dep_q=config["n_q"] // 2)
+
+
+def load_lm(info: loaders.CheckpointInfo, config: dict, device: torch.device, dtype: torch.dtype) -> LMModel:
+    """PersonaPlex's LM on stock moshi: its weights trimmed to `config`'s `dep_q` steps."""
+    if info.lora_weights is not None:
+        raise ModelLoadError("LoRA adapters on a PersonaPlex checkpoint are not supported; fuse them first")
+    state = load_lm_state(Path(info.moshi_weights), config["dep_q"], device)
+    for key, value in state.items():  # as moshi's loader: conditioners stay float32
+        if value.dtype.is_floating_point and not key.startswith(("condition_provider.", "fuser.")):
+            state[key] = value.to(dtype)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=config, device=torch.device("meta"), dtype=dtype)
+    lm.load_state_dict(state, assign=True)
+    return lm.eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # The hub repo (gated) and its preset voices
 # ---------------------------------------------------------------------------------------------
@@ -149,13 +204,13 @@ def hub_files(repo: str = PERSONAPLEX_REPO) -> dict[str, Path]:
         for role, name in (("lm", LM_FILE), ("mimi", MIMI_FILE), ("tokenizer", TOKENIZER_FILE)):
             files[role] = Path(hf_hub_download(repo, name))
     except GatedRepoError as exc:
-        raise PersonaPlexError(
+        raise ModelLoadError(
             f"{repo} is gated: accept the NVIDIA Open Model License at https://huggingface.co/{repo} "
             f"while logged in, then retry.\n{token_hint}") from exc
     except RepositoryNotFoundError as exc:  # the hub answers 401 as "not found" to anonymous callers
-        raise PersonaPlexError(f"{repo}: not found or not allowed ({exc.__class__.__name__}).\n{token_hint}") from exc
+        raise ModelLoadError(f"{repo}: not found or not allowed ({exc.__class__.__name__}).\n{token_hint}") from exc
     except LocalEntryNotFoundError as exc:
-        raise PersonaPlexError(
+        raise ModelLoadError(
             f"{repo}: not in the Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE or no "
             f"network). Download it once with internet, or pass a local folder with --model.") from exc
     try:
@@ -163,6 +218,16 @@ def hub_files(repo: str = PERSONAPLEX_REPO) -> dict[str, Path]:
     except Exception as exc:  # the model still works with the catalogue's own WAV voices
         log.warning("%s: no preset voices (%s: %s)", repo, type(exc).__name__, exc)
     return files
+
+
+def hub_checkpoint_info(repo: str = PERSONAPLEX_REPO) -> loaders.CheckpointInfo:
+    """The gated hub repo's files, with Moshiko's LM geometry (its config.json is not an LM config)."""
+    files = hub_files(repo)
+    info = loaders.CheckpointInfo(moshi_weights=files["lm"], mimi_weights=files["mimi"], tokenizer=files["tokenizer"],
+                                  lm_config=None)
+    if "voices" in files:
+        preset_voices(files["voices"].parent)  # unpack beside the archive once
+    return info
 
 
 def preset_voices(folder: Path) -> dict[str, Path]:

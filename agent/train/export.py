@@ -23,23 +23,23 @@ changed, the base weights changed too, so model.safetensors is always written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from moshi.modules.lora import replace_lora_with_linear
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from agent.errors import ModelLoadError
 from agent.models import LoadedModel, personaplex, resolve_dtype
+from agent.models.checkpoint import LORA_FILE, CheckpointFiles, staged_folder, write_checkpoint
 from agent.train.common import UsageError, atomic_write_json
 from agent.train.trainer import (
     CHECKPOINTS,
     RUN_FILE,
     TRAINABLE_FILE,
     TrainConfig,
+    TrainModel,
     build_train_model,
     latest_checkpoint,
     load_trainable,
@@ -112,11 +112,29 @@ def restored_personaplex(state: dict[str, torch.Tensor], base_weights: Path | No
     return personaplex.restore_depformer(state, load_file(str(base_weights)))
 
 
-def _copy_preset_voices(voices: dict[str, Path], folder: Path) -> None:
-    if voices:
-        (folder / personaplex.VOICES_DIR).mkdir()
-    for path in voices.values():
-        shutil.copyfile(path, folder / personaplex.VOICES_DIR / path.name)
+def _files(model: TrainModel, train_config: TrainConfig, step: int, fused: bool, dtype: torch.dtype) -> CheckpointFiles:
+    """The trained model as a checkpoint folder's contents: fused, PersonaPlex's layout, or base + LoRA."""
+    def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to(dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+
+    lm, base = model.lm.eval(), model.base
+    lm_config, lora, voices = dict(model.lm_config), None, {}
+    if fused:
+        replace_lora_with_linear(lm)
+        state = lm.state_dict()
+        if base.takes_prompts:
+            state, voices = restored_personaplex(state, base.lm_weights), base.preset_voices
+    else:
+        full = lm.state_dict()
+        lora = {k: v for k, v in full.items() if ".lora_A." in k or ".lora_B." in k}
+        state = {k.replace(".frozen_W.", "."): v for k, v in full.items() if k not in lora}
+        lm_config.update(lora=True, lora_rank=train_config.lora_rank, lora_scaling=train_config.lora_scaling,
+                         lora_name=LORA_FILE)
+    model_id = {"base": train_config.model, "step": step, "fused": fused, "weights_licence": weights_licence(base)}
+    return CheckpointFiles(lm=cast(state), mimi=base.mimi.state_dict(), tokenizer=Path(model.tokenizer_path),
+                           lm_config=lm_config, mimi_config=base.mimi_config, model_id=model_id,
+                           lm_gen_config=base.lm_gen_config or None, lora=cast(lora) if lora is not None else None,
+                           voices=voices)
 
 
 def run_export(config: ExportConfig) -> ExportResult:
@@ -133,52 +151,17 @@ def run_export(config: ExportConfig) -> ExportResult:
     # Rebuild the training model on the CPU exactly as training built it, then put the trained values in.
     model = build_train_model(train_config, torch.device("cpu"), torch.float32)
     load_trainable(model.lm, checkpoint)
-    lm = model.lm.eval()
-    lm_config = dict(model.lm_config)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    def save(tensors: dict[str, torch.Tensor], name: str) -> None:
-        save_file({k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in tensors.items()}, str(tmp / name))
-
     personaplex_base = model.base.takes_prompts
     fused = config.fused or personaplex_base  # moshi's loader cannot put a LoRA on PersonaPlex's weights
-    if personaplex_base:
-        replace_lora_with_linear(lm)
-        save(restored_personaplex(lm.state_dict(), model.base.lm_weights), "model.safetensors")
-        _copy_preset_voices(model.base.preset_voices, tmp)
-    elif fused:
-        replace_lora_with_linear(lm)
-        save(lm.state_dict(), "model.safetensors")
-    else:
-        state = lm.state_dict()
-        adapter = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
-        base = {k.replace(".frozen_W.", "."): v for k, v in state.items() if k not in adapter}
-        save(base, "model.safetensors")
-        save(adapter, "lora.safetensors")
-        lm_config.update(lora=True, lora_rank=train_config.lora_rank, lora_scaling=train_config.lora_scaling,
-                         lora_name="lora.safetensors")
-    save_file({k: v.contiguous() for k, v in model.base.mimi.state_dict().items()}, str(tmp / "mimi.safetensors"))
-    shutil.copyfile(model.tokenizer_path, tmp / "tokenizer.model")
-    lm_config.update(moshi_name="model.safetensors", mimi_name="mimi.safetensors", tokenizer_name="tokenizer.model",
-                     model_id={"base": train_config.model, "step": int(checkpoint.name.removeprefix("step-")),
-                               "fused": fused, "weights_licence": weights_licence(model.base)})
-    if model.base.mimi_config is not None:
-        (tmp / "mimi_config.json").write_text(json.dumps(model.base.mimi_config, indent=1))
-        lm_config["mimi_config_name"] = "mimi_config.json"
-    if model.base.lm_gen_config:
-        lm_config["lm_gen_config"] = model.base.lm_gen_config
-    atomic_write_json(tmp / "config.json", lm_config)
-    atomic_write_json(tmp / "training.json", {
-        "base": train_config.model, "checkpoint": str(checkpoint), "step": lm_config["model_id"]["step"],
-        "fused": fused, "dtype": config.dtype, "notes": model.notes, "takes_prompts": personaplex_base,
-        "prompted_training": train_config.prompts,
-        "data_licences": run_info.get("licences", []), "train_dialogues": run_info.get("train_dialogues"),
-        "weights_licence": lm_config["model_id"]["weights_licence"]})
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-    return ExportResult(out, checkpoint, fused, files)
+    step = int(checkpoint.name.removeprefix("step-"))
+    files = _files(model, train_config, step, fused, dtype)
+    with staged_folder(out, replace=True) as tmp:
+        write_checkpoint(tmp, files)
+        atomic_write_json(tmp / "training.json", {
+            "base": train_config.model, "checkpoint": str(checkpoint), "step": step,
+            "fused": fused, "dtype": config.dtype, "notes": model.notes, "takes_prompts": personaplex_base,
+            "prompted_training": train_config.prompts,
+            "data_licences": run_info.get("licences", []), "train_dialogues": run_info.get("train_dialogues"),
+            "weights_licence": files.model_id["weights_licence"]})
+    files_written = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    return ExportResult(out, checkpoint, fused, files_written)
