@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from app_helpers import AppProcess
 from conftest import free_port
-from test_share import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

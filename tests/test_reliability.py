@@ -22,7 +22,6 @@ import aiohttp
 import numpy as np
 import pytest
 import requests
-import sphn
 import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
@@ -32,19 +31,15 @@ from agent.config import EngineConfig, ServerConfig
 from agent.engine import FAILING_AFTER, FrameEngine
 from agent.ops.access import Credentials
 from agent.tools.wsclient import encode_media, talk
-from conftest import LiveServer, tiny_model, wait_until
-from test_webrtc import webrtc_call
+from call_helpers import opus_pages, webrtc_call
+from conftest import LiveServer, live_server_fixture, tiny_model, wait_until
 from tiny_helpers import GREEDY, frames_of, varied_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 IDLE_TIMEOUT_S = 1.5
 
 
-@pytest.fixture(scope="module")
-def server():
-    live = LiveServer(max_sessions=8, idle_timeout_s=IDLE_TIMEOUT_S)
-    yield live
-    live.close()
+server = live_server_fixture(max_sessions=8, idle_timeout_s=IDLE_TIMEOUT_S)
 
 
 def metric(server: LiveServer, name: str) -> float:
@@ -182,12 +177,6 @@ def test_fault_engine_failing_is_told_counted_and_unready(server, telugu_speech)
     assert requests.get(server.url + "/readyz", timeout=5).status_code == 200  # healthy again
     # the call went on after the fault: audio kept coming
     assert result.arrivals and result.arrivals[-1][0] - result.started_at > 3.0
-
-
-def opus_pages(audio: np.ndarray) -> list[bytes]:
-    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-    return [p for f in audio[:audio.size // FRAME_SIZE * FRAME_SIZE].reshape(-1, FRAME_SIZE)
-            if len(p := writer.append_pcm(f))]
 
 
 async def api_chat(url: str, audio: np.ndarray, headers: dict | None = None, seconds: float = 3.0) -> list[bytes]:

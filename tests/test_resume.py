@@ -17,23 +17,18 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-import pytest
 import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import ServerConfig
 from agent.tools.wsclient import encode_media, talk, talk_with_reconnect
-from conftest import LiveServer
-from test_reliability import opus_pages
+from call_helpers import opus_pages
+from conftest import live_server_fixture
 
 RESUME_S = 4.0
 
 
-@pytest.fixture(scope="module")
-def server():
-    live = LiveServer(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
-    yield live
-    live.close()
+server = live_server_fixture(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
 
 
 class CuttableProxy:

@@ -11,8 +11,8 @@ import requests
 from huggingface_hub import SpaceCard, SpaceHardware
 from packaging.requirements import Requirement
 
+from app_helpers import AppProcess
 from conftest import free_port
-from test_share import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTED_PYTHONS = {"3.11", "3.12", "3.13"}

@@ -21,19 +21,13 @@ import soundfile as sf
 from agent.train.__main__ import main
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 from synth_helpers import FAIL_WORD
+from train_helpers import read_jsonl as _jsonl
+from train_helpers import train_cli as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = ROOT / "assets" / "telugu_sentences.txt"
 CATALOGUE = load_catalogue()
 VOICES, EMOTIONS = {v.id for v in CATALOGUE.voices}, {e.id for e in CATALOGUE.emotions}
-
-
-def _cli(*argv: str) -> None:
-    assert main([*argv, "--quiet"]) == 0, argv
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _active(channel: np.ndarray, hop: int = 480, floor_db: float = -50) -> np.ndarray:

@@ -7,6 +7,7 @@ and change what the model says.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -27,18 +28,16 @@ from agent.train.__main__ import main
 from agent.train.tokens import END_OF_PADDING, TEXT_PADDING, text_stream
 from agent.voices import EMOTION, SPEAKER
 from conftest import espeak_telugu
+from train_helpers import train_cli
 
 ROOT = Path(__file__).resolve().parent.parent
+_cli = functools.partial(train_cli, quiet=False)  # each call says --quiet itself where it wants it
 CONFIGS = ROOT / "assets" / "train"
 HAPPY, SAD = ["-p", "75", "-s", "190"], ["-p", "25", "-s", "130"]
 SPEAKERS = {"kiran_te": ("te", "kiran"), "lakshmi_f3": ("te+f3", "lakshmi")}
 # Small and fast: windows of 6 s, a LoRA of rank 8, a high learning rate.
 FAST = ["--duration-sec", "6", "--batch-size", "4", "--lora-rank", "8", "--lr", "3e-3", "--quiet",
         "--no-gradient-checkpointing"]
-
-
-def _cli(*argv: str) -> None:
-    assert main([*argv]) == 0, argv
 
 
 def _metrics(run: Path, split: str = "train") -> list[dict]:

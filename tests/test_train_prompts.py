@@ -21,21 +21,14 @@ from agent.config import TINY_PERSONAPLEX_MODEL, ModelConfig
 from agent.engine.prompts import PromptSpec
 from agent.models import load_model, tiny_personaplex_folder
 from agent.models.personaplex import depformer_steps
-from agent.train.__main__ import main
 from agent.train.common import UsageError
+from train_helpers import read_jsonl as _jsonl
+from train_helpers import train_cli as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "assets" / "train" / "personaplex_prompted.json"
 FAST = ["--max-steps", "2", "--batch-size", "2", "--duration-sec", "4", "--lora-rank", "4", "--checkpoint-every", "2",
         "--eval-every", "2", "--no-gradient-checkpointing", "--dtype", "float32"]
-
-
-def _cli(*argv: str) -> None:
-    assert main([*argv, "--quiet"]) == 0, argv
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

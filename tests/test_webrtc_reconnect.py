@@ -25,9 +25,9 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from agent.calls.session import Session
 from agent.config import ServerConfig
-from conftest import LiveServer, wait_until
-from test_browser import AUDIO_STATE_JS, launch_chromium, mic_wav  # noqa: F401  (mic_wav: a fixture)
-from test_webrtc import SpeechTrack
+from browser_helpers import AUDIO_STATE_JS, launch_chromium
+from call_helpers import SpeechTrack
+from conftest import LiveServer, live_server_fixture, wait_until
 
 RESUME_S = 10.0
 # The test's own view of the page's peer connections (added before the page's script wraps the class too)
@@ -50,11 +50,7 @@ BYTES_IN_JS = """async () => {
 CANDIDATE = re.compile(r"^a=candidate:(\S+) (\d) udp (\d+) (\d+\.\d+\.\d+\.\d+) (\d+) typ host", re.M)
 
 
-@pytest.fixture(scope="module")
-def server():
-    live = LiveServer(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
-    yield live
-    live.close()
+server = live_server_fixture(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
 
 
 class CuttableUdpRelay:
@@ -215,7 +211,7 @@ def quick_consent_checks(monkeypatch) -> None:
 
 
 @contextmanager
-def page_with_relayed_calls(live: LiveServer, mic_wav, keep_peers: bool = False):  # noqa: F811
+def page_with_relayed_calls(live: LiveServer, mic_wav, keep_peers: bool = False):
     """The page open in headless Chromium (fake microphone), its calls through relays: (page, calls)."""
     from playwright.sync_api import sync_playwright
 
@@ -289,7 +285,7 @@ def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(
 
 
 @pytest.mark.parametrize("cut", ["both ways", "page to server"])
-def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cut, monkeypatch):  # noqa: F811
+def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cut, monkeypatch):
     """The page in headless Chromium: its call's network is cut (the relay drops packets; neither side
     closes anything). The page says it is reconnecting, calls again with the call's resume token, and
     the server gives it back the same call: the same session on the same seat, no second call opened,
@@ -343,7 +339,7 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cu
         assert "reconnecting" not in status.inner_text()
 
 
-def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_new_call(server, mic_wav,  # noqa: F811
+def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_new_call(server, mic_wav,
                                                                                          monkeypatch):
     """The call's network is cut both ways and the server cannot be reached for longer than the resume
     window (its answers to the page's new offers say the connection failed). The server holds the call
