@@ -5,7 +5,6 @@ runs off the event loop, a reused websocket_id cannot touch another call, the VA
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import base64
 import contextlib
@@ -338,60 +337,8 @@ def test_reliab_vad_inbox_is_bounded():
 
 
 # ---------------------------------------------------------------------------------------------
-# Encapsulation: objects keep their privates; the running agent does not know its transports
+# Encapsulation: the running agent does not know its transports (privates: tests/test_architecture.py)
 # ---------------------------------------------------------------------------------------------
-
-RUNTIME_MODULES = ("engine/__init__", "calls/session", "calls/vad", "transports/fastrtc_handler", "service",
-                   "web/server", "transports/kyutai_api", "ops/access", "ops/metrics", "engine/sampling",
-                   "audio/stream", "voices", "tools/wsclient")
-# private names of other packages that we must touch, each for a stated reason
-FOREIGN_PRIVATES = {
-    "_is_server_fn": "gradio's mark for a component's server function (handler.note_offers)",
-    "_model_8k": "silero-vad's 8 kHz network, called with explicit state (vad.Silero)",
-    "_replace": "namedtuple's public API (urllib's SplitResult)",
-}
-
-
-def private_reaches(source: str) -> list[tuple[int, str]]:
-    """`x._name` where x is not self/cls and `_name` is not a member of the enclosing class (a class
-    may touch its own kind's privates; nothing else may)."""
-
-    def members(cls: ast.ClassDef) -> set[str]:
-        names = set()
-        for node in ast.walk(cls):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                names.add(node.name)
-            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                  and node.value.id in ("self", "cls")):
-                names.add(node.attr)
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                names.add(node.target.id)
-        return names
-
-    found = []
-
-    def visit(node, own: set[str]) -> None:
-        if isinstance(node, ast.ClassDef):
-            own = members(node)
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
-                and node.attr not in own and node.attr not in FOREIGN_PRIVATES):
-            found.append((node.lineno, ast.unparse(node)))
-        for child in ast.iter_child_nodes(node):
-            visit(child, own)
-
-    visit(ast.parse(source), set())
-    return found
-
-
-def test_reliab_objects_keep_their_privates():
-    agent = ROOT / "agent"
-    reaches = {name: private_reaches((agent / f"{name}.py").read_text()) for name in RUNTIME_MODULES}
-    assert not any(reaches.values()), {k: v for k, v in reaches.items() if v}
-    # the check can fail
-    assert private_reaches("def f(seat):\n    return seat._inputs\n") == [(2, "seat._inputs")]
-    assert private_reaches("class A:\n    def f(self):\n        return self._engine._lock\n") == \
-        [(3, "self._engine._lock")]
 
 
 def test_reliab_service_knows_no_transport():
