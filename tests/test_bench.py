@@ -4,6 +4,8 @@ never asserted here)."""
 import json
 import math
 
+import pytest
+
 from agent.config import ModelConfig
 from agent.tools import bench
 from agent.tools.bench import FRAME_MS, bench_e2e, bench_engine, bench_overhead, main, session_counts
@@ -44,6 +46,7 @@ def test_cli_writes_json(tmp_path):
     assert data["points"][0]["sessions"] == 1 and data["overhead"][0]["sessions"] == 1
 
 
+@pytest.mark.slow
 def test_e2e_bench_with_real_clients():
     result = bench_e2e(TINY, clients=2, seconds=3)
     assert result.errors == [] and len(result.sent_s) == 2

@@ -20,6 +20,7 @@ def frames_in_out(readouts: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
+@pytest.mark.slow
 def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -97,6 +98,7 @@ UNCOVERED_JS = """(el) => {
 }"""
 
 
+@pytest.mark.slow
 def test_phone_page_opens_on_the_call_and_settings_are_one_tap_away(live_server, mic_wav, tmp_path):
     """At 390 x 844 with touch, as a phone opens a shared link: the control that starts a call is on screen and
     not covered; a call runs; voice and figures are one tap away and back."""

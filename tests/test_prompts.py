@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
@@ -22,7 +24,6 @@ def test_prompt_catalogue_reads_without_torch_or_moshi():
 # ---------------------------------------------------------------------------------------------
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from agent import FRAME_SIZE  # noqa: E402
@@ -107,6 +108,7 @@ def test_prompt_unreadable_silent_or_long_voice_wav_is_refused(persona_folder, t
             builder.frames(PromptSpec(str(path)))
 
 
+@pytest.mark.slow
 def test_prompt_parity_one_call_equals_a_plain_single_row_run(persona_folder):
     """A one-seat engine: the cached prompt restored into the row gives exactly the tokens of a
     batch-1 stock LMGen stepping the prompt frame by frame, then the conversation."""
@@ -126,6 +128,7 @@ def test_prompt_parity_one_call_equals_a_plain_single_row_run(persona_folder):
     assert plain != reference[0]
 
 
+@pytest.mark.slow
 def test_prompt_parity_cached_prompts_in_one_batch_equal_a_plain_single_row_run(persona_folder):
     """THE parity test: two calls with different prompts share one batch (with a third call that has
     none); each gets the same greedy tokens and audio as a plain single-row run of its documented
@@ -145,6 +148,7 @@ def test_prompt_parity_cached_prompts_in_one_batch_equal_a_plain_single_row_run(
     assert engine.stats.prompts_restored == 4 and len(engine.prompt_cache) == 2
 
 
+@pytest.mark.slow
 def test_prompt_call_ends_before_its_prompt_leaves_the_context(persona_folder):
     """Past the context the model no longer attends to its prompt (voice and persona forgotten): the
     call is ended with a reason the caller sees; a call without a prompt goes on."""
@@ -168,6 +172,7 @@ def test_prompt_call_ends_before_its_prompt_leaves_the_context(persona_folder):
     assert not plain.closed
 
 
+@pytest.mark.slow
 def test_prompt_offline_infer_runs_the_same_prompt_path(persona_folder, tmp_path, monkeypatch):
     """`python -m agent.tools.infer --voice-prompt ... --text-prompt ... --greedy` equals the plain run."""
     import soundfile as sf

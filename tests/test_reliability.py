@@ -48,6 +48,7 @@ def metric(server: LiveServer, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+@pytest.mark.slow
 def test_reliab_silent_connected_client_costs_no_cpu(server, telugu_speech):
     """A client that stays connected but sends nothing: once the engine frees its seat the server
     must sleep, not spin (it used to take a whole core for as long as the client stayed)."""
@@ -143,6 +144,7 @@ def test_fault_failed_step_resets_only_its_seats_and_tells_them():
     assert engine.health()[0]
 
 
+@pytest.mark.slow
 def test_fault_engine_failing_is_told_counted_and_unready(server, telugu_speech):
     engine = server.service.engine
     flaky = FlakyStep(engine.lm_gen.step)
@@ -214,6 +216,7 @@ def test_reliab_api_chat_ends_at_the_call_time_limit(telugu_speech):
         limited.close()
 
 
+@pytest.mark.slow
 def test_reliab_call_cap_holds_for_every_transport(telugu_speech):
     """One address, cap 1: a live WebRTC call made the way the page makes it blocks a WebSocket
     call, an /api/chat call and a WebRTC call at /webrtc/offer from the same address. WebRTC calls
@@ -247,6 +250,7 @@ def test_reliab_call_cap_holds_for_every_transport(telugu_speech):
         capped.close()
 
 
+@pytest.mark.slow
 def test_reliab_calls_hold_no_thread_each(server, telugu_speech):
     """Eight concurrent WebSocket calls: the server's thread count grows by at most the call-set-up
     pool, not by a thread (or two) per call."""
@@ -276,6 +280,7 @@ def test_reliab_calls_hold_no_thread_each(server, telugu_speech):
     assert grown <= CALL_SETUP_WORKERS + 1, f"threads grew by {grown} for 8 calls"
 
 
+@pytest.mark.slow
 def test_reliab_call_setup_runs_off_the_event_loop(server, telugu_speech, monkeypatch):
     hub = server.service.hub
     seen: list[tuple[str, str]] = []
@@ -300,6 +305,7 @@ def test_reliab_call_setup_runs_off_the_event_loop(server, telugu_speech, monkey
     assert all(name != loop_thread for _, name in seen), seen
 
 
+@pytest.mark.slow
 def test_reliab_reused_websocket_id_neither_ends_nor_takes_over_a_call(server, telugu_speech):
     """Two clients send the same websocket_id. The first leaves early; the second's call goes on,
     on the same seat (never reopened), and both seats are freed as soon as each client leaves."""
@@ -341,6 +347,7 @@ def test_reliab_vad_inbox_is_bounded():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reliab_service_knows_no_transport():
     """agent.service (models, engines, calls) imports neither the fastrtc handler nor fastrtc."""
     probe = ("import sys, agent.service; "

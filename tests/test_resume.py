@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import pytest
 import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
@@ -78,6 +79,7 @@ def zero_frames(audio: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(~frames.any(axis=1))]
 
 
+@pytest.mark.slow
 def test_resume_and_reconnect_after_a_dropped_websocket_call(server, telugu_speech):
     """agent.tools.wsclient's reconnect resumes the same call: same seat, LM never reset, no new call."""
     _, audio = telugu_speech
@@ -136,6 +138,7 @@ async def _drop_after(url: str, audio: np.ndarray, seconds: float) -> dict:
     return call
 
 
+@pytest.mark.slow
 def test_resume_window_holds_the_seat_frozen_then_frees_it(server, telugu_speech):
     _, audio = telugu_speech
     engine, registry = server.service.engine, server.service.registry

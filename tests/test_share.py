@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import requests
 import websockets
 
@@ -27,6 +28,7 @@ def has_internet() -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_share_without_internet_serves_the_page_guarded_and_says_why(tmp_path):
     port = free_port()
     env = dict(os.environ, NO_TORCH_COMPILE="1", GRADIO_ANALYTICS_ENABLED="False", AGENT_AUTH="ana:s3cret",

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import requests
 from huggingface_hub import SpaceCard, SpaceHardware
 from packaging.requirements import Requirement
@@ -62,6 +63,7 @@ def test_space_card_hardware_and_models():
         assert name in section, name
 
 
+@pytest.mark.slow
 def test_space_start_serves_the_page_from_the_environment(tmp_path):
     """A Space runs `python app.py` with no flags: host and port from GRADIO_SERVER_NAME/PORT, the rest
     from variables; without a GPU the tiny model, said on the page."""

@@ -376,6 +376,7 @@ def test_optional_sources_fail_clearly(tmp_path, monkeypatch):
     assert "`datasets` package is not installed" in _jsonl(tmp_path / "out2/report.jsonl")[0]["reason"]
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "agent.train", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)

@@ -67,6 +67,7 @@ def test_tokens_keep_each_dialogues_prompt(tokens):
         assert rate == 24_000 and audio.size > 24_000 * 0.5
 
 
+@pytest.mark.slow
 def test_prompted_windows_start_with_the_serving_prompt_sequence(tokens):
     from agent.engine.prompts import PromptBuilder
     _, model, windows = _prompted_model_and_windows(tokens)
@@ -121,6 +122,7 @@ def test_prompt_positions_are_masked_out_of_the_loss(tokens):
         assert float(module(batch.codes, batch.conditions, batch.prompt_frames)["loss"]) == pytest.approx(masked)
 
 
+@pytest.mark.slow
 def test_prompted_training_exports_a_personaplex_that_still_takes_prompts(tokens, tmp_path):
     run, folder = tmp_path / "run", tmp_path / "model"
     _cli("train", "--config", str(STAGE), "--in", str(tokens), "--out", str(run), "--model", TINY_PERSONAPLEX_MODEL,
@@ -176,6 +178,7 @@ def test_prompted_training_refuses_a_base_without_prompts(tokens, tmp_path):
                               max_steps=1, batch_size=1, duration_sec=2, lora_rank=2, quiet=True))
 
 
+@pytest.mark.slow
 def test_prompted_run_paused_and_resumed_ends_where_a_whole_run_ends(tokens, tmp_path):
     """The prompts are rebuilt on resume from the same clips: a paused run ends bit-identical."""
     argv = ["train", "--config", str(STAGE), "--in", str(tokens), "--model", TINY_PERSONAPLEX_MODEL, *FAST,

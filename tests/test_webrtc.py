@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from call_helpers import webrtc_call
 
 
+@pytest.mark.slow
 def test_webrtc_client_talks_and_hears_back(live_server, telugu_speech):
     _, audio = telugu_speech
     received, sent, messages = asyncio.run(webrtc_call(live_server.url, audio, seconds=6.0))

@@ -235,6 +235,7 @@ def wait_for_status(page, pattern: str, timeout_ms: float) -> None:
                            timeout=timeout_ms)
 
 
+@pytest.mark.slow
 def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(server, telugu_speech, monkeypatch):
     """The server's side of a page call: a peer connection that fails (its network cut: the server's
     ICE consent checks go unanswered) holds the call, its seat frozen, for the resume window and then
@@ -284,6 +285,7 @@ def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(
     wait_until(lambda: service.seats_in_use() == 0, 5, "a hang-up did not free its seat")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", ["both ways", "page to server"])
 def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cut, monkeypatch):
     """The page in headless Chromium: its call's network is cut (the relay drops packets; neither side
@@ -339,6 +341,7 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cu
         assert "reconnecting" not in status.inner_text()
 
 
+@pytest.mark.slow
 def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_new_call(server, mic_wav,
                                                                                          monkeypatch):
     """The call's network is cut both ways and the server cannot be reached for longer than the resume
