@@ -50,6 +50,7 @@ def test_page_needs_login(guarded):
     assert session.get(guarded.url + "/config", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_one_client_gets_at_most_its_cap(guarded, telugu_speech):
     _, audio = telugu_speech
 

@@ -202,6 +202,7 @@ async def api_chat(url: str, audio: np.ndarray, headers: dict | None = None, sec
     return got
 
 
+@pytest.mark.slow
 def test_reliab_api_chat_ends_at_the_call_time_limit(telugu_speech):
     limited = LiveServer(max_sessions=1, server_config=ServerConfig(max_call_seconds=1.5))
     try:
@@ -371,6 +372,7 @@ def server_errors():
         uvicorn_log.removeHandler(handler)
 
 
+@pytest.mark.slow
 def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_server(server, telugu_speech):
     """Found by `python -m agent.tools.loadtest fuzz`: a binary message on fastrtc's WebSocket (a KeyError
     inside starlette) and a client that leaves before "start" (fastrtc's clean-up AttributeError)

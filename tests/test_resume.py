@@ -181,6 +181,7 @@ def test_resume_token_is_needed_to_take_a_held_call(server, telugu_speech):
     assert held is not None and held.dropped and not held.closed
 
 
+@pytest.mark.slow
 def test_resume_an_api_chat_call(server, telugu_speech):
     """Kyutai's protocol: `?resumable=1` gets the token (0x04 metadata), a drop holds the call,
     `?resume=` continues it."""
@@ -234,6 +235,7 @@ def thread_cpu_seconds(thread: threading.Thread) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.slow
 def test_resume_held_seat_with_queued_input_neither_steps_nor_spins():
     """A call dropped with a frame still queued: the engine's loop must sleep, not poll that seat."""
     from agent.config import EngineConfig

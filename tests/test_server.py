@@ -106,6 +106,7 @@ def test_client_vanishing_mid_call_frees_its_seat_and_spares_others(live_server,
                       timeout=resume_s + 10), "the vanished client's seat was not freed"
 
 
+@pytest.mark.slow
 def test_malformed_messages_are_answered_and_the_call_goes_on(live_server, telugu_speech):
     _, audio = telugu_speech
     bad = ["not json", "[1, 2]", '{"event": "dance"}', '{"event": "media"}',

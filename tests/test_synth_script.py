@@ -184,6 +184,7 @@ def test_script_refuses_text_without_a_licence(tmp_path, capsys):
     assert {s["licence"] for s in _jsonl(tmp_path / "A/manifest.jsonl")} == {"CC-BY-4.0"}
 
 
+@pytest.mark.slow
 def test_synth_tts_failure_skips_that_dialogue_and_flags_share_alike(tmp_path):
     lines = [_line(id="fine"), _line(id="broken", turns=[{"speaker": "user", "text": f"ఇది {FAIL_WORD}"},
                                                           *_line()["turns"][1:]]),

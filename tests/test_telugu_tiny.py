@@ -112,6 +112,7 @@ def _scripted_judge(monkeypatch, ratios: list[float]) -> dict[int, dict]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ratios", "extra_steps", "judged", "kept_step", "passed"), [
     ([0.1, 0.3, 0.9, 0.95], 6, [2, 4, 6], 6, True),  # past `steps` (4), stopped at the first pass
     ([0.1, 0.5, 0.3, 0.2], 4, [2, 4, 6, 8], 4, False),  # none passes: the best is kept

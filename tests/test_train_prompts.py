@@ -92,6 +92,7 @@ def test_prompted_windows_start_with_the_serving_prompt_sequence(tokens):
     assert windows.prompt(0) is windows.prompt(0)
 
 
+@pytest.mark.slow
 def test_prompt_positions_are_masked_out_of_the_loss(tokens):
     from agent.train.trainer import LossModule
     config, model, windows = _prompted_model_and_windows(tokens)
