@@ -82,6 +82,15 @@ def telugu_dialogue(tmp_path_factory) -> tuple[Path, np.ndarray]:
     return path, audio
 
 
+@pytest.fixture(scope="session")
+def mic_wav(tmp_path_factory, telugu_speech) -> Path:
+    _, speech = telugu_speech
+    audio = np.concatenate([speech, np.zeros(SAMPLE_RATE, np.float32)])
+    path = tmp_path_factory.mktemp("mic") / "mic.wav"
+    sf.write(path, resample(audio, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
+    return path
+
+
 def tiny_model(seed: int = 1234):
     from agent.models import load_model
     return load_model(ModelConfig(model="tiny", device="cpu", seed=seed))
@@ -114,9 +123,18 @@ class LiveServer:
         self.service.close()
 
 
-@pytest.fixture(scope="module")
-def live_server():
-    # a dropped call waits 3 s for its caller to resume it (15 s by default), so tests see seats freed soon
-    server = LiveServer(max_sessions=3, server_config=ServerConfig(resume_seconds=3.0))
-    yield server
-    server.close()
+def live_server_fixture(max_sessions: int = 3, server_config: ServerConfig | None = None, **engine_kwargs):
+    """A module-scoped fixture serving one LiveServer with these settings to the module's tests (assign it to
+    the fixture's name: `server = live_server_fixture(...)`)."""
+
+    @pytest.fixture(scope="module")
+    def serve():
+        live = LiveServer(max_sessions, server_config, **engine_kwargs)
+        yield live
+        live.close()
+
+    return serve
+
+
+# a dropped call waits 3 s for its caller to resume it (15 s by default), so tests see seats freed soon
+live_server = live_server_fixture(max_sessions=3, server_config=ServerConfig(resume_seconds=3.0))

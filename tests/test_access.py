@@ -13,26 +13,10 @@ from agent import SAMPLE_RATE
 from agent.config import ServerConfig
 from agent.ops.access import Credentials, rtc_configuration_from_env
 from agent.tools.wsclient import talk
-from conftest import LiveServer
+from call_helpers import BASIC, refused_status
+from conftest import live_server_fixture
 
-BASIC = {"Authorization": "Basic " + base64.b64encode(b"ana:s3cret").decode()}
-
-
-@pytest.fixture(scope="module")
-def guarded():
-    server = LiveServer(max_sessions=3, server_config=ServerConfig(auth="ana:s3cret", max_calls_per_client=1))
-    yield server
-    server.close()
-
-
-def refused_status(url: str, headers: dict | None = None) -> int:
-    async def go():
-        try:
-            async with websockets.connect(url, additional_headers=headers):
-                return 101
-        except websockets.InvalidStatus as exc:
-            return exc.response.status_code
-    return asyncio.run(go())
+guarded = live_server_fixture(max_sessions=3, server_config=ServerConfig(auth="ana:s3cret", max_calls_per_client=1))
 
 
 def test_credentials_parse_and_check():
@@ -66,6 +50,7 @@ def test_page_needs_login(guarded):
     assert session.get(guarded.url + "/config", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_one_client_gets_at_most_its_cap(guarded, telugu_speech):
     _, audio = telugu_speech
 

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_import_app_builds_demo_from_the_environment():
     code = ("import gradio as gr; import app; "
             "assert app._demo is None; d = app.demo; assert isinstance(d, gr.Blocks); "

@@ -8,45 +8,19 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 
-from agent import SAMPLE_RATE
-from agent.audio.stream import resample
+from browser_helpers import AUDIO_STATE_JS, launch_chromium
 from conftest import wait_until
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.browser
-
-AUDIO_STATE_JS = """() => Array.from(document.querySelectorAll('audio, video')).filter(a => a.srcObject)
-  .map(a => ({paused: a.paused, time: a.currentTime,
-              live: a.srcObject.getAudioTracks().filter(t => t.readyState === 'live').length}))"""
-
 
 def frames_in_out(readouts: str) -> tuple[int, int]:
     match = re.search(r"Frames in / out\s*\|?\s*(\d+)\s*/\s*(\d+)", readouts)
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-@pytest.fixture(scope="module")
-def mic_wav(tmp_path_factory, telugu_speech) -> Path:
-    _, speech = telugu_speech
-    audio = np.concatenate([speech, np.zeros(SAMPLE_RATE, np.float32)])
-    path = tmp_path_factory.mktemp("mic") / "mic.wav"
-    sf.write(path, resample(audio, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
-    return path
-
-
-def launch_chromium(playwright, mic_wav: Path):
-    """Debian's headless Chromium whose fake microphone plays `mic_wav`."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
-        "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required"])
-
-
+@pytest.mark.slow
 def test_page_call_in_chromium(live_server, mic_wav, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -124,6 +98,7 @@ UNCOVERED_JS = """(el) => {
 }"""
 
 
+@pytest.mark.slow
 def test_phone_page_opens_on_the_call_and_settings_are_one_tap_away(live_server, mic_wav, tmp_path):
     """At 390 x 844 with touch, as a phone opens a shared link: the control that starts a call is on screen and
     not covered; a call runs; voice and figures are one tap away and back."""

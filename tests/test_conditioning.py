@@ -99,6 +99,7 @@ def unconditioned_folder(folder, seed: int = 11):
     return write_checkpoint_folder(plain, folder, kwargs, tiny_mimi_config(), tiny_tokenizer_path())
 
 
+@pytest.mark.slow
 def test_unconditioned_checkpoint_ignores_conditions(tmp_path):
     """Like Kyutai's released Moshiko/Moshika: no conditioners, so nothing to set and nothing claimed."""
     folder = unconditioned_folder(tmp_path / "plain")

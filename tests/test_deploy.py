@@ -222,6 +222,7 @@ def run_start(env: dict[str, str], *args: str, timeout: float = 120) -> subproce
                           timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_start_sh_serves_on_the_port_then_drains_on_sigterm(tmp_path):
     port = free_port()
     # Empty variables (a template's blank fields) must count as unset, not crash app.py's int().

@@ -74,6 +74,7 @@ def sample_set(root: Path) -> None:
         (folder / "turn_taking.json").write_text(json.dumps([{"text": "[TURN-TAKING]", "timestamp": [end, end]}]))
 
 
+@pytest.mark.slow
 def test_eval_asr_and_score_with_asr_cli(tmp_path, tiny_whisper, capsys):
     sample_set(tmp_path)
     out = tmp_path / "asr.json"

@@ -48,6 +48,7 @@ def test_eval_set_layout_and_known_timings(tmp_path):
         make_set(tmp_path / "none", per_task=0)
 
 
+@pytest.mark.slow
 def test_eval_run_and_score_end_to_end_on_tiny_model(eval_set, tmp_path, capsys):
     dirs = [str(eval_set / task) for task in TASK_FOLDERS]
     assert main(["run", *dirs, "--model", "tiny", "--device", "cpu", "--seats", "4", "--threads", "1"]) == 0

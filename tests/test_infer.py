@@ -73,6 +73,7 @@ def moshi_reference(folder: Path, audio: np.ndarray, conditions: dict[str, str])
     return np.concatenate(pcm), tokens
 
 
+@pytest.mark.slow
 def test_infer_matches_moshi_inference_loop(checkpoint, telugu_speech):
     _, audio = telugu_speech
     audio = audio[: int(3.3 * SAMPLE_RATE)]  # 3.3 s: ends in a partial frame
@@ -92,6 +93,7 @@ def test_infer_matches_moshi_inference_loop(checkpoint, telugu_speech):
     assert result.text == "".join(model.decode_text(t) for t in ref_tokens).strip() != ""
 
 
+@pytest.mark.slow
 def test_cli_reads_any_wav_and_writes_audio_and_text(checkpoint, telugu_speech, tmp_path):
     _, audio = telugu_speech
     audio = audio[: 2 * SAMPLE_RATE]

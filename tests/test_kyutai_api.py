@@ -11,6 +11,7 @@ import time
 
 import aiohttp
 import numpy as np
+import pytest
 import sphn
 from moshi.client import Connection
 from moshi.client_utils import RawPrinter
@@ -68,6 +69,7 @@ async def moshi_client_call(url: str, audio: np.ndarray) -> tuple[bytes, Connect
         return first, conn, printer
 
 
+@pytest.mark.slow
 def test_moshi_client_talks_to_api_chat(live_server, telugu_speech):
     _, speech = telugu_speech
     audio = np.concatenate([speech[:3 * SAMPLE_RATE], np.zeros(SAMPLE_RATE // 2, np.float32)])

@@ -62,6 +62,7 @@ def test_unknown_dtype_and_bad_spec():
         load_model(ModelConfig(model="./no/such/folder", device="cpu"))
 
 
+@pytest.mark.slow
 def test_failed_download_names_the_way_out(monkeypatch, tmp_path):
     """No hub is reachable here: the real download path must end in a clear message."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -72,6 +73,7 @@ def test_failed_download_names_the_way_out(monkeypatch, tmp_path):
     assert "--model tiny" in message and "HF_HOME" in message and "HF_HUB_OFFLINE" in message
 
 
+@pytest.mark.slow
 def test_app_exits_cleanly_when_the_model_cannot_be_had(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "NO_TORCH_COMPILE": "1"}
     proc = subprocess.run([sys.executable, "app.py", "--model", "kyutai/moshiko-pytorch-bf16", "--device", "cpu"],

@@ -167,6 +167,7 @@ def insecure() -> ssl.SSLContext:
     return context
 
 
+@pytest.mark.slow
 def test_nginx_keeps_a_browser_on_one_instance_and_spreads_new_ones(cluster):
     pids = {i.proc.pid for i in cluster.instances}
     seen = set()
@@ -180,6 +181,7 @@ def test_nginx_keeps_a_browser_on_one_instance_and_spreads_new_ones(cluster):
     assert seen == pids, f"16 visitors all landed on one instance: {seen} of {pids}"
 
 
+@pytest.mark.slow
 def test_nginx_gives_a_websocket_script_the_cookie_that_finds_its_call_again(cluster, telugu_speech):
     """A script's call lands anywhere; the cookie from its handshake leads back to the same instance
     (what a reconnection to resume a dropped call needs)."""
@@ -203,6 +205,7 @@ def test_nginx_gives_a_websocket_script_the_cookie_that_finds_its_call_again(clu
         assert pid == holder.proc.pid
 
 
+@pytest.mark.slow
 def test_nginx_sigterm_drains_one_instance_while_new_calls_land_on_the_other(cluster, telugu_speech):
     _, audio = telugu_speech
     outcome: dict = {}

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +20,7 @@ def outputs_of(cell) -> tuple[str, list[dict]]:
     return text, rich
 
 
+@pytest.mark.slow
 def test_notebook_quickstart_runs_a_call_and_plots_its_latency():
     stored = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in stored.cells if c.cell_type == "code"), \

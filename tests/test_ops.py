@@ -55,6 +55,7 @@ def test_readiness_follows_seats_and_drain(live_server, telugu_speech):
     assert requests.get(url + "/readyz", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_metrics_change_with_real_calls(live_server, telugu_speech):
     url, service = live_server.url, live_server.service
     before = requests.get(url + "/metrics", timeout=5)
@@ -80,6 +81,7 @@ def test_metrics_change_with_real_calls(live_server, telugu_speech):
         metric(a, name)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_live_call_then_exits_zero(telugu_speech):
     port = free_port()
     env = dict(os.environ, NO_TORCH_COMPILE="1", PYTHONUNBUFFERED="1")

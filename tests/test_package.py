@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from app_helpers import AppProcess
 from conftest import free_port
-from test_share import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +70,7 @@ def test_package_metadata_matches_requirements(wheel):
     assert re.search(r"^telugu-agent = app:main$", entry_points, re.M), entry_points
 
 
+@pytest.mark.slow
 def test_package_console_script_serves_the_page(wheel, tmp_path):
     """Installed away from the checkout, `telugu-agent` takes app.py's flags, finds its assets and serves."""
     target = tmp_path / "site"

@@ -3,10 +3,13 @@ asserted here)."""
 
 import math
 
+import pytest
+
 from agent.config import TINY_PERSONAPLEX_MODEL, ModelConfig
 from agent.tools.prompt_bench import bench_prompts, print_prompts
 
 
+@pytest.mark.slow
 def test_prompt_bench_reports_call_start_and_others_latency(capsys):
     r = bench_prompts(ModelConfig(model=TINY_PERSONAPLEX_MODEL, device="cpu"), pool=3, others=1, joiners=2, repeats=1)
     assert set(r.call_start_ms) == {"uncached", "cached", "no prompt"}

@@ -234,6 +234,7 @@ def test_persona_box_on_the_page_starts_the_call_and_keeps_it(persona_server):
         handler.shutdown()
 
 
+@pytest.mark.slow
 def test_prompt_api_chat_caller_is_told_when_the_context_is_full():
     """A prompted /api/chat call that reaches the context gets a 0x05 message saying why."""
     from agent.service import build_service
@@ -280,6 +281,7 @@ def test_prompt_api_chat_caller_is_told_when_the_context_is_full():
         service.close()
 
 
+@pytest.mark.slow
 def test_prompt_websocket_caller_is_told_when_the_call_starts_over_at_the_context():
     """A prompted fastrtc WebSocket call that reaches the context starts over from its prompt, and
     the client gets a warning saying why."""

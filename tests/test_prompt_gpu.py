@@ -11,7 +11,7 @@ from agent.config import EngineConfig
 from agent.engine import FrameEngine
 from agent.engine.prompts import PromptSpec
 from agent.models import load_checkpoint, tiny_personaplex_folder
-from test_prompts import PERSONA_EN, assert_same_call, reference_run, run_prompted_calls
+from prompt_helpers import PERSONA_EN, assert_same_call, reference_run, run_prompted_calls
 from tiny_helpers import GREEDY, varied_audio
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,7 +5,6 @@ runs off the event loop, a reused websocket_id cannot touch another call, the VA
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import base64
 import contextlib
@@ -22,7 +21,6 @@ import aiohttp
 import numpy as np
 import pytest
 import requests
-import sphn
 import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
@@ -32,19 +30,15 @@ from agent.config import EngineConfig, ServerConfig
 from agent.engine import FAILING_AFTER, FrameEngine
 from agent.ops.access import Credentials
 from agent.tools.wsclient import encode_media, talk
-from conftest import LiveServer, tiny_model, wait_until
-from test_webrtc import webrtc_call
+from call_helpers import opus_pages, webrtc_call
+from conftest import LiveServer, live_server_fixture, tiny_model, wait_until
 from tiny_helpers import GREEDY, frames_of, varied_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 IDLE_TIMEOUT_S = 1.5
 
 
-@pytest.fixture(scope="module")
-def server():
-    live = LiveServer(max_sessions=8, idle_timeout_s=IDLE_TIMEOUT_S)
-    yield live
-    live.close()
+server = live_server_fixture(max_sessions=8, idle_timeout_s=IDLE_TIMEOUT_S)
 
 
 def metric(server: LiveServer, name: str) -> float:
@@ -54,6 +48,7 @@ def metric(server: LiveServer, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+@pytest.mark.slow
 def test_reliab_silent_connected_client_costs_no_cpu(server, telugu_speech):
     """A client that stays connected but sends nothing: once the engine frees its seat the server
     must sleep, not spin (it used to take a whole core for as long as the client stayed)."""
@@ -149,6 +144,7 @@ def test_fault_failed_step_resets_only_its_seats_and_tells_them():
     assert engine.health()[0]
 
 
+@pytest.mark.slow
 def test_fault_engine_failing_is_told_counted_and_unready(server, telugu_speech):
     engine = server.service.engine
     flaky = FlakyStep(engine.lm_gen.step)
@@ -184,12 +180,6 @@ def test_fault_engine_failing_is_told_counted_and_unready(server, telugu_speech)
     assert result.arrivals and result.arrivals[-1][0] - result.started_at > 3.0
 
 
-def opus_pages(audio: np.ndarray) -> list[bytes]:
-    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-    return [p for f in audio[:audio.size // FRAME_SIZE * FRAME_SIZE].reshape(-1, FRAME_SIZE)
-            if len(p := writer.append_pcm(f))]
-
-
 async def api_chat(url: str, audio: np.ndarray, headers: dict | None = None, seconds: float = 3.0) -> list[bytes]:
     """Speak into /api/chat at real-time pace; the server's messages, in order, until it closes or time is up."""
     got: list[bytes] = []
@@ -212,6 +202,7 @@ async def api_chat(url: str, audio: np.ndarray, headers: dict | None = None, sec
     return got
 
 
+@pytest.mark.slow
 def test_reliab_api_chat_ends_at_the_call_time_limit(telugu_speech):
     limited = LiveServer(max_sessions=1, server_config=ServerConfig(max_call_seconds=1.5))
     try:
@@ -226,6 +217,7 @@ def test_reliab_api_chat_ends_at_the_call_time_limit(telugu_speech):
         limited.close()
 
 
+@pytest.mark.slow
 def test_reliab_call_cap_holds_for_every_transport(telugu_speech):
     """One address, cap 1: a live WebRTC call made the way the page makes it blocks a WebSocket
     call, an /api/chat call and a WebRTC call at /webrtc/offer from the same address. WebRTC calls
@@ -259,6 +251,7 @@ def test_reliab_call_cap_holds_for_every_transport(telugu_speech):
         capped.close()
 
 
+@pytest.mark.slow
 def test_reliab_calls_hold_no_thread_each(server, telugu_speech):
     """Eight concurrent WebSocket calls: the server's thread count grows by at most the call-set-up
     pool, not by a thread (or two) per call."""
@@ -288,6 +281,7 @@ def test_reliab_calls_hold_no_thread_each(server, telugu_speech):
     assert grown <= CALL_SETUP_WORKERS + 1, f"threads grew by {grown} for 8 calls"
 
 
+@pytest.mark.slow
 def test_reliab_call_setup_runs_off_the_event_loop(server, telugu_speech, monkeypatch):
     hub = server.service.hub
     seen: list[tuple[str, str]] = []
@@ -312,6 +306,7 @@ def test_reliab_call_setup_runs_off_the_event_loop(server, telugu_speech, monkey
     assert all(name != loop_thread for _, name in seen), seen
 
 
+@pytest.mark.slow
 def test_reliab_reused_websocket_id_neither_ends_nor_takes_over_a_call(server, telugu_speech):
     """Two clients send the same websocket_id. The first leaves early; the second's call goes on,
     on the same seat (never reopened), and both seats are freed as soon as each client leaves."""
@@ -349,62 +344,11 @@ def test_reliab_vad_inbox_is_bounded():
 
 
 # ---------------------------------------------------------------------------------------------
-# Encapsulation: objects keep their privates; the running agent does not know its transports
+# Encapsulation: the running agent does not know its transports (privates: tests/test_architecture.py)
 # ---------------------------------------------------------------------------------------------
 
-RUNTIME_MODULES = ("engine/__init__", "calls/session", "calls/vad", "transports/fastrtc_handler", "service",
-                   "web/server", "transports/kyutai_api", "ops/access", "ops/metrics", "engine/sampling",
-                   "audio/stream", "voices", "tools/wsclient")
-# private names of other packages that we must touch, each for a stated reason
-FOREIGN_PRIVATES = {
-    "_is_server_fn": "gradio's mark for a component's server function (handler.note_offers)",
-    "_model_8k": "silero-vad's 8 kHz network, called with explicit state (vad.Silero)",
-    "_replace": "namedtuple's public API (urllib's SplitResult)",
-}
 
-
-def private_reaches(source: str) -> list[tuple[int, str]]:
-    """`x._name` where x is not self/cls and `_name` is not a member of the enclosing class (a class
-    may touch its own kind's privates; nothing else may)."""
-
-    def members(cls: ast.ClassDef) -> set[str]:
-        names = set()
-        for node in ast.walk(cls):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                names.add(node.name)
-            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                  and node.value.id in ("self", "cls")):
-                names.add(node.attr)
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                names.add(node.target.id)
-        return names
-
-    found = []
-
-    def visit(node, own: set[str]) -> None:
-        if isinstance(node, ast.ClassDef):
-            own = members(node)
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
-                and node.attr not in own and node.attr not in FOREIGN_PRIVATES):
-            found.append((node.lineno, ast.unparse(node)))
-        for child in ast.iter_child_nodes(node):
-            visit(child, own)
-
-    visit(ast.parse(source), set())
-    return found
-
-
-def test_reliab_objects_keep_their_privates():
-    agent = ROOT / "agent"
-    reaches = {name: private_reaches((agent / f"{name}.py").read_text()) for name in RUNTIME_MODULES}
-    assert not any(reaches.values()), {k: v for k, v in reaches.items() if v}
-    # the check can fail
-    assert private_reaches("def f(seat):\n    return seat._inputs\n") == [(2, "seat._inputs")]
-    assert private_reaches("class A:\n    def f(self):\n        return self._engine._lock\n") == \
-        [(3, "self._engine._lock")]
-
-
+@pytest.mark.slow
 def test_reliab_service_knows_no_transport():
     """agent.service (models, engines, calls) imports neither the fastrtc handler nor fastrtc."""
     probe = ("import sys, agent.service; "
@@ -428,6 +372,7 @@ def server_errors():
         uvicorn_log.removeHandler(handler)
 
 
+@pytest.mark.slow
 def test_reliab_binary_garbage_and_leaving_before_start_raise_nothing_on_the_server(server, telugu_speech):
     """Found by `python -m agent.tools.loadtest fuzz`: a binary message on fastrtc's WebSocket (a KeyError
     inside starlette) and a client that leaves before "start" (fastrtc's clean-up AttributeError)

@@ -23,17 +23,13 @@ import websockets
 from agent import FRAME_SIZE, SAMPLE_RATE
 from agent.config import ServerConfig
 from agent.tools.wsclient import encode_media, talk, talk_with_reconnect
-from conftest import LiveServer
-from test_reliability import opus_pages
+from call_helpers import opus_pages
+from conftest import live_server_fixture
 
 RESUME_S = 4.0
 
 
-@pytest.fixture(scope="module")
-def server():
-    live = LiveServer(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
-    yield live
-    live.close()
+server = live_server_fixture(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
 
 
 class CuttableProxy:
@@ -83,6 +79,7 @@ def zero_frames(audio: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(~frames.any(axis=1))]
 
 
+@pytest.mark.slow
 def test_resume_and_reconnect_after_a_dropped_websocket_call(server, telugu_speech):
     """agent.tools.wsclient's reconnect resumes the same call: same seat, LM never reset, no new call."""
     _, audio = telugu_speech
@@ -141,6 +138,7 @@ async def _drop_after(url: str, audio: np.ndarray, seconds: float) -> dict:
     return call
 
 
+@pytest.mark.slow
 def test_resume_window_holds_the_seat_frozen_then_frees_it(server, telugu_speech):
     _, audio = telugu_speech
     engine, registry = server.service.engine, server.service.registry
@@ -183,6 +181,7 @@ def test_resume_token_is_needed_to_take_a_held_call(server, telugu_speech):
     assert held is not None and held.dropped and not held.closed
 
 
+@pytest.mark.slow
 def test_resume_an_api_chat_call(server, telugu_speech):
     """Kyutai's protocol: `?resumable=1` gets the token (0x04 metadata), a drop holds the call,
     `?resume=` continues it."""
@@ -236,6 +235,7 @@ def thread_cpu_seconds(thread: threading.Thread) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.slow
 def test_resume_held_seat_with_queued_input_neither_steps_nor_spins():
     """A call dropped with a frame still queued: the engine's loop must sleep, not poll that seat."""
     from agent.config import EngineConfig

@@ -26,6 +26,7 @@ def test_page_and_health(live_server):
     assert health["status"] == "ok" and health["random_weights"] is True and health["seats_total"] == 3
 
 
+@pytest.mark.slow
 def test_call_streams_back_at_real_time_pace_with_readouts(live_server, telugu_dialogue):
     _, audio = telugu_dialogue
     result = asyncio.run(talk(live_server.ws_url, audio, tail_seconds=0.5))
@@ -57,6 +58,7 @@ def test_call_streams_back_at_real_time_pace_with_readouts(live_server, telugu_d
     assert "call ended" in status.lower() and "client left" in status and "Record" in status
 
 
+@pytest.mark.slow
 def test_full_house_gets_a_clear_answer_and_others_go_on(live_server, telugu_speech):
     _, audio = telugu_speech
     engine = live_server.service.engine
@@ -86,6 +88,7 @@ async def _vanish_after(url: str, audio: np.ndarray, seconds: float) -> None:
     ws.transport.abort()  # the network drops: no stop event, no close handshake
 
 
+@pytest.mark.slow
 def test_client_vanishing_mid_call_frees_its_seat_and_spares_others(live_server, telugu_speech):
     _, audio = telugu_speech
     engine = live_server.service.engine
@@ -103,6 +106,7 @@ def test_client_vanishing_mid_call_frees_its_seat_and_spares_others(live_server,
                       timeout=resume_s + 10), "the vanished client's seat was not freed"
 
 
+@pytest.mark.slow
 def test_malformed_messages_are_answered_and_the_call_goes_on(live_server, telugu_speech):
     _, audio = telugu_speech
     bad = ["not json", "[1, 2]", '{"event": "dance"}', '{"event": "media"}',
@@ -195,6 +199,7 @@ def test_a_call_whose_seat_the_engine_freed_is_ended_before_the_next_opens():
     assert len(service.vad) == 0 and service.registry.live() == []
 
 
+@pytest.mark.slow
 def test_websocket_client_chooses_voice_and_sampling_in_its_url(live_server, telugu_speech):
     """fastrtc's WebSocket clients have no page inputs: the URL's query carries their choices."""
     from agent.engine.sampling import SeatSampling

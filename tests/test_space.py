@@ -7,12 +7,13 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import requests
 from huggingface_hub import SpaceCard, SpaceHardware
 from packaging.requirements import Requirement
 
+from app_helpers import AppProcess
 from conftest import free_port
-from test_share import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTED_PYTHONS = {"3.11", "3.12", "3.13"}
@@ -62,6 +63,7 @@ def test_space_card_hardware_and_models():
         assert name in section, name
 
 
+@pytest.mark.slow
 def test_space_start_serves_the_page_from_the_environment(tmp_path):
     """A Space runs `python app.py` with no flags: host and port from GRADIO_SERVER_NAME/PORT, the rest
     from variables; without a GPU the tiny model, said on the page."""

@@ -21,19 +21,13 @@ import soundfile as sf
 from agent.train.__main__ import main
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 from synth_helpers import FAIL_WORD
+from train_helpers import read_jsonl as _jsonl
+from train_helpers import train_cli as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = ROOT / "assets" / "telugu_sentences.txt"
 CATALOGUE = load_catalogue()
 VOICES, EMOTIONS = {v.id for v in CATALOGUE.voices}, {e.id for e in CATALOGUE.emotions}
-
-
-def _cli(*argv: str) -> None:
-    assert main([*argv, "--quiet"]) == 0, argv
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _active(channel: np.ndarray, hop: int = 480, floor_db: float = -50) -> np.ndarray:
@@ -55,6 +49,7 @@ def made(tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_script_synth_chain_gives_labelled_stereo_dialogues_the_app_loads(made, tmp_path):
     a, b = made / "A", made / "B"
     scripts, records = _jsonl(a / "manifest.jsonl"), _jsonl(b / "manifest.jsonl")
@@ -165,6 +160,7 @@ def test_script_from_jsonl_skips_bad_lines_with_reasons(tmp_path):
     assert kinds["empty text"] == kinds["text too long"] == kinds["not JSON"] == 1
 
 
+@pytest.mark.slow
 def test_script_is_deterministic_by_seed_and_worker_count(tmp_path):
     def manifest(out: str, *extra: str) -> str:
         _cli("script", "--sentences", str(SENTENCES), "--count", "12", "--out", str(tmp_path / out), *extra)
@@ -188,6 +184,7 @@ def test_script_refuses_text_without_a_licence(tmp_path, capsys):
     assert {s["licence"] for s in _jsonl(tmp_path / "A/manifest.jsonl")} == {"CC-BY-4.0"}
 
 
+@pytest.mark.slow
 def test_synth_tts_failure_skips_that_dialogue_and_flags_share_alike(tmp_path):
     lines = [_line(id="fine"), _line(id="broken", turns=[{"speaker": "user", "text": f"ఇది {FAIL_WORD}"},
                                                           *_line()["turns"][1:]]),
@@ -212,6 +209,7 @@ def test_synth_tts_failure_skips_that_dialogue_and_flags_share_alike(tmp_path):
     assert any("bad script" in r["reason"] and "bored" in r["reason"] for r in _jsonl(tmp_path / "C/report.jsonl"))
 
 
+@pytest.mark.slow
 def test_synth_user_noise_and_room_touch_only_the_user_channel(made, tmp_path):
     _cli("script", "--sentences", str(SENTENCES), "--count", "3", "--seed", "7", "--out", str(tmp_path / "A"))
     _cli("synth", "--in", str(tmp_path / "A"), "--out", str(tmp_path / "noisy"), "--user-noise-prob", "1",
@@ -225,6 +223,7 @@ def test_synth_user_noise_and_room_touch_only_the_user_channel(made, tmp_path):
         assert set(record["acoustics"]) == {"room_rt60_s", "noise_snr_db", "user_lufs"}
 
 
+@pytest.mark.slow
 def test_synth_killed_run_resumes_to_the_same_files(made, tmp_path):
     out = tmp_path / "B"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
@@ -254,6 +253,7 @@ def test_synth_killed_run_resumes_to_the_same_files(made, tmp_path):
     assert not list(out.rglob(".*.tmp*"))  # no half-written file left behind
 
 
+@pytest.mark.slow
 def test_script_llm_writes_with_a_tiny_random_model(tmp_path):
     """A tiny random Llama from transformers' own classes and a word-level tokenizer built here (no download).
     Its final norm is zeroed, so it samples words uniformly: 'A:'/'U:' markers and Telugu words in random
@@ -282,6 +282,7 @@ def test_script_llm_writes_with_a_tiny_random_model(tmp_path):
         assert all(set(t["text"].split()) <= set(words) for t in script["turns"] if t["kind"] == "turn")
 
 
+@pytest.mark.slow
 def test_synth_parler_backend_with_a_tiny_random_model(tmp_path):
     """The real parler-tts code path (batched generate, left-padded transcripts, audios_length cuts) on a tiny
     random model; its speech is noise, so only the plumbing and the labels are checked."""

@@ -46,6 +46,7 @@ def trained_codec(speech_wavs, tmp_path_factory) -> tuple[Path, codec_mod.CodecC
     return config.out, config
 
 
+@pytest.mark.slow
 def test_telugu_tiny_codec_training_lowers_the_spectral_loss(trained_codec):
     folder, config = trained_codec
     history = json.loads((folder / "codec.json").read_text())["history"]
@@ -54,6 +55,7 @@ def test_telugu_tiny_codec_training_lowers_the_spectral_loss(trained_codec):
     assert last < 0.9 * first, history
 
 
+@pytest.mark.slow
 def test_telugu_tiny_codec_folder_reloads_with_moshi_geometry(trained_codec, speech_wavs):
     folder, _ = trained_codec
     mimi, cfg = codec_mod.load_mimi_folder(folder)
@@ -70,6 +72,7 @@ def _codec_config(speech_wavs, out: Path, **overrides) -> codec_mod.CodecConfig:
     return codec_mod.CodecConfig(audio=speech_wavs, out=out, **settings)
 
 
+@pytest.mark.slow
 def test_telugu_tiny_codec_killed_run_resumes_to_the_same_weights(speech_wavs, tmp_path, monkeypatch):
     """An interrupted codec run goes on from its last snapshot and ends where an uninterrupted one ends."""
     settings = dict(steps=10, save_every=4)  # 4: codebooks start their dead-code countdowns at steps 1-8
@@ -109,6 +112,7 @@ def _scripted_judge(monkeypatch, ratios: list[float]) -> dict[int, dict]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ratios", "extra_steps", "judged", "kept_step", "passed"), [
     ([0.1, 0.3, 0.9, 0.95], 6, [2, 4, 6], 6, True),  # past `steps` (4), stopped at the first pass
     ([0.1, 0.5, 0.3, 0.2], 4, [2, 4, 6, 8], 4, False),  # none passes: the best is kept
@@ -162,6 +166,7 @@ def test_telugu_tiny_without_weights_says_how_to_train(tmp_path, monkeypatch):
         load_model(ModelConfig(model="telugu-tiny", device="cpu"))
 
 
+@pytest.mark.slow
 def test_telugu_tiny_loads_a_folder_as_the_toy(trained_codec, tmp_path, monkeypatch):
     folder, _ = trained_codec
     base = telugu_tiny.write_base(folder, tmp_path / "telugu-tiny", seed=7)
@@ -175,6 +180,7 @@ def test_telugu_tiny_loads_a_folder_as_the_toy(trained_codec, tmp_path, monkeypa
         assert torch.equal(value, trained[key]), key  # the trained codec, not the random one
 
 
+@pytest.mark.slow
 @shipped
 def test_telugu_tiny_shipped_weights_take_turns(tmp_path):
     """The issue's bar on a short set the model never trained on: TOR >= 0.6, latency < 1 s."""
@@ -210,6 +216,7 @@ def test_telugu_tiny_loudness_timing_sees_an_agent_that_waits_then_answers(tmp_p
 
 
 
+@pytest.mark.slow
 @shipped
 def test_telugu_tiny_live_call_answers_in_speech_with_voice_to_voice_latency(tmp_path):
     """The real app on 127.0.0.1 serving the shipped toy: a caller asks a question it never trained on,
@@ -250,6 +257,7 @@ def test_telugu_tiny_live_call_answers_in_speech_with_voice_to_voice_latency(tmp
         service.close()
 
 
+@pytest.mark.slow
 def test_telugu_tiny_command_runs_the_whole_chain_at_smoke_scale(tmp_path):
     """`python -m agent.train telugu-tiny` end to end, a few steps of each: script -> synth -> codec ->
     tokens -> train -> export -> evaluate, writing a folder `--model` loads and the figures."""

@@ -27,6 +27,8 @@ from agent.train.__main__ import main
 from agent.train.ingest import yt_dlp_command
 from agent.train.records import Word
 from conftest import espeak_telugu
+from train_helpers import read_jsonl as _jsonl
+from train_helpers import run_stage as _run
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPPY, SAD = ["-p", "75", "-s", "190"], ["-p", "25", "-s", "130"]
@@ -63,17 +65,6 @@ def _write(path: Path, audio: np.ndarray, rate: int) -> None:
 
 def _rms_db(x: np.ndarray) -> float:
     return float(20 * np.log10(max(np.sqrt(np.mean(np.square(x.astype(np.float64)))), 1e-10)))
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _run(*argv: str) -> dict:
-    """One stage through the CLI entry; returns its summary.json."""
-    assert main([*argv, "--quiet"]) == 0
-    out = Path(argv[argv.index("--out") + 1])
-    return json.loads((out / "summary.json").read_text())
 
 
 def _pipeline(src: Path, work: Path) -> dict[str, dict]:
@@ -385,6 +376,7 @@ def test_optional_sources_fail_clearly(tmp_path, monkeypatch):
     assert "`datasets` package is not installed" in _jsonl(tmp_path / "out2/report.jsonl")[0]["reason"]
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "agent.train", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)

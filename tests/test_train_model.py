@@ -7,6 +7,7 @@ and change what the model says.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -27,18 +28,16 @@ from agent.train.__main__ import main
 from agent.train.tokens import END_OF_PADDING, TEXT_PADDING, text_stream
 from agent.voices import EMOTION, SPEAKER
 from conftest import espeak_telugu
+from train_helpers import train_cli
 
 ROOT = Path(__file__).resolve().parent.parent
+_cli = functools.partial(train_cli, quiet=False)  # each call says --quiet itself where it wants it
 CONFIGS = ROOT / "assets" / "train"
 HAPPY, SAD = ["-p", "75", "-s", "190"], ["-p", "25", "-s", "130"]
 SPEAKERS = {"kiran_te": ("te", "kiran"), "lakshmi_f3": ("te+f3", "lakshmi")}
 # Small and fast: windows of 6 s, a LoRA of rank 8, a high learning rate.
 FAST = ["--duration-sec", "6", "--batch-size", "4", "--lora-rank", "8", "--lr", "3e-3", "--quiet",
         "--no-gradient-checkpointing"]
-
-
-def _cli(*argv: str) -> None:
-    assert main([*argv]) == 0, argv
 
 
 def _metrics(run: Path, split: str = "train") -> list[dict]:
@@ -94,6 +93,7 @@ def test_text_stream_follows_moshi_finetune():
     assert text_stream([], 4) == [P] * 4
 
 
+@pytest.mark.slow
 def test_tokens_hold_codes_text_and_conditions(data):
     info = json.loads((data / "tokens/tokens.json").read_text())
     records = [json.loads(x) for x in (data / "tokens/manifest.jsonl").read_text().splitlines()]
@@ -111,6 +111,7 @@ def test_tokens_hold_codes_text_and_conditions(data):
         assert not torch.equal(shard["audio"][:8], shard["audio"][8:])
 
 
+@pytest.mark.slow
 def test_train_loss_falls_and_export_loads_into_the_app(data, tmp_path, telugu_speech):
     run = _train(data, tmp_path / "run", 40, "--checkpoint-every", "20", "--eval-fraction", "0.2",
                  "--eval-every", "20")
@@ -169,6 +170,7 @@ def _teacher_forced_loss(lm, shard_path: Path, conditions: dict) -> float:
         return float(LossModule(lm, TrainConfig(inp=Path("-"), out=Path("-")))(codes, [conditions])["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 20])
 def test_short_runs_train_whatever_their_length(data, tmp_path, steps):
     """OneCycleLR divides by its warm-up length minus one step: with pct_start 0.05, a 20-step run
@@ -179,6 +181,7 @@ def test_short_runs_train_whatever_their_length(data, tmp_path, steps):
     assert float(rows[0]["lr"]) > 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     steps = 16
     whole = _train(data, tmp_path / "whole", steps, "--checkpoint-every", "2")
@@ -211,6 +214,7 @@ def _torchrun(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
          *FAST, *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_ddp_and_fsdp(data, tmp_path):
     """gloo on CPU: DDP (replicas) and FSDP (sharded) train the same model; a sharded run resumes exactly."""
     runs = {"ddp": (), "fsdp": ("--fsdp",)}
@@ -230,6 +234,7 @@ def test_torchrun_two_processes_ddp_and_fsdp(data, tmp_path):
     assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp)
 
 
+@pytest.mark.slow
 def test_stage_configs_chain_adaptation_to_voices(data, tmp_path):
     """The three shipped stage configs run in order, each starting from the previous stage's fused export."""
     previous = "tiny"
@@ -251,6 +256,7 @@ def _refused(capsys, *argv: str) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear(data, tmp_path, capsys):
     train = ["train", "--in", str(data / "tokens/manifest.jsonl"), "--max-steps", "2", *FAST]
     # Shards made with one tokenizer cannot train with another (the text ids would mean other words).

@@ -21,21 +21,14 @@ from agent.config import TINY_PERSONAPLEX_MODEL, ModelConfig
 from agent.engine.prompts import PromptSpec
 from agent.models import load_model, tiny_personaplex_folder
 from agent.models.personaplex import depformer_steps
-from agent.train.__main__ import main
 from agent.train.common import UsageError
+from train_helpers import read_jsonl as _jsonl
+from train_helpers import train_cli as _cli
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / "assets" / "train" / "personaplex_prompted.json"
 FAST = ["--max-steps", "2", "--batch-size", "2", "--duration-sec", "4", "--lora-rank", "4", "--checkpoint-every", "2",
         "--eval-every", "2", "--no-gradient-checkpointing", "--dtype", "float32"]
-
-
-def _cli(*argv: str) -> None:
-    assert main([*argv, "--quiet"]) == 0, argv
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +67,7 @@ def test_tokens_keep_each_dialogues_prompt(tokens):
         assert rate == 24_000 and audio.size > 24_000 * 0.5
 
 
+@pytest.mark.slow
 def test_prompted_windows_start_with_the_serving_prompt_sequence(tokens):
     from agent.engine.prompts import PromptBuilder
     _, model, windows = _prompted_model_and_windows(tokens)
@@ -98,6 +92,7 @@ def test_prompted_windows_start_with_the_serving_prompt_sequence(tokens):
     assert windows.prompt(0) is windows.prompt(0)
 
 
+@pytest.mark.slow
 def test_prompt_positions_are_masked_out_of_the_loss(tokens):
     from agent.train.trainer import LossModule
     config, model, windows = _prompted_model_and_windows(tokens)
@@ -128,6 +123,7 @@ def test_prompt_positions_are_masked_out_of_the_loss(tokens):
         assert float(module(batch.codes, batch.conditions, batch.prompt_frames)["loss"]) == pytest.approx(masked)
 
 
+@pytest.mark.slow
 def test_prompted_training_exports_a_personaplex_that_still_takes_prompts(tokens, tmp_path):
     run, folder = tmp_path / "run", tmp_path / "model"
     _cli("train", "--config", str(STAGE), "--in", str(tokens), "--out", str(run), "--model", TINY_PERSONAPLEX_MODEL,
@@ -183,6 +179,7 @@ def test_prompted_training_refuses_a_base_without_prompts(tokens, tmp_path):
                               max_steps=1, batch_size=1, duration_sec=2, lora_rank=2, quiet=True))
 
 
+@pytest.mark.slow
 def test_prompted_run_paused_and_resumed_ends_where_a_whole_run_ends(tokens, tmp_path):
     """The prompts are rebuilt on resume from the same clips: a paused run ends bit-identical."""
     argv = ["train", "--config", str(STAGE), "--in", str(tokens), "--model", TINY_PERSONAPLEX_MODEL, *FAST,

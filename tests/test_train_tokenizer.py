@@ -25,15 +25,12 @@ from agent.train.tokenizer import (
     row_plan,
     run_tokenizer,
 )
+from train_helpers import read_jsonl as _jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGLISH = ["Hello, how are you today?", "The weather is very nice.", "I would like a cup of coffee, please.",
            "Thank you very much for your help.", "Moshi speaks Telugu and English.", "Okay, see you tomorrow."]
 TEXT_LAYERS = ("text_emb.", "depformer_text_emb.", "text_linear.")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

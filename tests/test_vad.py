@@ -158,6 +158,7 @@ def test_many_streams_judged_together_match_each_judged_alone(telugu_speech):
     assert together[0] and together[1] and not together[3]  # speech found where it is, none in silence
 
 
+@pytest.mark.slow
 def test_vad_hub_measures_each_call_as_it_would_alone(telugu_speech):
     """Three calls with different reply gaps on one hub: each call's latency is its own."""
     _, speech = telugu_speech

@@ -25,9 +25,9 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from agent.calls.session import Session
 from agent.config import ServerConfig
-from conftest import LiveServer, wait_until
-from test_browser import AUDIO_STATE_JS, launch_chromium, mic_wav  # noqa: F401  (mic_wav: a fixture)
-from test_webrtc import SpeechTrack
+from browser_helpers import AUDIO_STATE_JS, launch_chromium
+from call_helpers import SpeechTrack
+from conftest import LiveServer, live_server_fixture, wait_until
 
 RESUME_S = 10.0
 # The test's own view of the page's peer connections (added before the page's script wraps the class too)
@@ -50,11 +50,7 @@ BYTES_IN_JS = """async () => {
 CANDIDATE = re.compile(r"^a=candidate:(\S+) (\d) udp (\d+) (\d+\.\d+\.\d+\.\d+) (\d+) typ host", re.M)
 
 
-@pytest.fixture(scope="module")
-def server():
-    live = LiveServer(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
-    yield live
-    live.close()
+server = live_server_fixture(max_sessions=3, server_config=ServerConfig(resume_seconds=RESUME_S))
 
 
 class CuttableUdpRelay:
@@ -215,7 +211,7 @@ def quick_consent_checks(monkeypatch) -> None:
 
 
 @contextmanager
-def page_with_relayed_calls(live: LiveServer, mic_wav, keep_peers: bool = False):  # noqa: F811
+def page_with_relayed_calls(live: LiveServer, mic_wav, keep_peers: bool = False):
     """The page open in headless Chromium (fake microphone), its calls through relays: (page, calls)."""
     from playwright.sync_api import sync_playwright
 
@@ -239,6 +235,7 @@ def wait_for_status(page, pattern: str, timeout_ms: float) -> None:
                            timeout=timeout_ms)
 
 
+@pytest.mark.slow
 def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(server, telugu_speech, monkeypatch):
     """The server's side of a page call: a peer connection that fails (its network cut: the server's
     ICE consent checks go unanswered) holds the call, its seat frozen, for the resume window and then
@@ -288,8 +285,9 @@ def test_reconnect_window_held_for_a_failed_webrtc_connection_not_for_a_hang_up(
     wait_until(lambda: service.seats_in_use() == 0, 5, "a hang-up did not free its seat")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", ["both ways", "page to server"])
-def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cut, monkeypatch):  # noqa: F811
+def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cut, monkeypatch):
     """The page in headless Chromium: its call's network is cut (the relay drops packets; neither side
     closes anything). The page says it is reconnecting, calls again with the call's resume token, and
     the server gives it back the same call: the same session on the same seat, no second call opened,
@@ -343,7 +341,8 @@ def test_page_reconnects_by_itself_and_resumes_the_same_call(server, mic_wav, cu
         assert "reconnecting" not in status.inner_text()
 
 
-def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_new_call(server, mic_wav,  # noqa: F811
+@pytest.mark.slow
+def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_new_call(server, mic_wav,
                                                                                          monkeypatch):
     """The call's network is cut both ways and the server cannot be reached for longer than the resume
     window (its answers to the page's new offers say the connection failed). The server holds the call

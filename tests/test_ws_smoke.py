@@ -1,8 +1,11 @@
 import asyncio
 
+import pytest
+
 from agent.tools.wsclient import talk
 
 
+@pytest.mark.slow
 def test_websocket_call_roundtrip(live_server, telugu_speech):
     _, audio = telugu_speech
     result = asyncio.run(talk(live_server.ws_url, audio, tail_seconds=1.0))
