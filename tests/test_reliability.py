@@ -352,12 +352,14 @@ def test_reliab_vad_inbox_is_bounded():
 # Encapsulation: objects keep their privates; the running agent does not know its transports
 # ---------------------------------------------------------------------------------------------
 
-RUNTIME_MODULES = ("engine/__init__", "calls/session", "calls/vad", "transports/fastrtc_handler", "service",
-                   "web/server", "transports/kyutai_api", "ops/access", "ops/metrics", "engine/sampling",
+RUNTIME_MODULES = ("engine/__init__", "calls/session", "calls/registry", "calls/hub", "calls/cap", "calls/vad",
+                   "transports/fastrtc_handler", "transports/connection", "transports/settings",
+                   "transports/websocket", "transports/fastrtc_compat", "service", "web/server",
+                   "transports/kyutai_api", "ops/access", "ops/metrics", "engine/sampling",
                    "audio/stream", "voices", "tools/wsclient")
 # private names of other packages that we must touch, each for a stated reason
 FOREIGN_PRIVATES = {
-    "_is_server_fn": "gradio's mark for a component's server function (handler.note_offers)",
+    "_is_server_fn": "gradio's mark for a component's server function (fastrtc_compat.note_page_offers)",
     "_model_8k": "silero-vad's 8 kHz network, called with explicit state (vad.Silero)",
     "_replace": "namedtuple's public API (urllib's SplitResult)",
 }
