@@ -24,11 +24,10 @@ from agent import SAMPLE_RATE
 from agent.audio.stream import to_int16
 from agent.calls.hub import CallHub
 from agent.calls.session import Session
-from agent.errors import AudioFormatError, CatalogueError, EngineStoppedError, SamplingError
+from agent.errors import AudioFormatError, EngineStoppedError
 from agent.transports import fastrtc_compat
 from agent.transports.connection import CallConnection
-from agent.transports.settings import PAGE_INPUTS, parse_call_settings, resume_token
-from agent.voices import CallSettings
+from agent.transports.settings import PAGE_INPUTS, Requested, SettingsCache, resume_token
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,7 @@ class MoshiHandler(AsyncStreamHandler):
         self.link = CallConnection(hub, self._send)
         self._stream_closed = False  # emit() returned CloseStream (once, after a refusal)
         self._activity: asyncio.Event | None = None  # set by receive(): emit() waits on it between calls
-        # the inputs last parsed, and their settings or why they are refused
-        self._parsed: tuple[Any, CallSettings | None, str | None] | None = None
+        self._requested = SettingsCache(hub.catalogue)
 
     def copy(self) -> MoshiHandler:
         return MoshiHandler(self.hub, self.input_sample_rate, self.await_inputs)
@@ -84,11 +82,11 @@ class MoshiHandler(AsyncStreamHandler):
             self.link.warn_once(f"bad:{type(exc).__name__}", f"Ignored audio the server cannot read: {exc}")
         except EngineStoppedError:
             pass  # seat freed (idle timeout or shutdown); the next chunk opens a new one
-        settings, error = self._settings()
-        if error is not None:
-            self.link.warn_once(f"settings:{error}", error)
+        wanted = self._wanted()
+        if wanted.error is not None:
+            self.link.warn_once(f"settings:{wanted.error}", wanted.error)
         else:
-            self.link.apply(session, settings)
+            self.link.apply(session, wanted.settings)
 
     async def emit(self):
         session = self.link.current()
@@ -139,30 +137,24 @@ class MoshiHandler(AsyncStreamHandler):
             except TimeoutError:
                 log.warning("no inputs from the client within %.0f s: the call opens with the defaults",
                             INPUTS_WAIT_S)
-        settings, error = self._settings()
+        wanted = self._wanted()
         call_id, websocket = fastrtc_compat.connection()
         client = websocket.client if websocket is not None else None
-        if error is None:
-            session = await link.open(settings, call_id or f"call-{uuid.uuid4().hex[:12]}",
+        if wanted.error is None:
+            session = await link.open(wanted.settings, call_id or f"call-{uuid.uuid4().hex[:12]}",
                                       client.host if client is not None else None,
                                       resume_token(fastrtc_compat.handler_inputs(self, PAGE_INPUTS)))
         else:
             session = None
-            link.refuse(error)
+            link.refuse(wanted.error)
         if link.ended is not None:
             self._wake().set()
         return session
 
-    def _settings(self) -> tuple[CallSettings | None, str | None]:
-        """The settings the client's inputs ask for, or why they cannot be had; parsed only when the
-        inputs change (a WebSocket client's URL query, or the page's inputs)."""
-        inputs = fastrtc_compat.handler_inputs(self, PAGE_INPUTS)
-        if self._parsed is None or self._parsed[0] != inputs:
-            try:
-                self._parsed = (inputs, parse_call_settings(self.hub.catalogue, inputs), None)
-            except (CatalogueError, SamplingError) as exc:
-                self._parsed = (inputs, None, str(exc))
-        return self._parsed[1], self._parsed[2]
+    def _wanted(self) -> Requested:
+        """What the client's inputs ask for (a WebSocket client's URL query, or the page's inputs),
+        parsed only when they change."""
+        return self._requested.get(fastrtc_compat.handler_inputs(self, PAGE_INPUTS))
 
     def _send(self, message: dict[str, Any]) -> None:
         """To the client over the data channel (WebRTC) or the WebSocket."""

@@ -11,10 +11,11 @@ seeded on its own); `resume`, the token of a dropped call the connection continu
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from agent.engine.sampling import sampling_request
-from agent.errors import SamplingError
+from agent.errors import CatalogueError, SamplingError
 from agent.voices import CallSettings, Catalogue
 
 # The page's inputs after the call component, in this order (ui.build_demo); other clients may send fewer.
@@ -49,3 +50,29 @@ def resume_token(values: Mapping[str, Any]) -> str | None:
     """The token of a dropped call this connection resumes, if it names one."""
     token = values.get("resume")
     return token if isinstance(token, str) and token else None
+
+
+@dataclass(frozen=True)
+class Requested:
+    """What a connection's inputs ask for: the settings, or why they cannot be had (for the caller)."""
+
+    settings: CallSettings | None
+    error: str | None = None
+
+
+class SettingsCache:
+    """A connection's inputs, parsed when they change: a transport may ask on every audio chunk."""
+
+    def __init__(self, catalogue: Catalogue):
+        self.catalogue = catalogue
+        self._inputs: dict[str, Any] | None = None
+        self._requested = Requested(None, "no inputs yet")
+
+    def get(self, inputs: Mapping[str, Any]) -> Requested:
+        if self._inputs is None or self._inputs != inputs:
+            self._inputs = dict(inputs)
+            try:
+                self._requested = Requested(parse_call_settings(self.catalogue, inputs))
+            except (CatalogueError, SamplingError) as exc:
+                self._requested = Requested(None, str(exc))
+        return self._requested
