@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from agent.calls.session import CallHub, SessionRegistry
+from agent.calls.cap import CallCap
+from agent.calls.hub import CallHub, CallPolicy, CallSetupPool
+from agent.calls.registry import SessionRegistry
 from agent.calls.vad import VadHub
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 from agent.engine import FrameEngine
@@ -140,11 +142,10 @@ def build_service(model_configs: ModelConfig | list[ModelConfig] | None = None,
     registry = SessionRegistry()
     catalogue = load_catalogue()
     vad = VadHub().start()
-    hub = CallHub(engines, registry, catalogue, silence_ms=server_config.vad_silence_ms,
-                  max_call_seconds=server_config.max_call_seconds,
-                  on_turn_latency=exporter.voice_to_voice_seconds.observe, vad=vad,
-                  max_calls_per_client=server_config.max_calls_per_client,
-                  resume_seconds=server_config.resume_seconds)
+    policy = CallPolicy(silence_ms=server_config.vad_silence_ms, max_call_seconds=server_config.max_call_seconds,
+                        resume_seconds=server_config.resume_seconds)
+    hub = CallHub(engines, registry, catalogue, policy, CallCap(server_config.max_calls_per_client), CallSetupPool(),
+                  vad=vad, on_turn_latency=exporter.voice_to_voice_seconds.observe)
     service = AgentService(engines, catalogue, registry, hub, server_config, exporter, vad)
     exporter.snapshot = service.metric_values
     return service

@@ -24,7 +24,7 @@ import requests
 import websockets
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.calls.session import CALL_SETUP_WORKERS
+from agent.calls.hub import CALL_SETUP_WORKERS
 from agent.calls.vad import MAX_INBOX_CHUNKS, TurnLatencyTracker
 from agent.config import EngineConfig, ServerConfig
 from agent.engine import FAILING_AFTER, FrameEngine

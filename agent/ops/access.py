@@ -1,4 +1,4 @@
-"""Access control for shared links: credentials on the API endpoints and a per-client call cap.
+"""Access control for shared links: credentials on the API endpoints, the per-client call cap at the door.
 
 The page itself is guarded by Gradio's own login (same credentials). Machine endpoints
 (`/websocket/offer`, `/webrtc/offer`, `/api/chat`, `/telephone/*`) take HTTP Basic auth
@@ -13,9 +13,10 @@ import binascii
 import hmac
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from agent.calls.cap import CallCap
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,13 @@ class Credentials:
 
 
 class AccessMiddleware:
-    """ASGI middleware: Basic auth on the API endpoints, and at most `max_calls_per_client`
-    concurrent WebSocket calls from one client address."""
+    """ASGI middleware: Basic auth on the API endpoints, and the per-client call cap (calls.cap) on
+    their WebSocket connections, refused with 429 before anything of the call starts."""
 
-    def __init__(self, app, credentials: Credentials | None, max_calls_per_client: int | None):
+    def __init__(self, app, credentials: Credentials | None, cap: CallCap):
         self.app = app
         self.credentials = credentials
-        self.max_calls = max_calls_per_client
-        self._calls: Counter[str] = Counter()
+        self.cap = cap
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -68,20 +68,16 @@ class AccessMiddleware:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not self.credentials.check_header(headers.get("authorization")):
                 return await refuse(scope, send, 401, "authentication required (HTTP Basic)")
-        if scope["type"] != "websocket" or not self.max_calls:
+        if scope["type"] != "websocket" or not self.cap.limit:
             return await self.app(scope, receive, send)
         client = (scope.get("client") or ("?", 0))[0]
-        if self._calls[client] >= self.max_calls:
-            log.warning("refused a call from %s: %d calls already live", client, self._calls[client])
-            return await refuse(scope, send, 429, f"at most {self.max_calls} calls per client at once")
-        self._calls[client] += 1
+        if not self.cap.connect(client):
+            log.warning("refused a call from %s: %d calls already live", client, self.cap.connections(client))
+            return await refuse(scope, send, 429, self.cap.refusal)
         try:
             return await self.app(scope, receive, send)
         finally:
-            self._calls[client] -= 1
-            if self._calls[client] <= 0:
-                del self._calls[client]
-
+            self.cap.disconnect(client)
 
 
 class DrainGate:

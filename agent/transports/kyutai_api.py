@@ -10,9 +10,10 @@ Binary messages, first byte = kind:
   0x05  server -> client: UTF-8 error message (e.g. all seats are in use, the call's time limit),
         then the socket closes; or a notice the call goes on after (the engine reset it)
 
-Each connection is one call on the same engine as every other transport. Query parameters:
-`voice`, `emotion` (catalogue ids) and the sampling names of Kyutai's web client (`text_temperature`,
-`text_topk`, `audio_temperature`, `audio_topk`); bad values get a 0x05 error and the socket closes.
+Each connection is one call on the same engine as every other transport. Query parameters, parsed
+as for every transport (agent.transports.settings): `voice`, `emotion` (catalogue ids) and the
+sampling names of Kyutai's web client (`text_temperature`, `text_topk`, `audio_temperature`,
+`audio_topk`); bad values get a 0x05 error and the socket closes.
 PersonaPlex's names work too: `voice_prompt` (a preset such as `NATF2.pt`, or a catalogue voice id),
 `text_prompt` (the persona) and `seed` (their server) / `text_seed`, `audio_seed` (their web client):
 integers, accepted, but in a shared batch one call's sampling cannot be seeded on its own (greedy
@@ -33,9 +34,11 @@ import sphn
 from fastapi import WebSocket, WebSocketDisconnect
 
 from agent import SAMPLE_RATE
-from agent.calls.session import WEBSOCKET_HANG_UP_CODES, CallHub, Session
-from agent.engine.sampling import sampling_request
+from agent.calls.hub import CallHub
+from agent.calls.session import Session
 from agent.errors import AudioFormatError, CallRefused, ResumeFailed
+from agent.transports.connection import WEBSOCKET_HANG_UP_CODES
+from agent.transports.settings import parse_call_settings, resume_token
 
 log = logging.getLogger(__name__)
 
@@ -96,33 +99,16 @@ async def _receive_user(ws: WebSocket, session: Session) -> bool:
                 log.info("/api/chat: %s", exc)
 
 
-SEED_NAMES = ("seed", "text_seed", "audio_seed")  # PersonaPlex's server, and its web client
-
-
-def check_seeds(params) -> None:
-    """PersonaPlex's seeds: integers or absent (ValueError otherwise)."""
-    for name in SEED_NAMES:
-        raw = params.get(name)
-        if raw in (None, ""):
-            continue
-        try:
-            int(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
-
-
 async def chat(ws: WebSocket, hub: CallHub) -> None:
     await ws.accept()
     call_id = f"kyutai-{uuid.uuid4().hex[:12]}"
     params = ws.query_params
     resumed = False
     try:
-        check_seeds(params)
-        settings = hub.catalogue.settings(params.get("voice"), params.get("emotion"), sampling_request(params),
-                                          params.get("voice_prompt"), params.get("text_prompt"))
-        if params.get("resume"):
+        settings = parse_call_settings(hub.catalogue, params)
+        if token := resume_token(params):
             try:
-                session, resumed = await hub.open_async(call_id, settings, resume_token=params["resume"]), True
+                session, resumed = await hub.open_async(call_id, settings, resume_token=token), True
             except ResumeFailed as exc:
                 log.info("/api/chat: %s; a new call starts", exc)
         if not resumed:  # off the event loop: a new voice prompt is encoded there

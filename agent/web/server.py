@@ -1,4 +1,4 @@
-"""The HTTP server: the page at `/`, fastrtc's endpoints for other clients, and a health check.
+"""The HTTP server: the page at `/`, the transports' endpoints for other clients, and health checks.
 
 Endpoints (all on one port):
 - `/`                   the Gradio page (WebRTC call, sidebar, readouts)
@@ -15,160 +15,27 @@ live calls finish for up to `drain_seconds`, then exits 0. A second signal exits
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import os
 import threading
 import time
-import uuid
-from typing import Any
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
-from fastapi.websockets import WebSocketState
-from fastrtc import Stream
-from fastrtc.stream import Body
-from fastrtc.websocket import WebSocketHandler
-from uvicorn.protocols.utils import ClientDisconnected
+from fastapi import FastAPI, Response, WebSocket
 
-from agent.calls.session import WEBSOCKET_HANG_UP_CODES
 from agent.ops.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
 from agent.service import AgentService
 from agent.transports import kyutai_api
 from agent.transports.fastrtc_handler import MoshiHandler
+from agent.transports.websocket import AgentStream
 
 log = logging.getLogger(__name__)
-
-MAX_MEDIA_BYTES = 48_000  # one media message: 2 s of 24 kHz μ-law; clients send 20 ms
-EVENTS = {"start", "media", "stop", "ping"}
-
-
-class MessageError(ValueError):
-    pass
-
-
-def check_message(text: str) -> dict[str, Any]:
-    """Parse one client message of fastrtc's WebSocket protocol, or say what is wrong with it."""
-    if len(text) > 2 * MAX_MEDIA_BYTES:
-        raise MessageError(f"message of {len(text)} bytes is over the {2 * MAX_MEDIA_BYTES} byte limit")
-    try:
-        message = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MessageError(f"not JSON: {exc.msg}") from None
-    if not isinstance(message, dict) or message.get("event") not in EVENTS:
-        raise MessageError(f"expected an object with 'event' in {sorted(EVENTS)}")
-    if message["event"] == "start" and not isinstance(message.get("websocket_id"), str):
-        raise MessageError("'start' needs a string 'websocket_id'")
-    if message["event"] == "media":
-        payload = (message.get("media") or {}).get("payload") if isinstance(message.get("media"), dict) else None
-        if not isinstance(payload, str):
-            raise MessageError("'media' needs media.payload: base64 μ-law audio")
-        try:
-            audio = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise MessageError("media.payload is not valid base64") from None
-        if len(audio) > MAX_MEDIA_BYTES:
-            raise MessageError(f"media chunk of {len(audio)} bytes is over {MAX_MEDIA_BYTES}; send 20 ms chunks")
-    return message
-
-
-class CheckedWebSocket:
-    """The client's WebSocket as fastrtc sees it, except that a malformed message is answered with
-    {"type": "error", "message": ...} and skipped instead of ending the call, and the call's id is
-    the server's: fastrtc keys its connections by the client's `websocket_id`, so a reused one would
-    end or take over another live call. The client's id is kept in the server's for the logs.
-    It also tells a hang-up (a `stop` event, or a normal close) from a dropped connection."""
-
-    def __init__(self, websocket: WebSocket):
-        self._ws = websocket
-        self.hung_up = False
-
-    def __getattr__(self, name: str):
-        return getattr(self._ws, name)
-
-    @property
-    def _open(self) -> bool:
-        return self._ws.application_state == WebSocketState.CONNECTED
-
-    async def send_json(self, data: Any, mode: str = "text") -> None:
-        """Send unless the socket is closing (fastrtc sends from tasks that outlive the close)."""
-        if self._open:
-            try:
-                await self._ws.send_json(data, mode)
-            except (RuntimeError, WebSocketDisconnect, ClientDisconnected):
-                log.debug("websocket: not sent, the connection closed meanwhile")
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        """Close once: fastrtc closes again in its clean-up after the server ended a call."""
-        if self._open:
-            await self._ws.close(code, reason)
-
-    async def receive_json(self) -> dict[str, Any]:
-        while True:
-            received = await self._ws.receive()
-            if received["type"] == "websocket.disconnect":
-                code = received.get("code", 1000)
-                self.hung_up = code in WEBSOCKET_HANG_UP_CODES
-                raise WebSocketDisconnect(code)
-            try:
-                if received.get("text") is None:
-                    raise MessageError("binary messages are not part of this protocol; send JSON text")
-                message = check_message(received["text"])
-            except MessageError as exc:
-                log.info("websocket: rejected a message: %s", exc)
-                await self.send_json({"type": "error", "message": f"bad message: {exc}"})
-                continue
-            if message["event"] == "start":
-                message["websocket_id"] = server_call_id(message["websocket_id"])
-            elif message["event"] == "stop":
-                self.hung_up = True
-            return message
-
-
-def server_call_id(client_id: str) -> str:
-    """A call id no client can choose: the client's own (shortened, for the logs) plus a random part."""
-    readable = "".join(c for c in client_id[:24] if c.isalnum() or c in "-_")
-    return f"ws-{readable}-{uuid.uuid4().hex[:16]}" if readable else f"ws-{uuid.uuid4().hex[:16]}"
-
-
-class AgentStream(Stream):
-    """fastrtc's Stream, plus: malformed WebSocket messages get an error answer instead of ending
-    the call, a WebSocket client that hangs up frees its seat at once (fastrtc calls `shutdown()`
-    only for WebRTC connections), and one whose connection drops keeps its call for a while."""
-
-    def clean_up(self, webrtc_id: str):
-        connection = super().clean_up(webrtc_id)
-        for conn in connection or []:
-            if isinstance(conn, WebSocketHandler):
-                handler = conn.stream_handler
-                if isinstance(conn.websocket, CheckedWebSocket) and not conn.websocket.hung_up:
-                    handler.connection_dropped()
-                else:
-                    handler.shutdown()
-        return connection
-
-    async def websocket_offer(self, websocket: WebSocket):
-        try:
-            return await super().websocket_offer(CheckedWebSocket(websocket))  # type: ignore[arg-type]
-        except AttributeError as exc:
-            # fastrtc's clean-up reads `start_up_task`, which only a "start" event creates: a client that
-            # leaves before "start" had no call, and there is nothing to clean up
-            if "start_up_task" not in str(exc):
-                raise
-
-    async def offer(self, body: Body, request: Request):
-        """fastrtc's /webrtc/offer, noting who offered the call (the per-client cap)."""
-        if body.sdp:
-            self.event_handler.note_offer(body.webrtc_id, request.client.host if request.client else None)
-        return await super().offer(body)
 
 
 def build_stream(service: AgentService) -> AgentStream:
     rtc = rtc_configuration_from_env()
-    return AgentStream(MoshiHandler(service.hub), modality="audio", mode="send-receive",
+    return AgentStream(service.hub, MoshiHandler(service.hub), modality="audio", mode="send-receive",
                        concurrency_limit=service.seats_total(), rtc_configuration=rtc,
                        server_rtc_configuration=rtc, verbose=False)
 
@@ -207,7 +74,7 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     app = FastAPI(title="Telugu voice agent")
     add_routes(app, service, stream)
     app.add_middleware(DrainGate, draining=lambda: service.hub.draining)
-    app.add_middleware(AccessMiddleware, credentials=credentials, max_calls_per_client=config.max_calls_per_client)
+    app.add_middleware(AccessMiddleware, credentials=credentials, cap=service.hub.cap)
     auth = (credentials.user, credentials.password) if credentials else None
     return gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message="Telugu voice agent")
 

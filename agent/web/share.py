@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
 from fastapi import FastAPI
-from gradio import networking, tunneling
 
 from agent.ops.access import rtc_configuration_from_env
 from agent.service import AgentService
+from agent.transports.fastrtc_compat import open_tunnel, tunnel_facts
 from agent.web.server import DrainingServer, listening_port, server_config
 
 log = logging.getLogger(__name__)
@@ -52,9 +51,8 @@ def open_share_link(host: str, port: int) -> ShareOutcome:
     if os.environ.get("SPACE_ID"):
         return ShareOutcome(None, "this runs on a Hugging Face Space, whose own URL is already public")
     local_host = "127.0.0.1" if host in WILDCARD_HOSTS else host
-    custom_server = networking.GRADIO_SHARE_SERVER_ADDRESS  # GRADIO_SHARE_SERVER_ADDRESS: a self-hosted one
     try:
-        address = networking.setup_tunnel(local_host, port, secrets.token_urlsafe(32), None, None)
+        address, custom_server = open_tunnel(local_host, port)  # GRADIO_SHARE_SERVER_ADDRESS: a self-hosted one
     except Exception as exc:  # the tunnel's failures are many (DNS, HTTP, checksum, frpc log); all mean no link
         return ShareOutcome(None, _causes(exc))
     scheme = "http" if custom_server else "https"  # Gradio's own share servers terminate TLS, as its launch() assumes
@@ -70,10 +68,11 @@ def announce(outcome: ShareOutcome, local_url: str) -> None:
                         "may not connect for people outside this network. The WebSocket endpoint goes through "
                         "the link as it is.")
         return
-    binary = "" if os.path.exists(tunneling.BINARY_PATH) else f", not there yet: it goes to {tunneling.BINARY_PATH}"
+    tunnel = tunnel_facts()
+    binary = "" if os.path.exists(tunnel.binary_path) else f", not there yet: it goes to {tunnel.binary_path}"
     log.warning("No public link: %s. --share needs internet: Gradio's share server (%s) and its tunnel binary, "
                 "downloaded on first use (%s%s). The page is served locally only, at %s.",
-                outcome.reason, networking.GRADIO_API_SERVER, tunneling.BINARY_URL, binary, local_url)
+                outcome.reason, tunnel.api_server, tunnel.binary_url, binary, local_url)
 
 
 def serve_shared_link(app: FastAPI, service: AgentService, host: str, port: int) -> None:

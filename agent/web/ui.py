@@ -3,11 +3,13 @@ live readouts. The call itself is fastrtc's WebRTC component streaming through `
 the readouts are polled by a `gr.Timer` from the session registry by connection id.
 
 A dropped call reconnects by itself: the timer keeps the call's resume token in the page's state (an
-input of the call), and the page's script (RECONNECT_JS) restarts the call when its connection drops
-without the caller pressing Stop; the server resumes the held call (same seat, same conversation)."""
+input of the call), and the page's script (assets/web/reconnect.js) restarts the call when its
+connection drops without the caller pressing Stop; the server resumes the held call (same seat, same
+conversation). The page's JavaScript lives in assets/web/, one function a file (page_script)."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -20,103 +22,22 @@ from agent.config import MAX_TEMP
 from agent.ops.access import rtc_configuration_from_env
 from agent.ops.metrics import fmt_ms
 from agent.service import AgentService
-from agent.transports.fastrtc_handler import MoshiHandler, hold_dropped_calls, note_offers
+from agent.transports.fastrtc_handler import MoshiHandler, watch_page_calls
 from agent.voices import MAX_TEXT_PROMPT_CHARS
 
 CSS_PATH = ASSETS / "style.css"
+SCRIPTS = ASSETS / "web"  # the page's JavaScript (page_script)
 PHONE_MAX_WIDTH = 768  # Gradio's own breakpoint: at or below it an open sidebar covers the whole page
-# The sidebar starts closed, so a phone opens on the call; on load the browser says whether the window is
-# wider than a phone, and if so the sidebar opens beside the call.
-IS_WIDE_SCREEN_JS = f"(wide) => [!window.matchMedia('(max-width: {PHONE_MAX_WIDTH}px)').matches]"
-OPEN_SIDEBAR_JS = """() => {
-  const sidebar = document.querySelector("#settings");
-  if (sidebar && !sidebar.classList.contains("open")) sidebar.querySelector(".toggle-button").click();
-}"""
 POLL_SECONDS = 0.5
 PLOT_SECONDS = 60
 RECONNECT_BACKOFF_MS = (500, 1000, 2000, 4000)
 RECONNECT_WAIT_MS = 8000  # an attempt not connected by then (plus its backoff) is tried again
-# The page's own script: it watches the call's peer connections (fastrtc's component makes them with
-# the page's RTCPeerConnection, which this wraps) and the server's messages on their data channel.
-# A connection that goes "disconnected" or "failed" without the caller pressing a call button is a
-# drop: the script says so in #reconnect-status and presses Record again (backoff, until the server's
-# resume window has passed); the call's resume token goes with the new connection as an input, and
-# the server's "call" message says whether the call was resumed. A press of Stop (a real click, which
-# a script's click() is not) ends the call: its connection is forgotten and nothing reconnects.
-RECONNECT_JS = """() => {
-  const WINDOW_MS = %(window_ms)d, BACKOFF_MS = %(backoff_ms)s, WAIT_MS = %(wait_ms)d;
-  const Native = window.RTCPeerConnection;
-  if (!Native || window.__callReconnects) return;
-  window.__callReconnects = true;
-  let current = null;   // the call's live connection
-  let lostAt = null;    // when its connection dropped; null while not reconnecting
-  let attempts = 0, timer = null, gaveUp = false;
-  const say = (text, state) => {
-    const box = document.querySelector("#reconnect-status");
-    if (!box) return;
-    box.textContent = text;
-    box.dataset.state = state;
-    box.style.display = text ? "" : "none";
-  };
-  const finish = (text, state) => {
-    clearTimeout(timer);
-    timer = null; lostAt = null; attempts = 0;
-    gaveUp = state === "lost";
-    say(text, state);
-  };
-  const recordButton = () => Array.from(document.querySelectorAll("#call button"))
-    .find((b) => /Record/.test(b.textContent));
-  const tryAgain = () => {
-    if (lostAt === null) return;
-    if (Date.now() - lostAt > WINDOW_MS) {
-      current = null;  // an attempt still under way may fail later: that is no new drop
-      finish("Call lost: the connection did not come back in time. Press Record to call again.", "lost");
-      return;
-    }
-    const record = recordButton();
-    if (!record) { timer = setTimeout(tryAgain, 250); return; }  // the last attempt is still starting
-    attempts += 1;
-    say(`Connection lost: reconnecting… (attempt ${attempts})`, "reconnecting");
-    record.click();
-    timer = setTimeout(tryAgain, WAIT_MS + BACKOFF_MS[Math.min(attempts, BACKOFF_MS.length - 1)]);
-  };
-  const dropped = (pc) => {
-    if (pc !== current) return;  // hung up, or replaced already
-    current = null;
-    if (lostAt === null) { lostAt = Date.now(); attempts = 0; }
-    say("Connection lost: reconnecting…", "reconnecting");
-    clearTimeout(timer);
-    timer = setTimeout(tryAgain, BACKOFF_MS[Math.min(attempts, BACKOFF_MS.length - 1)]);
-  };
-  const told = (data) => {
-    let message;
-    try { message = JSON.parse(data); } catch { return; }
-    if (!message || message.type !== "call" || (lostAt === null && !gaveUp)) return;
-    finish(message.resumed ? "Reconnected: the call goes on."
-                           : "Reconnected, but the call had ended: this is a new call.",
-           message.resumed ? "reconnected" : "new-call");
-  };
-  class WatchedPeerConnection extends Native {
-    constructor(...args) {
-      super(...args);
-      current = this;
-      this.addEventListener("connectionstatechange", () => {
-        if (this.connectionState === "disconnected" || this.connectionState === "failed") dropped(this);
-      });
-    }
-    createDataChannel(...args) {
-      const channel = super.createDataChannel(...args);
-      channel.addEventListener("message", (event) => told(event.data));
-      return channel;
-    }
-  }
-  window.RTCPeerConnection = WatchedPeerConnection;
-  document.addEventListener("click", (event) => {
-    if (!event.isTrusted || !event.target.closest || !event.target.closest("#call button")) return;
-    if (/Stop/.test(event.target.closest("button").textContent)) current = null;  // a hang-up
-    finish("", "");  // the caller acts: the last notice has been seen
-  }, true);
-}"""
+
+
+def page_script(name: str, params: str = "", **config: Any) -> str:
+    """The script `SCRIPTS/<name>.js` (a JavaScript function of one config object) as gradio runs
+    it: a function of `params` (the event's inputs, if any) that calls it with `config` as JSON."""
+    return f"({params}) => ({(SCRIPTS / f'{name}.js').read_text()}\n)({json.dumps(config)})"
 
 
 def _choices(items, support) -> list[tuple[str, str]]:
@@ -274,8 +195,9 @@ def build_demo(service: AgentService) -> gr.Blocks:
     voice_support, emotion_support = service.voice_support(), service.emotion_support()
     css = CSS_PATH.read_text() if CSS_PATH.exists() else None
 
-    reconnect_js = RECONNECT_JS % {"window_ms": 1000 * service.hub.resume_seconds, "wait_ms": RECONNECT_WAIT_MS,
-                                   "backoff_ms": list(RECONNECT_BACKOFF_MS)}
+    # restarts a call whose connection dropped (assets/web/reconnect.js)
+    reconnect_js = page_script("reconnect", window_ms=int(1000 * service.hub.resume_seconds),
+                               wait_ms=RECONNECT_WAIT_MS, backoff_ms=list(RECONNECT_BACKOFF_MS))
     with gr.Blocks(title="Telugu voice agent (Moshi)", css=css, theme=gr.themes.Soft(), js=reconnect_js) as demo:
         with gr.Sidebar(open=False, width=380, elem_id="settings") as sidebar:
             voice = gr.Dropdown(_choices(catalogue.voices, voice_support), value=catalogue.default_voice,
@@ -306,26 +228,28 @@ def build_demo(service: AgentService) -> gr.Blocks:
                       track_constraints={"echoCancellation": True, "noiseSuppression": True,
                                          "autoGainControl": True, "sampleRate": {"ideal": 48000}})
         status = gr.Markdown("Press **Record** to start a call.", elem_id="call-status")
-        # RECONNECT_JS writes here ("reconnecting…", "reconnected", "call lost"); hidden while empty
+        # reconnect.js writes here ("reconnecting…", "reconnected", "call lost"); hidden while empty
         gr.HTML('<div id="reconnect-status" role="status" aria-live="polite" style="display: none"></div>')
         resume = gr.State("")  # the call's resume token (page_resume_token), sent when the page reconnects
         # On a phone the sidebar is closed and its own toggle is a small arrow: this opens it (CSS hides it on
         # wider screens, where the sidebar is open beside the call).
         gr.Button("⚙️ Voice, persona & emotion · live figures", elem_id="open-settings", size="sm",
-                  variant="secondary").click(None, js=OPEN_SIDEBAR_JS)
+                  variant="secondary").click(None, js=page_script("open_sidebar"))
         transcript = gr.Textbox(label="What the agent says (its text stream)", lines=5, max_lines=8,
                                 interactive=False, elem_id="transcript")
-        # The handler reads these by position (handler.INPUT_NAMES).
+        # The handler reads these by position (transports.settings.PAGE_INPUTS).
         call.stream(MoshiHandler(service.hub, await_inputs=True),
                     inputs=[call, voice, emotion, *sampling, persona, preset, resume],
                     outputs=[call], concurrency_limit=service.seats_total())
-        note_offers(call, service.hub)
-        hold_dropped_calls(call)
+        watch_page_calls(call, service.hub)
         call.stop_recording(lambda: "", outputs=[resume], queue=False)  # hung up: the next Record is a new call
 
-        wide_screen = gr.Checkbox(visible=False)  # set by the browser on load (IS_WIDE_SCREEN_JS)
+        # The sidebar starts closed, so a phone opens on the call; on load the browser says whether the window
+        # is wider than a phone, and if so the sidebar opens beside the call.
+        wide_screen = gr.Checkbox(visible=False)
         demo.load(lambda wide: gr.Sidebar(open=True) if wide else gr.update(), inputs=[wide_screen],
-                  outputs=[sidebar], js=IS_WIDE_SCREEN_JS, queue=False, show_progress="hidden")
+                  outputs=[sidebar], js=page_script("wide_screen", "wide", max_width=PHONE_MAX_WIDTH), queue=False,
+                  show_progress="hidden")
 
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(lambda call_id, token: (*readouts(service, call_id), page_resume_token(service, call_id, token)),

@@ -1,0 +1,203 @@
+"""Every use of fastrtc's, aiortc's and gradio's internals (and one of uvicorn's), in this one
+module: when one of them is upgraded, this is the file to check. Nothing else under agent/ reaches
+into them (an architecture test holds that); the rest of the code uses their public API only.
+
+Read from fastrtc 0.0.34, aiortc 1.16.0, gradio 5.50.0 and uvicorn 0.55.0 (`pip show fastrtc aiortc
+gradio uvicorn`). Each use below says what it relies on. The tests that exercise them:
+test_server.py and test_ws_smoke.py (the WebSocket path), test_webrtc.py and test_webrtc_reconnect.py
+(WebRTC, dropped connections), test_reliability.py (the per-client cap through the page's offers),
+test_share.py (the tunnel).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import gradio as gr
+from aiortc import RTCPeerConnection
+from fastapi import Request, WebSocket, WebSocketDisconnect
+from fastrtc import Stream, WebRTC
+from fastrtc.stream import Body
+from fastrtc.tracks import StreamHandlerBase
+from fastrtc.utils import current_context
+from fastrtc.webrtc_connection_mixin import WebRTCConnectionMixin
+from fastrtc.websocket import WebSocketHandler
+from gradio import networking, tunneling
+from uvicorn.protocols.utils import ClientDisconnected
+
+log = logging.getLogger(__name__)
+
+VERSIONS_READ = {"fastrtc": "0.0.34", "aiortc": "1.16.0", "gradio": "5.50.0", "uvicorn": "0.55.0"}
+# StreamHandlerBase (fastrtc.tracks, not exported): what every fastrtc handler is
+Handler = TypeVar("Handler", bound=StreamHandlerBase)
+
+# What sending on a WebSocket raises once it closed meanwhile: Starlette's errors, and uvicorn's
+# ClientDisconnected (uvicorn.protocols.utils, not exported) when the client vanished mid-send.
+SEND_AFTER_CLOSE_ERRORS = (RuntimeError, WebSocketDisconnect, ClientDisconnected)
+
+# -- the connection a handler serves ------------------------------------------------------------
+
+
+def connection() -> tuple[str | None, WebSocket | None]:
+    """The connection fastrtc serves on this task: its id and, on the WebSocket path, the socket.
+    Relies on `fastrtc.utils.current_context` (not exported): a ContextVar of Context(webrtc_id,
+    websocket) that fastrtc sets before it calls a handler's receive/emit."""
+    ctx = current_context.get()
+    if ctx is None:
+        return None, None
+    return ctx.webrtc_id or None, ctx.websocket
+
+
+# The first item of the page's inputs when fastrtc got no WebRTCData for the call component.
+WEBRTC_MARKER = "__webrtc_value__"
+
+
+def handler_inputs(handler: StreamHandlerBase, names: Sequence[str]) -> dict[str, Any]:
+    """The call's inputs by name: a WebSocket client's URL query, or the page's inputs. Relies on
+    `StreamHandlerBase.set_args` storing the page's inputs as `latest_args` = [WebRTCData, *inputs]
+    or [WEBRTC_MARKER, webrtc id, *inputs] (fastrtc/tracks.py)."""
+    _, websocket = connection()
+    if websocket is not None:
+        return {name: websocket.query_params.get(name) for name in names}
+    args = handler.latest_args if isinstance(handler.latest_args, list) else []
+    values = args[2:] if args[:1] == [WEBRTC_MARKER] else args[1:]
+    return dict(zip(names, values))
+
+
+# -- the page's WebRTC component ----------------------------------------------------------------
+
+
+def hold_dropped_calls(connections: WebRTCConnectionMixin, handler_type: type[Handler],
+                       dropped: Callable[[Handler], None]) -> None:
+    """Call `dropped(handler)` when a WebRTC connection breaks (instead of fastrtc's `shutdown()`),
+    for the handlers of `handler_type`: their calls wait for the caller to resume them.
+
+    fastrtc ends a call the same way whether the caller hung up or the connection broke: on the
+    peer connection's "failed" or "closed" state it closes it and calls the handler's `shutdown()`
+    (and when ICE fails first, it forgets the connection without even that). With aiortc a broken
+    network (ICE consent expired, RFC 7675) mostly shows as "closed" too: DTLS notices first and
+    closes the connection. What tells them apart is the ICE transport (`ice_failed`): a broken one
+    has gone "failed"; a hang-up (`pc.close()`) closes DTLS and stops ICE without failing it. So each
+    new peer connection gets a plain (not async) listener, which aiortc runs the moment the state
+    changes, before fastrtc's own listener (a coroutine) runs: on a broken connection it calls
+    `dropped`, then cleans the connection up as fastrtc does for a closed one (whose `shutdown()`
+    then finds no call to end).
+
+    Relies on: `WebRTCConnectionMixin.handle_offer(body, set_outputs)` (which the component's offer
+    and Stream's /webrtc/offer both call), its `pcs` and `handlers` maps by webrtc id filled by then,
+    and `clean_up(webrtc_id)` returning the connection's tracks; aiortc's `pc.on(...)` running plain
+    listeners synchronously."""
+    handle_offer = connections.handle_offer
+
+    async def handle_offer_watching_drops(body: dict[str, Any], set_outputs):
+        answer = await handle_offer(body, set_outputs)
+        call_id = body.get("webrtc_id") if body.get("sdp") else None  # ICE candidates come this way too
+        pc, handler = connections.pcs.get(call_id), connections.handlers.get(call_id)
+        if pc is not None and isinstance(handler, handler_type):
+            def on_state_change() -> None:
+                if pc.connectionState in ("failed", "closed") and ice_failed(pc):
+                    log.info("call %s: the WebRTC connection broke", call_id)
+                    dropped(handler)
+                    for track in connections.clean_up(call_id):
+                        track.stop()
+            pc.on("connectionstatechange", on_state_change)
+        return answer
+
+    connections.handle_offer = handle_offer_watching_drops  # type: ignore[method-assign]
+
+
+def ice_failed(pc: RTCPeerConnection) -> bool:
+    """Whether the connection's ICE transport broke (consent expired, or its socket was lost).
+    Relies on aiortc's receiver -> RTCDtlsTransport -> RTCIceTransport chain and its `state`."""
+    return pc.connectionState == "failed" or any(
+        t.receiver.transport.transport.state == "failed" for t in pc.getTransceivers())
+
+
+def note_page_offers(component: WebRTC, note: Callable[[str, str | None], None]) -> None:
+    """Call `note(webrtc_id, client address)` for each offer the page's WebRTC component gets (the
+    media path never sees the address). Relies on gradio calling a component's server function
+    (`offer`, marked by `@server`, i.e. `_is_server_fn`) by name, with the request when its
+    signature asks for a `gr.Request`."""
+    offer = component.offer
+
+    async def offer_noting_client(body, request: gr.Request):
+        if isinstance(body, dict) and body.get("sdp"):
+            note(str(body.get("webrtc_id")), request.client.host if request.client else None)
+        return await offer(body)
+
+    offer_noting_client._is_server_fn = True  # type: ignore[attr-defined]
+    component.offer = offer_noting_client  # type: ignore[method-assign]
+
+
+# -- fastrtc's Stream: /websocket/offer and /webrtc/offer -----------------------------------------
+
+
+class HookedStream(Stream):
+    """fastrtc's Stream with three hooks a subclass fills in: `wrap_websocket` (the socket fastrtc
+    is given), `websocket_ended` (fastrtc calls `shutdown()` only for WebRTC connections; this is
+    called for each WebSocket one) and `offered` (who sent a /webrtc/offer)."""
+
+    def wrap_websocket(self, websocket: WebSocket) -> Any:
+        return websocket
+
+    def websocket_ended(self, handler: StreamHandlerBase, websocket: Any) -> None:
+        handler.shutdown()
+
+    def offered(self, call_id: str, client: str | None) -> None:
+        pass
+
+    def clean_up(self, webrtc_id: str):
+        """Relies on `WebRTCConnectionMixin.clean_up(id)` returning the connection's list, where a
+        WebSocket call is a `fastrtc.websocket.WebSocketHandler` holding `stream_handler` (the
+        handler's copy) and `websocket` (the socket `websocket_offer` was given)."""
+        connection = super().clean_up(webrtc_id)
+        for conn in connection or []:
+            if isinstance(conn, WebSocketHandler):
+                self.websocket_ended(conn.stream_handler, conn.websocket)
+        return connection
+
+    async def websocket_offer(self, websocket: WebSocket):
+        try:
+            return await super().websocket_offer(self.wrap_websocket(websocket))
+        except AttributeError as exc:
+            # fastrtc's clean-up reads `start_up_task`, which only a "start" event creates: a client that
+            # leaves before "start" had no call, and there is nothing to clean up. Matched by its text.
+            if "start_up_task" not in str(exc):
+                raise
+
+    async def offer(self, body: Body, request: Request):
+        """Relies on `Stream.mount` routing POST /webrtc/offer to the bound `offer` (FastAPI injects
+        `request` by its annotation) and on `fastrtc.stream.Body` (not exported)."""
+        if body.sdp:
+            self.offered(body.webrtc_id, request.client.host if request.client else None)
+        return await super().offer(body)
+
+
+# -- gradio's share tunnel ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TunnelFacts:
+    """Where gradio's tunnel comes from, for the log when it cannot open."""
+
+    api_server: str  # gradio's share server
+    binary_url: str  # the frpc binary gradio downloads on first use
+    binary_path: str  # where it goes
+
+
+def tunnel_facts() -> TunnelFacts:
+    """Relies on `gradio.networking.GRADIO_API_SERVER` and `gradio.tunneling.BINARY_URL`/`BINARY_PATH`."""
+    return TunnelFacts(networking.GRADIO_API_SERVER, tunneling.BINARY_URL, tunneling.BINARY_PATH)
+
+
+def open_tunnel(local_host: str, port: int) -> tuple[str, bool]:
+    """Open gradio's tunnel to local_host:port: (its public address, whether the share server is a
+    self-hosted one). Raises whatever the tunnel raises. Relies on `gradio.networking.setup_tunnel(host,
+    port, token, server, certificate)`, as `Blocks.launch(share=True)` calls it, and on
+    `GRADIO_SHARE_SERVER_ADDRESS` (from the environment variable of that name) naming a custom server."""
+    custom_server = bool(networking.GRADIO_SHARE_SERVER_ADDRESS)
+    return networking.setup_tunnel(local_host, port, secrets.token_urlsafe(32), None, None), custom_server
