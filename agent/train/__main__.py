@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--batch-size", type=int, help="Parler-TTS turns per batch (default 8)")
     _flag(p, "--device", help="cpu or cuda (Parler-TTS; default: cuda when present)")
 
-    from agent.train.trainer import TrainConfig
+    from agent.train.trainer.config import TrainConfig
     p = stages.add_parser("train", help="LoRA + text embeddings + speaker/emotion conditioners on the shards "
                                         "(torchrun for several processes)")
     _common(p)

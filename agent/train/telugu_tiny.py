@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from agent import ASSETS
 from agent.train.common import UsageError
@@ -120,6 +119,8 @@ def spoken_clips(sentences: list[str]) -> list[np.ndarray]:
 
 def write_base(codec_dir: Path, folder: Path, seed: int) -> Path:
     """The tiny LM (random weights from `seed`) with the trained codec, in Kyutai's folder layout."""
+    import torch
+
     from agent.models import build_tiny, write_checkpoint_folder
     from agent.train.codec import load_mimi_folder
     from agent.train.export import RANDOM_INIT_LICENCE
@@ -178,6 +179,8 @@ def evaluate(model: str, set_dir: Path, out_dir: Path, seed: int) -> dict:
 
 
 def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
+    import torch  # here, not at the top: the stage list (`python -m agent.train --help`) loads no torch
+
     torch.set_num_threads(config.threads)
     w, q = config.work, ["--quiet"] if config.quiet else []
     w.mkdir(parents=True, exist_ok=True)
