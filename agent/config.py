@@ -10,6 +10,7 @@ RANDOM_7B_MODEL = "moshi-7b-random"
 TINY_PERSONAPLEX_MODEL = "tiny-personaplex"  # a tiny random PersonaPlex-layout folder, loaded as a real one
 SamplingRequest = tuple[tuple[str, float | int], ...]  # (SeatSampling field, value), sorted; () = defaults
 TELUGU_TINY_MODEL = "telugu-tiny"  # the toy trained here on synthetic espeak-ng speech (agent.train.telugu_tiny)
+MAX_TEXT_PROMPT_CHARS = 2000  # a persona (text prompt) longer than this is refused; the engine also caps its tokens
 MAX_TEMP = 2.0  # sampling temperatures above this make Moshi's output noise; a caller asking more is told so
 
 

@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from moshi.models import loaders
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from agent import SAMPLE_RATE
-from agent.train.tts import to_24k
+from agent.audio.files import read_channels
 
 FRAME = 1920  # samples per 80 ms Mimi frame at 24 kHz
 STFT_SCALES = (2048, 1024, 512, 256, 128, 64)
@@ -78,9 +77,7 @@ def read_signals(paths: list[Path], min_rms: float = 1e-3) -> list[np.ndarray]:
     """Each channel of each file at 24 kHz; near-silent channels (a monologue's empty side) dropped."""
     out = []
     for path in paths:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        for channel in audio.T:
-            x = to_24k(channel, rate)
+        for x in read_channels(path):
             if x.size >= FRAME * 4 and float(np.sqrt(np.mean(x ** 2))) > min_rms:
                 out.append(x)
     if not out:

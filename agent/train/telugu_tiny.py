@@ -143,12 +143,11 @@ def loudness_timing(folder: Path, frame_s: float = 0.08, after_s: float = 3.0) -
     above 4x the level it kept while the user spoke, and above -46 dBFS). Not a benchmark figure: it
     shows whether the LM stays quiet and then answers even where the codec's voice is too poor for
     Silero to call it speech."""
-    import soundfile as sf
-
+    from agent.audio.files import read_mono
     from agent.eval.layout import find_samples
     during, after, onsets = [], [], []
     for sample in find_samples(folder):
-        out, rate = sf.read(str(sample.folder / "output.wav"), dtype="float32")
+        out, rate = read_mono(sample.folder / "output.wav")
         start = json.loads((sample.folder / "transcription.json").read_text(encoding="utf-8"))[0]["timestamp"][0]
         end = json.loads((sample.folder / "turn_taking.json").read_text(encoding="utf-8"))[0]["timestamp"][0]
         hop = int(frame_s * rate)
