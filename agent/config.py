@@ -70,5 +70,5 @@ class ServerConfig:
     auth: str | None = None  # "user:password": the page's login and HTTP Basic on the API endpoints
     max_calls_per_client: int | None = None  # concurrent WebSocket calls from one address (None: no cap)
     # torch threads for a model on the CPU; None: half the cores, so the transport and the VAD keep the
-    # rest (2 vCPU, 8 calls: the batch-8 step took 66 ms with 2 threads against 34 ms with 1)
+    # rest (docs/benchmarks.md, "Torch threads on a CPU")
     cpu_threads: int | None = None

@@ -158,17 +158,15 @@ class CodecConfig:
     spectral_weight: float = 1.0
     commit_weight: float = 1.0
     quantize_rate: float = 0.5  # share of crops that go through the quantizer (Mimi's paper: 0.5)
-    # With a > 0 the spectral loss compares pre-emphasised audio (x[n] - a x[n-1], +6 dB an octave): the
-    # loss is otherwise ruled by the loud 300-1000 Hz band, and a codec can fit it with the 1-3 kHz formants
-    # missing. Off by default: at 0.9 it brought the formants back but had not passed by step 3,250 on the
-    # toy's data, where the default order passed at 2,000 (docs/evaluation.md).
+    # With a > 0 the spectral loss compares pre-emphasised audio (x[n] - a x[n-1], +6 dB an octave), so the
+    # loud 300-1000 Hz band does not rule it and the 1-3 kHz formants count. Off by default: it delayed the
+    # voice's turn into speech on the toy's data (docs/evaluation.md).
     pre_emphasis: float = 0.0
     save_every: int = 250  # steps between snapshots (each judged on the validation clips, when given)
     # With validation clips, the kept codec is the best snapshot, and training goes on past `steps` (at
     # the final learning rate, up to `extra_steps` more) until one passes: Silero hears speech in at
-    # least `min_speech_ratio` of the validation speech. Why: the decoded voice turns from murmur into
-    # speech suddenly, somewhere between 1,000 and 4,000+ steps at similar losses, so neither the loss
-    # nor a fixed step count says when the codec is ready.
+    # least `min_speech_ratio` of the validation speech: the decoded voice turns from murmur into speech
+    # suddenly, at similar losses, so neither the loss nor a step count says when the codec is ready.
     min_speech_ratio: float = 0.8
     extra_steps: int = 4000
     seed: int = 0

@@ -48,12 +48,8 @@ SENTENCES = ASSETS / "telugu_sentences.txt"
 TRAIN_CONFIG = ASSETS / "train" / "telugu_tiny.json"
 DEFAULT_OUT = ASSETS / "models" / "telugu-tiny"
 CODEC_VOICES = (("lakshmi", "female"), ("sravani", "female"), ("ravi", "male"), ("kiran", "male"))
-# CODEC_ORDER_NOTE: the codec reads its dialogues in a fixed order: the first 100 user-first ones, then
-# the others by id. Why: its voice turns from a murmur into speech (to Silero) suddenly, at a step that
-# depends on the data and on the order it is read in. Read in this order, the first 300 dialogues gave
-# speech from step 2,000 (every snapshot to 4,000 passed). The same 300 sorted by id had not by step
-# 6,500, nor the LM's 600 dialogues by 4,250: a closer spectrum, but the 1-3 kHz formants missing.
-# Snapshot selection (agent.train.codec) catches a codec that does not cross; it cannot make one cross.
+# CODEC_ORDER_NOTE: the codec reads the first 100 user-first dialogues, then the others by id: the order
+# decides whether its voice turns into speech (docs/evaluation.md, "The codec is the fragile part").
 CODEC_LEADING_USER_FIRST = 100
 
 
@@ -61,7 +57,7 @@ CODEC_LEADING_USER_FIRST = 100
 class TeluguTinyConfig:
     work: Path  # everything intermediate (datasets, runs); a few hundred MB
     out: Path = DEFAULT_OUT  # the shipped model folder
-    dialogues: int = 600  # user-first dialogues for the LM (with 100 its held-out loss rose from step 300 on)
+    dialogues: int = 600  # user-first dialogues for the LM (fewer overfit: docs/evaluation.md, "LM data")
     codec_steps: int = 4000
     codec_extra_steps: int = 4000  # at most this many more until a codec snapshot is heard as speech
     codec_dialogues: int = 300  # the codec's data: the first 300 dialogues, whoever speaks first (see below)

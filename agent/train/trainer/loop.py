@@ -74,8 +74,8 @@ class TrainResult:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """moshi-finetune's schedule: OneCycleLR, a `pct_start` warm-up then cosine down. OneCycleLR divides by
-    its warm-up length minus one step, so short runs (pct_start 0.05 at 20 steps) raised
-    ZeroDivisionError: the warm-up is at least 2 steps, and a run of under 3 steps keeps a constant rate."""
+    its warm-up length minus one step, so the warm-up is at least 2 steps, and a run of under 3 steps keeps
+    a constant rate."""
     total = config.max_steps
     if total < 3:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
