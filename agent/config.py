@@ -10,6 +10,7 @@ RANDOM_7B_MODEL = "moshi-7b-random"
 TINY_PERSONAPLEX_MODEL = "tiny-personaplex"  # a tiny random PersonaPlex-layout folder, loaded as a real one
 SamplingRequest = tuple[tuple[str, float | int], ...]  # (SeatSampling field, value), sorted; () = defaults
 TELUGU_TINY_MODEL = "telugu-tiny"  # the toy trained here on synthetic espeak-ng speech (agent.train.telugu_tiny)
+MAX_TEXT_PROMPT_CHARS = 2000  # a persona (text prompt) longer than this is refused; the engine also caps its tokens
 MAX_TEMP = 2.0  # sampling temperatures above this make Moshi's output noise; a caller asking more is told so
 
 
@@ -69,5 +70,5 @@ class ServerConfig:
     auth: str | None = None  # "user:password": the page's login and HTTP Basic on the API endpoints
     max_calls_per_client: int | None = None  # concurrent WebSocket calls from one address (None: no cap)
     # torch threads for a model on the CPU; None: half the cores, so the transport and the VAD keep the
-    # rest (2 vCPU, 8 calls: the batch-8 step took 66 ms with 2 threads against 34 ms with 1)
+    # rest (docs/benchmarks.md, "Torch threads on a CPU")
     cpu_threads: int | None = None

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import ASSETS
-from agent.config import SamplingRequest
+from agent.config import MAX_TEXT_PROMPT_CHARS, SamplingRequest
 from agent.errors import CatalogueError
 
 CATALOGUE_PATH = ASSETS / "catalogue.json"
-MAX_TEXT_PROMPT_CHARS = 2000  # agent/engine/prompts.py also caps the tokens
 GENDERS = ("female", "male")
 SPEAKER, EMOTION = "speaker", "emotion"  # the LM's conditioner names for a voice and an emotion
 

@@ -26,11 +26,12 @@ from moshi.models import loaders
 from moshi.models.lm import LMGen
 
 from agent import FRAME_SIZE, SAMPLE_RATE
+from agent.audio.files import read_audio as read_wav
 from agent.audio.stream import resample
 from agent.config import ModelConfig
 from agent.errors import ModelLoadError
 from agent.models import load_model, tiny_lm_kwargs, tiny_mimi_config, tiny_tokenizer_path, write_checkpoint_folder
-from agent.tools.infer import infer, main, read_wav
+from agent.tools.infer import infer, main
 from conftest import tiny_model
 from tiny_helpers import GREEDY
 

@@ -46,7 +46,9 @@ import soundfile as sf
 import torch
 
 from agent import FRAME_SIZE, SAMPLE_RATE
+from agent.audio.files import read_mono
 from agent.audio.stream import resample
+from agent.config import MAX_TEXT_PROMPT_CHARS
 from agent.errors import PromptError
 from agent.models import TEXT_PADDING_ID, LoadedModel
 
@@ -58,7 +60,6 @@ TARGET_LUFS = -24.0
 SYSTEM_TAG = "<system>"
 MAX_VOICE_SECONDS = 15.0  # PersonaPlex's presets are a few seconds; longer only costs context
 MIN_VOICE_SECONDS = 0.5
-MAX_TEXT_CHARS = 2000
 MAX_TEXT_TOKENS = 400  # 32 s of forced frames; the whole prompt must stay well inside the context
 AUDIO_CODEBOOKS = 8
 MAX_ENCODED_VOICES = 64
@@ -141,8 +142,8 @@ class PromptBuilder:
         if text is None or not text.strip():
             return []
         text = text.strip()
-        if len(text) > MAX_TEXT_CHARS:
-            raise PromptError(f"the text prompt is {len(text)} characters; at most {MAX_TEXT_CHARS}")
+        if len(text) > MAX_TEXT_PROMPT_CHARS:
+            raise PromptError(f"the text prompt is {len(text)} characters; at most {MAX_TEXT_PROMPT_CHARS}")
         if self.model.tokenizer is None:
             raise PromptError("this model has no text tokenizer, so it cannot take a text prompt")
         if not (text.startswith(SYSTEM_TAG) and text.endswith(SYSTEM_TAG)):
@@ -174,10 +175,10 @@ class PromptBuilder:
             if known is not None and known[0] == (stat.st_mtime_ns, stat.st_size):
                 return known[1], known[2], None  # encoded before: a cached prompt costs no Mimi pass
             content = path.read_bytes()
-            audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+            audio, rate = read_mono(path)
         except (OSError, sf.SoundFileError, RuntimeError) as exc:
             raise PromptError(f"cannot read the voice WAV {path.name}: {exc}") from exc
-        codes, voice_id = self.encode_voice(audio.mean(axis=1), rate), hashlib.sha256(content).hexdigest()
+        codes, voice_id = self.encode_voice(audio, rate), hashlib.sha256(content).hexdigest()
         with self._lock:
             self._voices[str(path)] = ((stat.st_mtime_ns, stat.st_size), codes, voice_id)
             while len(self._voices) > MAX_ENCODED_VOICES:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from agent.audio.files import read_mono
 from agent.audio.stream import resample
 
 INPUT = "input.wav"
@@ -113,13 +114,12 @@ def find_samples(root: Path) -> list[Sample]:
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
     """Mono float32 samples and the file's rate. NaN/Inf samples are an error, not silence."""
     try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        mono, rate = read_mono(path)
     except (sf.SoundFileError, RuntimeError) as exc:
         raise EvalDataError(f"{path}: not a readable audio file ({exc})") from exc
-    mono = audio.mean(axis=1)
     if not np.isfinite(mono).all():
         raise EvalDataError(f"{path}: contains NaN or Inf samples")
-    return mono, int(rate)
+    return mono, rate
 
 
 def fit_length(audio: np.ndarray, n: int) -> np.ndarray:

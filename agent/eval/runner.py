@@ -32,9 +32,9 @@ from agent import SAMPLE_RATE
 from agent.audio.stream import resample
 from agent.config import EngineConfig, SamplingConfig
 from agent.engine import FrameEngine, Seat
+from agent.engine.offline import OfflineCall, drive, to_frames
 from agent.eval.layout import EvalDataError, Sample, read_audio, write_output
 from agent.models import LoadedModel
-from agent.tools.infer import to_frames
 from agent.voices import load_catalogue
 
 log = logging.getLogger(__name__)
@@ -77,29 +77,12 @@ class RunReport:
         return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
-@dataclass
-class _Job:
-    """One sample in its seat: its input frames and the agent's output so far."""
-
-    sample: Sample
-    seat: Seat
-    frames: np.ndarray  # (n, 1920) float32 at 24 kHz
-    rate: int  # the input's rate
-    n_samples: int  # the input's length in samples at `rate`
-    pcm: list[np.ndarray] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-
-    @property
-    def done(self) -> bool:
-        return len(self.pcm) == len(self.frames)
-
-
 def _paths(sample: Sample, prefix: str) -> tuple[Path, Path, Path]:
     folder = sample.folder
     return folder / f"{prefix}input.wav", folder / f"{prefix}output.wav", folder / f"{prefix}output.txt"
 
 
-def _start(engine: FrameEngine, sample: Sample, options: SeatOptions, config: RunConfig) -> _Job:
+def _start(engine: FrameEngine, sample: Sample, options: SeatOptions, config: RunConfig) -> OfflineCall:
     in_path, _, _ = _paths(sample, config.prefix)
     audio, rate = read_audio(in_path)
     if audio.size == 0:
@@ -110,18 +93,20 @@ def _start(engine: FrameEngine, sample: Sample, options: SeatOptions, config: Ru
     except Exception:
         seat.release("bad options")
         raise
-    return _Job(sample, seat, to_frames(resample(audio, rate, SAMPLE_RATE)), rate, audio.size)
+    return OfflineCall(sample.name, seat, to_frames(resample(audio, rate, SAMPLE_RATE)), rate, audio.size)
 
 
-def _finish(job: _Job, config: RunConfig) -> None:
-    job.seat.release("sample done")
-    _, out_path, text_path = _paths(job.sample, config.prefix)
-    rate = config.output_rate or job.rate
-    n_out = round(job.n_samples * rate / job.rate)
-    pcm = np.concatenate(job.pcm)
-    audio = write_output(job.sample.folder, pcm, SAMPLE_RATE, rate, n_out, name=out_path.name)
-    text_path.write_text("".join(job.text).strip() + "\n", encoding="utf-8")
-    log.info("%s: %.1f s -> %s", job.sample.name, job.n_samples / job.rate, audio)
+def _finish(sample: Sample, call: OfflineCall, config: RunConfig, report: RunReport) -> None:
+    call.seat.release("sample done")
+    _, out_path, text_path = _paths(sample, config.prefix)
+    rate = config.output_rate or call.source_rate
+    n_out = round(call.source_samples * rate / call.source_rate)
+    pcm = np.concatenate(call.pcm)
+    audio = write_output(sample.folder, pcm, SAMPLE_RATE, rate, n_out, name=out_path.name)
+    text_path.write_text("".join(call.text).strip() + "\n", encoding="utf-8")
+    log.info("%s: %.1f s -> %s", sample.name, call.source_samples / call.source_rate, audio)
+    report.samples += 1
+    report.audio_s += call.source_samples / call.source_rate
 
 
 def run_set(model: LoadedModel, samples: list[Sample], options: SeatOptions | None = None,
@@ -145,30 +130,11 @@ def run_set(model: LoadedModel, samples: list[Sample], options: SeatOptions | No
     if model.device.type == "cuda":
         engine.warm_up()  # as the server does: CUDA graphs captured before the first sample's frames
     torch.manual_seed(config.seed)
-    active: list[_Job] = []
     started = time.perf_counter()
     try:
-        while queue or active:
-            while queue and len(active) < engine.num_seats:
-                active.append(_start(engine, queue.pop(0), options, config))
-            for job in active:
-                job.seat.push(job.frames[len(job.pcm)])
-            engine.step_once()
-            report.steps += 1
-            for job in active:
-                out = job.seat.pull()
-                if out is None:
-                    raise RuntimeError(f"the engine gave no frame for {job.sample.name}")
-                job.pcm.append(out.pcm)
-                job.text.append(out.text)
-            for job in [j for j in active if j.done]:
-                _finish(job, config)
-                active.remove(job)
-                report.samples += 1
-                report.audio_s += job.n_samples / job.rate
+        report.steps = drive(engine, queue, lambda sample: _start(engine, sample, options, config),
+                             lambda sample, call: _finish(sample, call, config, report))
     finally:
-        for job in active:
-            job.seat.release("run stopped")
         engine.stop()
     report.wall_s = time.perf_counter() - started
     return report

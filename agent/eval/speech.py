@@ -8,39 +8,18 @@ clips into silence at those times. Used by the generated evaluation set and the 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import numpy as np
-import soundfile as sf
 
-from agent.audio.stream import resample
+from agent.audio.espeak import EspeakError, espeak
 
 TRIM_LEVEL = 0.01  # |sample| below this, at the ends of espeak's output, is its padding
 
-
-class SpeechError(RuntimeError):
-    pass
+SpeechError = EspeakError  # what `speak` raises: espeak-ng missing, or it said nothing
 
 
 def speak(text: str, voice: str = "te", rate: int = 16_000, speed_wpm: int | None = None) -> np.ndarray:
     """espeak-ng speaking `text` with `voice` (e.g. te, te+f3, te+m3), trimmed, at `rate`."""
-    if shutil.which("espeak-ng") is None:
-        raise SpeechError("espeak-ng is not installed (apt-get install espeak-ng)")
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "speech.wav"
-        args = ["espeak-ng", "-v", voice, "-w", str(wav)]
-        if speed_wpm:
-            args += ["-s", str(speed_wpm)]
-        subprocess.run([*args, text], check=True, capture_output=True)
-        audio, file_rate = sf.read(str(wav), dtype="float32")
-    loud = np.nonzero(np.abs(audio) > TRIM_LEVEL)[0]
-    if loud.size == 0:
-        raise SpeechError(f"espeak-ng said nothing for {text!r} with voice {voice!r}")
-    audio = audio[loud[0]:loud[-1] + 1]
-    return np.ascontiguousarray(resample(audio, file_rate, rate))
+    return espeak(text, voice, rate, ["-s", str(speed_wpm)] if speed_wpm else (), trim_level=TRIM_LEVEL)
 
 
 def seconds(audio: np.ndarray, rate: int) -> float:

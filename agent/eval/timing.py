@@ -21,7 +21,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import torch
 
 from agent.audio.stream import resample
 
@@ -47,6 +46,7 @@ def _silero():
 
 def speech_segments(audio: np.ndarray, rate: int) -> list[Interval]:
     """Silero's speech segments (seconds) of mono `audio` at `rate`, FDB's settings."""
+    import torch  # here, not at the top: `python -m agent.eval score --help` stays light
     from silero_vad import get_speech_timestamps
     pcm = resample(np.asarray(audio, np.float32), rate, VAD_RATE)
     if pcm.size == 0:

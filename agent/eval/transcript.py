@@ -17,19 +17,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.train.records import Word  # one time-aligned word, the same in training data and evaluation
+
 TURN_SECONDS = 1.0  # speaking this long takes the turn
 TURN_WORDS = 3  # saying more words than this takes the turn
 
 
 class TranscriptError(ValueError):
     """An output.json that is not the benchmark's format; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Word:
-    text: str
-    start: float
-    end: float
 
 
 def read_words(path: Path) -> list[Word]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -247,17 +245,11 @@ class E2EResult:
 
 
 def telugu_speech(seconds: float) -> np.ndarray:
-    import soundfile as sf
-
-    from agent.audio.stream import resample
+    from agent.audio.espeak import espeak
 
     text = ("నమస్కారం, మీరు ఎలా ఉన్నారు? ఈ రోజు వాతావరణం చాలా బాగుంది. "
             "నాకు ఒక కప్పు కాఫీ కావాలి. రేపు మనం కలుద్దాం.")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "te.wav"
-        subprocess.run(["espeak-ng", "-v", "te", "-w", str(path), text], check=True)
-        audio, rate = sf.read(path, dtype="float32")
-    one = np.concatenate([resample(audio, rate, SAMPLE_RATE), np.zeros(SAMPLE_RATE, np.float32)])
+    one = np.concatenate([espeak(text, "te"), np.zeros(SAMPLE_RATE, np.float32)])
     return np.tile(one, int(np.ceil(seconds * SAMPLE_RATE / one.size)))[:int(seconds * SAMPLE_RATE)]
 
 

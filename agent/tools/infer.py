@@ -5,8 +5,8 @@
     python -m agent.tools.infer --model nvidia/personaplex-7b-v1 --voice-prompt NATF2 \
         --text-prompt "You are a friendly bank agent." --greedy IN.wav OUT.wav
 
-The recording goes through the same `FrameEngine` a live call uses, as one seat, frame by frame
-and as fast as the model runs (no real-time wait, no engine thread): what is measured here is what
+The recording goes through the same `FrameEngine` a live call uses (agent/engine/offline.py), as one
+seat, frame by frame and as fast as the model runs (no real-time wait, no engine thread): what is measured here is what
 a caller would have heard. OUT.wav is the agent's 24 kHz mono audio, aligned with the input (output
 frame k answers input frame k; the first frame is silent, Moshi's acoustic delay). The text goes to
 stdout and to OUT.txt beside OUT.wav. Any WAV rate and channel count is read (mixed to mono and
@@ -23,70 +23,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
 
-from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio.stream import resample
-from agent.config import EngineConfig, ModelConfig, SamplingConfig
-from agent.engine import FrameEngine
+from agent import SAMPLE_RATE
+from agent.audio.files import read_audio
+from agent.config import ModelConfig, SamplingConfig
+from agent.engine.offline import InferResult, infer
 from agent.engine.prompts import PromptSpec
 from agent.errors import CatalogueError, ConditionError, ModelLoadError, PromptError
-from agent.models import LoadedModel, load_model
+from agent.models import load_model
 from agent.voices import load_catalogue
 
+__all__ = ["InferResult", "infer", "main"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InferResult:
-    pcm: np.ndarray  # float32, 24 kHz, FRAME_SIZE samples per input frame
-    text_tokens: list[int]  # one per frame; -2 where the model had nothing yet (the first frame)
-    text: str
-
-
-def read_wav(path: str | Path) -> np.ndarray:
-    """Any WAV (rate, channels, sample format) as 24 kHz mono float32."""
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    return resample(audio.mean(axis=1), rate, SAMPLE_RATE)
-
-
-def to_frames(audio: np.ndarray) -> np.ndarray:
-    """(n_frames, FRAME_SIZE) float32, the last partial frame padded with zeros."""
-    n_frames = -(-audio.size // FRAME_SIZE)
-    padded = np.zeros(n_frames * FRAME_SIZE, np.float32)
-    padded[:audio.size] = audio
-    return padded.reshape(n_frames, FRAME_SIZE)
-
-
-def infer(model: LoadedModel, audio: np.ndarray, sampling: SamplingConfig | None = None,
-          conditions: dict[str, str] | None = None, prompt: PromptSpec | None = None) -> InferResult:
-    """Run 24 kHz mono `audio` through a one-seat FrameEngine on `model` (which must not back
-    another engine: the streaming state lives in its modules). `conditions`, e.g. {"speaker":
-    "ravi", "emotion": "sad"}, applies from the first frame; None keeps the engine's defaults.
-    `prompt` (a model that takes prompts): the voice/text prompt the conversation starts from
-    (PromptError if the model cannot take it)."""
-    engine = FrameEngine(model, EngineConfig(max_sessions=1), sampling)
-    seat = engine.acquire("infer")
-    if conditions:
-        seat.set_conditions(conditions)  # ConditionError for a value the model does not know
-    if prompt is not None:
-        seat.set_prompt(prompt)
-    pcm, tokens, pieces = [], [], []
-    for frame in to_frames(audio):
-        seat.push(frame)
-        engine.step_once()
-        out = seat.pull()
-        assert out is not None, "the engine produced no frame for an input frame"
-        pcm.append(out.pcm)
-        tokens.append(out.text_token)
-        pieces.append(out.text)
-    seat.release("done")
-    return InferResult(np.concatenate(pcm) if pcm else np.zeros(0, np.float32), tokens, "".join(pieces).strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_catalogue().settings(args.voice, args.emotion)
         model = load_model(config)
-        audio = read_wav(args.input)
+        audio = read_audio(args.input)
     except (CatalogueError, ModelLoadError, sf.SoundFileError) as exc:
         log.error("%s", exc)
         return 2

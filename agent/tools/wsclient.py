@@ -194,15 +194,14 @@ async def talk_with_reconnect(url: str, audio: np.ndarray, attempts: int = 5, **
 def main() -> None:
     import soundfile as sf
 
-    from agent.audio.stream import resample
+    from agent.audio.files import read_audio
 
     p = argparse.ArgumentParser(description="Talk to the agent over fastrtc's WebSocket protocol.")
     p.add_argument("url", help="ws://HOST:PORT/websocket/offer")
     p.add_argument("input", help="a WAV file to say (any rate; mixed to mono)")
     p.add_argument("output", help="where to write the agent's audio (24 kHz WAV)")
     args = p.parse_args()
-    audio, rate = sf.read(args.input, dtype="float32", always_2d=True)
-    audio = resample(audio.mean(axis=1), rate, SAMPLE_RATE)
+    audio = read_audio(args.input)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = asyncio.run(talk_with_reconnect(args.url, audio))
     sf.write(args.output, result.audio, SAMPLE_RATE)

@@ -18,13 +18,22 @@ checkpoints and resumes exactly (trainer/); `torchrun` runs it on several proces
 Kyutai's folder layout: `python app.py --model models/telugu`. See docs/training.md.
 """  # noqa: E501 - aligned command lines
 
-from agent.train.align import AlignConfig, Aligner, ProportionalAligner, run_align
-from agent.train.dialogues import DialogueConfig, run_dialogues
-from agent.train.ingest import IngestConfig, run_ingest
-from agent.train.segment import SegmentConfig, run_segment
-from agent.train.tokenizer import TokenizerConfig, resize_text_vocab, run_tokenizer
-from agent.train.tokens import TokensConfig, run_tokens
+from importlib import import_module
 
-__all__ = ["AlignConfig", "Aligner", "DialogueConfig", "IngestConfig", "ProportionalAligner", "SegmentConfig",
-           "TokenizerConfig", "TokensConfig", "resize_text_vocab", "run_align", "run_dialogues", "run_ingest",
-           "run_segment", "run_tokenizer", "run_tokens"]
+# name -> the module that defines it; imported on first use, so `python -m agent.train --help` loads no torch.
+_EXPORTS = {
+    "AlignConfig": "align", "Aligner": "align", "ProportionalAligner": "align", "run_align": "align",
+    "DialogueConfig": "dialogues", "run_dialogues": "dialogues",
+    "IngestConfig": "ingest", "run_ingest": "ingest",
+    "SegmentConfig": "segment", "run_segment": "segment",
+    "TokenizerConfig": "tokenizer", "resize_text_vocab": "tokenizer", "run_tokenizer": "tokenizer",
+    "TokensConfig": "tokens", "run_tokens": "tokens",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -8,11 +8,12 @@ recipe is thus a small JSON file, not a code change.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,55 @@ def _mapping(items: list[str] | None, what: str) -> dict[str, str] | None:
     return out
 
 
-def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
-    # default None everywhere: "not given" must be distinguishable so --config values survive.
+def _flag(parser: argparse.ArgumentParser, *names: str, defaults: tuple[str, ...] | None = None,
+          **kwargs: Any) -> None:
+    """A stage flag; its help ends with the config dataclass's default for field `dest` (or the
+    `defaults` fields, joined MIN:MAX). Default None here: "not given" must be distinguishable so
+    --config values survive."""
     if kwargs.get("action") == "store_true":
         kwargs.update(action="store_const", const=True)
-    parser.add_argument(*names, default=None, **kwargs)
+    kwargs.setdefault("help", DEFAULT_ONLY)
+    action = parser.add_argument(*names, default=None, **kwargs)
+    action.config_fields = defaults or (action.dest,)  # type: ignore[attr-defined]
+
+
+DEFAULT_ONLY = "default"  # the help of a flag that needs no words beyond its default
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ":".join(_shown(v) for v in value)
+    return str(value)
+
+
+class _StageHelp(argparse.HelpFormatter):
+    """Help that reads each flag's default from the stage's config dataclass when it is shown, so listing
+    the stages (`python -m agent.train --help`) imports no stage module."""
+
+    config = ""  # "module:Class" of the stage's settings
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = "" if action.help == DEFAULT_ONLY else action.help or ""
+        names = getattr(action, "config_fields", None)
+        if not self.config or not names or isinstance(action, argparse._StoreConstAction):
+            return text  # a switch is off unless given
+        module, _, name = self.config.partition(":")
+        known = {f.name: f for f in fields(getattr(importlib.import_module(module), name))}
+        if not all(n in known and known[n].default is not MISSING for n in names):
+            return text
+        values = [known[n].default for n in names]
+        if any(v is None for v in values) and text:
+            return text  # the flag's own help says what "not given" means
+        shown = _shown(values[0] if len(values) == 1 else tuple(values)).replace("%", "%%")
+        return f"{text} (default {shown})" if text else f"default {shown}"
+
+
+def _stage(stages: argparse._SubParsersAction, name: str, config: str, help: str) -> argparse.ArgumentParser:
+    """A stage's parser whose flag help shows the defaults of `config` ("module:Class")."""
+    formatter = type("StageHelp", (_StageHelp,), {"config": config})
+    return stages.add_parser(name, help=help, formatter_class=formatter)
 
 
 def _common(parser: argparse.ArgumentParser, needs_input: bool = True) -> None:
@@ -64,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reads the previous one's output folder and resumes where it stopped."))
     stages = parser.add_subparsers(dest="stage", required=True)
 
-    p = stages.add_parser("ingest", help="audio folders/manifests/datasets -> 24 kHz normalised WAVs + manifest")
+    p = _stage(stages, "ingest", "agent.train.ingest:IngestConfig",
+               help="audio folders/manifests/datasets -> 24 kHz normalised WAVs + manifest")
     _common(p, needs_input=False)
     _flag(p, "--manifest", dest="manifests", action="append", type=Path,
           help="JSONL/CSV/TSV rows: path, speaker, emotion, transcript, licence [, words, segments, agent_channel, "
@@ -81,107 +127,118 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--speaker", help="speaker for sources without a speaker column")
     _flag(p, "--emotion", help="emotion (catalogue id) for sources without an emotion column")
     _flag(p, "--licence", "--license", dest="licence", help="licence for sources without a licence column")
-    _flag(p, "--target-dbfs", type=float, help="RMS of the voiced part after normalisation (default -23)")
-    _flag(p, "--peak-dbfs", type=float, help="peak ceiling after normalisation (default -1)")
-    _flag(p, "--min-duration", type=float, help="seconds (default 0.3)")
-    _flag(p, "--max-duration", type=float, help="seconds (default 4 h)")
-    _flag(p, "--min-source-rate", type=int, help="lowest accepted source sample rate in Hz (default 8000)")
-    _flag(p, "--silence-dbfs", type=float, help="a file whose loudest 20 ms is below this is silent (default -50)")
+    _flag(p, "--target-dbfs", type=float, help="RMS of the voiced part after normalisation")
+    _flag(p, "--peak-dbfs", type=float, help="peak ceiling after normalisation")
+    _flag(p, "--min-duration", type=float, help="seconds")
+    _flag(p, "--max-duration", type=float, help="seconds")
+    _flag(p, "--min-source-rate", type=int, help="lowest accepted source sample rate in Hz")
+    _flag(p, "--silence-dbfs", type=float, help="a file whose loudest 20 ms is below this is silent")
 
-    p = stages.add_parser("segment", help="Silero VAD -> utterances (two-speaker recordings pass through)")
+    p = _stage(stages, "segment", "agent.train.segment:SegmentConfig",
+               help="Silero VAD -> utterances (two-speaker recordings pass through)")
     _common(p)
-    _flag(p, "--min-duration", type=float, help="seconds (default 0.3)")
-    _flag(p, "--max-duration", type=float, help="seconds (default 15)")
-    _flag(p, "--pad-ms", type=int, help="silence kept around each utterance (default 150)")
-    _flag(p, "--utterance-gap-ms", type=int, help="a pause this long ends an utterance (default 400)")
-    _flag(p, "--threshold", type=float, help="Silero speech probability (default 0.5)")
+    _flag(p, "--min-duration", type=float, help="seconds")
+    _flag(p, "--max-duration", type=float, help="seconds")
+    _flag(p, "--pad-ms", type=int, help="silence kept around each utterance")
+    _flag(p, "--utterance-gap-ms", type=int, help="a pause this long ends an utterance")
+    _flag(p, "--threshold", type=float, help="Silero speech probability")
 
-    p = stages.add_parser("dialogues", help="stereo conversations, LEFT = agent, RIGHT = user")
+    p = _stage(stages, "dialogues", "agent.train.dialogues:DialogueConfig",
+               help="stereo conversations, LEFT = agent, RIGHT = user")
     _common(p)
     _flag(p, "--road", choices=["auto", "assembled", "conversation", "monologue"],
-          help="default auto: by each input's kind")
-    _flag(p, "--seed", type=int, help="default 0")
+          help="auto: by each input's kind")
+    _flag(p, "--seed", type=int)
     _flag(p, "--count", type=int, help="assembled dialogues to make (default: about one use per agent utterance)")
-    _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="turns per assembled dialogue (default 4:10)")
-    _flag(p, "--max-seconds", type=float, help="assembled dialogue length limit (default 120)")
-    _flag(p, "--gap-ms", type=_pair, metavar="MIN:MAX", help="pause between turns (default 150:700)")
-    _flag(p, "--overlap-prob", type=float, help="chance a turn starts before the other ends (default 0.15)")
-    _flag(p, "--overlap-ms", type=_pair, metavar="MIN:MAX", help="overlap length (default 100:500)")
-    _flag(p, "--backchannel-prob", type=float, help="chance of a backchannel in a turn of >= 1.5 s (default 0.3)")
+    _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="turns per assembled dialogue",
+          defaults=("min_turns", "max_turns"))
+    _flag(p, "--max-seconds", type=float, help="assembled dialogue length limit")
+    _flag(p, "--gap-ms", type=_pair, metavar="MIN:MAX", help="pause between turns")
+    _flag(p, "--overlap-prob", type=float, help="chance a turn starts before the other ends")
+    _flag(p, "--overlap-ms", type=_pair, metavar="MIN:MAX", help="overlap length")
+    _flag(p, "--backchannel-prob", type=float, help="chance of a backchannel in a turn of >= 1.5 s")
     _flag(p, "--agent-voice", dest="agent_voices", action="append", metavar="SPEAKER=VOICE",
           help="data speaker -> catalogue voice id; when given, only these speakers are agents (repeatable)")
     _flag(p, "--emotion-policy", choices=["dialogue", "turn"],
-          help="one agent emotion per dialogue (default) or per turn")
+          help="one agent emotion per dialogue or per turn")
 
-    p = stages.add_parser("align", help="moshi-finetune word alignments (agent words, SPEAKER_MAIN)")
+    p = _stage(stages, "align", "agent.train.align:AlignConfig",
+               help="moshi-finetune word alignments (agent words, SPEAKER_MAIN)")
     _common(p)
-    _flag(p, "--aligner", help="'proportional' (default, an approximation) or module:Class implementing Aligner")
+    _flag(p, "--aligner", help="'proportional' (an approximation) or module:Class implementing Aligner")
     _flag(p, "--include-user-words", action="store_true", help="also write user words, labelled SPEAKER_OTHER")
     _flag(p, "--text-conditions", action="store_true",
           help="add {speaker, emotion} as text_conditions to each alignment JSON (for a conditioned model)")
 
-    p = stages.add_parser("tokenizer", help="SentencePiece on Telugu (+English) text, Moshi's special ids")
+    p = _stage(stages, "tokenizer", "agent.train.tokenizer:TokenizerConfig",
+               help="SentencePiece on Telugu (+English) text, Moshi's special ids")
     _common(p)
     _flag(p, "--text", dest="text_files", action="append", type=Path,
           help="plain-text corpus, one sentence per line (repeatable; --in is then optional)")
-    _flag(p, "--vocab-size", type=int, help="default 8000 (a small corpus gives fewer; tokenizer.json says how many)")
-    _flag(p, "--model-type", choices=["unigram", "bpe", "char", "word"], help="default unigram")
+    _flag(p, "--vocab-size", type=int, help="a small corpus gives fewer; tokenizer.json says how many")
+    _flag(p, "--model-type", choices=["unigram", "bpe", "char", "word"])
     _flag(p, "--base-tokenizer", type=Path, help="the base model's tokenizer, for the overlap statistics only")
-    _flag(p, "--seed", type=int, help="default 0")
+    _flag(p, "--seed", type=int)
 
-    p = stages.add_parser("tokens", help="Mimi codes + the 12.5 Hz text stream per dialogue, encoded once")
+    p = _stage(stages, "tokens", "agent.train.tokens:TokensConfig",
+               help="Mimi codes + the 12.5 Hz text stream per dialogue, encoded once")
     _common(p)
-    _flag(p, "--model", help="whose Mimi encodes: a repo id, a Kyutai folder, or tiny (default tiny)")
+    _flag(p, "--model", help="whose Mimi encodes: a repo id, a Kyutai folder, or tiny")
     _flag(p, "--tokenizer", type=Path, help="stage 5's tokenizer.model (default: the tiny model's own)")
     _flag(p, "--device", help="cpu or cuda (default: cuda when present)")
     _flag(p, "--seed", type=int, help="the tiny model's weights seed (must match training and the app)")
 
-    p = stages.add_parser("script", help="synthetic dialogue scripts: agent voice, persona, turns with emotions "
+    p = _stage(stages, "script", "agent.train.script:ScriptConfig",
+               help="synthetic dialogue scripts: agent voice, persona, turns with emotions "
                                          "and full-duplex events (for synth)")
     _common(p, needs_input=False)
     _flag(p, "--sentences", type=Path, help="a Telugu sentence list, one per line: templates + sampling")
     _flag(p, "--llm", help="an instruction model (Hub id or folder; needs transformers) writes the turns")
     _flag(p, "--from", dest="source_jsonl", type=Path, metavar="JSONL", help="scripts a person wrote, one per line")
     _flag(p, "--count", type=int, help="dialogues to make (default 100; --from: every line)")
-    _flag(p, "--seed", type=int, help="default 0")
+    _flag(p, "--seed", type=int)
     _flag(p, "--licence", "--license", dest="licence", help="licence of the text (default: FILE.licence)")
-    _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="main turns per dialogue (default 4:10)")
-    _flag(p, "--max-chars", type=int, help="longest turn text (default 400)")
-    _flag(p, "--backchannel-prob", type=float, help="default 0.35")
-    _flag(p, "--interrupt-prob", type=float, help="default 0.12")
-    _flag(p, "--overlap-prob", type=float, help="default 0.12")
-    _flag(p, "--pause-prob", type=float, help="default 0.08")
+    _flag(p, "--turns", type=_pair, metavar="MIN:MAX", help="main turns per dialogue",
+          defaults=("min_turns", "max_turns"))
+    _flag(p, "--max-chars", type=int, help="longest turn text")
+    _flag(p, "--backchannel-prob", type=float)
+    _flag(p, "--interrupt-prob", type=float)
+    _flag(p, "--overlap-prob", type=float)
+    _flag(p, "--pause-prob", type=float)
     _flag(p, "--emotion-policy", choices=["dialogue", "turn"],
-          help="one agent emotion per dialogue (default) or per turn")
+          help="one agent emotion per dialogue or per turn")
     _flag(p, "--llm-device", help="cpu or cuda (default: cuda when present)")
-    _flag(p, "--workers", type=int, help="processes (default 1; with --llm each loads the model)")
+    _flag(p, "--workers", type=int, help="processes (with --llm each loads the model)")
 
-    p = stages.add_parser("synth", help="scripts -> stereo dialogues (LEFT agent) with exact word timings, "
+    p = _stage(stages, "synth", "agent.train.synth:SynthConfig",
+               help="scripts -> stereo dialogues (LEFT agent) with exact word timings, "
                                         "voice prompts and a dataset card; tokens reads its folder")
     _common(p)
     _flag(p, "--tts",
-          help="espeak (default; offline, CPU), parler (Indic Parler-TTS; needs parler-tts), or module:Class")
-    _flag(p, "--seed", type=int, help="default 0")
-    _flag(p, "--workers", type=int, help="processes (default 1)")
-    _flag(p, "--user-noise-prob", type=float, help="chance of pink noise on the user channel (default 0)")
-    _flag(p, "--user-room-prob", type=float, help="chance of a synthetic room on the user channel (default 0)")
-    _flag(p, "--parler-model", help="default ai4bharat/indic-parler-tts")
-    _flag(p, "--batch-size", type=int, help="Parler-TTS turns per batch (default 8)")
+          help="espeak (offline, CPU), parler (Indic Parler-TTS; needs parler-tts), or module:Class")
+    _flag(p, "--seed", type=int)
+    _flag(p, "--workers", type=int, help="processes")
+    _flag(p, "--user-noise-prob", type=float, help="chance of pink noise on the user channel")
+    _flag(p, "--user-room-prob", type=float, help="chance of a synthetic room on the user channel")
+    _flag(p, "--parler-model")
+    _flag(p, "--batch-size", type=int, help="Parler-TTS turns per batch")
     _flag(p, "--device", help="cpu or cuda (Parler-TTS; default: cuda when present)")
 
-    from agent.train.trainer import TrainConfig
-    p = stages.add_parser("train", help="LoRA + text embeddings + speaker/emotion conditioners on the shards "
+    from agent.train.trainer.config import TrainConfig
+    p = _stage(stages, "train", "agent.train.trainer.config:TrainConfig",
+               help="LoRA + text embeddings + speaker/emotion conditioners on the shards "
                                         "(torchrun for several processes)")
     _common(p)
     _dataclass_flags(p, TrainConfig, skip={"inp", "out", "force", "quiet"})
 
-    p = stages.add_parser("export", help="a checkpoint -> a folder `python app.py --model FOLDER` loads")
+    p = _stage(stages, "export", "agent.train.export:ExportConfig",
+               help="a checkpoint -> a folder `python app.py --model FOLDER` loads")
     _flag(p, "--in", dest="inp", type=Path, metavar="RUN",
           help="a training run folder (latest checkpoint) or a step-N folder")
     _flag(p, "--out", type=Path, metavar="FOLDER", help="the model folder to write")
     _flag(p, "--config", type=Path, help="JSON file of this stage's settings (flags override it)")
     _flag(p, "--fused", action="store_true", help="fold the LoRA into the weights (default: a separate adapter)")
-    _flag(p, "--dtype", choices=["bf16", "fp16", "fp32"], help="of the weights written (default bf16)")
+    _flag(p, "--dtype", choices=["bf16", "fp16", "fp32"], help="of the weights written")
     _flag(p, "--force", action="store_true", help="overwrite a non-empty --out")
     _flag(p, "--quiet", action="store_true", help="no progress lines")
 
@@ -191,19 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
-    """--kebab-case flags for a config dataclass's fields; the field comments in its module explain them."""
+    """--kebab-case flags for a config dataclass's fields (the help shows each default); the field
+    comments in its module explain them."""
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if kind == "bool":
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=f"default {f.default}")
+            action = parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                         help=DEFAULT_ONLY)
         else:
             caster = int if kind.startswith("int") else float if kind.startswith("float") else \
                 Path if kind.startswith("Path") else str
-            parser.add_argument(flag, dest=f.name, default=None, type=caster, help=f"default {f.default}")
+            action = parser.add_argument(flag, dest=f.name, default=None, type=caster, help=DEFAULT_ONLY)
+        action.config_fields = (f.name,)  # type: ignore[attr-defined]
 
 
 def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:

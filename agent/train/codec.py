@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from moshi.models import loaders
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from agent import SAMPLE_RATE
-from agent.train.tts import to_24k
+from agent.audio.files import read_channels
 
 FRAME = 1920  # samples per 80 ms Mimi frame at 24 kHz
 STFT_SCALES = (2048, 1024, 512, 256, 128, 64)
@@ -78,9 +77,7 @@ def read_signals(paths: list[Path], min_rms: float = 1e-3) -> list[np.ndarray]:
     """Each channel of each file at 24 kHz; near-silent channels (a monologue's empty side) dropped."""
     out = []
     for path in paths:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        for channel in audio.T:
-            x = to_24k(channel, rate)
+        for x in read_channels(path):
             if x.size >= FRAME * 4 and float(np.sqrt(np.mean(x ** 2))) > min_rms:
                 out.append(x)
     if not out:
@@ -161,17 +158,15 @@ class CodecConfig:
     spectral_weight: float = 1.0
     commit_weight: float = 1.0
     quantize_rate: float = 0.5  # share of crops that go through the quantizer (Mimi's paper: 0.5)
-    # With a > 0 the spectral loss compares pre-emphasised audio (x[n] - a x[n-1], +6 dB an octave): the
-    # loss is otherwise ruled by the loud 300-1000 Hz band, and a codec can fit it with the 1-3 kHz formants
-    # missing. Off by default: at 0.9 it brought the formants back but had not passed by step 3,250 on the
-    # toy's data, where the default order passed at 2,000 (docs/evaluation.md).
+    # With a > 0 the spectral loss compares pre-emphasised audio (x[n] - a x[n-1], +6 dB an octave), so the
+    # loud 300-1000 Hz band does not rule it and the 1-3 kHz formants count. Off by default: it delayed the
+    # voice's turn into speech on the toy's data (docs/evaluation.md).
     pre_emphasis: float = 0.0
     save_every: int = 250  # steps between snapshots (each judged on the validation clips, when given)
     # With validation clips, the kept codec is the best snapshot, and training goes on past `steps` (at
     # the final learning rate, up to `extra_steps` more) until one passes: Silero hears speech in at
-    # least `min_speech_ratio` of the validation speech. Why: the decoded voice turns from murmur into
-    # speech suddenly, somewhere between 1,000 and 4,000+ steps at similar losses, so neither the loss
-    # nor a fixed step count says when the codec is ready.
+    # least `min_speech_ratio` of the validation speech: the decoded voice turns from murmur into speech
+    # suddenly, at similar losses, so neither the loss nor a step count says when the codec is ready.
     min_speech_ratio: float = 0.8
     extra_steps: int = 4000
     seed: int = 0

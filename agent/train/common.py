@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from agent.audio.files import read_file
 from agent.train.records import RecordError, from_dict, to_dict
 
 MANIFEST, REPORT, SUMMARY, DONE_DIR = "manifest.jsonl", "report.jsonl", "summary.json", ".done"
@@ -291,7 +292,7 @@ def read_audio_checked(path: Path, rate: int, channels: int | None = None) -> np
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
     try:
-        audio, file_rate = sf.read(path, dtype="float32", always_2d=True)
+        audio, file_rate = read_file(path)
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise ValueError(f"corrupt or unreadable audio: {exc}") from exc
     if file_rate != rate:

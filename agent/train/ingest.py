@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 
 from agent import SAMPLE_RATE
+from agent.audio.files import read_file
 from agent.audio.stream import resample
 from agent.train.common import (
     StageRun,
@@ -191,13 +192,13 @@ def _hf_audio(value: Any) -> tuple[np.ndarray, int]:
     if isinstance(value, dict) and value.get("array") is not None:
         return np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
     if isinstance(value, dict) and value.get("bytes"):
-        audio, rate = sf.read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=True)
+        audio, rate = read_file(io.BytesIO(value["bytes"]))
         return audio, rate
     if isinstance(value, dict) and value.get("path"):
-        audio, rate = sf.read(value["path"], dtype="float32", always_2d=True)
+        audio, rate = read_file(value["path"])
         return audio, rate
     if isinstance(value, str):
-        audio, rate = sf.read(value, dtype="float32", always_2d=True)
+        audio, rate = read_file(value)
         return audio, rate
     if hasattr(value, "get_all_samples"):  # datasets >= 4 decodes with torchcodec
         samples = value.get_all_samples()
@@ -276,7 +277,7 @@ def _url_items(config: IngestConfig) -> Iterator[SourceItem]:
                 done = sorted(folder.glob("audio.*"))
                 if result.returncode != 0 or not done:
                     raise ValueError(f"download failed: {(result.stderr or result.stdout).strip()[-300:]}")
-            audio, rate = sf.read(done[0], dtype="float32", always_2d=True)
+            audio, rate = read_file(done[0])
             return audio, rate
 
         yield SourceItem(url, url, name, labels={}, columns=frozenset(), loader=load, stamp=url)
@@ -298,8 +299,8 @@ def list_items(config: IngestConfig) -> Iterator[SourceItem]:
 def decode(path: Path) -> tuple[np.ndarray, int]:
     """(frames, channels) float32 and the rate; ValueError with the reason when it cannot be read."""
     try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
-        return audio, int(rate)
+        audio, rate = read_file(path)
+        return audio, rate
     except (RuntimeError, sf.LibsndfileError) as exc:
         error = exc
     if shutil.which("ffmpeg"):
@@ -307,8 +308,8 @@ def decode(path: Path) -> tuple[np.ndarray, int]:
                                 capture_output=True, timeout=600)
         if result.returncode == 0:
             try:
-                audio, rate = sf.read(io.BytesIO(result.stdout), dtype="float32", always_2d=True)
-                return audio, int(rate)
+                audio, rate = read_file(io.BytesIO(result.stdout))
+                return audio, rate
             except (RuntimeError, sf.LibsndfileError) as exc:
                 error = exc
     elif path.suffix.lower() in OTHER_AUDIO_SUFFIXES:

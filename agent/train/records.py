@@ -44,8 +44,10 @@ def clean_text(text: Any) -> str | None:
     return text or None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Word:
+    """One time-aligned word (seconds), in the training records and in evaluation transcripts."""
+
     text: str
     start: float
     end: float

@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from agent import ASSETS
 from agent.train.common import UsageError
@@ -49,12 +48,8 @@ SENTENCES = ASSETS / "telugu_sentences.txt"
 TRAIN_CONFIG = ASSETS / "train" / "telugu_tiny.json"
 DEFAULT_OUT = ASSETS / "models" / "telugu-tiny"
 CODEC_VOICES = (("lakshmi", "female"), ("sravani", "female"), ("ravi", "male"), ("kiran", "male"))
-# CODEC_ORDER_NOTE: the codec reads its dialogues in a fixed order: the first 100 user-first ones, then
-# the others by id. Why: its voice turns from a murmur into speech (to Silero) suddenly, at a step that
-# depends on the data and on the order it is read in. Read in this order, the first 300 dialogues gave
-# speech from step 2,000 (every snapshot to 4,000 passed). The same 300 sorted by id had not by step
-# 6,500, nor the LM's 600 dialogues by 4,250: a closer spectrum, but the 1-3 kHz formants missing.
-# Snapshot selection (agent.train.codec) catches a codec that does not cross; it cannot make one cross.
+# CODEC_ORDER_NOTE: the codec reads the first 100 user-first dialogues, then the others by id: the order
+# decides whether its voice turns into speech (docs/evaluation.md, "The codec is the fragile part").
 CODEC_LEADING_USER_FIRST = 100
 
 
@@ -62,7 +57,7 @@ CODEC_LEADING_USER_FIRST = 100
 class TeluguTinyConfig:
     work: Path  # everything intermediate (datasets, runs); a few hundred MB
     out: Path = DEFAULT_OUT  # the shipped model folder
-    dialogues: int = 600  # user-first dialogues for the LM (with 100 its held-out loss rose from step 300 on)
+    dialogues: int = 600  # user-first dialogues for the LM (fewer overfit: docs/evaluation.md, "LM data")
     codec_steps: int = 4000
     codec_extra_steps: int = 4000  # at most this many more until a codec snapshot is heard as speech
     codec_dialogues: int = 300  # the codec's data: the first 300 dialogues, whoever speaks first (see below)
@@ -120,6 +115,8 @@ def spoken_clips(sentences: list[str]) -> list[np.ndarray]:
 
 def write_base(codec_dir: Path, folder: Path, seed: int) -> Path:
     """The tiny LM (random weights from `seed`) with the trained codec, in Kyutai's folder layout."""
+    import torch
+
     from agent.models import build_tiny, write_checkpoint_folder
     from agent.train.codec import load_mimi_folder
     from agent.train.export import RANDOM_INIT_LICENCE
@@ -142,12 +139,11 @@ def loudness_timing(folder: Path, frame_s: float = 0.08, after_s: float = 3.0) -
     above 4x the level it kept while the user spoke, and above -46 dBFS). Not a benchmark figure: it
     shows whether the LM stays quiet and then answers even where the codec's voice is too poor for
     Silero to call it speech."""
-    import soundfile as sf
-
+    from agent.audio.files import read_mono
     from agent.eval.layout import find_samples
     during, after, onsets = [], [], []
     for sample in find_samples(folder):
-        out, rate = sf.read(str(sample.folder / "output.wav"), dtype="float32")
+        out, rate = read_mono(sample.folder / "output.wav")
         start = json.loads((sample.folder / "transcription.json").read_text(encoding="utf-8"))[0]["timestamp"][0]
         end = json.loads((sample.folder / "turn_taking.json").read_text(encoding="utf-8"))[0]["timestamp"][0]
         hop = int(frame_s * rate)
@@ -178,6 +174,8 @@ def evaluate(model: str, set_dir: Path, out_dir: Path, seed: int) -> dict:
 
 
 def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
+    import torch  # here, not at the top: the stage list (`python -m agent.train --help`) loads no torch
+
     torch.set_num_threads(config.threads)
     w, q = config.work, ["--quiet"] if config.quiet else []
     w.mkdir(parents=True, exist_ok=True)

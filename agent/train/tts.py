@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from agent import SAMPLE_RATE
+from agent.audio.stream import resample
 from agent.train.records import Word
 
 EXACT, PROPORTIONAL = "tts-events", "proportional"
@@ -88,13 +88,6 @@ def trim(audio: np.ndarray, words: list[Word], rate: int, lead_s: float = 0.02, 
     moved = [Word(w.text, round(float(min(max(w.start - offset, 0.0), length)), 4),
                   round(float(min(max(w.end - offset, 0.0), length)), 4)) for w in words]
     return audio[first:last].astype(np.float32), [w for w in moved if w.end > w.start]
-
-
-def to_24k(audio: np.ndarray, rate: int) -> np.ndarray:
-    if rate == SAMPLE_RATE:
-        return audio.astype(np.float32)
-    g = math.gcd(SAMPLE_RATE, rate)
-    return resample_poly(audio.astype(np.float64), SAMPLE_RATE // g, rate // g).astype(np.float32)
 
 
 def proportional_words(text: str, start: float, end: float) -> list[Word]:
@@ -249,7 +242,7 @@ class EspeakBackend:
         if not words:
             raise TTSError(f"espeak-ng spoke no words of {text[:40]!r}")
         audio, words = trim(audio, words, self.rate)
-        return Speech(to_24k(audio, self.rate), words, EXACT)
+        return Speech(resample(audio, self.rate, SAMPLE_RATE), words, EXACT)
 
     def _words(self, text: str, audio: np.ndarray) -> list[Word]:
         """The text's whitespace words timed by the engine's WORD events (first event of a word = its start)."""
@@ -371,7 +364,7 @@ class ParlerBackend:
             if length == 0 or not np.isfinite(audio).all():
                 results.append(TTSError(f"Parler-TTS produced no audio for {text[:40]!r}"))
                 continue
-            audio = to_24k(audio, self.rate)
+            audio = resample(audio, self.rate, SAMPLE_RATE)
             try:
                 audio, _ = trim(audio, [], SAMPLE_RATE)
             except TTSError as exc:

@@ -23,22 +23,25 @@ GPUs; `fsdp: true` shards the 7B across GPUs instead). Logs: <out>/metrics.csv, 
 files when the `tensorboard` package is installed.
 """
 
-from agent.train.trainer.checkpoints import (
-                                             CHECKPOINTS,
-                                             STATE_FILE,
-                                             TRAINABLE_FILE,
-                                             checkpoint_dirs,
-                                             latest_checkpoint,
-                                             load_trainable,
-)
-from agent.train.trainer.config import TrainConfig
-from agent.train.trainer.loop import RUN_FILE, TrainResult, run_train
-from agent.train.trainer.loss import LossModule, masked_cross_entropy
-from agent.train.trainer.metrics import METRICS_FILE
-from agent.train.trainer.model import LORA_KEYS, TrainModel, build_train_model, is_trainable, trainable_state
-from agent.train.trainer.windows import Batch, Windows, split_records
+from importlib import import_module
 
-__all__ = ["Batch", "CHECKPOINTS", "LORA_KEYS", "METRICS_FILE", "RUN_FILE", "STATE_FILE", "TRAINABLE_FILE",
-           "LossModule", "TrainConfig", "TrainModel", "TrainResult", "Windows", "build_train_model", "checkpoint_dirs",
-           "is_trainable", "latest_checkpoint", "load_trainable", "masked_cross_entropy", "run_train",
-           "split_records", "trainable_state"]
+# name -> the module that defines it; imported on first use, so reading TrainConfig loads no torch.
+_EXPORTS = {
+    "CHECKPOINTS": "checkpoints", "STATE_FILE": "checkpoints", "TRAINABLE_FILE": "checkpoints",
+    "checkpoint_dirs": "checkpoints", "latest_checkpoint": "checkpoints", "load_trainable": "checkpoints",
+    "TrainConfig": "config",
+    "RUN_FILE": "loop", "TrainResult": "loop", "run_train": "loop",
+    "LossModule": "loss", "masked_cross_entropy": "loss",
+    "METRICS_FILE": "metrics",
+    "LORA_KEYS": "model", "TrainModel": "model", "build_train_model": "model", "is_trainable": "model",
+    "trainable_state": "model",
+    "Batch": "windows", "Windows": "windows", "split_records": "windows",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -74,8 +74,8 @@ class TrainResult:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """moshi-finetune's schedule: OneCycleLR, a `pct_start` warm-up then cosine down. OneCycleLR divides by
-    its warm-up length minus one step, so short runs (pct_start 0.05 at 20 steps) raised
-    ZeroDivisionError: the warm-up is at least 2 steps, and a run of under 3 steps keeps a constant rate."""
+    its warm-up length minus one step, so the warm-up is at least 2 steps, and a run of under 3 steps keeps
+    a constant rate."""
     total = config.max_steps
     if total < 3:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
@@ -152,11 +152,36 @@ def _prompts(config: TrainConfig, model: TrainModel, info: dict, records: list[T
     return prompts
 
 
-def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
+@dataclass
+class _Setup:
+    """What a run trains on: the model and its data, read and checked before the first step."""
+
+    out: Path
+    model: TrainModel
+    dtype: torch.dtype
+    report: Console
+    train_data: Windows
+    eval_data: Windows | None
+
+
+@dataclass
+class _Optim:
+    """The model as the steps see it (wrapped for several processes), its optimizer and where it resumes."""
+
+    module: LossModule
+    wrapped: torch.nn.Module
+    sharded: bool
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int
+    resume: Path | None
+
+
+def _setup(config: TrainConfig, group: Dist, device: torch.device) -> _Setup:
     if config.batch_size % group.world:
         raise UsageError(f"batch_size {config.batch_size} must be a multiple of the {group.world} processes")
     out = _open_run_folder(config, group)
-    run_file = out / RUN_FILE
     try:
         dtype = resolve_dtype(config.dtype, device)
     except ModelLoadError as exc:
@@ -174,16 +199,20 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
     for note in model.notes:
         report.say(f"note: {note}")
     if group.main:
-        atomic_write_json(run_file, {"fingerprint": config.fingerprint(), "config": {
+        atomic_write_json(out / RUN_FILE, {"fingerprint": config.fingerprint(), "config": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
             "lm_config": model.lm_config, "tokenizer": str(model.tokenizer_path), "base": config.model,
             "mimi_config": model.base.mimi_config, "train_dialogues": len(train_records),
             "eval_dialogues": len(eval_records), "windows": len(train_data),
             "trainable_params": sum(p.numel() for p in model.lm.parameters() if p.requires_grad),
             "licences": sorted({lic for r in records for lic in r.licences}), "notes": model.notes})
+    return _Setup(out, model, dtype, report, train_data, eval_data)
 
-    step, state = 0, None
-    resume = latest_checkpoint(out)
+
+def _optimiser(config: TrainConfig, setup: _Setup, group: Dist, device: torch.device) -> _Optim:
+    """The loss module wrapped for the processes, AdamW and its schedule, resumed from the last checkpoint."""
+    model, state = setup.model, None
+    resume = latest_checkpoint(setup.out)
     if resume is not None:  # weights go in before sharding; optimizer state after the optimizer exists
         load_trainable(model.lm, resume)
         state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
@@ -191,46 +220,64 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
     wrapped: torch.nn.Module = module
     sharded = group.world > 1 and config.fsdp
     if sharded:
-        fsdp_shard(module, device, group.world, dtype)
+        fsdp_shard(module, device, group.world, setup.dtype)
     elif group.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = build_scheduler(optimizer, config)
+    step = 0
     if state is not None:
         step = restore_state(state, module, optimizer, scheduler, sharded)
-        report.say(f"resuming from {resume} (step {step})")
-    log = MetricsLog(out, group.main, step)
-    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
-                else nullcontext())
+        setup.report.say(f"resuming from {resume} (step {step})")
+    return _Optim(module, wrapped, sharded, params, optimizer, scheduler, step, resume)
+
+
+def _train_step(config: TrainConfig, setup: _Setup, opt: _Optim, group: Dist, device: torch.device,
+                autocast) -> tuple[dict[str, torch.Tensor], float, torch.Tensor, int]:
+    """One optimizer step on this process's share of batch `opt.step` (then counted): the losses averaged
+    over the processes, the learning rate it used, the gradient norm and the conversation frames seen."""
+    per_rank = config.batch_size // group.world
+    first = opt.step * config.batch_size + group.rank * per_rank
+    batch = setup.train_data.batch(list(range(first, first + per_rank)))
+    codes = batch.codes.to(device)
+    with autocast:
+        losses = opt.wrapped(codes, batch.conditions, batch.prompt_frames.to(device))
+    opt.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(opt.params, config.max_norm)
+    opt.optimizer.step()
+    lr = opt.scheduler.get_last_lr()[0]
+    opt.scheduler.step()
+    opt.step += 1
+    frames = codes.shape[0] * codes.shape[-1] - int(batch.prompt_frames.sum())
+    values = {k: v.detach() for k, v in losses.items()}
+    if group.world > 1:
+        for v in values.values():
+            dist.all_reduce(v)
+            v /= group.world
+    return values, lr, grad_norm, frames
+
+
+def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
+    setup = _setup(config, group, device)
+    opt = _optimiser(config, setup, group, device)
+    report, step = setup.report, opt.step
+    log = MetricsLog(setup.out, group.main, step)
+    autocast = (torch.autocast(device_type="cuda", dtype=setup.dtype)
+                if device.type == "cuda" and setup.dtype != torch.float32 else nullcontext())
     per_rank = config.batch_size // group.world
     last_loss = eval_loss = None
-    checkpoint = resume
+    checkpoint = opt.resume
     started, frames_done = time.monotonic(), 0
     bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", file=sys.stderr,
                disable=report.quiet, dynamic_ncols=True, mininterval=0.5)
-    while step < config.max_steps:
-        ks = list(range(step * config.batch_size + group.rank * per_rank,
-                        step * config.batch_size + (group.rank + 1) * per_rank))
-        batch = train_data.batch(ks)
-        codes = batch.codes.to(device)
-        with autocast:
-            losses = wrapped(codes, batch.conditions, batch.prompt_frames.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_norm)
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
+    while opt.step < config.max_steps:
+        values, lr, grad_norm, frames = _train_step(config, setup, opt, group, device, autocast)
+        step = opt.step
         bar.update(1)
-        frames_done += codes.shape[0] * codes.shape[-1] - int(batch.prompt_frames.sum())  # conversation frames
-        values = {k: v.detach() for k, v in losses.items()}
-        if group.world > 1:
-            for v in values.values():
-                dist.all_reduce(v)
-                v /= group.world
+        frames_done += frames
         last_loss = float(values["loss"])
         if step % config.log_every == 0 or step == config.max_steps or step == 1:
             elapsed = time.monotonic() - started
@@ -242,20 +289,22 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
                        "seconds": f"{elapsed:.1f}"})
             report.say(f"step {step}/{config.max_steps} loss {last_loss:.4f} (text {float(values['text_loss']):.4f}, "
                        f"audio {float(values['audio_loss']):.4f}) lr {lr:.2e}")
-        if eval_data is not None and (step % config.eval_every == 0 or step == config.max_steps):
-            eval_loss = evaluate(wrapped, eval_data, config, per_rank, group, device, autocast)
+        if setup.eval_data is not None and (step % config.eval_every == 0 or step == config.max_steps):
+            eval_loss = evaluate(opt.wrapped, setup.eval_data, config, per_rank, group, device, autocast)
             log.write({"step": step, "split": "eval", "loss": f"{eval_loss:.6f}"})
             report.say(f"step {step} eval loss {eval_loss:.4f}")
         if step % config.checkpoint_every == 0 or step == config.max_steps or step == config.stop_after:
             # Every process takes part in gathering sharded tensors; the main one writes.
-            weights, optim_state = trainable_state(model.lm), optimizer_state(module, optimizer, sharded)
+            weights = trainable_state(setup.model.lm)
+            optim_state = optimizer_state(opt.module, opt.optimizer, opt.sharded)
             if group.main:
-                checkpoint = save_checkpoint(out, step, weights, optim_state, scheduler, config.keep_checkpoints)
+                checkpoint = save_checkpoint(setup.out, step, weights, optim_state, opt.scheduler,
+                                             config.keep_checkpoints)
             group.barrier()
         if config.stop_after is not None and step >= config.stop_after:
             break
     bar.close()
-    return TrainResult(out, step, checkpoint, last_loss, eval_loss, model.notes)
+    return TrainResult(setup.out, step, checkpoint, last_loss, eval_loss, setup.model.notes)
 
 
 def evaluate(wrapped: torch.nn.Module, data: Windows, config: TrainConfig, per_rank: int, group: Dist,
