@@ -12,9 +12,7 @@ import os
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi is imported anywhere
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 import soundfile as sf
 
 from agent import SAMPLE_RATE
+from agent.audio.espeak import EspeakError, espeak
 from agent.audio.stream import resample
 from agent.config import EngineConfig, ModelConfig, ServerConfig
 
@@ -51,12 +50,10 @@ def free_port() -> int:
 
 def espeak_telugu(text: str, path: Path, voice: str = "te", extra: list[str] | None = None) -> np.ndarray:
     """Telugu speech from Debian's espeak-ng, written to `path` (24 kHz mono) and returned as float32."""
-    if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
-    raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-v", voice, *(extra or []), "-w", str(raw), text], check=True)
-    audio, rate = sf.read(raw, dtype="float32")
-    audio = resample(audio, rate, SAMPLE_RATE)
+    try:
+        audio = espeak(text, voice, SAMPLE_RATE, extra or ())
+    except EspeakError as exc:
+        pytest.fail(f"{exc}; .ci/run installs it")
     sf.write(path, audio, SAMPLE_RATE)
     return audio
 

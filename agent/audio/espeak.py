@@ -42,3 +42,11 @@ def espeak(text: str, voice: str = "te", rate: int = SAMPLE_RATE, args: Sequence
             raise EspeakError(f"espeak-ng said nothing for {text!r} with voice {voice!r}")
         audio = audio[loud[0]:loud[-1] + 1]
     return np.ascontiguousarray(resample(audio, file_rate, rate))
+
+
+def telugu_speech(seconds: float) -> np.ndarray:
+    """`seconds` of Telugu speech at 24 kHz: a few sentences and a second of silence, repeated."""
+    text = ("నమస్కారం, మీరు ఎలా ఉన్నారు? ఈ రోజు వాతావరణం చాలా బాగుంది. "
+            "నాకు ఒక కప్పు కాఫీ కావాలి. రేపు మనం కలుద్దాం.")
+    one = np.concatenate([espeak(text, "te"), np.zeros(SAMPLE_RATE, np.float32)])
+    return np.tile(one, int(np.ceil(seconds * SAMPLE_RATE / one.size)))[:int(seconds * SAMPLE_RATE)]

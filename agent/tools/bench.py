@@ -31,19 +31,14 @@ import torch
 from moshi.conditioners import ConditionAttributes
 from moshi.models.lm import LMGen
 
-from agent import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
+from agent import FRAME_SECONDS, FRAME_SIZE
+from agent.audio.espeak import telugu_speech
 from agent.config import EngineConfig, ModelConfig, SamplingConfig
 from agent.engine import FrameEngine
 from agent.models import LoadedModel, load_model
+from agent.ops.metrics import percentiles, rss_mib
 
 FRAME_MS = 1e3 * FRAME_SECONDS
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def gpu_mib() -> float | None:
@@ -53,11 +48,6 @@ def gpu_mib() -> float | None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99))}
 
 
 @dataclass
@@ -242,15 +232,6 @@ class E2EResult:
     rss_end_mib: float
     rss_max_mib: float
     step_ms: dict[str, float | None]
-
-
-def telugu_speech(seconds: float) -> np.ndarray:
-    from agent.audio.espeak import espeak
-
-    text = ("నమస్కారం, మీరు ఎలా ఉన్నారు? ఈ రోజు వాతావరణం చాలా బాగుంది. "
-            "నాకు ఒక కప్పు కాఫీ కావాలి. రేపు మనం కలుద్దాం.")
-    one = np.concatenate([espeak(text, "te"), np.zeros(SAMPLE_RATE, np.float32)])
-    return np.tile(one, int(np.ceil(seconds * SAMPLE_RATE / one.size)))[:int(seconds * SAMPLE_RATE)]
 
 
 def run_clients(url: str, clients: int, seconds: float) -> list[dict]:

@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from agent.audio.espeak import telugu_speech
 from agent.config import EngineConfig, ModelConfig, ServerConfig
-from agent.tools.bench import percentiles, rss_mib, telugu_speech
+from agent.ops.metrics import percentiles, rss_mib
 
 HEALTH_EVERY_S = 0.1
 

@@ -74,7 +74,7 @@ class _StageHelp(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = "" if action.help == DEFAULT_ONLY else action.help or ""
         names = getattr(action, "config_fields", None)
-        if not self.config or not names or isinstance(action, argparse._StoreConstAction):
+        if not self.config or not names or action.nargs == 0:
             return text  # a switch is off unless given
         module, _, name = self.config.partition(":")
         known = {f.name: f for f in fields(getattr(importlib.import_module(module), name))}

@@ -18,12 +18,11 @@ import pandas as pd
 from fastrtc import WebRTC
 
 from agent import ASSETS
-from agent.config import MAX_TEMP
+from agent.config import MAX_TEMP, MAX_TEXT_PROMPT_CHARS
 from agent.ops.access import rtc_configuration_from_env
 from agent.ops.metrics import fmt_ms
 from agent.service import AgentService
 from agent.transports.fastrtc_handler import MoshiHandler, watch_page_calls
-from agent.voices import MAX_TEXT_PROMPT_CHARS
 
 CSS_PATH = ASSETS / "style.css"
 SCRIPTS = ASSETS / "web"  # the page's JavaScript (page_script)
