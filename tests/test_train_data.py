@@ -157,7 +157,6 @@ def corpus(tmp_path_factory) -> Path:
     folder = src / "folder"
     folder.mkdir()
     espeak_telugu("శుభోదయం", folder / "greeting.wav", voice="te+f3")
-    (folder / "greeting.raw.wav").unlink()  # espeak's own output, not part of the corpus
     (folder / "greeting.txt").write_text("శుభోదయం\n", encoding="utf-8")
     return src
 
