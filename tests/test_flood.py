@@ -1,0 +1,153 @@
+"""Connection floods: a client that opens many connections (WebSocket, /api/chat, WebRTC offers) and
+never speaks is refused beyond its per-client limit (--max-connections-per-client), with a clear 429,
+while a live call goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+import requests
+import websockets
+from aiortc import RTCPeerConnection
+
+from agent import SAMPLE_RATE
+from agent.config import ServerConfig
+from agent.tools.wsclient import talk
+from conftest import free_port, live_server_fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT = 4
+flooded = live_server_fixture(max_sessions=2, server_config=ServerConfig(max_connections_per_client=LIMIT,
+                                                                         resume_seconds=0))
+
+
+async def open_idle(url: str, n: int, stack: contextlib.AsyncExitStack, batch: int = 50) -> list[tuple[int, str]]:
+    """Open `n` WebSockets that never speak, `batch` at a time; the accepted ones stay open on `stack`.
+    (status, body) of each: 101 for an accepted one."""
+    async def one() -> tuple[int, str]:
+        try:
+            await stack.enter_async_context(websockets.connect(url, open_timeout=20, close_timeout=1))
+            return 101, ""
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code, exc.response.body.decode(errors="replace")
+    outcomes = []
+    for start in range(0, n, batch):
+        outcomes += await asyncio.gather(*(one() for _ in range(min(batch, n - start))))
+    return outcomes
+
+
+def test_flood_of_idle_websockets_is_refused_beyond_the_limit(flooded):
+    api_chat = flooded.ws_url.replace("/websocket/offer", "/api/chat")
+
+    async def go():
+        async with contextlib.AsyncExitStack() as stack:
+            idle = await open_idle(flooded.ws_url, 3 * LIMIT, stack)
+            chat = await open_idle(api_chat, 2, stack)
+        async with contextlib.AsyncExitStack() as stack:  # all closed: the client may connect again
+            return idle, chat, await open_idle(flooded.ws_url, 1, stack)
+
+    idle, chat, after = asyncio.run(go())
+    assert [s for s, _ in idle].count(101) == LIMIT and [s for s, _ in idle].count(429) == 2 * LIMIT
+    assert all(f"At most {LIMIT} open connections" in body for s, body in idle if s == 429)
+    assert [s for s, _ in chat] == [429, 429]  # /api/chat counts on the same door
+    assert after == [(101, "")]
+
+
+async def _offer_sdp() -> str:
+    pc = RTCPeerConnection()
+    pc.createDataChannel("text")
+    pc.addTransceiver("audio")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+def test_flood_of_webrtc_offers_is_refused_beyond_the_limit(flooded):
+    page_call = next(b for b in flooded.demo.blocks.values() if getattr(b, "elem_id", None) == "call")
+
+    async def go():
+        sdp = await _offer_sdp()
+        statuses, page = [], []
+        async with aiohttp.ClientSession() as http:
+            for _ in range(LIMIT + 3):  # offers whose calls never open
+                body = {"sdp": sdp, "type": "offer", "webrtc_id": uuid.uuid4().hex}
+                async with http.post(flooded.url + "/webrtc/offer", json=body) as resp:
+                    statuses.append(resp.status)
+            body = {"data": {"sdp": sdp, "type": "offer", "webrtc_id": uuid.uuid4().hex},
+                    "component_id": page_call._id, "fn_name": "offer", "session_hash": uuid.uuid4().hex}
+            async with http.post(flooded.url + "/gradio_api/component_server", json=body) as resp:
+                page.append(await resp.json())
+        return statuses, page
+
+    statuses, page = asyncio.run(go())
+    assert statuses[:LIMIT] == [200] * LIMIT and statuses[LIMIT:] == [429] * 3, statuses
+    assert page[0]["status"] == "failed" and page[0]["meta"]["error"] == "connection_limit_reached", page
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_flood_of_1000_idle_connections_leaves_a_live_call_and_memory_alone(telugu_speech):
+    """1,000 idle WebSockets from one client beside a live call from it: refused beyond the default limit
+    (16, the live call among them), the call keeps >= 90 % of its audio, server RSS grows < 100 MiB."""
+    port = free_port()
+    env = dict(os.environ, NO_TORCH_COMPILE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--device", "cpu", "--port", str(port),
+                             "--max-sessions", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"ws://127.0.0.1:{port}/websocket/offer"
+    _, audio = telugu_speech
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.3)
+        asyncio.run(talk(url, audio[:SAMPLE_RATE], tail_seconds=0.2))  # warm: first-call allocations
+        rss_before = _rss_mib(proc.pid)
+
+        async def flood():
+            async with contextlib.AsyncExitStack() as stack:
+                started = time.monotonic()
+                outcomes = await asyncio.wait_for(open_idle(url, 1000, stack), 120)
+                return outcomes, time.monotonic() - started, _rss_mib(proc.pid)
+
+        # the live call on its own thread and event loop, as a separate caller's would be
+        call: dict = {}
+        caller = threading.Thread(target=lambda: call.update(
+            result=asyncio.run(talk(url, audio[:5 * SAMPLE_RATE], tail_seconds=0.5))))
+        caller.start()
+        time.sleep(0.5)
+        outcomes, flood_s, rss_flooded = asyncio.run(flood())
+        overlapped = caller.is_alive()
+        caller.join(timeout=60)
+        result = call["result"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    statuses = [s for s, _ in outcomes]
+    growth = rss_flooded - rss_before
+    print(f"flood: {statuses.count(429)} refused, {statuses.count(101)} accepted in {flood_s:.1f} s; audio "
+          f"{result.received_seconds:.2f} of {result.sent_seconds:.2f} s; RSS +{growth:.1f} MiB")
+    assert overlapped, "the flood did not happen while the call was live"
+    assert statuses.count(101) == 15 and statuses.count(429) == 985, statuses  # 16 with the live call
+    assert result.errors == [] and result.received_seconds >= 0.9 * result.sent_seconds
+    assert growth < 100, growth
