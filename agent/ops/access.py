@@ -80,7 +80,6 @@ class AccessMiddleware:
         finally:
             self.cap.disconnect(client)
 
-
     def _refused(self, client: str, refusal: str) -> None:
         """Log a refusal; a flood's thousands are logged as one line per 100, not one each."""
         if refusal == self.cap.refusal:

@@ -119,9 +119,9 @@ def ice_failed(pc: RTCPeerConnection) -> bool:
 
 
 def offer_refused(refusal: str) -> dict[str, Any]:
-    """An offer's answer when it is refused, in the shape of fastrtc's own failures
-    (`{"status": "failed", "meta": {"error": ...}}`, webrtc_connection_mixin.py)."""
-    return {"status": "failed", "meta": {"error": "connection_limit_reached", "message": refusal}}
+    """An offer's answer when it is refused, as fastrtc's own when it is full (webrtc_connection_mixin.py):
+    with that error its page component tells the visitor "Too many concurrent connections"."""
+    return {"status": "failed", "meta": {"error": "concurrency_limit_reached", "message": refusal}}
 
 
 def note_page_offers(component: WebRTC, note: Callable[[str, str | None], str | None]) -> None:
