@@ -6,7 +6,8 @@
     from app import demo; demo.launch()   # Gradio's convention: the page only
 
 Settings also come from environment variables (AGENT_MODEL, AGENT_DEVICE, AGENT_DTYPE,
-AGENT_MAX_SESSIONS, AGENT_HOST/GRADIO_SERVER_NAME, AGENT_PORT/GRADIO_SERVER_PORT) so a Space or a notebook can set them.
+AGENT_MAX_SESSIONS, AGENT_HOST/GRADIO_SERVER_NAME, AGENT_PORT/GRADIO_SERVER_PORT, TRUSTED_PROXIES, ...) so a Space
+or a notebook can set them.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "prefer the AGENT_AUTH variable, which stays out of shell history")
     p.add_argument("--max-calls-per-client", type=int, default=int(env("AGENT_MAX_CALLS_PER_CLIENT", "0")) or None,
                    help="concurrent WebSocket calls from one address (default: none; 2 with --share)")
+    p.add_argument("--max-connections-per-client", type=int,
+                   default=int(env("AGENT_MAX_CONNECTIONS_PER_CLIENT", str(ServerConfig.max_connections_per_client))),
+                   help="open connections (API WebSockets, WebRTC offers) from one address; more are refused "
+                        "with 429 (0: no limit)")
+    p.add_argument("--trusted-proxies",
+                   default=env("TRUSTED_PROXIES", env("FORWARDED_ALLOW_IPS", ServerConfig.trusted_proxies)),
+                   help="proxies whose X-Forwarded-For / Forwarded name the caller (addresses or CIDRs, "
+                        "comma-separated; 'none': trust none); also TRUSTED_PROXIES (docs/deploy.md)")
     p.add_argument("--drain-seconds", type=float,
                    default=float(env("AGENT_DRAIN_SECONDS", str(ServerConfig.drain_seconds))),
                    help="on SIGTERM, how long live calls may go on before the server exits")
@@ -83,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, ServerConfig]:
     if args.resume_seconds < 0:
         raise ValueError("--resume-seconds must be 0 (off) or more")
+    if args.max_connections_per_client < 0:
+        raise ValueError("--max-connections-per-client must be 0 (no limit) or more")
+    from agent.ops.forwarded import TrustedProxies
+    TrustedProxies.parse(args.trusted_proxies)  # a bad entry is told here
     sampling = SamplingConfig(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k, top_k_text=args.top_k_text)
     names = [name.strip() for name in (args.model or "").split(",") if name.strip()] or [None]
     return ([ModelConfig(model=name, device=args.device, dtype=args.dtype, seed=args.seed, context=args.context,
@@ -91,6 +104,8 @@ def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, 
             ServerConfig(host=args.host, port=args.port, share=args.share, vad_silence_ms=args.vad_silence_ms,
                          max_call_seconds=args.max_call_minutes * 60 or None, drain_seconds=args.drain_seconds,
                          auth=args.auth, resume_seconds=args.resume_seconds,
+                         max_connections_per_client=args.max_connections_per_client or None,
+                         trusted_proxies=args.trusted_proxies,
                          max_calls_per_client=args.max_calls_per_client or (2 if args.share else None)))
 
 

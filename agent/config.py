@@ -69,6 +69,11 @@ class ServerConfig:
     resume_seconds: float = 15.0  # a call whose connection drops keeps its seat this long for the caller to resume it
     auth: str | None = None  # "user:password": the page's login and HTTP Basic on the API endpoints
     max_calls_per_client: int | None = None  # concurrent WebSocket calls from one address (None: no cap)
+    # open connections (API WebSockets, WebRTC offers not yet in a call) from one address; None: no limit
+    max_connections_per_client: int | None = 16
+    # proxies whose X-Forwarded-For / Forwarded name the client (agent.ops.forwarded): addresses or CIDRs,
+    # comma-separated, "none" for none; uvicorn's default, a proxy on this host
+    trusted_proxies: str = "127.0.0.1,::1"
     # torch threads for a model on the CPU; None: half the cores, so the transport and the VAD keep the
     # rest (docs/benchmarks.md, "Torch threads on a CPU")
     cpu_threads: int | None = None

@@ -144,8 +144,9 @@ def build_service(model_configs: ModelConfig | list[ModelConfig] | None = None,
     vad = VadHub().start()
     policy = CallPolicy(silence_ms=server_config.vad_silence_ms, max_call_seconds=server_config.max_call_seconds,
                         resume_seconds=server_config.resume_seconds)
-    hub = CallHub(engines, registry, catalogue, policy, CallCap(server_config.max_calls_per_client), CallSetupPool(),
-                  vad=vad, on_turn_latency=exporter.voice_to_voice_seconds.observe)
+    cap = CallCap(server_config.max_calls_per_client, server_config.max_connections_per_client)
+    hub = CallHub(engines, registry, catalogue, policy, cap, CallSetupPool(), vad=vad,
+                  on_turn_latency=exporter.voice_to_voice_seconds.observe)
     service = AgentService(engines, catalogue, registry, hub, server_config, exporter, vad)
     exporter.snapshot = service.metric_values
     return service

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 # threads, never on the event loop and never on a thread per call.
 CALL_SETUP_WORKERS = 4
 MAX_PENDING_OFFERS = 1024  # WebRTC offers whose call has not opened yet (their client, for the cap)
+OFFER_PENDING_S = 30.0  # an offer whose call has not opened by then no longer counts against its client
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ class CallHub:
         self.draining = False
         self._setup = setup
         self._admit = threading.Lock()  # check-then-add of the cap and the call id is one step
-        self._offers: OrderedDict[str, str] = OrderedDict()  # WebRTC call id -> the address that offered it
+        # WebRTC call id -> (the address that offered it, when), oldest first
+        self._offers: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._by_token: dict[str, Session] = {}  # resume token -> live call
 
     @property
@@ -106,15 +109,25 @@ class CallHub:
                 return engine
         return self.engines[0]
 
-    def note_offer(self, call_id: str, client: str | None) -> None:
+    def note_offer(self, call_id: str, client: str | None) -> str | None:
         """A WebRTC offer for `call_id` came from `client`: its call counts against that address
-        (WebRTC calls open later, on the media path, where the address is not known)."""
+        (WebRTC calls open later, on the media path, where the address is not known). The refusal
+        to answer it with when that address has too many offers whose calls have not opened (a flood
+        of offers that never speak; calls.cap); None when it is noted."""
         if not client:
-            return
+            return None
+        now = time.monotonic()
         with self._admit:
-            self._offers[call_id] = client
+            while self._offers and next(iter(self._offers.values()))[1] < now - OFFER_PENDING_S:
+                self._offers.popitem(last=False)
+            pending = sum(1 for offered_by, _ in self._offers.values() if offered_by == client)
+            if not self.cap.admits_connection(client, pending):
+                return self.cap.flood_refusal
+            self._offers[call_id] = (client, now)
+            self._offers.move_to_end(call_id)
             while len(self._offers) > MAX_PENDING_OFFERS:
                 self._offers.popitem(last=False)
+        return None
 
     def open(self, call_id: str, settings: CallSettings, client: str | None = None,
              resume_token: str | None = None) -> Session:
@@ -127,7 +140,7 @@ class CallHub:
         engine = self.route(settings)
         prompt = self.prompt(engine, settings)
         with self._admit:
-            session = self._admit_call(engine, call_id, settings, client or self._offers.pop(call_id, None))
+            session = self._admit_call(engine, call_id, settings, client or self._offers.pop(call_id, (None, 0))[0])
         if prompt is not None:  # outside the admission lock: a new voice prompt is encoded here
             try:
                 session.start_from_prompt(prompt)

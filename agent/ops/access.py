@@ -51,13 +51,14 @@ class Credentials:
 
 
 class AccessMiddleware:
-    """ASGI middleware: Basic auth on the API endpoints, and the per-client call cap (calls.cap) on
-    their WebSocket connections, refused with 429 before anything of the call starts."""
+    """ASGI middleware: Basic auth on the API endpoints, and the per-client limits (calls.cap: calls,
+    open connections) on their WebSocket connections, refused with 429 before anything of the call starts."""
 
     def __init__(self, app, credentials: Credentials | None, cap: CallCap):
         self.app = app
         self.credentials = credentials
         self.cap = cap
+        self.flood_refused = 0
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -68,16 +69,26 @@ class AccessMiddleware:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if not self.credentials.check_header(headers.get("authorization")):
                 return await refuse(scope, send, 401, "authentication required (HTTP Basic)")
-        if scope["type"] != "websocket" or not self.cap.limit:
+        if scope["type"] != "websocket" or not (self.cap.limit or self.cap.max_connections):
             return await self.app(scope, receive, send)
-        client = (scope.get("client") or ("?", 0))[0]
-        if not self.cap.connect(client):
-            log.warning("refused a call from %s: %d calls already live", client, self.cap.connections(client))
-            return await refuse(scope, send, 429, self.cap.refusal)
+        client = (scope.get("client") or ("?", 0))[0]  # the caller's, behind a trusted proxy (ops.forwarded)
+        if (refusal := self.cap.connect(client)) is not None:
+            self._refused(client, refusal)
+            return await refuse(scope, send, 429, refusal)
         try:
             return await self.app(scope, receive, send)
         finally:
             self.cap.disconnect(client)
+
+    def _refused(self, client: str, refusal: str) -> None:
+        """Log a refusal; a flood's thousands are logged as one line per 100, not one each."""
+        if refusal == self.cap.refusal:
+            log.warning("refused a call from %s: %d calls already live", client, self.cap.connections(client))
+            return
+        self.flood_refused += 1
+        if self.flood_refused % 100 == 1:
+            log.warning("refused a connection from %s: %d already open (%d refused so far)", client,
+                        self.cap.connections(client), self.flood_refused)
 
 
 class DrainGate:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import gradio as gr
 from aiortc import RTCPeerConnection
 from fastapi import Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
 from fastrtc import Stream, WebRTC
 from fastrtc.stream import Body
 from fastrtc.tracks import StreamHandlerBase
@@ -117,16 +118,25 @@ def ice_failed(pc: RTCPeerConnection) -> bool:
         t.receiver.transport.transport.state == "failed" for t in pc.getTransceivers())
 
 
-def note_page_offers(component: WebRTC, note: Callable[[str, str | None], None]) -> None:
+def offer_refused(refusal: str) -> dict[str, Any]:
+    """An offer's answer when it is refused, as fastrtc's own when it is full (webrtc_connection_mixin.py):
+    with that error its page component tells the visitor "Too many concurrent connections"."""
+    return {"status": "failed", "meta": {"error": "concurrency_limit_reached", "message": refusal}}
+
+
+def note_page_offers(component: WebRTC, note: Callable[[str, str | None], str | None]) -> None:
     """Call `note(webrtc_id, client address)` for each offer the page's WebRTC component gets (the
-    media path never sees the address). Relies on gradio calling a component's server function
-    (`offer`, marked by `@server`, i.e. `_is_server_fn`) by name, with the request when its
-    signature asks for a `gr.Request`."""
+    media path never sees the address); an offer it answers with a refusal is refused before any
+    peer connection is made. Relies on gradio calling a component's server function (`offer`,
+    marked by `@server`, i.e. `_is_server_fn`) by name, with the request when its signature asks
+    for a `gr.Request`."""
     offer = component.offer
 
     async def offer_noting_client(body, request: gr.Request):
         if isinstance(body, dict) and body.get("sdp"):
-            note(str(body.get("webrtc_id")), request.client.host if request.client else None)
+            refusal = note(str(body.get("webrtc_id")), request.client.host if request.client else None)
+            if refusal is not None:
+                return offer_refused(refusal)
         return await offer(body)
 
     offer_noting_client._is_server_fn = True  # type: ignore[attr-defined]
@@ -139,7 +149,7 @@ def note_page_offers(component: WebRTC, note: Callable[[str, str | None], None])
 class HookedStream(Stream):
     """fastrtc's Stream with three hooks a subclass fills in: `wrap_websocket` (the socket fastrtc
     is given), `websocket_ended` (fastrtc calls `shutdown()` only for WebRTC connections; this is
-    called for each WebSocket one) and `offered` (who sent a /webrtc/offer)."""
+    called for each WebSocket one) and `offered` (who sent a /webrtc/offer, and whether it is refused)."""
 
     def wrap_websocket(self, websocket: WebSocket) -> Any:
         return websocket
@@ -147,8 +157,9 @@ class HookedStream(Stream):
     def websocket_ended(self, handler: StreamHandlerBase, websocket: Any) -> None:
         handler.shutdown()
 
-    def offered(self, call_id: str, client: str | None) -> None:
-        pass
+    def offered(self, call_id: str, client: str | None) -> str | None:
+        """A /webrtc/offer from `client`: the refusal to answer it with (429), or None to go on."""
+        return None
 
     def clean_up(self, webrtc_id: str):
         """Relies on `WebRTCConnectionMixin.clean_up(id)` returning the connection's list, where a
@@ -173,7 +184,9 @@ class HookedStream(Stream):
         """Relies on `Stream.mount` routing POST /webrtc/offer to the bound `offer` (FastAPI injects
         `request` by its annotation) and on `fastrtc.stream.Body` (not exported)."""
         if body.sdp:
-            self.offered(body.webrtc_id, request.client.host if request.client else None)
+            refusal = self.offered(body.webrtc_id, request.client.host if request.client else None)
+            if refusal is not None:
+                return JSONResponse(offer_refused(refusal), status_code=429)
         return await super().offer(body)
 
 

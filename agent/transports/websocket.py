@@ -118,7 +118,7 @@ class AgentStream(HookedStream):
     """fastrtc's Stream, plus: malformed WebSocket messages get an error answer instead of ending
     the call, a WebSocket client that hangs up frees its seat at once (fastrtc calls `shutdown()`
     only for WebRTC connections), one whose connection drops keeps its call for a while, and each
-    /webrtc/offer notes who offered the call (the per-client cap)."""
+    /webrtc/offer notes who offered the call (the per-client limits)."""
 
     def __init__(self, hub: CallHub, handler: MoshiHandler, **kwargs: Any):
         super().__init__(handler, **kwargs)
@@ -133,5 +133,5 @@ class AgentStream(HookedStream):
         else:
             handler.shutdown()
 
-    def offered(self, call_id: str, client: str | None) -> None:
-        self.hub.note_offer(call_id, client)
+    def offered(self, call_id: str, client: str | None) -> str | None:
+        return self.hub.note_offer(call_id, client)

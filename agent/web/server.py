@@ -25,6 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Response, WebSocket
 
 from agent.ops.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
+from agent.ops.forwarded import ForwardedMiddleware, TrustedProxies
 from agent.service import AgentService
 from agent.transports import kyutai_api
 from agent.transports.fastrtc_handler import MoshiHandler
@@ -75,6 +76,8 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     add_routes(app, service, stream)
     app.add_middleware(DrainGate, draining=lambda: service.hub.draining)
     app.add_middleware(AccessMiddleware, credentials=credentials, cap=service.hub.cap)
+    # outermost: every gate and transport (and the page's WebRTC offer) reads the caller's address
+    app.add_middleware(ForwardedMiddleware, trusted=TrustedProxies.parse(config.trusted_proxies))
     auth = (credentials.user, credentials.password) if credentials else None
     return gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message="Telugu voice agent")
 
@@ -102,7 +105,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def server_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20)
+    # proxy headers: agent.ops.forwarded (--trusted-proxies), not uvicorn's own
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, proxy_headers=False)
 
 
 class BackgroundServer:
