@@ -244,20 +244,32 @@ def _train_step(config: TrainConfig, setup: _Setup, opt: _Optim, group: Dist, de
     codes = batch.codes.to(device)
     with autocast:
         losses = opt.wrapped(codes, batch.conditions, batch.prompt_frames.to(device))
+    loss, values = pooled_loss(losses, group.world)
     opt.optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(opt.params, config.max_norm)
     opt.optimizer.step()
     lr = opt.scheduler.get_last_lr()[0]
     opt.scheduler.step()
     opt.step += 1
     frames = codes.shape[0] * codes.shape[-1] - int(batch.prompt_frames.sum())
-    values = {k: v.detach() for k, v in losses.items()}
-    if group.world > 1:
-        for v in values.values():
-            dist.all_reduce(v)
-            v /= group.world
     return values, lr, grad_norm, frames
+
+
+def pooled_loss(losses: dict[str, torch.Tensor], world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to backpropagate, and the losses to report, as one process computes them over the whole
+    batch: each process's weighted sums divided by the weights of every process, not a mean of per-process
+    means (which differ whenever processes hold different amounts of padding or text). DDP and FSDP average
+    gradients over the processes, hence the factor `world`."""
+    if world == 1:
+        return losses["loss"], {k: losses[k].detach() for k in ("loss", "text_loss", "audio_loss")}
+    weights = torch.stack([losses["text_weight"], losses["audio_weight"]]).detach().float()
+    dist.all_reduce(weights)
+    weights = weights.clamp_min(1e-6)
+    text, audio = losses["text_sum"] / weights[0], losses["audio_sum"] / weights[1]
+    reported = torch.stack([text.detach(), audio.detach()])
+    dist.all_reduce(reported)
+    return (text + audio) * world, {"loss": reported.sum(), "text_loss": reported[0], "audio_loss": reported[1]}
 
 
 def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
@@ -309,18 +321,19 @@ def _run(config: TrainConfig, group: Dist, device: torch.device) -> TrainResult:
 
 def evaluate(wrapped: torch.nn.Module, data: Windows, config: TrainConfig, per_rank: int, group: Dist,
              device: torch.device, autocast) -> float:
-    """Mean loss over the first eval_batches batches of held-out windows (the same ones every time)."""
-    total = torch.zeros(2, device=device)
+    """The loss over the first eval_batches batches of held-out windows (the same ones every time), pooled
+    over windows and processes as pooled_loss pools a training batch."""
+    total = torch.zeros(4, device=device)  # text sum, text weight, audio sum, audio weight
     n = min(len(data), config.eval_batches * config.batch_size)
     with torch.no_grad(), autocast:
         for first in range(0, n, config.batch_size):
             ks = [k for k in range(first + group.rank * per_rank, first + (group.rank + 1) * per_rank) if k < n]
             if ks:
                 batch = data.batch(ks)
-                loss = wrapped(batch.codes.to(device), batch.conditions, batch.prompt_frames.to(device))["loss"]
-                total[0] += loss.float() * len(ks)
-                total[1] += len(ks)
+                out = wrapped(batch.codes.to(device), batch.conditions, batch.prompt_frames.to(device))
+                total += torch.stack([out[k].float() for k in ("text_sum", "text_weight", "audio_sum",
+                                                                 "audio_weight")])
     if group.world > 1:
         dist.all_reduce(total)
-    return float(total[0] / total[1].clamp_min(1))
+    return float(total[0] / total[1].clamp_min(1e-6) + total[2] / total[3].clamp_min(1e-6))
 
