@@ -152,7 +152,8 @@ def run_export(config: ExportConfig) -> ExportResult:
     model = build_train_model(train_config, torch.device("cpu"), torch.float32)
     load_trainable(model.lm, checkpoint)
     personaplex_base = model.base.takes_prompts
-    fused = config.fused or personaplex_base  # moshi's loader cannot put a LoRA on PersonaPlex's weights
+    # moshi's loader cannot put a LoRA on PersonaPlex's weights; a full fine-tune has no LoRA to keep apart
+    fused = config.fused or personaplex_base or train_config.lora_rank == 0
     step = int(checkpoint.name.removeprefix("step-"))
     files = _files(model, train_config, step, fused, dtype)
     with staged_folder(out, replace=True) as tmp:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -368,24 +369,8 @@ def resize_text_vocab(lm: LMModel, old: sentencepiece.SentencePieceProcessor | N
     vocabulary's ids, {"copied", "composed", "mean", "old_card", "new_card"} (copied + composed +
     mean == new_card). A saved config must carry the new `text_card`.
     """
-    from moshi.modules.lora import LoRALinear
-
     old_card, new_card = int(lm.text_card), int(new.vocab_size())
-    linear = lm.text_linear
-    embeddings = [e for e in (lm.text_emb, lm.depformer_text_emb) if e is not None]
-    if isinstance(linear, LoRALinear):
-        raise ValueError("text_linear is LoRA-wrapped: call resize_text_vocab on the plain model, before "
-                         "replace_all_linear_with_lora (or merge the LoRA weights back first)")
-    if type(linear) is not nn.Linear or not all(isinstance(e, nn.Embedding) for e in embeddings):
-        raise ValueError(f"cannot resize a text head of type {type(linear).__name__} (quantized?): "
-                         "resize the plain float model")
-    if linear.out_features != old_card or any(e.num_embeddings != old_card + 1 for e in embeddings):
-        raise ValueError(f"text layers do not match text_card={old_card} (text_card_out differs?): "
-                         f"text_linear {linear.out_features}, embeddings {[e.num_embeddings for e in embeddings]}")
-    ids = (new.unk_id(), new.bos_id(), new.eos_id(), new.pad_id())
-    if ids != SPECIAL_IDS:
-        raise ValueError(f"the new tokenizer's unk/bos/eos/pad ids are {ids}, Moshi needs {SPECIAL_IDS} "
-                         "(3 is its text padding): train it with this stage")
+    linear, embeddings = _text_layers(lm, new)
     if old is not None and old.vocab_size() > old_card:
         raise ValueError(f"the old tokenizer has {old.vocab_size()} pieces but the model only {old_card}: "
                          "not this model's tokenizer")
@@ -401,3 +386,60 @@ def resize_text_vocab(lm: LMModel, old: sentencepiece.SentencePieceProcessor | N
     lm.text_card = new_card
     counts = {kind: sum(1 for k, _ in plan if k == kind) for kind in (COPIED, COMPOSED, MEAN)}
     return {**counts, "old_card": old_card, "new_card": new_card}
+
+
+# The text layers a vocabulary swap replaces, by their names in moshi's LMModel. Human-1's model card calls
+# the second one `depformer.emb.0` (the Depth Transformer's first-step embedding, i.e. the text token's);
+# moshi's `depformer_emb.0` is a different tensor: the embedding of the agent's first audio codebook.
+TEXT_LAYERS = ("text_emb", "depformer_text_emb", "text_linear")
+
+
+def reinit_text_vocab(lm: LMModel, new: sentencepiece.SentencePieceProcessor, seed: int) -> dict:
+    """Human-1's swap: `text_emb`, `depformer_text_emb` and `text_linear` replaced by freshly initialised
+    weights sized for `new`, every other weight kept. The init is moshi's own (`LMModel._init_weights`:
+    truncated normal, std 1/sqrt(fan-in) cut at 3 std, zero bias), drawn from `seed` so a rebuild is the
+    same. Same preconditions as resize_text_vocab; returns {"reinitialised", "old_card", "new_card"}."""
+    old_card, new_card = int(lm.text_card), int(new.vocab_size())
+    linear, embeddings = _text_layers(lm, new)
+    generator = torch.Generator().manual_seed(seed)
+
+    def fresh(rows: int, fan_in: int, like: torch.Tensor) -> torch.Tensor:
+        std = 1 / math.sqrt(fan_in)
+        w = torch.empty(rows, like.shape[1], dtype=torch.float32)
+        torch.nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return w.to(device=like.device, dtype=like.dtype)
+
+    with torch.no_grad():
+        for emb in embeddings:
+            _replace(emb, "weight", fresh(new_card + 1, emb.embedding_dim, emb.weight))
+            emb.num_embeddings = new_card + 1
+        _replace(linear, "weight", fresh(new_card, linear.in_features, linear.weight))
+        if linear.bias is not None:
+            _replace(linear, "bias", torch.zeros(new_card, dtype=linear.bias.dtype, device=linear.bias.device))
+        linear.out_features = new_card
+    lm.text_card = new_card
+    return {"reinitialised": new_card, "old_card": old_card, "new_card": new_card}
+
+
+def _text_layers(lm: LMModel, new: sentencepiece.SentencePieceProcessor) -> tuple[nn.Linear, list[nn.Embedding]]:
+    """text_linear and the text embeddings, checked to be plain float layers of the model's text_card, and
+    `new` checked to keep Moshi's special ids."""
+    from moshi.modules.lora import LoRALinear
+
+    old_card = int(lm.text_card)
+    linear = lm.text_linear
+    embeddings = [e for e in (lm.text_emb, lm.depformer_text_emb) if e is not None]
+    if isinstance(linear, LoRALinear):
+        raise ValueError("text_linear is LoRA-wrapped: call resize_text_vocab on the plain model, before "
+                         "replace_all_linear_with_lora (or merge the LoRA weights back first)")
+    if type(linear) is not nn.Linear or not all(isinstance(e, nn.Embedding) for e in embeddings):
+        raise ValueError(f"cannot resize a text head of type {type(linear).__name__} (quantized?): "
+                         "resize the plain float model")
+    if linear.out_features != old_card or any(e.num_embeddings != old_card + 1 for e in embeddings):
+        raise ValueError(f"text layers do not match text_card={old_card} (text_card_out differs?): "
+                         f"text_linear {linear.out_features}, embeddings {[e.num_embeddings for e in embeddings]}")
+    ids = (new.unk_id(), new.bos_id(), new.eos_id(), new.pad_id())
+    if ids != SPECIAL_IDS:
+        raise ValueError(f"the new tokenizer's unk/bos/eos/pad ids are {ids}, Moshi needs {SPECIAL_IDS} "
+                         "(3 is its text padding): train it with this stage")
+    return linear, embeddings

@@ -23,9 +23,12 @@ class TrainConfig:
     device: str | None = None
     dtype: str | None = None  # bf16 on CUDA, fp32 on CPU
     # what trains
-    lora_rank: int = 64
+    lora_rank: int = 64  # 0: no LoRA, every weight of the LM trains (full fine-tuning)
     lora_scaling: float = 2.0
     train_text_embeddings: bool = True
+    # a new tokenizer's text layers: "resize" keeps the rows of pieces the old vocabulary has (and composes
+    # the rest from them); "reinit" draws them afresh, as Human-1 did (tokenizer.reinit_text_vocab)
+    text_vocab_init: str = "resize"
     add_conditioners: bool = True  # give a base without speaker/emotion conditioners new ones
     train_conditioners: bool = True
     use_conditions: bool = True  # feed each shard's speaker/emotion; False: train unconditioned

@@ -50,8 +50,11 @@ def fsdp_shard(module: torch.nn.Module, device: torch.device, world: int, dtype:
     # One all-gather dtype per group: fp32 trainable and bf16 frozen weights are gathered in `dtype`.
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # fully_shard swaps the class of the module it wraps, which moshi's streaming modules do not allow;
-    # their LoRA-wrapped Linears (nearly all the weights) are plain modules, so they are the units.
-    for linear in [m for m in module.modules() if isinstance(m, LoRALinear)]:
+    # their LoRA-wrapped Linears (nearly all the weights) are plain modules, so they are the units; in a
+    # full fine-tune (no LoRA) the plain Linears are.
+    units = [m for m in module.modules() if isinstance(m, LoRALinear)] or \
+        [m for m in module.modules() if type(m) is torch.nn.Linear]
+    for linear in units:
         fully_shard(linear, mesh=mesh, mp_policy=policy)
     fully_shard(module, mesh=mesh, mp_policy=policy)
 

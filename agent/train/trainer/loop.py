@@ -203,7 +203,7 @@ def _setup(config: TrainConfig, group: Dist, device: torch.device) -> _Setup:
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
             "lm_config": model.lm_config, "tokenizer": str(model.tokenizer_path), "base": config.model,
             "mimi_config": model.base.mimi_config, "train_dialogues": len(train_records),
-            "eval_dialogues": len(eval_records), "windows": len(train_data),
+            "eval_dialogues": len(eval_records), "windows": len(train_data), "processes": group.world,
             "trainable_params": sum(p.numel() for p in model.lm.parameters() if p.requires_grad),
             "licences": sorted({lic for r in records for lic in r.licences}), "notes": model.notes})
     return _Setup(out, model, dtype, report, train_data, eval_data)

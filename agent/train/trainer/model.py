@@ -74,19 +74,19 @@ def build_train_model(config: TrainConfig, device: torch.device, dtype: torch.dt
     if tokenizer_path is None or not tokenizer_path.is_file():
         raise UsageError(f"no tokenizer: {config.model} has none, pass --tokenizer (stage 5's tokenizer.model)")
     if base.tokenizer_path is None or file_digest(tokenizer_path) != file_digest(base.tokenizer_path):
-        from agent.train.tokenizer import resize_text_vocab
-        new_sp = sentencepiece.SentencePieceProcessor(str(tokenizer_path))
-        stats = resize_text_vocab(lm, base.tokenizer, new_sp)
+        notes.append(_swap_text_vocab(lm, base, tokenizer_path, config))
         lm_config["text_card"] = lm.text_card
-        notes.append(f"text vocabulary {stats.get('old_card')} -> {stats.get('new_card')} pieces "
-                     f"({stats.get('copied')} rows copied, {stats.get('composed')} composed from old pieces)")
+    elif config.text_vocab_init == "reinit":
+        raise UsageError("text_vocab_init 'reinit' re-initialises the text layers for a new tokenizer, but "
+                         f"{tokenizer_path} is the base's own: pass stage 5's --tokenizer")
     lm.train()
     for module in lm.modules():
         if isinstance(module, StreamingTransformer):
             module.checkpointing = config.gradient_checkpointing
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.data_seed)
-        replace_all_linear_with_lora(lm, config.lora_rank, config.lora_scaling)
+        if config.lora_rank > 0:  # 0: full fine-tuning, every weight of the LM trains
+            replace_all_linear_with_lora(lm, config.lora_rank, config.lora_scaling)
         for module in lm.modules():
             if isinstance(module, LoRALinear):
                 torch.nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
@@ -98,7 +98,26 @@ def build_train_model(config: TrainConfig, device: torch.device, dtype: torch.dt
     return TrainModel(lm, lm_config, base, tokenizer_path, notes)
 
 
+def _swap_text_vocab(lm: LMModel, base: LoadedModel, tokenizer_path: Path, config: TrainConfig) -> str:
+    """The text layers sized for the run's tokenizer (resized or re-initialised); returns the run's note."""
+    from agent.train.tokenizer import reinit_text_vocab, resize_text_vocab
+    new_sp = sentencepiece.SentencePieceProcessor(str(tokenizer_path))
+    if config.text_vocab_init == "reinit":
+        if not config.train_text_embeddings:
+            raise UsageError("text_vocab_init 'reinit' leaves the text layers random: set train_text_embeddings")
+        stats = reinit_text_vocab(lm, new_sp, seed=config.data_seed)
+        return (f"text vocabulary {stats['old_card']} -> {stats['new_card']} pieces: text_emb, depformer_text_emb "
+                "and text_linear re-initialised (Human-1)")
+    if config.text_vocab_init != "resize":
+        raise UsageError(f"text_vocab_init must be 'resize' or 'reinit', not {config.text_vocab_init!r}")
+    stats = resize_text_vocab(lm, base.tokenizer, new_sp)
+    return (f"text vocabulary {stats.get('old_card')} -> {stats.get('new_card')} pieces "
+            f"({stats.get('copied')} rows copied, {stats.get('composed')} composed from old pieces)")
+
+
 def is_trainable(name: str, config: TrainConfig, lm: LMModel) -> bool:
+    if config.lora_rank == 0 and not name.startswith("condition_provider."):
+        return True  # full fine-tuning
     if ".lora_A." in name or ".lora_B." in name:
         return not name.startswith("condition_provider.") or config.train_conditioners
     if config.train_text_embeddings and name.split(".")[0] in ("text_emb", "depformer_text_emb", "text_linear"):
