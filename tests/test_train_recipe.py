@@ -141,3 +141,43 @@ def test_multinode_torchrun_c10d_two_nodes_match_one_process(shards, tmp_path):
     assert len(single) == len(pair) == 3
     for a, b in zip(single, pair):
         assert b == pytest.approx(a, rel=LOSS_RTOL)
+
+
+TRAIN_JOB = ROOT / "deploy" / "train" / "train-job.yaml"
+
+
+def test_multinode_manifest_validates_and_wires_the_rendezvous():
+    import kubernetes_validate as kv
+    import yaml
+
+    from agent.train.__main__ import build_parser
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(TRAIN_JOB.read_text()) if d}
+    assert set(docs) == {"Service", "PersistentVolumeClaim", "Job"}
+    for doc in docs.values():
+        kv.validate(doc, "1.37.0", strict=True)  # raises ValidationError with the path of what is wrong
+    service, job = docs["Service"], docs["Job"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    # Indexed Job pod i is <job>-<i>.<subdomain>; the headless Service of that name publishes it
+    assert spec["completionMode"] == "Indexed" and service["spec"]["clusterIP"] == "None"
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    args = pod["containers"][0]["args"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in args[:args.index("-m")])
+    assert int(flags["nnodes"]) == spec["completions"] == spec["parallelism"]
+    assert flags["rdzv-backend"] == "c10d"
+    host, port = flags["rdzv-endpoint"].split(":")
+    assert host == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert int(flags["nproc-per-node"]) == int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    command = args[args.index("-m") + 2:]
+    parsed = build_parser().parse_args(command)  # the trainer's own parser takes every flag
+    assert parsed.stage == "train" and (ROOT / parsed.config).is_file()
+    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in pod["volumes"])
+
+    # the checks can fail: a misspelt field, a wrong type
+    for broken in ({**job, "spec": {**spec, "completionsMode": "Indexed"}},
+                   {**job, "spec": {**spec, "parallelism": "2"}}):
+        with pytest.raises(kv.ValidationError):
+            kv.validate(broken, "1.37.0", strict=True)
