@@ -28,7 +28,7 @@ from agent.models import load_model
 from agent.train.tokenizer import TEXT_LAYERS
 from agent.train.trainer import TrainConfig, build_train_model
 from conftest import free_port
-from train_helpers import run_stage, train_cli
+from train_helpers import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "assets" / "train"
@@ -102,13 +102,12 @@ LOSS_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Six synthetic dialogues (script -> synth -> tokens on the tiny model's Mimi): token shards."""
-    work = tmp_path_factory.mktemp("multinode")
-    train_cli("script", "--sentences", str(SENTENCES), "--count", "6", "--seed", "1", "--out", str(work / "script"))
-    train_cli("synth", "--in", str(work / "script/manifest.jsonl"), "--out", str(work / "synth"))
-    train_cli("tokens", "--in", str(work / "synth/manifest.jsonl"), "--out", str(work / "tokens"), "--device", "cpu")
-    return work / "tokens" / "manifest.jsonl"
+def tiny_recipe(tmp_path_factory) -> Path:
+    """`recipe telugu --scale tiny --smoke` from an empty folder (its work folder; the model in WORK/model)."""
+    from agent.train.__main__ import main
+    work = tmp_path_factory.mktemp("recipe") / "work"
+    assert main(["recipe", "telugu", "--scale", "tiny", "--smoke", "--work", str(work), "--quiet"]) == 0
+    return work
 
 
 def _losses(run: Path) -> list[tuple[float, float, float]]:
@@ -118,9 +117,12 @@ def _losses(run: Path) -> list[tuple[float, float, float]]:
 
 
 @pytest.mark.slow
-def test_multinode_torchrun_c10d_two_nodes_match_one_process(shards, tmp_path):
+def test_multinode_torchrun_c10d_two_nodes_match_one_process(tiny_recipe, tmp_path):
+    """On the recipe's token shards and base (the tiny LM with its trained codec)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    train = ["-m", "agent.train", "train", "--in", str(shards), *FAST]
+    base = tiny_recipe / "base"
+    train = ["-m", "agent.train", "train", "--in", str(tiny_recipe / "tokens" / "manifest.jsonl"), "--model",
+             str(base), "--tokenizer", str(base / "tokenizer.model"), *FAST]
     port = free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -181,3 +183,77 @@ def test_multinode_manifest_validates_and_wires_the_rendezvous():
                    {**job, "spec": {**spec, "parallelism": "2"}}):
         with pytest.raises(kv.ValidationError):
             kv.validate(broken, "1.37.0", strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One command for the whole way
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_recipe_telugu_tiny_runs_from_an_empty_folder_to_a_model_the_app_loads(tiny_recipe):
+    from safetensors.torch import load_file
+    out = tiny_recipe / "model"
+    model = load_model(ModelConfig(model=str(out), device="cpu", dtype="float32"))  # the app's loader
+    trained = load_file(str(tiny_recipe / "run" / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    lm = model.lm.state_dict()
+    # the export carries the trained text embeddings and speaker table, which training changed
+    base = load_model(ModelConfig(model=str(tiny_recipe / "base"), device="cpu", dtype="float32")).lm.state_dict()
+    for key in ("text_emb.weight", "condition_provider.conditioners.speaker.embed.weight"):
+        assert torch.equal(lm[key], trained[key]) and not torch.equal(lm[key], base[key]), key
+    figures = json.loads((tiny_recipe / "eval.json").read_text())
+    assert figures["turn_taking"]["trained"]["n"] == 1  # the evaluation ran on the trained model
+    assert [d.name for d in sorted(tiny_recipe.iterdir()) if d.is_dir()] == \
+        ["base", "codec", "eval", "model", "run", "script", "sentences", "synth", "synth-codec", "tokens"]
+
+
+def test_recipe_telugu_7b_plan_is_the_gpu_run(tmp_path, capsys):
+    from agent.train.__main__ import build_parser, main
+    from agent.train.recipe import gpu_plan, gpu_recipe, load_recipe
+    work = tmp_path / "w"
+    assert main(["recipe", "telugu", "--scale", "7b", "--route", "human1", "--work", str(work), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    recipe = gpu_recipe(load_recipe("telugu")["7b"])
+    steps = gpu_plan(recipe, work, work / "model", "human1")
+    assert [s.name for s in steps] == [
+        "script", "synth", "tokenizer", "tokens", "train:human1_pretrain", "export:human1_pretrain",
+        "train:human1_finetune", "export:human1_finetune", "train:voice_emotion", "export:voice_emotion",
+        "eval:set", "eval:run", "eval:score"]
+    assert all(s.line() in printed for s in steps)  # --plan printed them
+    assert (work / "plan.sh").read_text().count("\n") == len(steps) + 2  # shebang, set -e, one line a step
+    parser, previous = build_parser(), recipe.base
+    for step in steps:
+        if "agent.train" not in step.argv:
+            continue  # agent.eval's own commands
+        args = parser.parse_args(step.argv[step.argv.index("agent.train") + 1:])  # the stages' own flags
+        if args.stage == "train":
+            assert step.argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+            assert args.model == previous and Path(args.config).is_file()
+            assert args.tokenizer == work / "tokenizer" / "tokenizer.model"
+        elif args.stage == "export":
+            assert args.fused
+            previous = str(args.out)
+        elif args.stage == "tokenizer":
+            assert args.vocab_size == 32000
+        elif args.stage == "tokens":
+            assert args.model == recipe.base  # Kyutai's Mimi encodes, frozen
+    assert previous == str(work / "model")  # the last stage's export is the recipe's model
+    seed = [s.name for s in gpu_plan(recipe, work, work / "model", "seed") if s.name.startswith("train:")]
+    assert seed == ["train:telugu_adaptation", "train:conversation", "train:voice_emotion"]
+    # the seam for Ray: extra flags reach the per-item stages only
+    with_ray = gpu_plan(recipe, work, work / "model", "seed", item_flags=("--ray", "auto"))
+    assert [s.name for s in with_ray if s.argv[-2:] == ["--ray", "auto"]] == ["script", "synth", "tokens"]
+
+
+def test_recipe_runs_each_step_once_and_resumes_after_a_failure(tmp_path):
+    from agent.train.common import UsageError
+    from agent.train.recipe import Step, run_plan
+    log = tmp_path / "log"
+
+    def step(name: str, code: int = 0) -> Step:
+        code_line = f"open({str(log)!r}, 'a').write({name!r} + ' '); raise SystemExit({code})"
+        return Step(name, [sys.executable, "-c", code_line])
+
+    with pytest.raises(UsageError, match="step b failed"):
+        run_plan([step("a"), step("b", 1), step("c")], tmp_path, quiet=True)
+    assert run_plan([step("a"), step("b"), step("c")], tmp_path, quiet=True) == ["b", "c"]
+    assert log.read_text() == "a b b c "

@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from agent.train.telugu_tiny import add_parser as add_telugu_tiny
     add_telugu_tiny(stages)
+    from agent.train.recipe import add_parser as add_recipe
+    add_recipe(stages)
     return parser
 
 
@@ -303,6 +305,9 @@ def _config(cls: type, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.stage == "recipe":
+            from agent.train.recipe import run_from_args
+            return run_from_args(args)
         if args.stage == "telugu-tiny":
             from agent.train.telugu_tiny import from_args, run_telugu_tiny
             figures = run_telugu_tiny(from_args(args))
