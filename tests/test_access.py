@@ -78,3 +78,20 @@ def test_turn_settings_come_from_the_environment(monkeypatch):
     assert rtc_configuration_from_env() == {"iceServers": [{
         "urls": ["turn:turn.example.org:3478?transport=tcp", "turns:turn.example.org:5349"],
         "username": "agent", "credential": "pw"}]}
+
+
+def test_turn_relay_policy_from_the_environment(monkeypatch):
+    """TURN_POLICY=relay reaches the page's RTCPeerConnection as iceTransportPolicy; a wrong value, or
+    relay without a relay, is a clear error at start-up rather than calls that never connect."""
+    monkeypatch.setenv("TURN_URLS", "turn:turn.example.org:3478")
+    monkeypatch.setenv("TURN_POLICY", "Relay")
+    assert rtc_configuration_from_env()["iceTransportPolicy"] == "relay"
+    monkeypatch.setenv("TURN_POLICY", "all")
+    assert "iceTransportPolicy" not in rtc_configuration_from_env()
+    monkeypatch.setenv("TURN_POLICY", "relay-only")
+    with pytest.raises(ValueError, match="TURN_POLICY must be one of all, relay"):
+        rtc_configuration_from_env()
+    monkeypatch.setenv("TURN_POLICY", "relay")
+    monkeypatch.delenv("TURN_URLS")
+    with pytest.raises(ValueError, match="TURN_POLICY=relay needs a relay"):
+        rtc_configuration_from_env()

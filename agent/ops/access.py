@@ -119,13 +119,24 @@ async def refuse(scope, send, status: int, reason: str) -> None:
     await send({"type": "http.response.body", "body": reason.encode()})
 
 
+TURN_POLICIES = ("all", "relay")  # RTCPeerConnection's iceTransportPolicy
+
+
 def rtc_configuration_from_env() -> dict | None:
-    """ICE servers for WebRTC from TURN_URLS (comma-separated), TURN_USERNAME, TURN_CREDENTIAL.
-    A public host (a pod behind NAT, a Space) needs a TURN relay; the WebSocket transport does not."""
+    """ICE servers for WebRTC from TURN_URLS (comma-separated), TURN_USERNAME, TURN_CREDENTIAL, and
+    TURN_POLICY: `relay` makes the page send its media only through the relay (its `iceTransportPolicy`),
+    for networks where a direct path must not be tried or used; `all` (the default) lets ICE pick.
+    A host behind NAT without a public UDP port needs a TURN relay for WebRTC; the WebSocket transport
+    does not (docs/deploy.md, "A TURN relay")."""
     urls = [u.strip() for u in os.environ.get("TURN_URLS", "").split(",") if u.strip()]
+    policy = os.environ.get("TURN_POLICY", "").strip().lower() or "all"
+    if policy not in TURN_POLICIES:
+        raise ValueError(f"TURN_POLICY must be one of {', '.join(TURN_POLICIES)}, not {policy!r}")
     if not urls:
+        if policy == "relay":
+            raise ValueError("TURN_POLICY=relay needs a relay: set TURN_URLS (and TURN_USERNAME, TURN_CREDENTIAL)")
         return None
     server = {"urls": urls}
     if os.environ.get("TURN_USERNAME"):
         server |= {"username": os.environ["TURN_USERNAME"], "credential": os.environ.get("TURN_CREDENTIAL", "")}
-    return {"iceServers": [server]}
+    return {"iceServers": [server]} | ({"iceTransportPolicy": "relay"} if policy == "relay" else {})
