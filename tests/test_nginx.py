@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import ssl
 import subprocess
@@ -29,18 +28,13 @@ import requests
 from agent import SAMPLE_RATE
 from agent.tools.wsclient import talk
 from conftest import free_port
+from nginx_helpers import need_nginx, nginx_command
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 # the test's own self-signed certificate
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-
-
-def need_nginx() -> None:
-    if not os.path.exists(NGINX):
-        pytest.fail("nginx is not installed (apt-get install nginx); .ci/run installs it")
 
 
 def self_signed_certificate(folder: Path) -> Path:
@@ -68,11 +62,6 @@ def adapt(text: str, prefix: Path, upstreams: list[int] | None = None, http_port
         text = text.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
         text = text.replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
     return text
-
-
-def nginx_command(conf: Path, prefix: Path, *extra: str) -> list[str]:
-    main = f"pid {prefix}/nginx.pid; error_log {prefix}/error.log;" + (" user root;" if os.geteuid() == 0 else "")
-    return [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf), "-g", main, *extra]
 
 
 def test_nginx_accepts_the_shipped_config(tmp_path):

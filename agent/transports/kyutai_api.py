@@ -3,10 +3,14 @@
 
 Binary messages, first byte = kind:
   0x00  server -> client once, the handshake, before anything else
-  0x01  audio both ways: Ogg Opus pages of 24 kHz mono (sphn's OpusStreamWriter/Reader)
+  0x01  audio both ways, in the connection's `?codec=` (agent.audio.codecs): `ogg` (the default,
+        Kyutai's: Ogg Opus pages of 24 kHz mono), `opus` (one raw Opus packet a message, as WebCodecs
+        makes them: the page) or `pcm` (16-bit little-endian 24 kHz mono: the page without WebCodecs)
   0x02  server -> client: UTF-8 text pieces of the agent's inner monologue
   0x04  server -> client, after the handshake, only if asked (`?resumable=1` or `?resume=`): JSON
-        {"call_id", "resume_token", "resumed"}
+        {"type": "call", "call_id", "resume_token", "resumed"}; client -> server (an extension the
+        page uses): JSON of the call's settings by the query's names, applied mid-call as the page's
+        WebRTC call applies them (CallConnection.apply)
   0x05  server -> client: UTF-8 error message (e.g. all seats are in use, the call's time limit),
         then the socket closes; or a notice the call goes on after (the engine reset it)
 
@@ -30,15 +34,14 @@ import json
 import logging
 import uuid
 
-import sphn
 from fastapi import WebSocket, WebSocketDisconnect
 
-from agent import SAMPLE_RATE
+from agent.audio.codecs import Reader, Writer, codec_pair
 from agent.calls.hub import CallHub
 from agent.calls.session import Session
 from agent.errors import AudioFormatError, CallRefused, ResumeFailed
-from agent.transports.connection import WEBSOCKET_HANG_UP_CODES
-from agent.transports.settings import parse_call_settings, resume_token
+from agent.transports.connection import WEBSOCKET_HANG_UP_CODES, CallConnection
+from agent.transports.settings import SettingsCache, parse_call_settings, resume_token
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,9 @@ MAX_MESSAGE_BYTES = 64 * 1024  # an Opus page of 80 ms is a few hundred bytes
 OUTPUT_WAIT_S = 0.05
 
 
-async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> None:
+async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event, writer: Writer) -> None:
     """The agent's frames as they come (awaited on the event loop: no thread per call); ends the
     call when it reaches its time limit."""
-    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
     connection = session.connection
     while not stop.is_set() and not session.closed and session.connection == connection:
         if session.over_time:
@@ -63,9 +65,8 @@ async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> N
             await ws.send_bytes(ERROR + notice.encode())
         if frame is None:
             continue
-        pages = writer.append_pcm(frame.pcm)
-        if len(pages):
-            await ws.send_bytes(AUDIO + pages)
+        for message in writer.write(frame.pcm):
+            await ws.send_bytes(AUDIO + message)
         if frame.text:
             await ws.send_bytes(TEXT + frame.text.encode())
     if session.closed and not stop.is_set():  # the server ended the call (e.g. its prompt outgrew the context)
@@ -73,30 +74,51 @@ async def _send_agent(ws: WebSocket, session: Session, stop: asyncio.Event) -> N
         await ws.close(code=1000)
 
 
-async def _receive_user(ws: WebSocket, session: Session) -> bool:
-    """The caller's audio into the call until the connection ends: True for a hang-up, False for a drop."""
-    reader = sphn.OpusStreamReader(SAMPLE_RATE)
+async def _receive_user(ws: WebSocket, hub: CallHub, session: Session, reader: Reader) -> bool:
+    """The caller's audio (and settings) into the call until the connection ends: True for a hang-up,
+    False for a drop."""
+    outbox: list[dict] = []  # what applying settings tells the client
+    link, settings = CallConnection(hub, outbox.append), SettingsCache(hub.catalogue)
     warned = False
     while True:
         message = await ws.receive()
         if message["type"] == "websocket.disconnect":
             return message.get("code", 1000) in WEBSOCKET_HANG_UP_CODES
         data = message.get("bytes")
+        if data and data[:1] == METADATA and len(data) <= MAX_MESSAGE_BYTES:
+            await _apply_settings(ws, link, session, settings, data[1:], outbox)
+            continue
         if not data or data[:1] != AUDIO or len(data) > MAX_MESSAGE_BYTES:
             if not warned:  # tell the client once; keep the call going
                 warned = True
-                await ws.send_bytes(ERROR + b"ignored a message that is not 0x01 + Ogg Opus audio")
+                await ws.send_bytes(ERROR + b"ignored a message that is not 0x01 + audio or 0x04 + JSON settings")
             continue
         try:
-            pcm = reader.append_bytes(data[1:])
-        except Exception:  # corrupt Opus: skip it, as moshi's own server would not crash either
-            log.info("/api/chat: undecodable Opus data skipped")
-            continue
-        if pcm.size:
-            try:
-                session.receive(SAMPLE_RATE, pcm)  # resample and queue: short, like fastrtc's handler
-            except AudioFormatError as exc:
-                log.info("/api/chat: %s", exc)
+            rate, pcm = reader.read(data[1:])
+            if pcm.size:
+                session.receive(rate, pcm)  # resample and queue: short, like fastrtc's handler
+        except AudioFormatError as exc:  # corrupt audio: skip it, as moshi's own server would not crash either
+            log.info("/api/chat: %s", exc)
+
+
+async def _apply_settings(ws: WebSocket, link: CallConnection, session: Session, settings: SettingsCache,
+                          data: bytes, outbox: list[dict]) -> None:
+    """The caller changed its settings mid-call (JSON by the query's names): as on the page's WebRTC call."""
+    try:
+        values = json.loads(data)
+    except ValueError:
+        values = None
+    if not isinstance(values, dict):
+        await ws.send_bytes(ERROR + b"ignored a 0x04 message that is not a JSON object of settings")
+        return
+    wanted = settings.get(values)
+    if wanted.error is not None:
+        link.warn_once(f"settings:{wanted.error}", wanted.error)
+    else:
+        link.apply(session, wanted.settings)
+    for message in outbox:
+        await ws.send_bytes(ERROR + message["message"].encode())
+    outbox.clear()
 
 
 async def chat(ws: WebSocket, hub: CallHub) -> None:
@@ -105,6 +127,7 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
     params = ws.query_params
     resumed = False
     try:
+        reader, writer = codec_pair(params.get("codec") or "ogg")
         settings = parse_call_settings(hub.catalogue, params)
         if token := resume_token(params):
             try:
@@ -122,14 +145,15 @@ async def chat(ws: WebSocket, hub: CallHub) -> None:
         return
     connection = session.connection
     stop = asyncio.Event()
-    receiver = asyncio.create_task(_receive_user(ws, session))
+    receiver = asyncio.create_task(_receive_user(ws, hub, session, reader))
     try:
         await ws.send_bytes(HANDSHAKE)
         if params.get("resumable") or params.get("resume"):
-            await ws.send_bytes(METADATA + json.dumps({"call_id": session.call_id, "resume_token": session.resume_token,
-                                                       "resumed": resumed}).encode())
+            told = {"type": "call", "call_id": session.call_id, "resume_token": session.resume_token,
+                    "resumed": resumed}
+            await ws.send_bytes(METADATA + json.dumps(told).encode())
         # the call ends when either side does: the client leaves, or the server ends it (time limit)
-        tasks = {asyncio.create_task(_send_agent(ws, session, stop)), receiver}
+        tasks = {asyncio.create_task(_send_agent(ws, session, stop, writer)), receiver}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -23,6 +23,7 @@ from agent.ops.access import rtc_configuration_from_env
 from agent.ops.metrics import fmt_ms
 from agent.service import AgentService
 from agent.transports.fastrtc_handler import MoshiHandler, watch_page_calls
+from agent.transports.settings import PAGE_INPUTS
 
 CSS_PATH = ASSETS / "style.css"
 SCRIPTS = ASSETS / "web"  # the page's JavaScript (page_script)
@@ -31,6 +32,12 @@ POLL_SECONDS = 0.5
 PLOT_SECONDS = 60
 RECONNECT_BACKOFF_MS = (500, 1000, 2000, 4000)
 RECONNECT_WAIT_MS = 8000  # an attempt not connected by then (plus its backoff) is tried again
+# Auto: a WebRTC call whose ICE has not connected by then goes over the WebSocket (assets/web/ws_call.js).
+# ICE over loopback or a LAN connects in well under a second, through a TURN relay in one or two.
+FALLBACK_MS = 4000
+TRANSPORTS = ("Auto", "WebRTC", "WebSocket")
+# the readouts timer asks for the WebSocket call's id when the page calls over the socket
+CALL_ID_JS = "(call, token) => [(window.__agentTransport && window.__agentTransport.callId) || call, token]"
 
 
 def page_script(name: str, params: str = "", **config: Any) -> str:
@@ -189,6 +196,20 @@ def _persona_inputs(service: AgentService) -> tuple[gr.Textbox, gr.Dropdown]:
     return persona, preset
 
 
+def _transport_controls(service: AgentService, demo: gr.Blocks, settings: list[Any]) -> None:
+    """The call's transport: the choice (Auto tries WebRTC, then the WebSocket), which one carries the
+    call, and the WebSocket call's own hang-up (assets/web/ws_call.js); the sidebar's settings reach it
+    on every change."""
+    gr.Radio(list(TRANSPORTS), value="Auto", label="Transport", elem_id="transport-choice", container=False)
+    gr.HTML('<div id="call-transport" role="status"></div>'
+            '<button id="ws-hang-up" class="lg secondary" style="display: none">Hang up</button>')
+    demo.load(None, js=page_script("ws_call", path="api/chat", fallback_ms=FALLBACK_MS,
+                                   window_ms=int(1000 * service.hub.resume_seconds),
+                                   backoff_ms=list(RECONNECT_BACKOFF_MS), names=list(PAGE_INPUTS[:-1])))
+    gr.on([demo.load, *(c.change for c in settings)], None, inputs=settings,
+          js="(...values) => { window.__agentTransport && window.__agentTransport.setSettings(values); }")
+
+
 def build_demo(service: AgentService) -> gr.Blocks:
     catalogue = service.catalogue
     voice_support, emotion_support = service.voice_support(), service.emotion_support()
@@ -227,6 +248,7 @@ def build_demo(service: AgentService) -> gr.Blocks:
                       track_constraints={"echoCancellation": True, "noiseSuppression": True,
                                          "autoGainControl": True, "sampleRate": {"ideal": 48000}})
         status = gr.Markdown("Press **Record** to start a call.", elem_id="call-status")
+        _transport_controls(service, demo, [voice, emotion, *sampling, persona, preset])
         # reconnect.js writes here ("reconnecting…", "reconnected", "call lost"); hidden while empty
         gr.HTML('<div id="reconnect-status" role="status" aria-live="polite" style="display: none"></div>')
         resume = gr.State("")  # the call's resume token (page_resume_token), sent when the page reconnects
@@ -253,5 +275,5 @@ def build_demo(service: AgentService) -> gr.Blocks:
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(lambda call_id, token: (*readouts(service, call_id), page_resume_token(service, call_id, token)),
                    inputs=[call, resume], outputs=[transcript, stats, plot, status, resume], show_progress="hidden",
-                   queue=False)
+                   queue=False, js=CALL_ID_JS)
     return demo
