@@ -64,7 +64,7 @@ def test_telugu_tiny_codec_folder_reloads_with_moshi_geometry(trained_codec, spe
     decoded = codec_mod.reconstruct(mimi, audio)
     assert decoded.shape == audio.shape and np.isfinite(decoded).all()
     figures = codec_mod.evaluate_codec(mimi, [audio])
-    assert set(figures) == {"clips", "speech_ratio", "lsd_db"} and figures["lsd_db"] > 0
+    assert set(figures) == {"clips", "speech_ratio", "lsd_db", "mcd_db"} and figures["lsd_db"] > 0 < figures["mcd_db"]
 
 
 def _codec_config(speech_wavs, out: Path, **overrides) -> codec_mod.CodecConfig:

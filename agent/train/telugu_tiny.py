@@ -67,6 +67,9 @@ class TeluguTinyConfig:
     threads: int = 1  # torch threads: on a shared 2-core machine 1 is fastest
     seed: int = 0
     quiet: bool = False
+    # "small": telugu-small's codec recipe (agent.train.codec.telugu_small_codec_config: wider, mel +
+    # discriminator losses, quantizer dropout); its step count is still --codec-steps
+    codec_preset: str = "tiny"
 
 
 def split_sentences(work: Path) -> tuple[Path, list[str]]:
@@ -204,6 +207,7 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
         codec_mimi_config,
         evaluate_codec,
         load_mimi_folder,
+        telugu_small_codec_config,
         train_codec,
     )
     codec_dir = w / "codec"
@@ -212,9 +216,9 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
         validation = spoken_clips(train_sentences.read_text(encoding="utf-8").splitlines()[:len(CODEC_VOICES)])
         lm_ids = {json.loads(line)["id"] for line in lm_scripts.read_text(encoding="utf-8").splitlines() if line}
         audio = [w / ("synth" if i in lm_ids else "synth-codec") / "data" / f"{i}.wav" for i in codec_ids]
-        train_codec(CodecConfig(audio=audio, out=codec_dir, steps=config.codec_steps,
-                                extra_steps=config.codec_extra_steps, seed=config.seed, quiet=config.quiet),
-                    validation)
+        make = telugu_small_codec_config if config.codec_preset == "small" else CodecConfig
+        train_codec(make(audio=audio, out=codec_dir, steps=config.codec_steps, extra_steps=config.codec_extra_steps,
+                         seed=config.seed, quiet=config.quiet), validation)
     clips = spoken_clips(held)
     trained, _ = load_mimi_folder(codec_dir)
     untrained = build_mimi(codec_mimi_config(), config.seed).eval()
@@ -259,6 +263,8 @@ def add_parser(stages: argparse._SubParsersAction) -> None:
                  "threads", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TeluguTinyConfig, name))
     p.add_argument("--lm-config", type=Path, default=TRAIN_CONFIG)
+    p.add_argument("--codec-preset", choices=("tiny", "small"), default="tiny",
+                   help="the codec's recipe: tiny (default) or telugu-small's (mel + discriminator losses, wider)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -266,4 +272,5 @@ def from_args(args: argparse.Namespace) -> TeluguTinyConfig:
     return TeluguTinyConfig(work=args.work, out=args.out, dialogues=args.dialogues, codec_steps=args.codec_steps,
                             codec_extra_steps=args.codec_extra_steps, codec_dialogues=args.codec_dialogues,
                             lm_steps=args.lm_steps, lm_config=args.lm_config, eval_samples=args.eval_samples,
-                            threads=args.threads, seed=args.seed, quiet=args.quiet)
+                            threads=args.threads, seed=args.seed, quiet=args.quiet,
+                            codec_preset=args.codec_preset)

@@ -1,0 +1,124 @@
+"""telugu-small's codec losses (issue 22): the multi-scale mel loss, EnCodec's STFT discriminator with
+hinge and feature-matching losses, and a run with the discriminator that resumes exactly.
+
+Fast by design: espeak-ng speech, a narrow codec and discriminator, a few steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from agent.eval.speech import speak
+from agent.train import codec as codec_mod
+from agent.train.codec_discriminator import (
+    Adversary,
+    AdversaryConfig,
+    discriminator_hinge,
+    feature_matching,
+    generator_hinge,
+)
+from agent.train.codec_losses import mel_cepstral_distance, multiscale_mel_loss
+
+RATE = 24_000
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return speak("నమస్కారం, మీరు ఎలా ఉన్నారు?", "te+f3", RATE).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def speech_wavs(tmp_path_factory, speech) -> list[Path]:
+    folder = tmp_path_factory.mktemp("small-codec-speech")
+    paths = [folder / "0.wav", folder / "1.wav"]
+    sf.write(str(paths[0]), speech, RATE)
+    sf.write(str(paths[1]), speak("ఈ రోజు వాతావరణం చాలా బాగుంది.", "te+m3", RATE), RATE)
+    return paths
+
+
+def test_telugu_small_mel_loss_is_zero_for_identical_signals_and_grows_with_distortion(speech):
+    x = torch.from_numpy(speech)[None, None]
+    assert multiscale_mel_loss(x, x).item() == 0.0
+    noise = torch.from_numpy(np.random.default_rng(0).standard_normal(speech.size).astype(np.float32))[None, None]
+    losses = [multiscale_mel_loss(x + level * noise, x).item() for level in (0.003, 0.03, 0.3)]
+    assert 0 < losses[0] < losses[1] < losses[2], losses
+    muffled = torch.nn.functional.avg_pool1d(x, 9, stride=1, padding=4)  # the formants gone, the level kept
+    assert multiscale_mel_loss(muffled, x).item() > losses[0]
+    assert mel_cepstral_distance(speech, speech) == pytest.approx(0.0, abs=1e-6)
+    assert mel_cepstral_distance(muffled[0, 0].numpy(), speech) > mel_cepstral_distance(
+        (x + 0.003 * noise)[0, 0].numpy(), speech) > 0
+
+
+def test_telugu_small_discriminator_hinge_and_feature_matching_have_the_right_signs():
+    high, low = [torch.full((2, 5), 3.0)], [torch.full((2, 5), -3.0)]
+    assert discriminator_hinge(high, low).item() == 0.0  # real called real, fake called fake: nothing to learn
+    assert discriminator_hinge(low, high).item() == pytest.approx(8.0)  # both wrong: 4 + 4
+    assert generator_hinge(high).item() == 0.0 and generator_hinge(low).item() == pytest.approx(4.0)
+    features = [[torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))]]
+    assert feature_matching(features, features).item() == 0.0
+    assert feature_matching(features, [[2 * features[0][0]]]).item() == pytest.approx(1.0)  # relative L1
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters()}
+
+
+def test_telugu_small_gradients_reach_the_codec_only_in_the_generator_step(speech):
+    torch.manual_seed(0)
+    mimi = codec_mod.build_mimi(codec_mod.codec_mimi_config(4, 32), seed=0).train()
+    adversary = Adversary(AdversaryConfig(filters=4, scales=(512, 256)), seed=0)
+    ref = torch.from_numpy(speech[:4 * codec_mod.FRAME].copy())[None, None]
+    decoded, _ = codec_mod.autoencode(mimi, ref, quantize_rate=0.0)
+    adversary.discriminator_step(decoded, ref)
+    assert all(g is None for g in _grads(mimi).values()), "the discriminator's step reached the codec"
+    after_d_step = _grads(adversary.discriminator)
+    assert all(g is not None for g in after_d_step.values()) and sum(g.abs().sum() for g in after_d_step.values()) > 0
+    adversarial, matching = adversary.generator_losses(decoded, ref)
+    (adversarial + matching).backward()
+    codec_grads = [g for n, g in _grads(mimi).items() if n.startswith("decoder.")]
+    assert codec_grads and all(g is not None for g in codec_grads) and sum(g.abs().sum() for g in codec_grads) > 0
+    for name, grad in _grads(adversary.discriminator).items():  # the codec's losses left the discriminator alone
+        assert torch.equal(grad, after_d_step[name]), name
+    assert all(p.requires_grad for p in adversary.discriminator.parameters())
+
+
+def _small_config(speech_wavs, out: Path) -> codec_mod.CodecConfig:
+    return codec_mod.telugu_small_codec_config(
+        speech_wavs, out, steps=10, extra_steps=0, save_every=4, batch_size=2, crop_frames=4, seanet_filters=4,
+        seanet_dim=32, mel_scales=((64, 10), (256, 40), (1024, 80)), adversary_start=2, adversary_filters=4,
+        adversary_scales=(512, 256), quiet=True)
+
+
+@pytest.mark.slow
+def test_telugu_small_codec_with_discriminator_resumes_bit_for_bit(speech_wavs, tmp_path, monkeypatch):
+    """Killed at step 7 (the state of step 4 on disk: codec, discriminator, both optimizers, random
+    streams), the rerun goes on with the same losses at every step and ends with the same weights."""
+    torch.set_num_threads(1)
+    real_step, losses = codec_mod._Trainer.step, []
+
+    def recording_step(self, config, ref, rng, step):
+        if step == 6 and getattr(self, "die", False):
+            raise KeyboardInterrupt
+        losses.append((step, real_step(self, config, ref, rng, step)))
+        return losses[-1][1]
+
+    monkeypatch.setattr(codec_mod._Trainer, "step", recording_step)
+    whole = codec_mod.train_codec(_small_config(speech_wavs, tmp_path / "whole")).state_dict()
+    uninterrupted, losses[:] = dict(losses), []
+    assert {"disc", "adv", "feat", "mel"} <= set(uninterrupted[9]) and "disc" not in uninterrupted[1]
+    monkeypatch.setattr(codec_mod._Trainer, "die", True, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        codec_mod.train_codec(_small_config(speech_wavs, tmp_path / "killed"))
+    monkeypatch.setattr(codec_mod._Trainer, "die", False, raising=False)
+    losses[:] = []
+    resumed = codec_mod.train_codec(_small_config(speech_wavs, tmp_path / "killed")).state_dict()
+    assert [s for s, _ in losses] == list(range(4, 10))
+    for step, figures in losses:
+        assert figures == uninterrupted[step], step
+    for key, value in whole.items():
+        assert torch.equal(value, resumed[key]), key
