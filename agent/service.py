@@ -89,6 +89,8 @@ class AgentService:
                      "prompts_restored", "prompt_prefills", "prompt_cache_entries", "prompt_cache_bytes",
                      "step_failures"):
             values[name] = sum(getattr(e.stats, name) for e in self.engines)
+        for q in ("p50", "p99"):  # the worst engine's
+            values[f"tick_lateness_{q}_seconds"] = max(1e-3 * (e.stats.lateness_ms()[q] or 0.0) for e in self.engines)
         return values
 
     def drain(self, timeout: float) -> bool:

@@ -25,7 +25,7 @@ from agent import FRAME_SIZE
 from agent.config import EngineConfig, SamplingConfig
 from agent.engine.admission import PromptAdmission
 from agent.engine.conditions import SeatConditions
-from agent.engine.loop import TickLoop
+from agent.engine.loop import TickLoop, due_since
 from agent.engine.pending import ConditionUpdate, PendingUpdates, PromptUpdate, SamplingUpdate
 from agent.engine.prompt_state import PromptLMGen
 from agent.engine.prompts import PromptSpec
@@ -161,6 +161,9 @@ class FrameEngine:
             asked = dict(self._pending.prompts)
         states = self._admission.states(asked, self._refuse_prompt) if asked else {}  # one pass each, before the tick
         with self._lock:
+            since, now = due_since(self._seats, self._loop.last_tick), time.monotonic()
+            if since is not None:
+                self.stats.lateness.add(1e3 * max(0.0, now - since), now)
             batch = gather(self._seats)
             self.stats.late_ticks += batch.late
             taken = self._pending

@@ -2,8 +2,9 @@
 
 Tick timing: a tick fires as soon as every occupied seat has a frame (so a lone caller never waits
 for a clock), or one frame period after the previous tick for the seats that are ready, or at once
-when a seat has fallen two frames behind. Held seats are left out of every rule: nobody waits for
-them, and they are never freed for idleness.
+when a seat has fallen two frames behind. A tick's lateness (`due_since`) is how long after it
+became due it starts (the GIL, a busy machine, a slow wake-up). Held seats are left out of every
+rule: nobody waits for them, and they are never freed for idleness.
 
 A tick that raises has already been handled (its seats reset and told, the failure counted): the
 loop logs it and goes on.
@@ -31,6 +32,20 @@ def due(seats: Sequence[Seat | None], now: float, last_tick: float) -> bool:
         return False
     return (len(ready) == len(occupied) or now >= last_tick + FRAME_SECONDS
             or any(s.input_backlog >= 2 for s in ready))
+
+
+def due_since(seats: Sequence[Seat | None], last_tick: float) -> float | None:
+    """When the tick about to run became due by `due`'s rules (engine lock held, before the frames
+    are taken); None if none is due. A tick's lateness is how long after this it starts."""
+    occupied = [s for s in seats if s is not None and not s.held]
+    first = [t for s in occupied if (t := s.queued_at(0)) is not None]
+    if not first:
+        return None
+    since = max(last_tick + FRAME_SECONDS, min(first))  # one frame after the last tick
+    if len(first) == len(occupied):
+        since = min(since, max(first))  # the moment every seat had its frame
+    second = [t for s in occupied if (t := s.queued_at(1)) is not None]
+    return min([since, *second])  # a seat two frames behind
 
 
 def idle(seats: Sequence[Seat | None], now: float, timeout_s: float) -> list[Seat]:

@@ -176,6 +176,10 @@ class Seat:
 
     # -- the engine's side (engine lock held) ----------------------------------------------------
 
+    def queued_at(self, k: int) -> float | None:
+        """When the k-th waiting input frame (0 = the oldest) was complete; None if fewer wait."""
+        return self._inputs[k][1] if k < len(self._inputs) else None
+
     def take_input(self) -> tuple[np.ndarray, float] | None:
         """The oldest input frame (NaN/Inf zeroed) and when it was complete; None if none came,
         and the seat sits this tick out (counted)."""

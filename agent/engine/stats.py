@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from agent.config import EngineConfig
 from agent.models import LoadedModel
-from agent.ops.metrics import StepTimes
+from agent.ops.metrics import RollingWindow, StepTimes
 
 # On a CPU every seat costs compute each tick, idle or not (the batch is fixed); 4 keeps a lone
 # caller's tiny-model step near 20 ms on 2 cores. GPU seats come from memory instead.
@@ -40,6 +41,7 @@ class EngineStats:
     failures_in_a_row: int = 0  # since the last step that succeeded
     last_failure: str = ""
     step: StepTimes = field(default_factory=StepTimes)
+    lateness: RollingWindow = field(default_factory=RollingWindow)  # ms each tick started after it was due
     prompts_restored: int = 0  # calls started from a prompt state (cached or new)
     prompt_prefills: int = 0  # prompt states computed (cache misses)
     prompt_prefill_ms: float = 0.0  # the last one's time, spent between two ticks
@@ -58,6 +60,14 @@ class EngineStats:
         self.ticks += 1
         self.failures_in_a_row = 0
         self.step.add(encode_ms=1e3 * encode_s, lm_ms=1e3 * lm_s, decode_ms=1e3 * decode_s, batch=batch)
+
+    def lateness_ms(self) -> dict[str, float | None]:
+        """Tick lateness over the last minute: p50, p99 and the worst, in ms."""
+        values = self.lateness.values()
+        if not values.size:
+            return {"p50": None, "p99": None, "max": None}
+        return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
+                "max": float(values.max())}
 
     def failed(self, exc: Exception) -> None:
         """A step raised (engine lock held)."""

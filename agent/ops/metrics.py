@@ -131,6 +131,9 @@ class PrometheusExporter:
         "draining": "1 while the server drains before shutting down.",
         "prompt_cache_entries": "Prompt states held in the bounded (LRU) prompt cache.",
         "prompt_cache_bytes": "Memory held by the prompt cache (keys and values of every cached prompt).",
+        "tick_lateness_p50_seconds": "How long after it was due a tick started, median over the last minute.",
+        "tick_lateness_p99_seconds": "How long after it was due a tick started, 99th percentile over the last "
+                                     "minute (the GIL, a busy host, a slow wake-up).",
     }
 
     def __init__(self, snapshot: Callable[[], dict[str, float]]):

@@ -3,6 +3,7 @@
     python -m agent.tools.loadtest load --calls 64 --seconds 20     # N concurrent WebSocket calls vs an N-seat server
     python -m agent.tools.loadtest soak --calls 8 --seconds 600     # long calls: frames lost, memory over time
     python -m agent.tools.loadtest fuzz --seconds 30                # garbage at every endpoint beside a normal call
+    python -m agent.tools.loadtest cost --calls 1,4,8,16          # host CPU per call, per transport (tools/cost.py)
 
 The server (tiny model unless --model) runs in this process; the clients and the fuzzer run in one
 child process and the `/healthz` prober in another (so its figures are the server's, not the busy
@@ -249,11 +250,24 @@ def print_report(r: Report) -> None:
         print(f"  step p50 {r.step['p50_ms']:.0f} ms, p99 {r.step['p99_ms']:.0f} ms (real time is 80 ms)")
 
 
+def run_cost_mode(args: argparse.Namespace) -> int:
+    from agent.tools.cost import run_cost
+
+    counts = [int(x) for x in (args.calls or "1,4,8,16").split(",")]
+    points = run_cost(args.transports.split(","), counts, args.seconds or 20.0, args.model, args.profile)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(p) for p in points], f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["load", "soak", "fuzz"])
+    p.add_argument("mode", choices=["load", "soak", "fuzz", "cost"])
     p.add_argument("--model", default="tiny")
-    p.add_argument("--calls", type=int, default=None, help="default: 64 (load), 8 (soak), 1 (fuzz)")
+    p.add_argument("--calls", default=None, help="default: 64 (load), 8 (soak), 1 (fuzz); cost: a list, 1,4,8,16")
+    p.add_argument("--transports", default="webrtc,ws,chat", help="cost: which callers (webrtc, ws, chat)")
+    p.add_argument("--profile", action="store_true", help="cost: py-spy's split of the CPU outside the engine")
     p.add_argument("--seats", type=int, default=None, help="default: as many as calls (at least 2)")
     p.add_argument("--seconds", type=float, default=None,
                    help="each call's speech; default 20 (load), 600 (soak), 30 (fuzz)")
@@ -262,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tracemalloc in the server: print what grew between minute 1 and the end (slows it)")
     args = p.parse_args(argv)
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    calls = args.calls or {"load": 64, "soak": 8, "fuzz": 1}[args.mode]
+    if args.mode == "cost":
+        return run_cost_mode(args)
+    calls = int(args.calls) if args.calls else {"load": 64, "soak": 8, "fuzz": 1}[args.mode]
     seconds = args.seconds or {"load": 20.0, "soak": 600.0, "fuzz": 30.0}[args.mode]
     report = run(args.mode, args.model, args.seats or max(calls, 2), calls, seconds, args.trace_memory)
     print_report(report)
