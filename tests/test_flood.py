@@ -31,7 +31,7 @@ from conftest import free_port, live_server_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 4
-UNFINISHED, HEADER_S = 8, 3.0
+UNFINISHED, HEADER_S = 16, 3.0  # above the idle-WebSocket test's 12 handshakes at once
 # loopback is no trusted proxy here: this test's clients are callers (a proxy's are not counted)
 flooded = live_server_fixture(max_sessions=2, server_config=ServerConfig(
     max_connections_per_client=LIMIT, resume_seconds=0, trusted_proxies="none",
