@@ -71,6 +71,10 @@ class ServerConfig:
     max_calls_per_client: int | None = None  # concurrent WebSocket calls from one address (None: no cap)
     # open connections (API WebSockets, WebRTC offers not yet in a call) from one address; None: no limit
     max_connections_per_client: int | None = 16
+    # connections from one address waiting for a request's headers (slowloris; agent.ops.unfinished), and
+    # how long each may take to send them; None: no limit
+    max_unfinished_requests_per_client: int | None = 32
+    request_header_seconds: float = 10.0
     # proxies whose X-Forwarded-For / Forwarded name the client (agent.ops.forwarded): addresses or CIDRs,
     # comma-separated, "none" for none; uvicorn's default, a proxy on this host
     trusted_proxies: str = "127.0.0.1,::1"

@@ -1,6 +1,7 @@
 """Connection floods: a client that opens many connections (WebSocket, /api/chat, WebRTC offers) and
 never speaks is refused beyond its per-client limit (--max-connections-per-client), with a clear 429,
-while a live call goes on."""
+while a live call goes on; one that opens many and never finishes sending its request's headers
+(slowloris) is refused beyond its limit of unfinished requests and timed out (agent.ops.unfinished)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ from conftest import free_port, live_server_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 4
-flooded = live_server_fixture(max_sessions=2, server_config=ServerConfig(max_connections_per_client=LIMIT,
-                                                                         resume_seconds=0))
+UNFINISHED, HEADER_S = 16, 3.0  # above the idle-WebSocket test's 12 handshakes at once
+# loopback is no trusted proxy here: this test's clients are callers (a proxy's are not counted)
+flooded = live_server_fixture(max_sessions=2, server_config=ServerConfig(
+    max_connections_per_client=LIMIT, resume_seconds=0, trusted_proxies="none",
+    max_unfinished_requests_per_client=UNFINISHED, request_header_seconds=HEADER_S))
 
 
 async def open_idle(url: str, n: int, stack: contextlib.AsyncExitStack, batch: int = 50) -> list[tuple[int, str]]:
@@ -186,3 +190,120 @@ def test_flood_of_1000_idle_connections_leaves_a_live_call_and_memory_alone(telu
     assert statuses.count(101) == 15 and statuses.count(429) == 985, statuses  # 16 with the live call
     assert result.errors == [] and result.received_seconds >= 0.9 * result.sent_seconds
     assert growth < 100, growth
+
+
+def slow_requests_process(port: int, n: int, hold_s: float, source: str) -> list[tuple[float, float | None, int]]:
+    """`n` connections from `source` (in a process of their own), 100 opened at once, each sending the start
+    of a request and then one more header byte a second, never finishing it, for up to `hold_s`. For each:
+    (opened at, closed by the server at or None, the status it answered with or 0), in seconds from the
+    first."""
+    async def one(started: float) -> tuple[float, float | None, int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        opened = time.monotonic() - started
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        try:
+            while time.monotonic() - started < hold_s:
+                try:
+                    head = await asyncio.wait_for(reader.read(256), 1.0)
+                except TimeoutError:
+                    writer.write(b"a")  # a byte a second: never idle, never done
+                    continue
+                status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+                return opened, time.monotonic() - started, status
+            return opened, None, 0
+        except OSError:  # reset by the server
+            return opened, time.monotonic() - started, 0
+        finally:
+            writer.close()
+
+    async def flood():
+        started = time.monotonic()
+        tasks = []
+        for first in range(0, n, 100):
+            tasks += [asyncio.ensure_future(one(started)) for _ in range(min(100, n - first))]
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(*tasks)
+    return asyncio.run(flood())
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.slow
+def test_flood_slow_requests_are_limited_and_timed_out_beside_a_live_call(flooded, telugu_speech):
+    """1,000 connections from one client (127.0.0.2), each dribbling its request's headers a byte a
+    second and never finishing them: beyond UNFINISHED at once they are answered 429 and closed at once,
+    the rest 408 and closed after HEADER_S, so the server holds a bounded number of sockets. A live
+    call from another address (127.0.0.1) keeps its audio, and that address is still served."""
+    _, audio = telugu_speech
+    call: dict = {}
+    caller = threading.Thread(target=lambda: call.update(
+        result=asyncio.run(talk(flooded.ws_url, np.concatenate([audio[:4 * SAMPLE_RATE]] * 2), tail_seconds=0.5))))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(slow_requests_process, (flooded.port, 0, 0.0, "127.0.0.2"))  # started and warm
+        caller.start()
+        time.sleep(0.5)
+        fds_before = _open_fds()  # the live call's included
+        flood = pool.apply_async(slow_requests_process, (flooded.port, 1000, HEADER_S + 2.5, "127.0.0.2"))
+        flood_at, fds = time.monotonic(), []
+        while not flood.ready():
+            fds.append((time.monotonic() - flood_at, _open_fds()))
+            time.sleep(0.1)
+        during = requests.get(flooded.url + "/healthz", timeout=5).status_code  # asked from 127.0.0.1
+        outcomes = flood.get(timeout=60)
+        overlapped = caller.is_alive()
+    caller.join(timeout=60)
+    result = call["result"]
+    refused = [closed for _, closed, status in outcomes if status == 429]
+    timed_out = [closed - opened for opened, closed, status in outcomes if status == 408]
+    held = [o for o in outcomes if o[1] is None]
+    # sockets held once the burst is in (all opened within 0.5 s; the refused ones closed), before the
+    # admitted ones time out; the peak includes the refused ones in the moment before they are closed
+    held_fds = max(n for t, n in fds if 1.5 <= t <= HEADER_S - 0.5) - fds_before
+    print(f"slow requests: {len(refused)} refused, {len(timed_out)} timed out, {len(held)} still open; server "
+          f"sockets +{held_fds} held, +{max(n for _, n in fds) - fds_before} at the peak; live call's audio "
+          f"{result.received_seconds:.2f} of {result.sent_seconds:.2f} s")
+    assert overlapped, "the flood did not happen while the call was live"
+    assert not held, f"{len(held)} unfinished requests still open after {HEADER_S + 2.5} s"
+    assert len(timed_out) == UNFINISHED and len(refused) == 1000 - UNFINISHED, sorted({s for *_, s in outcomes})
+    assert all(HEADER_S - 0.5 <= t <= HEADER_S + 1.5 for t in timed_out), timed_out
+    assert held_fds <= UNFINISHED + 5, (fds_before, fds)
+    assert during == 200
+    assert result.errors == [] and result.received_seconds >= 0.9 * result.sent_seconds
+    assert asyncio.run(_get_status(flooded.port, "127.0.0.2")) == 200  # all 1,000 counted out again
+
+
+async def _get_status(port: int, source: str) -> int:
+    """A whole GET /healthz from `source`: its status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    head = await reader.readuntil(b"\r\n")
+    writer.close()
+    return int(head.split(b" ", 2)[1])
+
+
+def test_flood_slow_request_on_a_kept_alive_connection_times_out(flooded):
+    """After a response, a kept-alive connection waits for its next request's headers under the same
+    deadline: one that dribbles them (so uvicorn's keep-alive timeout, reset by each byte, never fires)
+    is answered 408 and closed after HEADER_S."""
+    async def go() -> tuple[int, bytes, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", flooded.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+        await reader.readuntil(b"}")  # the JSON body
+        started = time.monotonic()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        answer = b""
+        while not answer and time.monotonic() - started < HEADER_S + 3:
+            try:
+                answer = await asyncio.wait_for(reader.read(256), 0.5)
+            except TimeoutError:
+                writer.write(b"a")
+        writer.close()
+        return first, answer, time.monotonic() - started
+
+    first, answer, after = asyncio.run(go())
+    assert first == 200
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert HEADER_S - 0.5 <= after <= HEADER_S + 1.5, after

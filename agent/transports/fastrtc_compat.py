@@ -1,4 +1,4 @@
-"""Every use of fastrtc's, aiortc's and gradio's internals (and one of uvicorn's), in this one
+"""Every use of fastrtc's, aiortc's and gradio's internals (and two of uvicorn's), in this one
 module: when one of them is upgraded, this is the file to check. Nothing else under agent/ reaches
 into them (an architecture test holds that); the rest of the code uses their public API only.
 
@@ -6,7 +6,7 @@ Read from fastrtc 0.0.34, aiortc 1.16.0, gradio 5.50.0 and uvicorn 0.55.0 (`pip 
 gradio uvicorn`). Each use below says what it relies on. The tests that exercise them:
 test_server.py and test_ws_smoke.py (the WebSocket path), test_webrtc.py and test_webrtc_reconnect.py
 (WebRTC, dropped connections), test_reliability.py (the per-client cap through the page's offers),
-test_share.py (the tunnel).
+test_share.py (the tunnel), test_flood.py (slow requests at uvicorn's door).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from fastrtc.utils import current_context
 from fastrtc.webrtc_connection_mixin import WebRTCConnectionMixin
 from fastrtc.websocket import WebSocketHandler
 from gradio import networking, tunneling
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import ClientDisconnected
+
+from agent.ops.unfinished import UnfinishedRequests
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +217,65 @@ def open_tunnel(local_host: str, port: int) -> tuple[str, bool]:
     `GRADIO_SHARE_SERVER_ADDRESS` (from the environment variable of that name) naming a custom server."""
     custom_server = bool(networking.GRADIO_SHARE_SERVER_ADDRESS)
     return networking.setup_tunnel(local_host, port, secrets.token_urlsafe(32), None, None), custom_server
+
+
+# -- uvicorn's HTTP protocol: slow requests at the door -------------------------------------------
+
+
+def unfinished_requests_protocol(door: UnfinishedRequests) -> type[H11Protocol]:
+    """uvicorn's h11 protocol (for `uvicorn.Config(http=...)`) that asks `door` (ops.unfinished) about
+    each wait for a request's headers: on a new connection and after each response on a kept-alive one.
+    A connection refused is answered 429 and closed before anything is parsed; one whose headers take
+    over `door.header_seconds` is answered 408 and closed. Relies on H11Protocol's `connection_made`,
+    `handle_events` (which sets `scope` when a request's headers have been parsed, and hands the
+    transport over to a WebSocket protocol on an upgrade), `on_response_complete`, `connection_lost`,
+    and its `client`, `transport`, `loop` attributes (uvicorn/protocols/http/h11_impl.py)."""
+
+    class UnfinishedRequestsProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.address = self.client[0] if self.client else "?"
+            self.header_timer: Any = None
+            self.scope_seen: Any = None
+            self.await_request()
+
+        def await_request(self) -> None:
+            if self.transport.is_closing() or self.header_timer is not None:
+                return
+            if not door.start(self.address):
+                self.transport.write(door.refusal)
+                self.transport.close()
+                return
+            self.header_timer = self.loop.call_later(door.header_seconds, self.headers_too_slow)
+
+        def stop_waiting(self) -> bool:
+            if self.header_timer is None:
+                return False
+            self.header_timer.cancel()
+            self.header_timer = None
+            door.finish(self.address)
+            return True
+
+        def headers_too_slow(self) -> None:
+            self.header_timer = None
+            door.expire(self.address)
+            if not self.transport.is_closing():
+                self.transport.write(door.timeout)
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.scope is not self.scope_seen:  # a request's headers arrived (a WebSocket's too)
+                self.scope_seen = self.scope
+                self.stop_waiting()
+
+        def on_response_complete(self) -> None:
+            # waits for the next request from here (before the pipelined one super() may parse at once)
+            self.await_request()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop_waiting()
+            super().connection_lost(exc)
+
+    return UnfinishedRequestsProtocol

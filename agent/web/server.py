@@ -26,8 +26,10 @@ from fastapi import FastAPI, Response, WebSocket
 
 from agent.ops.access import AccessMiddleware, Credentials, DrainGate, rtc_configuration_from_env
 from agent.ops.forwarded import ForwardedMiddleware, TrustedProxies
+from agent.ops.unfinished import UnfinishedRequests
 from agent.service import AgentService
 from agent.transports import kyutai_api
+from agent.transports.fastrtc_compat import unfinished_requests_protocol
 from agent.transports.fastrtc_handler import MoshiHandler
 from agent.transports.websocket import AgentStream
 
@@ -77,7 +79,11 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     app.add_middleware(DrainGate, draining=lambda: service.hub.draining)
     app.add_middleware(AccessMiddleware, credentials=credentials, cap=service.hub.cap)
     # outermost: every gate and transport (and the page's WebRTC offer) reads the caller's address
-    app.add_middleware(ForwardedMiddleware, trusted=TrustedProxies.parse(config.trusted_proxies))
+    trusted = TrustedProxies.parse(config.trusted_proxies)
+    app.add_middleware(ForwardedMiddleware, trusted=trusted)
+    # read by server_config: uvicorn's HTTP protocol asks it about requests still arriving (slowloris)
+    app.state.unfinished_requests = UnfinishedRequests(config.max_unfinished_requests_per_client,
+                                                       config.request_header_seconds, trusted.trusts)
     auth = (credentials.user, credentials.password) if credentials else None
     return gr.mount_gradio_app(app, demo, path="/", auth=auth, auth_message="Telugu voice agent")
 
@@ -105,8 +111,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def server_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
-    # proxy headers: agent.ops.forwarded (--trusted-proxies), not uvicorn's own
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, proxy_headers=False)
+    # proxy headers: agent.ops.forwarded (--trusted-proxies), not uvicorn's own. HTTP: h11, with a deadline
+    # and a per-client limit for requests whose headers are still arriving (agent.ops.unfinished)
+    door = getattr(app.state, "unfinished_requests", None)
+    http = unfinished_requests_protocol(door) if door is not None else "auto"
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, proxy_headers=False,
+                          http=http)
 
 
 class BackgroundServer:
