@@ -158,3 +158,31 @@ def test_websocket_page_not_needed_with_udp_open_no_fallback(live_server, proxy,
         assert transport(page)["name"] == "WebRTC" and not transport(page)["fellBack"], transport(page)
         page.locator("#call button", has_text="Stop").first.click()
         assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
+
+
+def test_websocket_page_call_resumes_after_the_proxy_drops(live_server, proxy, mic_wav):
+    """WebSocket chosen on the page; nginx is killed mid-call (no close frame either way) and started
+    again: the page reconnects with the call's resume token within the server's resume window (3 s here)
+    and the same call goes on."""
+    service = live_server.service
+    with page_through(proxy, mic_wav) as page:
+        page.locator("#transport-choice").get_by_text("WebSocket").click()
+        record(page)
+        assert wait_until(lambda: service.registry.live(), 15), "the page's call never reached the engine"
+        session = service.registry.live()[0]
+        page.get_by_text("In call").wait_for(timeout=15_000)
+        assert transport(page)["name"] == "WebSocket" and not transport(page)["ice"], transport(page)  # no WebRTC try
+        page.wait_for_timeout(1000)
+
+        proxy.kill()
+        proxy.start()
+        page.wait_for_function("() => /Reconnected: the call goes on/.test("
+                               "document.querySelector('#reconnect-status').innerText)", timeout=15_000)
+        assert service.registry.live() == [session] and not session.closed
+        assert session.connection >= 1, "the call was not resumed on a new connection"  # 0: its first
+        pace = received_pace(page, 3)
+        assert pace >= 0.8, f"after resuming, the page received {pace:.0%} of real time"
+        frames = session.seat.counters.frames_in
+        assert wait_until(lambda: session.seat.counters.frames_in > frames + 10, 10), "no more microphone"
+        page.locator("#ws-hang-up").click()
+        assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"

@@ -200,7 +200,7 @@ def _transport_controls(service: AgentService, demo: gr.Blocks, settings: list[A
     """The call's transport: the choice (Auto tries WebRTC, then the WebSocket), which one carries the
     call, and the WebSocket call's own hang-up (assets/web/ws_call.js); the sidebar's settings reach it
     on every change."""
-    gr.Radio(list(TRANSPORTS), value="Auto", label="Transport", elem_id="transport-choice", container=False)
+    gr.Radio(list(TRANSPORTS), value="Auto", label="Transport", elem_id="transport-choice", interactive=True)
     gr.HTML('<div id="call-transport" role="status"></div>'
             '<button id="ws-hang-up" class="lg secondary" style="display: none">Hang up</button>')
     demo.load(None, js=page_script("ws_call", path="api/chat", fallback_ms=FALLBACK_MS,
