@@ -96,3 +96,16 @@ def test_telugu_small_asr_training_smoke_run_resumes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other settings"):
         ctc_train.train_asr(ctc_train.AsrTrainConfig(**{**_tiny(resumed_dir).__dict__, "lr": 1e-4}))
     assert load_transcriber(f"ctc:{resumed_dir / 'model'}").heldout_cer == resumed["heldout_clean"]["cer"]
+
+
+def test_telugu_small_asr_codec_round_trip_command(tmp_path, capsys):
+    from agent.eval.__main__ import main
+    lines = tmp_path / "sentences.txt"
+    lines.write_text("\n".join(corpus.unseen(2, 98, 3000, 0)), encoding="utf-8")
+    out = tmp_path / "codec.json"
+    assert main(["codec", "--asr", "ctc", "--sentences", str(lines), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert figures["n"] == 2 and figures["clean"]["cer"] <= MAX_CER
+    assert [x["reference"] for x in figures["samples"]] == lines.read_text(encoding="utf-8").splitlines()
+    assert all(x["round_trip"] for x in figures["samples"])  # the codec's speech is heard as words
+    assert "codec round trip:  CER" in capsys.readouterr().out
