@@ -22,6 +22,9 @@ from agent import SAMPLE_RATE
 from agent.audio.files import read_mono
 from agent.audio.stream import resample
 
+TELUGU_TEXT = ("నమస్కారం, మీరు ఎలా ఉన్నారు? ఈ రోజు వాతావరణం చాలా బాగుంది. "
+               "నాకు ఒక కప్పు కాఫీ కావాలి. రేపు మనం కలుద్దాం.")  # telugu_speech's sentences
+
 
 class EspeakError(RuntimeError):
     """espeak-ng is not installed, or it produced no speech."""
@@ -46,7 +49,5 @@ def espeak(text: str, voice: str = "te", rate: int = SAMPLE_RATE, args: Sequence
 
 def telugu_speech(seconds: float) -> np.ndarray:
     """`seconds` of Telugu speech at 24 kHz: a few sentences and a second of silence, repeated."""
-    text = ("నమస్కారం, మీరు ఎలా ఉన్నారు? ఈ రోజు వాతావరణం చాలా బాగుంది. "
-            "నాకు ఒక కప్పు కాఫీ కావాలి. రేపు మనం కలుద్దాం.")
-    one = np.concatenate([espeak(text, "te"), np.zeros(SAMPLE_RATE, np.float32)])
+    one = np.concatenate([espeak(TELUGU_TEXT, "te"), np.zeros(SAMPLE_RATE, np.float32)])
     return np.tile(one, int(np.ceil(seconds * SAMPLE_RATE / one.size)))[:int(seconds * SAMPLE_RATE)]

@@ -4,6 +4,7 @@
     python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel|all [--json FILE] [--asr SPEC]
     python -m agent.eval asr DIR [DIR ...] --asr whisper [--json FILE]
     python -m agent.eval make-set OUT [--per-task 3]
+    python -m agent.eval codec [--codec assets/models/telugu-tiny] --asr ctc [--generated 40] [--json FILE]
 
 Exit status: 0 done, 2 bad input or settings (a clear message on stderr naming the file or value).
 """
@@ -60,6 +61,30 @@ def _asr(args: argparse.Namespace) -> int:
         data = {"intelligibility": {**asdict(result.rates), "asr": result.backend},
                 "samples": [asdict(t) for t in result.samples]}
         args.json.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    return 0
+
+
+def _codec(args: argparse.Namespace) -> int:
+    from agent.eval.asr import load_transcriber
+    from agent.eval.codec_cer import codec_cer
+    from agent.train.codec import load_mimi_folder
+    transcriber = load_transcriber(args.asr, device=args.device)
+    if args.sentences:
+        sentences = [s.strip() for s in args.sentences.read_text(encoding="utf-8").splitlines() if s.strip()]
+    else:  # telugu-tiny's held-out sentences, and generated ones neither the codec nor a ctc recogniser heard
+        figures = json.loads((args.codec / "eval.json").read_text(encoding="utf-8"))
+        sentences = list(figures["codec"]["heldout_sentences"])
+        if args.generated:
+            from agent.eval.ctc.sentences import unseen
+            training = getattr(transcriber, "recipe", {}).get("training", {})
+            sentences += unseen(args.generated, 7, training.get("train_sentences", 0), training.get("seed", 0))
+    mimi, _ = load_mimi_folder(args.codec)
+    result = codec_cer(mimi.eval(), transcriber, sentences)
+    print(f"{result['n']} sentences, ASR {result['asr']}\n"
+          f"clean espeak-ng:   CER {result['clean']['cer']:.3f}  WER {result['clean']['wer']:.3f}\n"
+          f"codec round trip:  CER {result['round_trip']['cer']:.3f}  WER {result['round_trip']['wer']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0
 
 
@@ -136,11 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("asr", help="CER/WER of the agent's speech (output.wav) against its reference text")
     a.add_argument("dirs", type=Path, nargs="+", help="task folders or sample folders with output.wav")
     a.add_argument("--asr", required=True, help="whisper[:MODEL], faster-whisper[:MODEL], nemo[:MODEL], "
+                   "ctc[:FOLDER] (trained here on espeak-ng Telugu; hears espeak-like speech only), "
                    "whisper:tiny-random (noise; for smoke runs)")
     a.add_argument("--device", default=None, help="the ASR's device (default: cuda if present)")
     a.add_argument("--language", default="te", help="the ASR's language (default te)")
     a.add_argument("--json", type=Path, default=None, help="write the figures and each transcript here")
     a.set_defaults(func=_asr)
+
+    c = sub.add_parser("codec", help="CER of an ASR on espeak-ng speech before and after a codec's round trip")
+    c.add_argument("--codec", type=Path, default=Path("assets/models/telugu-tiny"),
+                   help="a folder with mimi.safetensors + mimi_config.json (and eval.json's held-out sentences)")
+    c.add_argument("--asr", default="ctc", help="an ASR spec as for `asr` (default ctc)")
+    c.add_argument("--sentences", type=Path, default=None, help="a Telugu sentence per line (default: the codec's "
+                   "held-out sentences plus --generated ones)")
+    c.add_argument("--generated", type=int, default=40, help="generated sentences no model heard (default 40)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--json", type=Path, default=None)
+    c.set_defaults(func=_codec)
 
     m = sub.add_parser("make-set", help="write a small generated Telugu set (espeak-ng) in FDB's layout")
     m.add_argument("out", type=Path)

@@ -11,6 +11,7 @@ package behind each backend is imported only then:
 | `faster-whisper[:MODEL]` | faster-whisper | `large-v3` (multilingual, `language="te"`) |
 | `nemo[:MODEL]` | NeMo (AI4Bharat's fork for IndicConformer) | `ai4bharat/indicconformer_stt_te_hybrid_ctc_rnnt_large` (an HF id or a `.nemo` path) |
 | `whisper:tiny-random` | transformers | a tiny Whisper with random weights built here (tests, offline smoke runs: its words are noise) |
+| `ctc[:FOLDER]` | torch, torchaudio | `assets/models/asr-te-ctc`: a small CTC recogniser trained here on espeak-ng Telugu (agent.eval.ctc); it hears espeak-like Telugu, not real speakers |
 
 MODEL may be a local folder. None of these packages is a runtime requirement of the agent; tests use
 transformers for the tiny random Whisper, so requirements.txt pins it.
@@ -28,6 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
+from agent import ASSETS
 from agent.audio.stream import resample
 from agent.eval.transcript import Word
 
@@ -39,6 +41,7 @@ DEFAULT_MODELS = {
     "whisper": "vasista22/whisper-telugu-large-v2",
     "faster-whisper": "large-v3",
     "nemo": "ai4bharat/indicconformer_stt_te_hybrid_ctc_rnnt_large",
+    "ctc": str(ASSETS / "models" / "asr-te-ctc"),
 }
 TINY_RANDOM = "tiny-random"
 
@@ -155,11 +158,22 @@ class NemoTranscriber:
                        for w in stamps.get("word", [])])
 
 
-BACKENDS = {"whisper": WhisperTranscriber, "faster-whisper": FasterWhisperTranscriber, "nemo": NemoTranscriber}
+def ctc_transcriber(model: str, device: str | None = None, language: str = "te") -> Transcriber:
+    """The espeak-ng-trained Telugu CTC recogniser in folder `model` (agent.eval.ctc.backend)."""
+    if language != "te":
+        raise AsrError(f"the ctc backend hears Telugu only, not language {language!r}")
+    if not (Path(model) / "recipe.json").is_file():
+        raise AsrError(f"no CTC recogniser in {model} (recipe.json missing; train one: python -m agent.train asr)")
+    from agent.eval.ctc.backend import CtcTranscriber
+    return CtcTranscriber(Path(model), device=device)
+
+
+BACKENDS = {"whisper": WhisperTranscriber, "faster-whisper": FasterWhisperTranscriber, "nemo": NemoTranscriber,
+            "ctc": ctc_transcriber}
 
 
 def load_transcriber(spec: str, device: str | None = None, language: str = "te") -> Transcriber:
-    """`whisper`, `whisper:MODEL`, `faster-whisper[:MODEL]`, `nemo[:MODEL]`, `whisper:tiny-random`."""
+    """`whisper`, `whisper:MODEL`, `faster-whisper[:MODEL]`, `nemo[:MODEL]`, `whisper:tiny-random`, `ctc[:FOLDER]`."""
     backend, _, model = spec.partition(":")
     if backend not in BACKENDS:
         raise AsrError(f"unknown ASR backend {backend!r}; choose one of {sorted(BACKENDS)}")

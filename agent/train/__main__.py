@@ -246,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_telugu_tiny(stages)
     from agent.train.recipe import add_parser as add_recipe
     add_recipe(stages)
+
+    p = _stage(stages, "asr", "agent.eval.ctc.train:AsrTrainConfig",
+               help="a small Telugu CTC recogniser on espeak-ng speech (agent.eval asr --asr ctc:OUT/model)")
+    _flag(p, "--out", type=Path, metavar="FOLDER", help="data, checkpoints, recipe.json and model/ (resumes there)")
+    _flag(p, "--config", type=Path, help="JSON file of this stage's settings (flags override it)")
+    _flag(p, "--quiet", action="store_true", help="no progress bar")
+    for name in ("train_sentences", "heldout_sentences", "unseen_voice_sentences", "steps", "batch_size", "warmup",
+                 "eval_every", "seed", "threads", "workers"):
+        _flag(p, "--" + name.replace("_", "-"), dest=name, type=int)
+    _flag(p, "--lr", type=float)
+    _flag(p, "--noise-share", type=float)
+    _flag(p, "--no-project-check", dest="project_check", action="store_const", const=False,
+          help="do not score the project's own sentences at the end")
     return parser
 
 
@@ -312,6 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent.train.telugu_tiny import from_args, run_telugu_tiny
             figures = run_telugu_tiny(from_args(args))
             print(json.dumps({k: figures[k] for k in ("codec", "turn_taking", "minutes")}, ensure_ascii=False))
+            return 0
+        if args.stage == "asr":
+            from agent.eval.ctc.train import AsrTrainConfig, train_asr
+            figures = train_asr(_config(AsrTrainConfig, args, {}))
+            shown = ("heldout_clean", "unseen_voices", "minutes")
+            print(json.dumps({k: figures[k] for k in shown}, ensure_ascii=False))
             return 0
         if args.stage == "ingest":
             from agent.train.ingest import IngestConfig, run_ingest

@@ -70,6 +70,7 @@ from agent.voices import EMOTION, GENDERS, SPEAKER, load_catalogue
 
 CARD, CARD_JSON, PROMPTS, GENERATOR = "README.md", "card.json", "prompts", "generator.json"
 SHARE_ALIKE = ("-SA", "SHARE-ALIKE", "SHAREALIKE", "BY-SA", "GPL")  # licences whose derivatives keep them
+PROMPT_TEXT = "నమస్కారం, నేను {name} మాట్లాడుతున్నాను."  # a voice prompt's words, when the script gives none
 
 
 @dataclass
@@ -321,7 +322,7 @@ def synth_dialogue(job: tuple[dict, SynthConfig]) -> tuple[str, object]:
     user = rng.choice([s for s in backend.user_styles() if s.gender == gender] or backend.user_styles())
     styles = [Style(voice.id, voice.gender, t.emotion or "neutral") if t.speaker == AGENT else user
               for t in script.turns]
-    prompt_text = script.prompt_text or f"నమస్కారం, నేను {voice.name_te} మాట్లాడుతున్నాను."
+    prompt_text = script.prompt_text or PROMPT_TEXT.format(name=voice.name_te)
     items = [(t.text, s) for t, s in zip(script.turns, styles)] + [(prompt_text, Style(voice.id, voice.gender))]
     rendered = backend.synthesize(items)
     for n, (turn, result) in enumerate(zip(script.turns, rendered), 1):
