@@ -65,3 +65,12 @@ def build_tiny_parler(folder) -> None:
     model.config.text_encoder._name_or_path = str(folder)  # the description tokenizer lives beside the model
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+class CrashingEspeak(EspeakBackend):
+    """espeak-ng that raises (a crash, not a TTSError) on FAIL_WORD: on Ray the task is retried, then reported."""
+
+    def synthesize(self, items: list[tuple[str, Style]]) -> list[Speech | TTSError]:
+        if any(FAIL_WORD in text for text, _ in items):
+            raise RuntimeError("engine crashed hard (injected)")
+        return super().synthesize(items)

@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="espeak (offline, CPU), parler (Indic Parler-TTS; needs parler-tts), or module:Class")
     _flag(p, "--seed", type=int)
     _flag(p, "--workers", type=int, help="processes")
+    _flag(p, "--ray", metavar="auto|ADDRESS", help="run the items on a Ray cluster (needs .[scale])")
     _flag(p, "--user-noise-prob", type=float, help="chance of pink noise on the user channel")
     _flag(p, "--user-room-prob", type=float, help="chance of a synthetic room on the user channel")
     _flag(p, "--parler-model")

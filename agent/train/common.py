@@ -265,10 +265,15 @@ class StageRun:
                                   sum(getattr(r, "duration", 0.0) for r in self.records))
 
 
-def parallel_map(fn: Any, jobs: list, workers: int) -> Iterator:
-    """fn over jobs, results in order: in this process (workers <= 1) or in `workers` spawned processes
-    (spawn, not fork: the parent may hold torch threads). fn and the jobs must pickle; an item's result
+def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None,
+                 failed: Any = None) -> Iterator:
+    """fn over jobs, results in order: in this process (workers <= 1), in `workers` spawned processes
+    (spawn, not fork: the parent may hold torch threads) or on a Ray cluster (`ray`: "auto", "local" or an
+    address; a failing item gives failed(exc) after retries). fn and the jobs must pickle; an item's result
     must not depend on which process made it, so any worker count gives the same output."""
+    if ray:
+        from agent.train.ray_backend import ray_map
+        return ray_map(fn, jobs, ray, failed or (lambda exc: ("skip", f"failed on Ray: {exc}")))
     if workers <= 1 or len(jobs) <= 1:
         return map(fn, jobs)
     import multiprocessing

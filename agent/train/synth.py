@@ -80,6 +80,7 @@ class SynthConfig:
     tts: str = "espeak"  # espeak | parler | module:Class
     seed: int = 0
     workers: int = 1
+    ray: str | None = None
     # timing (see the module docstring for the sources)
     offset_ms: tuple[float, float] = (200.0, 250.0)  # floor-transfer offset: mean, sd
     offset_clip_ms: tuple[float, float] = (-500.0, 1200.0)
@@ -104,7 +105,7 @@ class SynthConfig:
 
     def settings(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
-                if k not in ("inp", "out", "workers", "force", "quiet", "device", "batch_size")}
+                if k not in ("inp", "out", "workers", "ray", "force", "quiet", "device", "batch_size")}
 
     def backend_options(self) -> dict:
         return {"model": self.parler_model, "device": self.device, "batch_size": self.batch_size,
@@ -387,7 +388,8 @@ def run_synth(config: SynthConfig) -> Summary:
         signature = fingerprint(to_dict(script), config.settings())
         if not run.reuse(script.id, signature, SynthRecord):
             jobs.append((script, signature))
-    results = parallel_map(synth_dialogue, [(to_dict(s), config) for s, _ in jobs], config.workers)
+    results = parallel_map(synth_dialogue, [(to_dict(s), config) for s, _ in jobs], config.workers,
+                           ray=config.ray)
     for (script, signature), (status, value) in progress(zip(jobs, results), "synth", total=len(jobs),
                                                           quiet=config.quiet):
         if status == "fatal":
