@@ -9,6 +9,15 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+# window.__peers: every peer connection the page makes, for a test to read its stats (an init script,
+# added before the page's own scripts run)
+KEEP_PEERS_JS = """(() => {
+  const Native = window.RTCPeerConnection;
+  window.__peers = [];
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) { super(...args); window.__peers.push(this); }
+  };
+})();"""
 AUDIO_STATE_JS = """() => Array.from(document.querySelectorAll('audio, video')).filter(a => a.srcObject)
   .map(a => ({paused: a.paused, time: a.currentTime,
               live: a.srcObject.getAudioTracks().filter(t => t.readyState === 'live').length}))"""

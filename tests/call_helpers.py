@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fractions
-import time
 import uuid
 
 import aiohttp
 import numpy as np
 import sphn
 import websockets
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
-from av import AudioFrame
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from agent import FRAME_SIZE, SAMPLE_RATE
-from agent.audio.stream import resample
+from agent.tools.callers import speech_track
 
 BASIC = {"Authorization": "Basic " + base64.b64encode(b"ana:s3cret").decode()}
 
@@ -42,33 +39,6 @@ WEBRTC_RATE = 48_000
 PTIME = 0.02
 
 
-class SpeechTrack(MediaStreamTrack):
-    """A microphone that says the given audio (then silence) at real-time pace, in 20 ms frames."""
-
-    kind = "audio"
-
-    def __init__(self, audio_24k: np.ndarray):
-        super().__init__()
-        audio = resample(audio_24k, SAMPLE_RATE, WEBRTC_RATE)
-        self.pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-        self.samples = int(WEBRTC_RATE * PTIME)
-        self.sent = 0
-        self.t0: float | None = None
-
-    async def recv(self) -> AudioFrame:
-        if self.t0 is None:
-            self.t0 = time.monotonic()
-        await asyncio.sleep(max(0.0, self.t0 + self.sent / WEBRTC_RATE - time.monotonic()))
-        chunk = self.pcm[self.sent:self.sent + self.samples]
-        chunk = np.pad(chunk, (0, self.samples - chunk.size))
-        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = WEBRTC_RATE
-        frame.pts = self.sent
-        frame.time_base = fractions.Fraction(1, WEBRTC_RATE)
-        self.sent += self.samples
-        return frame
-
-
 async def webrtc_call(base_url: str, audio: np.ndarray, seconds: float,
                       page_component: int | None = None) -> tuple[float, float, list[str]]:
     """Returns (seconds of audio received, seconds sent, data-channel messages). With
@@ -77,7 +47,7 @@ async def webrtc_call(base_url: str, audio: np.ndarray, seconds: float,
     channel = pc.createDataChannel("text")  # fastrtc expects a data channel before the offer
     messages: list[str] = []
     channel.on("message", messages.append)
-    mic = SpeechTrack(audio)
+    mic = speech_track(audio)
     pc.addTrack(mic)
     received = {"samples": 0.0}
     done = asyncio.Event()

@@ -16,20 +16,12 @@ from pathlib import Path
 import pytest
 
 from agent.config import ServerConfig
-from browser_helpers import launch_chromium
+from browser_helpers import KEEP_PEERS_JS, launch_chromium
 from conftest import LiveServer, free_port, wait_until
 
 pytestmark = pytest.mark.browser
 
 TURN_USER, TURN_PASSWORD, TURN_REALM = "agent", "s3cret-relay", "agent.test"
-# The page's peer connections, for their stats (added before the page's own scripts run)
-KEEP_PEERS_JS = """(() => {
-  const Native = window.RTCPeerConnection;
-  window.__peers = [];
-  window.RTCPeerConnection = class extends Native {
-    constructor(...args) { super(...args); window.__peers.push(this); }
-  };
-})();"""
 # The newest peer connection: its configured policy, the selected pair's two candidate types, and the
 # audio it received (samples, seconds at its sample rate)
 RELAY_STATS_JS = """async () => {

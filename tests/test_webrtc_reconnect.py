@@ -25,19 +25,11 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from agent.calls.session import Session
 from agent.config import ServerConfig
-from browser_helpers import AUDIO_STATE_JS, launch_chromium
-from call_helpers import SpeechTrack
+from browser_helpers import AUDIO_STATE_JS, KEEP_PEERS_JS, launch_chromium
+from call_helpers import speech_track
 from conftest import LiveServer, live_server_fixture, wait_until
 
 RESUME_S = 10.0
-# The test's own view of the page's peer connections (added before the page's script wraps the class too)
-KEEP_PEERS_JS = """(() => {
-  const Native = window.RTCPeerConnection;
-  window.__peers = [];
-  window.RTCPeerConnection = class extends Native {
-    constructor(...args) { super(...args); window.__peers.push(this); }
-  };
-})();"""
 # Audio bytes the newest peer connection received from the server
 BYTES_IN_JS = """async () => {
   const peers = window.__peers;
@@ -121,7 +113,7 @@ async def relayed_call(base_url: str, audio, page_component: int) -> tuple[RTCPe
     """An aiortc call made the way the page makes it, its media through a relay."""
     pc = RTCPeerConnection()
     pc.createDataChannel("text")  # fastrtc expects a data channel before the offer
-    pc.addTrack(SpeechTrack(audio))
+    pc.addTrack(speech_track(audio))
     await pc.setLocalDescription(await pc.createOffer())
     webrtc_id = uuid.uuid4().hex
     offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "webrtc_id": webrtc_id}
