@@ -102,14 +102,22 @@ def test_cli_reads_any_wav_and_writes_audio_and_text(checkpoint, telugu_speech, 
     wav_in, wav_out = tmp_path / "in-16k-stereo.wav", tmp_path / "out.wav"
     sf.write(wav_in, np.stack([at_16k, 0.5 * at_16k], axis=1), 16_000, subtype="PCM_16")
 
-    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    # One intra-op thread on both sides: float sums in another order differ in the last bits, and an
+    # earlier test (or an in-process server) may have changed this process's thread count.
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "agent.tools.infer", "--model", str(checkpoint), "--greedy",
                            "--device", "cpu", "--voice", "kiran", str(wav_in), str(wav_out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr
 
     def in_process(conditions: dict[str, str]):
-        return infer(load_model(ModelConfig(model=str(checkpoint), device="cpu")), read_wav(wav_in), GREEDY, conditions)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return infer(load_model(ModelConfig(model=str(checkpoint), device="cpu")), read_wav(wav_in), GREEDY,
+                         conditions)
+        finally:
+            torch.set_num_threads(threads)
 
     expected = in_process({"speaker": "kiran", "emotion": "neutral"})  # --voice kiran, the default emotion
     assert expected.text_tokens != in_process({"speaker": "lakshmi", "emotion": "neutral"}).text_tokens

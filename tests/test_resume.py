@@ -221,7 +221,8 @@ def test_resume_an_api_chat_call(server, telugu_speech):
             await proxy.close()
 
     meta, resumed, held, audio_back = asyncio.run(go())
-    assert resumed == {"call_id": meta["call_id"], "resume_token": meta["resume_token"], "resumed": True}
+    assert resumed == {"type": "call", "call_id": meta["call_id"], "resume_token": meta["resume_token"],
+                       "resumed": True}
     assert not held.dropped and audio_back > 5
     deadline = time.monotonic() + 5
     while not held.closed and time.monotonic() < deadline:

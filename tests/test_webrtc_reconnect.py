@@ -354,7 +354,7 @@ def test_page_reconnect_gives_up_after_the_window_then_a_stale_token_starts_a_ne
         assert time.monotonic() - cut_at > RESUME_S, "the page gave up before the resume window had passed"
         assert calls.wait(lambda: session.closed, 15), "the server did not free the held call"
         assert "not resumed" in session.seat.closed_reason
-        assert not service.registry.live()
+        assert not service.registry.live(), [s.call_id for s in service.registry.live()]  # no second call
 
         calls.stop()  # the server can be reached again
         page.locator("#call button", has_text="Record").first.click(timeout=30_000)

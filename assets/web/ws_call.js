@@ -265,9 +265,13 @@
         T.ice = []; T.callId = null;
         pc.addEventListener("iceconnectionstatechange", () => {
           T.ice.push(pc.iceConnectionState);
-          if (["connected", "completed"].includes(pc.iceConnectionState)) show("WebRTC");
+          if (!["connected", "completed"].includes(pc.iceConnectionState)) return;
+          T.webrtcConnected = true;
+          show("WebRTC");
         });
-        if (mode() !== "Auto") return;
+        // Only a call's first connection falls back: once WebRTC has carried the call, its new peer
+        // connections are reconnect.js's (they resume the call; a socket call would be a second one).
+        if (mode() !== "Auto" || T.webrtcConnected) return;
         setTimeout(() => {
           if (["connected", "completed"].includes(pc.iceConnectionState) || pc.connectionState === "closed") return;
           T.fellBack = true;
@@ -282,6 +286,8 @@
     if (event.target.closest && event.target.closest("#ws-hang-up")) { T.hangUp(); return; }
     const button = event.target.closest && event.target.closest("#call button");
     if (!button) return;
+    // a new call: the caller's own press (reconnect.js's presses are script clicks, not trusted)
+    if (/Record/.test(button.textContent) && event.isTrusted) T.webrtcConnected = false;
     if (/Record/.test(button.textContent) && mode() === "WebSocket") {
       event.preventDefault(); event.stopImmediatePropagation();
       startSocketCall();
