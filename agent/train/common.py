@@ -246,11 +246,16 @@ class StageRun:
         """True (and the item's records kept) when an earlier run finished `key` with this signature."""
         payload = self.markers.load(key, signature, self.report)
         if payload is None:
-            self._mark = self.report.mark()
+            self.start_item()
             return False
         self.records.extend(from_dict(cls, p) for p in (payload if isinstance(payload, list) else [payload]))
         self.reused += 1
         return True
+
+    def start_item(self) -> None:
+        """Notes reported from here to `keep` are stored with the item (`reuse` calls this when it returns
+        False; a stage that makes its items elsewhere calls it before replaying an item's notes)."""
+        self._mark = self.report.mark()
 
     def keep(self, key: str, signature: str, made: Any, outputs: Iterable[Path]) -> None:
         """A finished item: one record or a list of them, and the files it wrote (marker written last)."""
@@ -265,15 +270,17 @@ class StageRun:
                                   sum(getattr(r, "duration", 0.0) for r in self.records))
 
 
-def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None,
-                 failed: Any = None) -> Iterator:
+def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None, failed: Any = None,
+                 actors: bool = False, num_gpus: float = 0) -> Iterator:
     """fn over jobs, results in order: in this process (workers <= 1), in `workers` spawned processes
-    (spawn, not fork: the parent may hold torch threads) or on a Ray cluster (`ray`: "auto", "local" or an
-    address; a failing item gives failed(exc) after retries). fn and the jobs must pickle; an item's result
-    must not depend on which process made it, so any worker count gives the same output."""
+    (spawn, not fork: the parent may hold torch threads) or on a Ray cluster (`ray`: "local", "auto" or an
+    address; `actors` for items that need a model, loaded once per actor; a failing item gives failed(exc)
+    after retries). fn and the jobs must pickle; an item's result must not depend on which process made
+    it, so any worker count or backend gives the same output."""
     if ray:
         from agent.train.ray_backend import ray_map
-        return ray_map(fn, jobs, ray, failed or (lambda exc: ("skip", f"failed on Ray: {exc}")))
+        return ray_map(fn, jobs, ray, failed or (lambda exc: ("skip", f"failed on Ray: {exc}")),
+                       num_gpus=num_gpus, actors=actors)
     if workers <= 1 or len(jobs) <= 1:
         return map(fn, jobs)
     import multiprocessing
