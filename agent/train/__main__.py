@@ -102,10 +102,11 @@ def _common(parser: argparse.ArgumentParser, needs_input: bool = True) -> None:
     _flag(parser, "--quiet", action="store_true", help="no progress bar, no per-item lines on stderr")
 
 
-def _ray_flag(parser: argparse.ArgumentParser) -> None:
+def _ray_flag(parser: argparse.ArgumentParser, gpus: bool = True) -> None:
     _flag(parser, "--ray", metavar="local|auto|ADDRESS",
           help="run the items on a Ray cluster: local starts one here, auto or HOST:PORT joins one (needs .[scale])")
-    _flag(parser, "--num-gpus", type=float, help="GPUs per Ray worker holding a model (default 0; 1: one per GPU)")
+    if gpus:
+        _flag(parser, "--num-gpus", type=float, help="GPUs per Ray worker holding a model (default 0; 1: one per GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--pad-ms", type=int, help="silence kept around each utterance")
     _flag(p, "--utterance-gap-ms", type=int, help="a pause this long ends an utterance")
     _flag(p, "--threshold", type=float, help="Silero speech probability")
+    _flag(p, "--workers", type=int, help="processes, each holding a Silero VAD")
+    _ray_flag(p, gpus=False)
 
     p = _stage(stages, "dialogues", "agent.train.dialogues:DialogueConfig",
                help="stereo conversations, LEFT = agent, RIGHT = user")
@@ -175,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--include-user-words", action="store_true", help="also write user words, labelled SPEAKER_OTHER")
     _flag(p, "--text-conditions", action="store_true",
           help="add {speaker, emotion} as text_conditions to each alignment JSON (for a conditioned model)")
+    _flag(p, "--workers", type=int, help="processes")
+    _ray_flag(p, gpus=False)
 
     p = _stage(stages, "tokenizer", "agent.train.tokenizer:TokenizerConfig",
                help="SentencePiece on Telugu (+English) text, Moshi's special ids")

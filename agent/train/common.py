@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -292,6 +293,38 @@ def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None, fail
         finally:
             pool.terminate()
     return results()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's thread count set to n for a block, then put back (the process may go on to train). A float
+    sum split over threads rounds differently, so a model's output (a Mimi code, a VAD probability) can
+    follow the thread count: the per-item stages run their models at a fixed count in every process."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ItemReport(list):
+    """What one item reports (skips and notes), made where the item is processed (maybe another process or
+    a Ray worker) and replayed into the stage's report by the driver, in order: a Report for a worker."""
+
+    def note(self, item: str, source: str, reason: str) -> None:
+        self.append(("note", item, source, reason))
+
+    def skip(self, item: str, source: str, reason: str) -> None:
+        self.append(("skipped", item, source, reason))
+
+    def replay(self, report: Report) -> None:
+        for action, item, source, reason in self:
+            if action == "skipped":
+                report.skip(item, source, reason)
+            else:
+                report.note(item, source, reason)
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:

@@ -22,8 +22,6 @@ import json
 import math
 import shutil
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from agent.errors import ModelLoadError
 from agent.models import TEXT_PADDING_ID, load_mimi, resolve_device, tiny_tokenizer_path
 from agent.train.align import MAIN_SPEAKER
 from agent.train.common import (
+    ItemReport,
     StageRun,
     Summary,
     UsageError,
@@ -46,6 +45,7 @@ from agent.train.common import (
     parallel_map,
     progress,
     read_audio_checked,
+    torch_threads,
 )
 from agent.train.records import AlignedRecord, TokenRecord, from_dict, to_dict
 from agent.voices import EMOTION, SPEAKER, load_catalogue
@@ -94,15 +94,7 @@ def text_stream(words: list[tuple[list[int], float]], frames: int) -> list[int]:
     return stream
 
 
-class Notes(list):
-    """The notes one item gives, made where the item is encoded (maybe another process) and replayed into
-    the stage's report by the driver, in order: a Report's `note` for a worker."""
-
-    def note(self, item: str, source: str, reason: str) -> None:
-        self.append((item, source, reason))
-
-
-def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: Notes) -> dict[str, str | None]:
+def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: ItemReport) -> dict[str, str | None]:
     """The agent's speaker/emotion as conditioner values; anything the catalogue lacks trains unconditioned."""
     given = dict(record.text_conditions or {})
     wanted = {SPEAKER: given.get(SPEAKER, record.agent_voice), EMOTION: given.get(EMOTION, record.emotion)}
@@ -116,7 +108,7 @@ def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: Notes
     return out
 
 
-def _copy_voice_prompt(record: AlignedRecord, in_dir: Path, out: Path, report: Notes) -> Path | None:
+def _copy_voice_prompt(record: AlignedRecord, in_dir: Path, out: Path, report: ItemReport) -> Path | None:
     """The dialogue's voice-prompt clip copied to prompts/<id>.wav, so the tokens folder is all a prompted
     training run (train --prompts) reads; the trainer encodes it once per run with the serving code."""
     if not record.voice_prompt:
@@ -158,17 +150,6 @@ def encode_record(record: AlignedRecord, in_dir: Path, mimi, tokenizer: sentence
 _CODECS: dict[tuple, tuple] = {}
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's thread count set to n for a block, then put back (the process may go on to train)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def codec_for(config: TokensConfig) -> tuple:
     """(Mimi, tokenizer, device), loaded once per process (this one, a worker, or a Ray actor)."""
     key = (config.model, config.device, config.seed, str(config.tokenizer))
@@ -189,7 +170,7 @@ def encode_item(job: tuple[dict, TokensConfig]) -> tuple[str, object]:
     record_dict, config = job
     record = from_dict(AlignedRecord, record_dict)
     mimi, tokenizer, device = codec_for(config)
-    in_dir, out, notes = Path(config.inp).parent, Path(config.out), Notes()
+    in_dir, out, notes = Path(config.inp).parent, Path(config.out), ItemReport()
     try:
         with torch_threads(config.threads):
             codes, stream, n_words, n_tokens = encode_record(record, in_dir, mimi, tokenizer, device)
@@ -248,8 +229,7 @@ def run_tokens(config: TokensConfig) -> Summary:
             report.skip(record.id, record.path, str(value))
             continue
         run.start_item()
-        for note in value["notes"]:
-            report.note(*note)
+        ItemReport(value["notes"]).replay(report)
         run.keep(record.id, signature, from_dict(TokenRecord, value["record"]), [out / f for f in value["files"]])
     order = {r.id: n for n, r in enumerate(aligned)}
     run.records.sort(key=lambda r: order[r.id])  # the input's order, however many were reused
