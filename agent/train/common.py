@@ -271,6 +271,13 @@ class StageRun:
                                   sum(getattr(r, "duration", 0.0) for r in self.records))
 
 
+def ray_failure(exc: BaseException) -> tuple[str, str]:
+    """An item that failed on every try, as the stages' own skip result: the original error, not Ray's
+    wrapper with its traceback (which stays in the worker's log)."""
+    cause = getattr(exc, "cause", None) or exc  # a task's exception arrives wrapped in RayTaskError
+    return "skip", f"failed on Ray after retries: {type(cause).__name__}: {cause}"
+
+
 def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None, failed: Any = None,
                  actors: bool = False, num_gpus: float = 0) -> Iterator:
     """fn over jobs, results in order: in this process (workers <= 1), in `workers` spawned processes
@@ -280,8 +287,7 @@ def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None, fail
     it, so any worker count or backend gives the same output."""
     if ray:
         from agent.train.ray_backend import ray_map
-        return ray_map(fn, jobs, ray, failed or (lambda exc: ("skip", f"failed on Ray: {exc}")),
-                       num_gpus=num_gpus, actors=actors)
+        return ray_map(fn, jobs, ray, failed or ray_failure, num_gpus=num_gpus, actors=actors)
     if workers <= 1 or len(jobs) <= 1:
         return map(fn, jobs)
     import multiprocessing
