@@ -77,6 +77,8 @@ def pool_size(ray: Any, jobs: int, num_gpus: float) -> int:
 def ray_map(fn: Callable, jobs: list, address: str, failed: Callable[[BaseException], Any],
             retries: int = RETRIES, num_gpus: float = 0, actors: bool = False) -> Iterator:
     """fn over jobs on Ray, results in job order; an item failing `retries` + 1 times yields failed(exc)."""
+    if not jobs:
+        return  # everything was done already: no cluster to join
     ray = connect(address)
     sender = _Sender(ray, fn, num_gpus, pool_size(ray, len(jobs), num_gpus) if actors and jobs else 0)
     pending: dict[Any, int] = {}  # reference -> job index

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import ASSETS
-from agent.train.common import StageRun, Summary, UsageError, fingerprint, parallel_map, progress
+from agent.train.common import StageRun, Summary, UsageError, fingerprint, parallel_map, progress, torch_threads
 from agent.train.records import (
     AGENT,
     BACKCHANNEL,
@@ -288,7 +288,7 @@ class LLMWriter:
             text = "\n\n".join(m["content"] for m in messages) + "\n\n"
         inputs = self.tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(self.device)
         self.torch.manual_seed(int(fingerprint(seed)[:8], 16))
-        with self.torch.no_grad():
+        with self.torch.no_grad(), torch_threads(1):  # the sampled words must not follow the process's threads
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=True, top_p=0.9,
                                       temperature=0.8, pad_token_id=self.tokenizer.pad_token_id
                                       or self.tokenizer.eos_token_id)
