@@ -74,3 +74,7 @@ class CrashingEspeak(EspeakBackend):
         if any(FAIL_WORD in text for text, _ in items):
             raise RuntimeError("engine crashed hard (injected)")
         return super().synthesize(items)
+
+
+class SlowCrashingEspeak(CrashingEspeak, SlowEspeak):
+    """CrashingEspeak taking 0.4 s more per dialogue, so a test can kill a Ray run in its middle."""

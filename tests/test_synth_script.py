@@ -321,3 +321,22 @@ def test_synth_espeak_backend_keeps_its_audio_when_another_is_made():
     EspeakBackend()  # e.g. the telugu-tiny command's own, or a plug-in backend made after synth's
     (speech,) = first.synthesize([("నమస్కారం, మీరు ఎలా ఉన్నారు?", Style("lakshmi", "female"))])
     assert isinstance(speech, Speech) and speech.audio.size > 0.3 * 24_000
+
+
+def test_synth_espeak_samples_do_not_follow_the_host_process_rand_state_as_on_ray():
+    """espeak-ng draws noise from libc's rand(); a Ray worker's core calls rand() before the task runs, which
+    changed the samples (one LSB) against the one-process run. The same items must give the same samples
+    whatever the host process did with rand() before."""
+    import ctypes
+
+    from agent.train.tts import EspeakBackend, Style
+    backend = EspeakBackend()
+    items = [("నమస్కారం, మీరు ఎలా ఉన్నారు?", Style("lakshmi", "female")), ("సరే", Style("user-p35-klatt", "male"))]
+    first = backend.synthesize(items)
+    libc = ctypes.CDLL(None)
+    libc.srand(12345)
+    for _ in range(1000):
+        libc.rand()
+    again = backend.synthesize(items)
+    libc.srand(1)  # back to the unseeded state for whatever runs next in this process
+    assert [s.audio.tobytes() for s in first] == [s.audio.tobytes() for s in again]

@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,22 @@ def test_recipe_runs_each_step_once_and_resumes_after_a_failure(tmp_path):
         run_plan([step("a"), step("b", 1), step("c")], tmp_path, quiet=True)
     assert run_plan([step("a"), step("b"), step("c")], tmp_path, quiet=True) == ["b", "c"]
     assert log.read_text() == "a b b c "
+
+
+def test_recipe_ray_option_reaches_the_per_item_stages_with_a_gpu_per_model(tmp_path, capsys):
+    """`recipe telugu --scale 7b --ray ADDRESS`: script, synth and tokens run on the cluster, and the stages
+    holding a model (Parler, Mimi) ask one GPU per Ray worker; the stages' own parser takes every flag."""
+    from agent.train.__main__ import build_parser, main
+    work = tmp_path / "w"
+    assert main(["recipe", "telugu", "--scale", "7b", "--work", str(work), "--plan", "--ray", "10.0.0.1:6379"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    parser = build_parser()
+    on_ray = {}
+    for line in lines:
+        argv = shlex.split(line)
+        if "agent.train" in argv and "torch.distributed.run" not in argv:
+            args = parser.parse_args(argv[argv.index("agent.train") + 1:])
+            if getattr(args, "ray", None):
+                on_ray[args.stage] = (args.ray, args.num_gpus)
+    assert on_ray == {"script": ("10.0.0.1:6379", None), "synth": ("10.0.0.1:6379", 1.0),
+                      "tokens": ("10.0.0.1:6379", 1.0)}

@@ -102,6 +102,13 @@ def _common(parser: argparse.ArgumentParser, needs_input: bool = True) -> None:
     _flag(parser, "--quiet", action="store_true", help="no progress bar, no per-item lines on stderr")
 
 
+def _ray_flag(parser: argparse.ArgumentParser, gpus: bool = True) -> None:
+    _flag(parser, "--ray", metavar="local|auto|ADDRESS",
+          help="run the items on a Ray cluster: local starts one here, auto or HOST:PORT joins one (needs .[scale])")
+    if gpus:
+        _flag(parser, "--num-gpus", type=float, help="GPUs per Ray worker holding a model (default 0; 1: one per GPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m agent.train", description=(
         "Telugu fine-tuning pipeline for Moshi: ingest, segment, dialogues, align, tokenizer, tokens, train, "
@@ -142,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--pad-ms", type=int, help="silence kept around each utterance")
     _flag(p, "--utterance-gap-ms", type=int, help="a pause this long ends an utterance")
     _flag(p, "--threshold", type=float, help="Silero speech probability")
+    _flag(p, "--workers", type=int, help="processes, each holding a Silero VAD")
+    _ray_flag(p, gpus=False)
 
     p = _stage(stages, "dialogues", "agent.train.dialogues:DialogueConfig",
                help="stereo conversations, LEFT = agent, RIGHT = user")
@@ -169,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--include-user-words", action="store_true", help="also write user words, labelled SPEAKER_OTHER")
     _flag(p, "--text-conditions", action="store_true",
           help="add {speaker, emotion} as text_conditions to each alignment JSON (for a conditioned model)")
+    _flag(p, "--workers", type=int, help="processes")
+    _ray_flag(p, gpus=False)
 
     p = _stage(stages, "tokenizer", "agent.train.tokenizer:TokenizerConfig",
                help="SentencePiece on Telugu (+English) text, Moshi's special ids")
@@ -187,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--tokenizer", type=Path, help="stage 5's tokenizer.model (default: the tiny model's own)")
     _flag(p, "--device", help="cpu or cuda (default: cuda when present)")
     _flag(p, "--seed", type=int, help="the tiny model's weights seed (must match training and the app)")
+    _flag(p, "--workers", type=int, help="processes, each holding a Mimi")
+    _flag(p, "--threads", type=int, help="torch threads per encode (default 1; the codes depend on it)")
+    _ray_flag(p)
 
     p = _stage(stages, "script", "agent.train.script:ScriptConfig",
                help="synthetic dialogue scripts: agent voice, persona, turns with emotions "
@@ -209,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="one agent emotion per dialogue or per turn")
     _flag(p, "--llm-device", help="cpu or cuda (default: cuda when present)")
     _flag(p, "--workers", type=int, help="processes (with --llm each loads the model)")
+    _ray_flag(p)
 
     p = _stage(stages, "synth", "agent.train.synth:SynthConfig",
                help="scripts -> stereo dialogues (LEFT agent) with exact word timings, "
@@ -218,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="espeak (offline, CPU), parler (Indic Parler-TTS; needs parler-tts), or module:Class")
     _flag(p, "--seed", type=int)
     _flag(p, "--workers", type=int, help="processes")
-    _flag(p, "--ray", metavar="auto|ADDRESS", help="run the items on a Ray cluster (needs .[scale])")
+    _ray_flag(p)
     _flag(p, "--user-noise-prob", type=float, help="chance of pink noise on the user channel")
     _flag(p, "--user-room-prob", type=float, help="chance of a synthetic room on the user channel")
     _flag(p, "--parler-model")

@@ -40,10 +40,11 @@ from agent.train.common import (
     atomic_write_text,
     fingerprint,
     link_or_copy,
+    parallel_map,
     progress,
     read_audio_checked,
 )
-from agent.train.records import AGENT, USER, AlignedRecord, DialogueRecord, Span, Turn, Word, to_dict
+from agent.train.records import AGENT, USER, AlignedRecord, DialogueRecord, Span, Turn, Word, from_dict, to_dict
 from agent.voices import EMOTION, SPEAKER
 
 MAIN_SPEAKER = "SPEAKER_MAIN"  # moshi-finetune's Interleaver main_speaker_label default
@@ -126,6 +127,8 @@ class AlignConfig:
     aligner: str = "proportional"
     include_user_words: bool = False
     text_conditions: bool = False
+    workers: int = 1
+    ray: str | None = None  # local | auto | a Ray address
     force: bool = False
     quiet: bool = False
 
@@ -201,41 +204,57 @@ def align_dialogue(record: DialogueRecord, audio: np.ndarray, aligner: Aligner,
     return alignments, methods, None
 
 
+_ALIGNERS: dict[str, Aligner] = {}
+
+
+def align_item(job: tuple[dict, AlignConfig]) -> tuple[str, object]:
+    """One dialogue -> ("ok", AlignedRecord dict) with its files written, or ("skip", reason); runs wherever
+    parallel_map puts it (the aligner is loaded once per process)."""
+    record_dict, config = job
+    record = from_dict(DialogueRecord, record_dict)
+    if config.aligner not in _ALIGNERS:
+        _ALIGNERS[config.aligner] = load_aligner(config.aligner)
+    in_dir, out = Path(config.inp).parent, Path(config.out)
+    try:
+        audio = read_audio_checked(in_dir / record.path, SAMPLE_RATE, 2)
+    except ValueError as exc:
+        return "skip", str(exc)
+    alignments, methods, reason = align_dialogue(record, audio, _ALIGNERS[config.aligner], config)
+    if reason is not None:
+        return "skip", reason
+    conditions = {SPEAKER: record.agent_voice or record.agent_speaker}
+    if record.emotion:
+        conditions[EMOTION] = record.emotion
+    data: dict = {"alignments": alignments}
+    if config.text_conditions:
+        data["text_conditions"] = conditions
+    wav, js = out / "data" / f"{record.id}.wav", out / "data" / f"{record.id}.json"
+    link_or_copy(in_dir / record.path, wav)
+    atomic_write_json(js, data)
+    return "ok", to_dict(AlignedRecord(
+        id=record.id, path=f"data/{record.id}.wav", alignment=f"data/{record.id}.json", duration=record.duration,
+        agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
+        licences=record.licences, n_words=sum(1 for a in alignments if a[2] == MAIN_SPEAKER), methods=methods,
+        text_conditions=conditions))
+
+
 def run_align(config: AlignConfig) -> Summary:
     run = StageRun("align", config.out, config.force, config.quiet)
     out, report = run.out, run.report
     dialogues = run.read(config.inp, DialogueRecord)
-    aligner = load_aligner(config.aligner)
-    in_dir = Path(config.inp).parent
-    for record in progress(dialogues, "align", quiet=config.quiet):
-        signature = fingerprint(to_dict(record), config.settings())
-        if run.reuse(record.id, signature, AlignedRecord):
+    _ALIGNERS[config.aligner] = load_aligner(config.aligner)  # a bad --aligner stops the run before any item
+    jobs = [(r, sig) for r in dialogues
+            if not run.reuse(r.id, sig := fingerprint(to_dict(r), config.settings()), AlignedRecord)]
+    results = parallel_map(align_item, [(to_dict(r), config) for r, _ in jobs], config.workers, ray=config.ray)
+    for (record, signature), (status, value) in progress(zip(jobs, results), "align", total=len(jobs),
+                                                          quiet=config.quiet):
+        if status == "skip":
+            report.skip(record.id, f"{record.road} dialogue {record.path}", str(value))
             continue
-        source = f"{record.road} dialogue {record.path}"
-        try:
-            audio = read_audio_checked(in_dir / record.path, SAMPLE_RATE, 2)
-        except ValueError as exc:
-            report.skip(record.id, source, str(exc))
-            continue
-        alignments, methods, reason = align_dialogue(record, audio, aligner, config)
-        if reason is not None:
-            report.skip(record.id, source, reason)
-            continue
-        conditions = {SPEAKER: record.agent_voice or record.agent_speaker}
-        if record.emotion:
-            conditions[EMOTION] = record.emotion
-        data: dict = {"alignments": alignments}
-        if config.text_conditions:
-            data["text_conditions"] = conditions
-        wav, js = out / "data" / f"{record.id}.wav", out / "data" / f"{record.id}.json"
-        link_or_copy(in_dir / record.path, wav)
-        atomic_write_json(js, data)
-        aligned = AlignedRecord(
-            id=record.id, path=f"data/{record.id}.wav", alignment=f"data/{record.id}.json", duration=record.duration,
-            agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
-            licences=record.licences, n_words=sum(1 for a in alignments if a[2] == MAIN_SPEAKER), methods=methods,
-            text_conditions=conditions)
-        run.keep(record.id, signature, aligned, [wav, js])
+        aligned = from_dict(AlignedRecord, value)
+        run.keep(record.id, signature, aligned, [out / aligned.path, out / aligned.alignment])
+    order = {r.id: n for n, r in enumerate(dialogues)}
+    run.records.sort(key=lambda r: order[r.id])  # the input's order, however many were reused
     # moshi-finetune's dataset list: {"path", "duration"} per line, paths relative to this file's folder
     # (the layout of kyutai/DailyTalkContiguous); point its `train_data` at this file.
     import json

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -246,11 +247,16 @@ class StageRun:
         """True (and the item's records kept) when an earlier run finished `key` with this signature."""
         payload = self.markers.load(key, signature, self.report)
         if payload is None:
-            self._mark = self.report.mark()
+            self.start_item()
             return False
         self.records.extend(from_dict(cls, p) for p in (payload if isinstance(payload, list) else [payload]))
         self.reused += 1
         return True
+
+    def start_item(self) -> None:
+        """Notes reported from here to `keep` are stored with the item (`reuse` calls this when it returns
+        False; a stage that makes its items elsewhere calls it before replaying an item's notes)."""
+        self._mark = self.report.mark()
 
     def keep(self, key: str, signature: str, made: Any, outputs: Iterable[Path]) -> None:
         """A finished item: one record or a list of them, and the files it wrote (marker written last)."""
@@ -265,15 +271,23 @@ class StageRun:
                                   sum(getattr(r, "duration", 0.0) for r in self.records))
 
 
-def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None,
-                 failed: Any = None) -> Iterator:
+def ray_failure(exc: BaseException) -> tuple[str, str]:
+    """An item that failed on every try, as the stages' own skip result: the original error, not Ray's
+    wrapper with its traceback (which stays in the worker's log)."""
+    cause = getattr(exc, "cause", None) or exc  # a task's exception arrives wrapped in RayTaskError
+    return "skip", f"failed on Ray after retries: {type(cause).__name__}: {cause}"
+
+
+def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None, failed: Any = None,
+                 actors: bool = False, num_gpus: float = 0) -> Iterator:
     """fn over jobs, results in order: in this process (workers <= 1), in `workers` spawned processes
-    (spawn, not fork: the parent may hold torch threads) or on a Ray cluster (`ray`: "auto", "local" or an
-    address; a failing item gives failed(exc) after retries). fn and the jobs must pickle; an item's result
-    must not depend on which process made it, so any worker count gives the same output."""
+    (spawn, not fork: the parent may hold torch threads) or on a Ray cluster (`ray`: "local", "auto" or an
+    address; `actors` for items that need a model, loaded once per actor; a failing item gives failed(exc)
+    after retries). fn and the jobs must pickle; an item's result must not depend on which process made
+    it, so any worker count or backend gives the same output."""
     if ray:
         from agent.train.ray_backend import ray_map
-        return ray_map(fn, jobs, ray, failed or (lambda exc: ("skip", f"failed on Ray: {exc}")))
+        return ray_map(fn, jobs, ray, failed or ray_failure, num_gpus=num_gpus, actors=actors)
     if workers <= 1 or len(jobs) <= 1:
         return map(fn, jobs)
     import multiprocessing
@@ -285,6 +299,38 @@ def parallel_map(fn: Any, jobs: list, workers: int, ray: str | None = None,
         finally:
             pool.terminate()
     return results()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's thread count set to n for a block, then put back (the process may go on to train). A float
+    sum split over threads rounds differently, so a model's output (a Mimi code, a VAD probability) can
+    follow the thread count: the per-item stages run their models at a fixed count in every process."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ItemReport(list):
+    """What one item reports (skips and notes), made where the item is processed (maybe another process or
+    a Ray worker) and replayed into the stage's report by the driver, in order: a Report for a worker."""
+
+    def note(self, item: str, source: str, reason: str) -> None:
+        self.append(("note", item, source, reason))
+
+    def skip(self, item: str, source: str, reason: str) -> None:
+        self.append(("skipped", item, source, reason))
+
+    def replay(self, report: Report) -> None:
+        for action, item, source, reason in self:
+            if action == "skipped":
+                report.skip(item, source, reason)
+            else:
+                report.note(item, source, reason)
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:

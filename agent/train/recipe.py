@@ -82,11 +82,12 @@ def _asset(path: str) -> str:
 
 
 def gpu_plan(recipe: GpuRecipe, work: Path, out: Path, route: str, item_flags: tuple[str, ...] = ()) -> list[Step]:
-    """The 7b run as commands. `item_flags` go to the per-item stages (script, synth, tokens): where
-    `--ray ...` is forwarded when those stages run on a Ray cluster."""
+    """The 7b run as commands. `item_flags` go to the per-item stages (script, synth, tokens): `--ray ...`
+    when those stages run on a Ray cluster (`recipe --ray`)."""
     if route not in recipe.routes:
         raise UsageError(f"recipe 7b: no route {route!r}; known: {sorted(recipe.routes)}")
     stage = [sys.executable, "-m", "agent.train"]
+    gpu_actor = ("--num-gpus", "1")  # on Ray, each worker holding a model (LLM, Parler, Mimi) takes a GPU
     tokenizer = str(work / "tokenizer" / "tokenizer.model")
     source = (["--llm", recipe.llm, "--licence", recipe.text_licence or ""] if recipe.llm
               else ["--sentences", _asset(recipe.sentences)])
@@ -94,15 +95,16 @@ def gpu_plan(recipe: GpuRecipe, work: Path, out: Path, route: str, item_flags: t
         raise UsageError("recipe 7b: `llm` needs `text_licence` (the licence of the text it writes)")
     steps = [
         Step("script", [*stage, "script", *source, "--count", str(recipe.dialogues), "--seed", "0",
-                        "--out", str(work / "script"), *item_flags]),
+                        "--out", str(work / "script"), *(gpu_actor if recipe.llm else ()), *item_flags]),
         Step("synth", [*stage, "synth", "--in", str(work / "script" / "manifest.jsonl"), "--out", str(work / "synth"),
                        "--tts", recipe.tts, "--batch-size", str(recipe.tts_batch_size), "--device", "cuda",
-                       *item_flags]),
+                       *gpu_actor, *item_flags]),
         Step("tokenizer", [*stage, "tokenizer", "--in", str(work / "synth" / "manifest.jsonl"),
                            *[x for t in recipe.tokenizer_text for x in ("--text", _asset(t))],
                            "--vocab-size", str(recipe.vocab_size), "--out", str(work / "tokenizer")]),
         Step("tokens", [*stage, "tokens", "--in", str(work / "synth" / "manifest.jsonl"), "--out", str(work / "tokens"),
-                        "--model", recipe.base, "--tokenizer", tokenizer, "--device", "cuda", *item_flags]),
+                        "--model", recipe.base, "--tokenizer", tokenizer, "--device", "cuda", *gpu_actor,
+                        *item_flags]),
     ]
     previous = recipe.base
     names = recipe.routes[route]
@@ -148,7 +150,7 @@ def run_plan(steps: list[Step], work: Path, quiet: bool) -> list[str]:
     return ran
 
 
-def run_tiny(recipe: dict, work: Path, out: Path, smoke: bool, quiet: bool) -> dict:
+def run_tiny(recipe: dict, work: Path, out: Path, smoke: bool, quiet: bool, ray: str | None = None) -> dict:
     from agent.train.telugu_tiny import TeluguTinyConfig, run_telugu_tiny
     block = recipe["tiny"]
     settings = block.get("settings", {}) | (block.get("smoke", {}) if smoke else {})
@@ -158,7 +160,7 @@ def run_tiny(recipe: dict, work: Path, out: Path, smoke: bool, quiet: bool) -> d
         raise UsageError(f"recipe tiny: unknown settings {unknown}; known: {sorted(known)}")
     if "lm_config" in settings:
         settings["lm_config"] = Path(settings["lm_config"])
-    return run_telugu_tiny(TeluguTinyConfig(work=work, out=out, quiet=quiet, **settings))
+    return run_telugu_tiny(TeluguTinyConfig(work=work, out=out, quiet=quiet, ray=ray, **settings))
 
 
 def add_parser(stages: argparse._SubParsersAction) -> None:
@@ -174,7 +176,8 @@ def add_parser(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", action="store_true", help="7b: print the commands and write WORK/plan.sh; run nothing")
     p.add_argument("--smoke", action="store_true", help="tiny: the recipe's smoke size (CI)")
     p.add_argument("--quiet", action="store_true")
-    # i25-ray: a `--ray ADDRESS` option lands here and reaches gpu_plan's item_flags
+    p.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="run the per-item stages (script, synth, tokens) on a Ray cluster (needs .[scale])")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -183,12 +186,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.scale == "tiny":
         if args.plan:
             raise UsageError("--plan is for --scale 7b; the tiny scale runs here")
-        figures = run_tiny(recipe, args.work, out, args.smoke, args.quiet)
+        figures = run_tiny(recipe, args.work, out, args.smoke, args.quiet, args.ray)
         print(json.dumps({"model": str(out), "minutes": figures["minutes"],
                           "turn_taking": figures["turn_taking"]}, ensure_ascii=False))
         print(f"python app.py --model {out}")
         return 0
-    steps = gpu_plan(gpu_recipe(recipe["7b"]), args.work, out, args.route)
+    steps = gpu_plan(gpu_recipe(recipe["7b"]), args.work, out, args.route,
+                     item_flags=("--ray", args.ray) if args.ray else ())
     if args.plan:
         args.work.mkdir(parents=True, exist_ok=True)
         script = "#!/usr/bin/env bash\nset -euo pipefail\n" + "".join(f"{s.line()}\n" for s in steps)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import ASSETS
-from agent.train.common import StageRun, Summary, UsageError, fingerprint, parallel_map, progress
+from agent.train.common import StageRun, Summary, UsageError, fingerprint, parallel_map, progress, torch_threads
 from agent.train.records import (
     AGENT,
     BACKCHANNEL,
@@ -73,12 +73,15 @@ class ScriptConfig:
     llm_max_new_tokens: int = 400
     llm_device: str | None = None
     workers: int = 1
+    ray: str | None = None  # local | auto | a Ray address (with --llm, actors each holding the model)
+    num_gpus: float = 0  # per Ray actor holding the LLM
     force: bool = False
     quiet: bool = False
 
     def settings(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
-                if k not in ("out", "workers", "force", "quiet", "sentences", "source_jsonl", "llm_device")}
+                if k not in ("out", "workers", "ray", "num_gpus", "force", "quiet", "sentences", "source_jsonl",
+                             "llm_device")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +288,7 @@ class LLMWriter:
             text = "\n\n".join(m["content"] for m in messages) + "\n\n"
         inputs = self.tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(self.device)
         self.torch.manual_seed(int(fingerprint(seed)[:8], 16))
-        with self.torch.no_grad():
+        with self.torch.no_grad(), torch_threads(1):  # the sampled words must not follow the process's threads
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=True, top_p=0.9,
                                       temperature=0.8, pad_token_id=self.tokenizer.pad_token_id
                                       or self.tokenizer.eos_token_id)
@@ -411,7 +414,8 @@ def run_script(config: ScriptConfig) -> Summary:
     source_key = fingerprint(sentences) if sentences else config.llm
     jobs = [(f"dialogue-{i:06d}", fingerprint(source_key, licence, settings, i), i) for i in range(count)]
     todo = [(key, sig, i) for key, sig, i in jobs if not run.reuse(key, sig, ScriptRecord)]
-    made = parallel_map(_make, [(i, config, sentences, licence) for _, _, i in todo], config.workers)
+    made = parallel_map(_make, [(i, config, sentences, licence) for _, _, i in todo], config.workers, ray=config.ray,
+                        actors=sentences is None, num_gpus=config.num_gpus)
     source = str(path) if sentences else f"llm:{config.llm}"
     for (key, sig, _), (status, value) in progress(zip(todo, made), "script", total=len(todo), quiet=config.quiet):
         if status == "fatal":

@@ -25,16 +25,18 @@ import torch
 from agent import SAMPLE_RATE
 from agent.audio.stream import resample
 from agent.train.common import (
-    Report,
+    ItemReport,
     StageRun,
     Summary,
     atomic_write_wav,
     fingerprint,
     link_or_copy,
+    parallel_map,
     progress,
     read_audio_checked,
+    torch_threads,
 )
-from agent.train.records import CONVERSATION, AudioRecord, SegmentRecord, Span, Word, to_dict
+from agent.train.records import CONVERSATION, AudioRecord, SegmentRecord, Span, Word, from_dict, to_dict
 
 VAD_RATE = 16_000  # Silero's full-band rate; offline we can afford it (the live path uses 8 kHz)
 
@@ -50,6 +52,8 @@ class SegmentConfig:
     utterance_gap_ms: int = 400  # a pause this long ends an utterance
     region_gap_ms: int = 100  # a pause this long splits voiced regions (for word placement)
     min_speech_ms: int = 120  # shorter voiced blips are ignored
+    workers: int = 1
+    ray: str | None = None  # local | auto | a Ray address
     force: bool = False
     quiet: bool = False
 
@@ -103,7 +107,7 @@ def _words_in(words: list[Word] | None, start: float, end: float) -> list[Word]:
 
 def _plan_utterance(record: AudioRecord, fine: list[Span], utterances: list[Span], duration: float,
                     config: SegmentConfig,
-                    report: Report) -> list[tuple[float, float, str | None, str | None, list[Word] | None, str]]:
+                    report: ItemReport) -> list[tuple[float, float, str | None, str | None, list[Word] | None, str]]:
     """(start, end, transcript, scope, words, emotion) for each utterance to cut from one file."""
     pad = config.pad_ms / 1000
     plans = []
@@ -141,7 +145,7 @@ def _plan_utterance(record: AudioRecord, fine: list[Span], utterances: list[Span
 
 
 def _segment_file(record: AudioRecord, in_dir: Path, config: SegmentConfig, vad: SileroRegions,
-                  report: Report) -> list[SegmentRecord] | None:
+                  report: ItemReport) -> list[SegmentRecord] | None:
     try:
         audio = read_audio_checked(in_dir / record.path, SAMPLE_RATE, record.channels)
     except ValueError as exc:
@@ -197,21 +201,44 @@ def _segment_file(record: AudioRecord, in_dir: Path, config: SegmentConfig, vad:
     return segments
 
 
+_VAD: dict[tuple, SileroRegions] = {}
+
+
+def segment_item(job: tuple[dict, SegmentConfig]) -> tuple[str, object]:
+    """One ingested file -> ("ok", {"segments", "report"}) with its clips written, or ("skip", {"report"});
+    runs wherever parallel_map puts it (Silero loaded once per process, run at one torch thread)."""
+    record_dict, config = job
+    record = from_dict(AudioRecord, record_dict)
+    key = tuple(config.settings().items())
+    if key not in _VAD:
+        _VAD[key] = SileroRegions(config)
+    report = ItemReport()
+    with torch_threads(1):
+        segments = _segment_file(record, Path(config.inp).parent, config, _VAD[key], report)
+    if segments is None:
+        return "skip", {"report": list(report)}
+    return "ok", {"segments": [to_dict(s) for s in segments], "report": list(report)}
+
+
 def run_segment(config: SegmentConfig) -> Summary:
     run = StageRun("segment", config.out, config.force, config.quiet)
     inputs = run.read(config.inp, AudioRecord)
     in_dir = Path(config.inp).parent
-    vad: SileroRegions | None = None  # loaded only when something needs doing
-    for record in progress(inputs, "segment", quiet=config.quiet):
+    jobs = []
+    for record in inputs:
         source_file = in_dir / record.path
         stat = source_file.stat() if source_file.is_file() else None
         signature = fingerprint(to_dict(record), [stat.st_size, stat.st_mtime_ns] if stat else None, config.settings())
-        if run.reuse(record.id, signature, SegmentRecord):
-            continue
-        if vad is None:
-            vad = SileroRegions(config)
-        segments = _segment_file(record, in_dir, config, vad, run.report)
-        if segments is None:
-            continue
-        run.keep(record.id, signature, segments, [run.out / s.path for s in segments])
+        if not run.reuse(record.id, signature, SegmentRecord):
+            jobs.append((record, signature))
+    results = parallel_map(segment_item, [(to_dict(r), config) for r, _ in jobs], config.workers, ray=config.ray)
+    for (record, signature), (status, value) in progress(zip(jobs, results), "segment", total=len(jobs),
+                                                          quiet=config.quiet):
+        run.start_item()
+        ItemReport(value["report"]).replay(run.report)
+        if status == "ok":
+            segments = [from_dict(SegmentRecord, s) for s in value["segments"]]
+            run.keep(record.id, signature, segments, [run.out / s.path for s in segments])
+    order = {r.id: n for n, r in enumerate(inputs)}
+    run.records.sort(key=lambda r: order[r.parent_id])  # the input's order, however many were reused
     return run.finish()

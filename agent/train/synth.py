@@ -80,7 +80,8 @@ class SynthConfig:
     tts: str = "espeak"  # espeak | parler | module:Class
     seed: int = 0
     workers: int = 1
-    ray: str | None = None
+    ray: str | None = None  # local | auto | a Ray address (Parler: actors each holding the model)
+    num_gpus: float = 0  # per Ray actor holding Parler
     # timing (see the module docstring for the sources)
     offset_ms: tuple[float, float] = (200.0, 250.0)  # floor-transfer offset: mean, sd
     offset_clip_ms: tuple[float, float] = (-500.0, 1200.0)
@@ -105,7 +106,7 @@ class SynthConfig:
 
     def settings(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
-                if k not in ("inp", "out", "workers", "ray", "force", "quiet", "device", "batch_size")}
+                if k not in ("inp", "out", "workers", "ray", "num_gpus", "force", "quiet", "device", "batch_size")}
 
     def backend_options(self) -> dict:
         return {"model": self.parler_model, "device": self.device, "batch_size": self.batch_size,
@@ -389,7 +390,7 @@ def run_synth(config: SynthConfig) -> Summary:
         if not run.reuse(script.id, signature, SynthRecord):
             jobs.append((script, signature))
     results = parallel_map(synth_dialogue, [(to_dict(s), config) for s, _ in jobs], config.workers,
-                           ray=config.ray)
+                           ray=config.ray, actors=config.tts == "parler", num_gpus=config.num_gpus)
     for (script, signature), (status, value) in progress(zip(jobs, results), "synth", total=len(jobs),
                                                           quiet=config.quiet):
         if status == "fatal":

@@ -70,6 +70,7 @@ class TeluguTinyConfig:
     # "small": telugu-small's codec recipe (agent.train.codec.telugu_small_codec_config: wider, mel +
     # discriminator losses, quantizer dropout); its step count is still --codec-steps
     codec_preset: str = "tiny"
+    ray: str | None = None  # script, synth and tokens on a Ray cluster (`recipe --ray`); None: this process
 
 
 def split_sentences(work: Path) -> tuple[Path, list[str]]:
@@ -181,6 +182,7 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
 
     torch.set_num_threads(config.threads)
     w, q = config.work, ["--quiet"] if config.quiet else []
+    items = [*q, *(["--ray", config.ray] if config.ray else [])]  # for the per-item stages
     w.mkdir(parents=True, exist_ok=True)
     started, figures = time.monotonic(), {}
 
@@ -193,12 +195,13 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
     stage(["script", "--sentences", str(train_sentences), "--out", str(w / "script"),
            "--count", str(config.dialogues * 3),
            "--seed", str(config.seed), "--turns", "2:6", "--backchannel-prob", "0", "--interrupt-prob", "0",
-           "--overlap-prob", "0", "--pause-prob", "0", *q])
+           "--overlap-prob", "0", "--pause-prob", "0", *items])
     lm_scripts, codec_scripts, codec_ids = split_scripts(w / "script", config.dialogues, config.codec_dialogues)
     step(3, "synth")
-    stage(["synth", "--in", str(lm_scripts), "--out", str(w / "synth"), "--seed", str(config.seed), *q])
+    stage(["synth", "--in", str(lm_scripts), "--out", str(w / "synth"), "--seed", str(config.seed), *items])
     if codec_scripts.stat().st_size:  # empty when the LM has all of the codec's dialogues
-        stage(["synth", "--in", str(codec_scripts), "--out", str(w / "synth-codec"), "--seed", str(config.seed), *q])
+        stage(["synth", "--in", str(codec_scripts), "--out", str(w / "synth-codec"), "--seed", str(config.seed),
+               *items])
 
     step(4, "codec")
     from agent.train.codec import (
@@ -231,7 +234,7 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
     step(6, "tokens")
     stage(["tokens", "--in", str(w / "synth" / "manifest.jsonl"), "--out", str(w / "tokens"), "--model", str(base),
            "--tokenizer", str(base / "tokenizer.model"),
-           "--device", "cpu", *q])
+           "--device", "cpu", *items])
     step(7, "train")
     stage(["train", "--in", str(w / "tokens" / "manifest.jsonl"), "--out", str(w / "run"), "--model", str(base),
            "--tokenizer", str(base / "tokenizer.model"),

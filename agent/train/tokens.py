@@ -22,7 +22,7 @@ import json
 import math
 import shutil
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +36,18 @@ from agent.errors import ModelLoadError
 from agent.models import TEXT_PADDING_ID, load_mimi, resolve_device, tiny_tokenizer_path
 from agent.train.align import MAIN_SPEAKER
 from agent.train.common import (
-    Report,
+    ItemReport,
     StageRun,
     Summary,
     UsageError,
     atomic_write_json,
     fingerprint,
+    parallel_map,
     progress,
     read_audio_checked,
+    torch_threads,
 )
-from agent.train.records import AlignedRecord, TokenRecord, to_dict
+from agent.train.records import AlignedRecord, TokenRecord, from_dict, to_dict
 from agent.voices import EMOTION, SPEAKER, load_catalogue
 
 FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 Hz
@@ -61,6 +63,13 @@ class TokensConfig:
     tokenizer: Path | None = None  # stage 5's tokenizer.model; None: the base model's own
     device: str | None = None
     seed: int = ModelConfig.seed  # the tiny model's weights come from it
+    workers: int = 1  # processes, each holding its own Mimi
+    # torch threads per encode: the codes follow it (a float sum split over threads rounds differently and
+    # can flip a code), so it is fixed, the same in every process, and part of the settings; scale with
+    # --workers or --ray instead
+    threads: int = 1
+    ray: str | None = None  # local | auto | a Ray address: encode on a Ray cluster's actors
+    num_gpus: float = 0  # per Ray actor (1 puts one Mimi on each GPU)
     force: bool = False
     quiet: bool = False
 
@@ -85,7 +94,7 @@ def text_stream(words: list[tuple[list[int], float]], frames: int) -> list[int]:
     return stream
 
 
-def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: Report) -> dict[str, str | None]:
+def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: ItemReport) -> dict[str, str | None]:
     """The agent's speaker/emotion as conditioner values; anything the catalogue lacks trains unconditioned."""
     given = dict(record.text_conditions or {})
     wanted = {SPEAKER: given.get(SPEAKER, record.agent_voice), EMOTION: given.get(EMOTION, record.emotion)}
@@ -99,7 +108,7 @@ def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: Repor
     return out
 
 
-def _copy_voice_prompt(record: AlignedRecord, in_dir: Path, out: Path, report: Report) -> Path | None:
+def _copy_voice_prompt(record: AlignedRecord, in_dir: Path, out: Path, report: ItemReport) -> Path | None:
     """The dialogue's voice-prompt clip copied to prompts/<id>.wav, so the tokens folder is all a prompted
     training run (train --prompts) reads; the trainer encodes it once per run with the serving code."""
     if not record.voice_prompt:
@@ -138,11 +147,59 @@ def encode_record(record: AlignedRecord, in_dir: Path, mimi, tokenizer: sentence
     return codes, stream, len(words), placed
 
 
+_CODECS: dict[tuple, tuple] = {}
+
+
+def codec_for(config: TokensConfig) -> tuple:
+    """(Mimi, tokenizer, device), loaded once per process (this one, a worker, or a Ray actor)."""
+    key = (config.model, config.device, config.seed, str(config.tokenizer))
+    if key not in _CODECS:
+        device = resolve_device(config.device)
+        try:
+            with torch_threads(config.threads):  # the tiny Mimi fits its codebooks by k-means as it loads
+                mimi, _ = load_mimi(config.model, device, config.seed)
+        except ModelLoadError as exc:
+            raise UsageError(str(exc)) from exc
+        _CODECS[key] = mimi, sentencepiece.SentencePieceProcessor(str(config.tokenizer)), device
+    return _CODECS[key]
+
+
+def encode_item(job: tuple[dict, TokensConfig]) -> tuple[str, object]:
+    """One dialogue -> ("ok", {"record", "files", "notes"}) with its shard (and voice prompt) written, or
+    ("skip", reason). Runs wherever parallel_map puts it; the config's tokenizer is resolved already."""
+    record_dict, config = job
+    record = from_dict(AlignedRecord, record_dict)
+    mimi, tokenizer, device = codec_for(config)
+    in_dir, out, notes = Path(config.inp).parent, Path(config.out), ItemReport()
+    try:
+        with torch_threads(config.threads):
+            codes, stream, n_words, n_tokens = encode_record(record, in_dir, mimi, tokenizer, device)
+    except ValueError as exc:
+        return "skip", str(exc)
+    if n_tokens == 0:
+        return "skip", "no text tokens: every agent word encoded to nothing"
+    shard = out / "codes" / f"{record.id}.safetensors"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    tmp = shard.with_name(f".{shard.name}.tmp")
+    save_file({"audio": codes.contiguous(), "text": torch.tensor(stream, dtype=torch.int32)}, str(tmp))
+    tmp.replace(shard)
+    voice_prompt = _copy_voice_prompt(record, in_dir, out, notes)
+    catalogue = load_catalogue()
+    known = {SPEAKER: {v.id for v in catalogue.voices}, EMOTION: {e.id for e in catalogue.emotions}}
+    result = TokenRecord(
+        id=record.id, path=f"codes/{record.id}.safetensors", frames=codes.shape[-1], duration=record.duration,
+        agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
+        licences=record.licences, n_words=n_words, n_text_tokens=n_tokens,
+        conditions=_conditions(record, known, notes), persona=record.persona,
+        voice_prompt=str(voice_prompt.relative_to(out)) if voice_prompt else None)
+    files = [result.path, *([result.voice_prompt] if result.voice_prompt else [])]
+    return "ok", {"record": to_dict(result), "files": files, "notes": list(notes)}
+
+
 def run_tokens(config: TokensConfig) -> Summary:
     run = StageRun("tokens", config.out, config.force, config.quiet)
     out, report = run.out, run.report
     aligned = run.read(config.inp, AlignedRecord)
-    in_dir = Path(config.inp).parent
     tokenizer_path = Path(config.tokenizer) if config.tokenizer else None
     if tokenizer_path is None:
         if config.model not in (TINY_MODEL, TINY_PERSONAPLEX_MODEL):
@@ -151,43 +208,30 @@ def run_tokens(config: TokensConfig) -> Summary:
         tokenizer_path = tiny_tokenizer_path()
     if not tokenizer_path.is_file():
         raise UsageError(f"tokenizer {tokenizer_path} does not exist (run the tokenizer stage first)")
-    tokenizer = sentencepiece.SentencePieceProcessor(str(tokenizer_path))
-    device = resolve_device(config.device)
-    try:
-        mimi, _ = load_mimi(config.model, device, config.seed)
-    except ModelLoadError as exc:
-        raise UsageError(str(exc)) from exc
-    catalogue = load_catalogue()
-    known = {SPEAKER: {v.id for v in catalogue.voices}, EMOTION: {e.id for e in catalogue.emotions}}
+    config = replace(config, tokenizer=tokenizer_path)
+    mimi, tokenizer, _ = codec_for(config)  # here too: the settings name its codebooks and vocabulary
     info = {"model": config.model, "seed": config.seed if config.model == "tiny" else None,
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_sha": file_digest(tokenizer_path),
             "text_vocab": tokenizer.vocab_size(), "num_codebooks": int(mimi.num_codebooks),
-            "frame_rate": FRAME_RATE, "text_padding": TEXT_PADDING, "end_of_padding": END_OF_PADDING}
+            "frame_rate": FRAME_RATE, "text_padding": TEXT_PADDING, "end_of_padding": END_OF_PADDING,
+            "threads": config.threads}
     settings = {k: v for k, v in info.items() if k != "tokenizer"}
-    for record in progress(aligned, "tokens", quiet=config.quiet):
+    jobs = []
+    for record in aligned:
         signature = fingerprint(to_dict(record), settings)
-        if run.reuse(record.id, signature, TokenRecord):
+        if not run.reuse(record.id, signature, TokenRecord):
+            jobs.append((record, signature))
+    results = parallel_map(encode_item, [(to_dict(r), config) for r, _ in jobs], config.workers, ray=config.ray,
+                           actors=True, num_gpus=config.num_gpus)
+    for (record, signature), (status, value) in progress(zip(jobs, results), "tokens", total=len(jobs),
+                                                          quiet=config.quiet):
+        if status == "skip":
+            report.skip(record.id, record.path, str(value))
             continue
-        try:
-            codes, stream, n_words, n_tokens = encode_record(record, in_dir, mimi, tokenizer, device)
-        except ValueError as exc:
-            report.skip(record.id, record.path, str(exc))
-            continue
-        if n_tokens == 0:
-            report.skip(record.id, record.path, "no text tokens: every agent word encoded to nothing")
-            continue
-        shard = out / "codes" / f"{record.id}.safetensors"
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shard.with_name(f".{shard.name}.tmp")
-        save_file({"audio": codes.contiguous(), "text": torch.tensor(stream, dtype=torch.int32)}, str(tmp))
-        tmp.replace(shard)
-        voice_prompt = _copy_voice_prompt(record, in_dir, out, report)
-        result = TokenRecord(
-            id=record.id, path=f"codes/{record.id}.safetensors", frames=codes.shape[-1], duration=record.duration,
-            agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
-            licences=record.licences, n_words=n_words, n_text_tokens=n_tokens,
-            conditions=_conditions(record, known, report), persona=record.persona,
-            voice_prompt=str(voice_prompt.relative_to(out)) if voice_prompt else None)
-        run.keep(record.id, signature, result, [shard, *([voice_prompt] if voice_prompt else [])])
+        run.start_item()
+        ItemReport(value["notes"]).replay(report)
+        run.keep(record.id, signature, from_dict(TokenRecord, value["record"]), [out / f for f in value["files"]])
+    order = {r.id: n for n, r in enumerate(aligned)}
+    run.records.sort(key=lambda r: order[r.id])  # the input's order, however many were reused
     atomic_write_json(out / INFO, info)
     return run.finish()

@@ -128,6 +128,7 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctype
 # and it feeds whichever backend is synthesising now (a per-instance callback would be taken over by
 # the next instance made, and the first would then get no audio).
 _synthesising: EspeakBackend | None = None
+_LIBC = ctypes.CDLL(None)  # this process's C library: the rand() state espeak-ng draws from
 
 
 @_CALLBACK
@@ -190,12 +191,16 @@ class EspeakBackend:
         """In a forked child: espeak-ng carries state from one utterance into the next (its wave generator
         and echo buffers; espeak_Terminate can block in synchronous mode, so it cannot be reset), so every
         call starts from this process's pristine, never-used engine. The same items then give the same
-        samples whatever came before: a resumed run or another worker count reproduces a run exactly."""
+        samples whatever came before: a resumed run or another worker count reproduces a run exactly.
+        espeak-ng also draws from libc's rand() (its noise sources), whose state the child inherits:
+        a host process that used rand() before (a Ray worker's core does) would change the samples, so the
+        child starts it where a fresh process has it (srand(1), glibc's unseeded state)."""
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: synthesise, send the results, exit without running any parent cleanup
             try:
                 os.close(read_end)
+                _LIBC.srand(1)
                 try:
                     payload = pickle.dumps(self._all(items))
                 except BaseException as exc:  # noqa: BLE001 - whatever happens, the parent gets an answer
