@@ -95,3 +95,18 @@ def test_turn_relay_policy_from_the_environment(monkeypatch):
     monkeypatch.delenv("TURN_URLS")
     with pytest.raises(ValueError, match="TURN_POLICY=relay needs a relay"):
         rtc_configuration_from_env()
+
+
+def test_websocket_page_login_cookie_counts_only_from_the_page_own_site():
+    """The page's login cookie lets in an /api/chat handshake whose Origin is the host it was sent to
+    (directly or through a proxy's X-Forwarded-Host); another site's script (Gradio's cookie is
+    SameSite=None) does not get in with it. No Origin: not a browser."""
+    from agent.ops.access import same_site
+    assert same_site({"origin": "http://127.0.0.1:7860", "host": "127.0.0.1:7860"})
+    assert same_site({"origin": "https://pod-7860.proxy.runpod.net", "host": "127.0.0.1:7860",
+                      "x-forwarded-host": "pod-7860.proxy.runpod.net"})
+    assert same_site({"origin": "http://[::1]:8080", "host": "[::1]:7860"})  # cookies do not tell ports apart
+    assert same_site({"host": "127.0.0.1:7860"})
+    assert not same_site({"origin": "https://evil.example", "host": "agent.example"})
+    assert not same_site({"origin": "null", "host": "agent.example"})
+    assert not same_site({"origin": "http://[bad", "host": "agent.example"})
