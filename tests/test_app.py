@@ -30,10 +30,7 @@ def test_import_app_alone_loads_no_model():
 
 @pytest.mark.parametrize("flags, message", [(["--auth", "nocolon"], "user:password"),
                                             (["--temp", "5"], "temperatures must be"),
-                                            (["--top-k", "0"], "top-k must be"),
-                                            (["--request-header-seconds", "0"], "--request-header-seconds must be"),
-                                            (["--max-unfinished-requests-per-client", "-1"],
-                                             "--max-unfinished-requests-per-client must be")])
+                                            (["--top-k", "0"], "top-k must be")])
 def test_bad_flags_are_a_clear_error(flags, message):
     proc = subprocess.run([sys.executable, "app.py", *flags, "--model", "tiny"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, NO_TORCH_COMPILE="1"))
@@ -56,3 +53,8 @@ def test_slow_request_limits_from_flags_and_environment(monkeypatch):
     monkeypatch.setenv("AGENT_REQUEST_HEADER_SECONDS", "4")
     *_, server = app.configs(app.parse_args([]))
     assert (server.max_unfinished_requests_per_client, server.request_header_seconds) == (8, 4.0)
+    # bad values are told before any model loads (main() runs configs() first and exits 2 with the message)
+    with pytest.raises(ValueError, match="--request-header-seconds must be"):
+        app.configs(app.parse_args(["--request-header-seconds", "0"]))
+    with pytest.raises(ValueError, match="--max-unfinished-requests-per-client must be"):
+        app.configs(app.parse_args(["--max-unfinished-requests-per-client", "-1"]))
