@@ -76,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=int(env("AGENT_MAX_CONNECTIONS_PER_CLIENT", str(ServerConfig.max_connections_per_client))),
                    help="open connections (API WebSockets, WebRTC offers) from one address; more are refused "
                         "with 429 (0: no limit)")
+    p.add_argument("--max-unfinished-requests-per-client", type=int,
+                   default=int(env("AGENT_MAX_UNFINISHED_REQUESTS_PER_CLIENT",
+                                   str(ServerConfig.max_unfinished_requests_per_client))),
+                   help="connections from one address still sending a request's headers (slowloris); more are "
+                        "refused with 429 (0: no limit)")
+    p.add_argument("--request-header-seconds", type=float,
+                   default=float(env("AGENT_REQUEST_HEADER_SECONDS", str(ServerConfig.request_header_seconds))),
+                   help="how long a connection may take to send a request's headers; then 408 and closed")
     p.add_argument("--trusted-proxies",
                    default=env("TRUSTED_PROXIES", env("FORWARDED_ALLOW_IPS", ServerConfig.trusted_proxies)),
                    help="proxies whose X-Forwarded-For / Forwarded name the caller (addresses or CIDRs, "
@@ -94,6 +102,10 @@ def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, 
         raise ValueError("--resume-seconds must be 0 (off) or more")
     if args.max_connections_per_client < 0:
         raise ValueError("--max-connections-per-client must be 0 (no limit) or more")
+    if args.max_unfinished_requests_per_client < 0:
+        raise ValueError("--max-unfinished-requests-per-client must be 0 (no limit) or more")
+    if not args.request_header_seconds > 0:
+        raise ValueError("--request-header-seconds must be more than 0")
     from agent.ops.forwarded import TrustedProxies
     TrustedProxies.parse(args.trusted_proxies)  # a bad entry is told here
     sampling = SamplingConfig(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k, top_k_text=args.top_k_text)
@@ -105,6 +117,8 @@ def configs(args: argparse.Namespace) -> tuple[list[ModelConfig], EngineConfig, 
                          max_call_seconds=args.max_call_minutes * 60 or None, drain_seconds=args.drain_seconds,
                          auth=args.auth, resume_seconds=args.resume_seconds,
                          max_connections_per_client=args.max_connections_per_client or None,
+                         max_unfinished_requests_per_client=args.max_unfinished_requests_per_client or None,
+                         request_header_seconds=args.request_header_seconds,
                          trusted_proxies=args.trusted_proxies,
                          max_calls_per_client=args.max_calls_per_client or (2 if args.share else None)))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 
 import pytest
 import requests
@@ -14,7 +15,7 @@ from agent.config import ServerConfig
 from agent.ops.access import Credentials, rtc_configuration_from_env
 from agent.tools.wsclient import talk
 from call_helpers import BASIC, refused_status
-from conftest import live_server_fixture
+from conftest import live_server_fixture, wait_until
 
 guarded = live_server_fixture(max_sessions=3, server_config=ServerConfig(auth="ana:s3cret", max_calls_per_client=1))
 
@@ -95,3 +96,45 @@ def test_turn_relay_policy_from_the_environment(monkeypatch):
     monkeypatch.delenv("TURN_URLS")
     with pytest.raises(ValueError, match="TURN_POLICY=relay needs a relay"):
         rtc_configuration_from_env()
+
+
+def test_websocket_page_login_cookie_counts_only_from_the_page_own_site():
+    """The page's login cookie lets in an /api/chat handshake whose Origin is the host it was sent to
+    (directly or through a proxy's X-Forwarded-Host); another site's script (Gradio's cookie is
+    SameSite=None) does not get in with it. No Origin: not a browser."""
+    from agent.ops.access import same_site
+    assert same_site({"origin": "http://127.0.0.1:7860", "host": "127.0.0.1:7860"})
+    assert same_site({"origin": "https://pod-7860.proxy.runpod.net", "host": "127.0.0.1:7860",
+                      "x-forwarded-host": "pod-7860.proxy.runpod.net"})
+    assert same_site({"origin": "http://[::1]:8080", "host": "[::1]:7860"})  # cookies do not tell ports apart
+    assert same_site({"host": "127.0.0.1:7860"})
+    assert not same_site({"origin": "https://evil.example", "host": "agent.example"})
+    assert not same_site({"origin": "null", "host": "agent.example"})
+    assert not same_site({"origin": "http://[bad", "host": "agent.example"})
+
+
+def test_websocket_page_login_cookie_lets_api_chat_in_from_its_own_site_only(guarded):
+    """Gradio's login cookie opens /api/chat when the handshake's Origin is the server's own host; with
+    another site's Origin (its script borrowing a visitor's cookie) or no cookie, a browser is told
+    in the protocol (0x05, close 1008) and no call starts; without an Origin, no cookie: 401."""
+    session = requests.Session()
+    assert session.post(guarded.url + "/login", data={"username": "ana", "password": "s3cret"}, timeout=5).ok
+    cookie = "; ".join(f"{c.name}={c.value}" for c in session.cookies)
+    url = f"ws://127.0.0.1:{guarded.port}/api/chat?codec=pcm"
+
+    async def first_message(headers: dict) -> tuple[bytes, int | None]:
+        async with websockets.connect(url, additional_headers=headers) as ws:
+            message = await asyncio.wait_for(ws.recv(), 10)
+            with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
+                await asyncio.wait_for(ws.recv(), 2)
+            return message, ws.close_code
+
+    own, _ = asyncio.run(first_message({"Cookie": cookie, "Origin": guarded.url}))
+    assert own == b"\x00", own  # Kyutai's handshake: the call started
+    borrowed, code = asyncio.run(first_message({"Cookie": cookie, "Origin": "https://evil.example"}))
+    assert borrowed.startswith(b"\x05Not logged in") and code == 1008, (borrowed, code)
+    none, code = asyncio.run(first_message({"Origin": guarded.url}))
+    assert none.startswith(b"\x05Not logged in") and code == 1008, (none, code)
+    assert refused_status(url, {"Cookie": "access-token-unsecure-x=forged"}) == 401
+    # the module's other tests count calls from this address: the first call is over and counted out
+    assert wait_until(lambda: guarded.service.hub.cap.connections("127.0.0.1") == 0, 10)

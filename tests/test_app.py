@@ -35,3 +35,26 @@ def test_bad_flags_are_a_clear_error(flags, message):
     proc = subprocess.run([sys.executable, "app.py", *flags, "--model", "tiny"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, NO_TORCH_COMPILE="1"))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_slow_request_limits_from_flags_and_environment(monkeypatch):
+    """--max-unfinished-requests-per-client and --request-header-seconds reach ServerConfig (0: no
+    limit), as do their environment variables; the defaults are ServerConfig's."""
+    import app
+    from agent.config import ServerConfig
+
+    *_, server = app.configs(app.parse_args([]))
+    assert (server.max_unfinished_requests_per_client, server.request_header_seconds) == (
+        ServerConfig.max_unfinished_requests_per_client, ServerConfig.request_header_seconds)
+    *_, server = app.configs(app.parse_args(["--max-unfinished-requests-per-client", "0",
+                                             "--request-header-seconds", "2.5"]))
+    assert (server.max_unfinished_requests_per_client, server.request_header_seconds) == (None, 2.5)
+    monkeypatch.setenv("AGENT_MAX_UNFINISHED_REQUESTS_PER_CLIENT", "8")
+    monkeypatch.setenv("AGENT_REQUEST_HEADER_SECONDS", "4")
+    *_, server = app.configs(app.parse_args([]))
+    assert (server.max_unfinished_requests_per_client, server.request_header_seconds) == (8, 4.0)
+    # bad values are told before any model loads (main() runs configs() first and exits 2 with the message)
+    with pytest.raises(ValueError, match="--request-header-seconds must be"):
+        app.configs(app.parse_args(["--request-header-seconds", "0"]))
+    with pytest.raises(ValueError, match="--max-unfinished-requests-per-client must be"):
+        app.configs(app.parse_args(["--max-unfinished-requests-per-client", "-1"]))

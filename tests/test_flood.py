@@ -26,7 +26,7 @@ from aiortc import RTCPeerConnection
 
 from agent import SAMPLE_RATE
 from agent.config import ServerConfig
-from agent.tools.wsclient import talk
+from agent.tools.wsclient import CallResult, talk
 from conftest import free_port, live_server_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,26 +192,50 @@ def test_flood_of_1000_idle_connections_leaves_a_live_call_and_memory_alone(telu
     assert growth < 100, growth
 
 
-def slow_requests_process(port: int, n: int, hold_s: float, source: str) -> list[tuple[float, float | None, int]]:
-    """`n` connections from `source` (in a process of their own), 100 opened at once, each sending the start
-    of a request and then one more header byte a second, never finishing it, for up to `hold_s`. For each:
-    (opened at, closed by the server at or None, the status it answered with or 0), in seconds from the
-    first."""
+class FloodProgress:
+    """What a flood in another process has done so far, shared with the test (spawned with it): how many
+    connections it opened, how many the server answered with 429 and 408, or closed otherwise."""
+    FIELDS = ("opened", "refused", "timed_out", "closed", "opened_at_first_timeout")
+
+    def __init__(self, ctx) -> None:
+        self.counts = ctx.Array("i", len(self.FIELDS))
+        self.ready, self.go = ctx.Event(), ctx.Event()
+        self.outcomes = ctx.Queue()
+
+    def add(self, name: str) -> None:
+        with self.counts.get_lock():
+            self.counts[self.FIELDS.index(name)] += 1
+            if name == "timed_out" and self["timed_out"] == 1:
+                self.counts[self.FIELDS.index("opened_at_first_timeout")] = self["opened"]
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts[self.FIELDS.index(name)]
+
+
+def slow_requests_process(port: int, n: int, give_up_s: float, source: str, progress: FloodProgress) -> None:
+    """`n` connections from `source` (in a process of their own, started and warm before `progress.go`),
+    100 opened at once, each sending the start of a request and then one more header byte a second, never
+    finishing it, until the server answers or closes it or `give_up_s` have passed. Puts on
+    `progress.outcomes` (opened at, closed by the server at or None, the status it answered with or 0) for
+    each, in seconds from the first."""
     async def one(started: float) -> tuple[float, float | None, int]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
         opened = time.monotonic() - started
+        progress.add("opened")
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         try:
-            while time.monotonic() - started < hold_s:
+            while time.monotonic() - started < give_up_s:
                 try:
                     head = await asyncio.wait_for(reader.read(256), 1.0)
                 except TimeoutError:
                     writer.write(b"a")  # a byte a second: never idle, never done
                     continue
                 status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+                progress.add({429: "refused", 408: "timed_out"}.get(status, "closed"))
                 return opened, time.monotonic() - started, status
             return opened, None, 0
         except OSError:  # reset by the server
+            progress.add("closed")
             return opened, time.monotonic() - started, 0
         finally:
             writer.close()
@@ -223,11 +247,21 @@ def slow_requests_process(port: int, n: int, hold_s: float, source: str) -> list
             tasks += [asyncio.ensure_future(one(started)) for _ in range(min(100, n - first))]
             await asyncio.sleep(0.05)
         return await asyncio.gather(*tasks)
-    return asyncio.run(flood())
+    progress.ready.set()
+    progress.go.wait()
+    progress.outcomes.put(asyncio.run(flood()))
 
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _wait_for(what: str, done, timeout: float = 60.0) -> None:
+    """Until `done()`; `timeout` only stops a broken run from hanging (the pace is the flood's own)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -235,42 +269,61 @@ def test_flood_slow_requests_are_limited_and_timed_out_beside_a_live_call(floode
     """1,000 connections from one client (127.0.0.2), each dribbling its request's headers a byte a
     second and never finishing them: beyond UNFINISHED at once they are answered 429 and closed at once,
     the rest 408 and closed after HEADER_S, so the server holds a bounded number of sockets. A live
-    call from another address (127.0.0.1) keeps its audio, and that address is still served."""
+    call from another address (127.0.0.1) keeps its audio, and that address is still served.
+    The test follows the flood's own progress (counters from its process) and the call lasts until the
+    flood is over, so a slow, loaded machine stretches the test rather than breaking it."""
     _, audio = telugu_speech
-    call: dict = {}
-    caller = threading.Thread(target=lambda: call.update(
-        result=asyncio.run(talk(flooded.ws_url, np.concatenate([audio[:4 * SAMPLE_RATE]] * 2), tail_seconds=0.5))))
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pool.apply(slow_requests_process, (flooded.port, 0, 0.0, "127.0.0.2"))  # started and warm
+    flood_over = threading.Event()
+    call = CallResult(np.zeros(0, np.float32))
+    caller = threading.Thread(target=lambda: asyncio.run(
+        talk(flooded.ws_url, audio[:4 * SAMPLE_RATE], tail_seconds=0.5, result=call, until=flood_over)))
+    ctx = multiprocessing.get_context("spawn")
+    progress = FloodProgress(ctx)
+    flooder = ctx.Process(target=slow_requests_process,
+                          args=(flooded.port, 1000, HEADER_S + 10, "127.0.0.2", progress), daemon=True)
+    flooder.start()
+    try:
+        assert progress.ready.wait(60), "the flooding process did not start"
         caller.start()
-        time.sleep(0.5)
+        _wait_for("the live call's audio never came back", lambda: call.arrivals or not caller.is_alive())
         fds_before = _open_fds()  # the live call's included
-        flood = pool.apply_async(slow_requests_process, (flooded.port, 1000, HEADER_S + 2.5, "127.0.0.2"))
-        flood_at, fds = time.monotonic(), []
-        while not flood.ready():
-            fds.append((time.monotonic() - flood_at, _open_fds()))
-            time.sleep(0.1)
-        during = requests.get(flooded.url + "/healthz", timeout=5).status_code  # asked from 127.0.0.1
-        outcomes = flood.get(timeout=60)
-        overlapped = caller.is_alive()
+        progress.go.set()
+        # sockets held once all are open and all but UNFINISHED answered (the minimum: a refused socket
+        # may still be open the moment its 429 is read)
+        held_fds: list[int] = []
+        while flooder.is_alive() and progress.outcomes.empty():
+            if progress["opened"] == 1000 and progress["refused"] + progress["timed_out"] == 1000 - UNFINISHED:
+                held_fds.append(_open_fds() - fds_before)
+            time.sleep(0.05)
+        outcomes = progress.outcomes.get(timeout=60)
+        during = requests.get(flooded.url + "/healthz", timeout=30).status_code  # asked from 127.0.0.1
+        overlapped = caller.is_alive() and call.arrivals
+        # at least 8 s of call, as long as the flood took: a few late frames are then a small share
+        _wait_for("the live call stopped", lambda: call.sent_seconds >= 8.0 or not caller.is_alive())
+    finally:
+        flood_over.set()
+        flooder.join(timeout=30)
+        if flooder.is_alive():
+            flooder.kill()
     caller.join(timeout=60)
-    result = call["result"]
     refused = [closed for _, closed, status in outcomes if status == 429]
     timed_out = [closed - opened for opened, closed, status in outcomes if status == 408]
     held = [o for o in outcomes if o[1] is None]
-    # sockets held once the burst is in (all opened within 0.5 s; the refused ones closed), before the
-    # admitted ones time out; the peak includes the refused ones in the moment before they are closed
-    held_fds = max(n for t, n in fds if 1.5 <= t <= HEADER_S - 0.5) - fds_before
-    print(f"slow requests: {len(refused)} refused, {len(timed_out)} timed out, {len(held)} still open; server "
-          f"sockets +{held_fds} held, +{max(n for _, n in fds) - fds_before} at the peak; live call's audio "
-          f"{result.received_seconds:.2f} of {result.sent_seconds:.2f} s")
-    assert overlapped, "the flood did not happen while the call was live"
-    assert not held, f"{len(held)} unfinished requests still open after {HEADER_S + 2.5} s"
-    assert len(timed_out) == UNFINISHED and len(refused) == 1000 - UNFINISHED, sorted({s for *_, s in outcomes})
-    assert all(HEADER_S - 0.5 <= t <= HEADER_S + 1.5 for t in timed_out), timed_out
-    assert held_fds <= UNFINISHED + 5, (fds_before, fds)
+    late = 1000 - progress["opened_at_first_timeout"]
+    print(f"slow requests: {len(refused)} refused, {len(timed_out)} timed out ({late} opened after the first "
+          f"timeout), {len(held)} still open; server "
+          f"sockets +{min(held_fds, default=-1)} held once all refused; live call's audio "
+          f"{call.received_seconds:.2f} of {call.sent_seconds:.2f} s")
+    assert overlapped, "the call was not live for the whole flood"
+    assert not held, f"{len(held)} unfinished requests still open after {HEADER_S + 10} s"
+    # UNFINISHED admitted at once: the first UNFINISHED, plus, where the burst took longer than HEADER_S
+    # to land (a loaded machine), ones opened after a slot was freed
+    assert len(refused) + len(timed_out) == 1000, sorted({s for *_, s in outcomes})
+    assert UNFINISHED <= len(timed_out) <= UNFINISHED + late, (len(timed_out), late)
+    assert all(HEADER_S - 0.5 <= t <= HEADER_S + 2.0 for t in timed_out), timed_out
+    assert held_fds and min(held_fds) <= UNFINISHED + 5, held_fds
     assert during == 200
-    assert result.errors == [] and result.received_seconds >= 0.9 * result.sent_seconds
+    assert call.errors == [] and call.received_seconds >= 0.9 * call.sent_seconds
     assert asyncio.run(_get_status(flooded.port, "127.0.0.2")) == 200  # all 1,000 counted out again
 
 

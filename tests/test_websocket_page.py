@@ -186,3 +186,133 @@ def test_websocket_page_call_resumes_after_the_proxy_drops(live_server, proxy, m
         assert wait_until(lambda: session.seat.counters.frames_in > frames + 10, 10), "no more microphone"
         page.locator("#ws-hang-up").click()
         assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
+
+
+# -- under --auth, with a per-client cap and a call time limit: one server and one browser ------------
+
+USER, PASSWORD = "ana", "s3cret"
+TIME_LIMIT_S = 8.0
+NO_WEBCODECS_JS = "delete window.AudioEncoder; delete window.AudioDecoder; delete window.AudioData;"
+RAW_SOCKET_JS = """async (path) => await new Promise((done) => {
+  const ws = new WebSocket(new URL(path, location.href.replace(/^http/, "ws")));
+  ws.binaryType = "arraybuffer"; const said = [];
+  ws.onmessage = (e) => said.push(new TextDecoder().decode(new Uint8Array(e.data)));
+  ws.onclose = (e) => done({code: e.code, said});
+  setTimeout(() => done({code: -1, said}), 10000);
+})"""
+
+
+@dataclass
+class GuardedSite:
+    server: object  # conftest.LiveServer
+    browser: object
+    mic_wav: Path
+
+    def page(self, logged_in: bool = True, init_script: str | None = None):
+        """A page of its own browser context (its own cookies), logged in through Gradio's login form
+        unless asked not to, with the microphone allowed."""
+        context = self.browser.new_context(permissions=["microphone"], viewport={"width": 1400, "height": 900})
+        page = context.new_page()
+        page.on("console", lambda m: print("console:", m.type, m.text))  # shown when a test fails
+        if init_script:
+            page.add_init_script(init_script)
+        page.goto(self.server.url + "/", wait_until="load")
+        if logged_in:
+            page.get_by_label("username").fill(USER)
+            page.get_by_label("password").fill(PASSWORD)
+            page.get_by_role("button", name="Login").click()
+            page.get_by_text("Click to Access Microphone").click(timeout=30_000)
+        return page
+
+    def call_over_websocket(self, page) -> None:
+        page.locator("#transport-choice").get_by_text("WebSocket").click()
+        record(page)
+
+
+@pytest.fixture(scope="module")
+def guarded_site(mic_wav):
+    from playwright.sync_api import sync_playwright
+
+    from agent.config import ServerConfig
+    from conftest import LiveServer
+
+    server = LiveServer(max_sessions=3, server_config=ServerConfig(
+        auth=f"{USER}:{PASSWORD}", max_calls_per_client=1, max_call_seconds=TIME_LIMIT_S))
+    try:
+        with sync_playwright() as p:
+            browser = launch_chromium(p, mic_wav)
+            try:
+                yield GuardedSite(server, browser, mic_wav)
+            finally:
+                browser.close()
+    finally:
+        server.close()
+
+
+def notice(page) -> str:
+    return page.locator("#reconnect-status").inner_text()
+
+
+def test_websocket_page_call_under_auth_uses_the_login_cookie(guarded_site):
+    """A logged-in page's WebSocket call is let in by Gradio's login cookie (a browser cannot send Basic
+    auth on a WebSocket) and the agent's audio comes back; a page that has not logged in is refused, and
+    told why in the protocol (close 1008), as the page's WebRTC offer is refused by Gradio's login check."""
+    service = guarded_site.server.service
+    outsider = guarded_site.page(logged_in=False)
+    refused = outsider.evaluate(RAW_SOCKET_JS, "/api/chat?codec=opus")
+    assert refused["code"] == 1008 and any("Not logged in" in s for s in refused["said"]), refused
+    assert service.engine.seats_in_use() == 0
+
+    page = guarded_site.page()
+    guarded_site.call_over_websocket(page)
+    assert wait_until(lambda: service.registry.live(), 15), f"the call never reached the engine: {notice(page)!r}"
+    assert service.registry.live()[0].call_id.startswith("kyutai-")
+    page.wait_for_function("() => window.__agentTransport.stats.receivedSeconds > 1.5", timeout=15_000)
+    assert transport(page)["name"] == "WebSocket"
+    page.locator("#ws-hang-up").click()
+    assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
+    page.context.close()
+    outsider.context.close()
+
+
+def test_websocket_page_cap_refusal_shown_and_time_limit_ends_the_call(guarded_site):
+    """Cap 1 per client: a second page's WebSocket call from the same address is refused and the page
+    shows the cap's message (not a reconnecting loop); the first call ends at the time limit, and its
+    page says so."""
+    service = guarded_site.server.service
+    first, second = guarded_site.page(), guarded_site.page()
+    guarded_site.call_over_websocket(first)
+    first.wait_for_function("() => window.__agentTransport.stats.receivedSeconds > 0.5", timeout=15_000)
+
+    guarded_site.call_over_websocket(second)
+    second.wait_for_function("() => /At most 1 call/.test(document.querySelector('#reconnect-status').innerText)",
+                             timeout=15_000)
+    second.wait_for_function("() => window.__agentTransport.name === ''", timeout=5_000)  # the call is over
+    second.wait_for_timeout(1000)  # and stays over: no reconnecting
+    assert transport(second)["name"] == "" and "At most 1 call" in notice(second), notice(second)
+    assert len(service.registry.live()) == 1
+
+    first.wait_for_function("() => /time limit/.test(document.querySelector('#reconnect-status').innerText)",
+                            timeout=(TIME_LIMIT_S + 10) * 1000)
+    assert transport(first)["name"] == "", transport(first)  # the page's call ended with it
+    # not before the limit: the microphone's own clock (its chunks sent) says how long the call lasted
+    assert transport(first)["stats"]["sentSeconds"] >= TIME_LIMIT_S - 1, transport(first)
+    assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "the time limit did not free the seat"
+    first.context.close()
+    second.context.close()
+
+
+def test_websocket_page_pcm_without_webcodecs(guarded_site):
+    """A browser without WebCodecs (no AudioEncoder/AudioDecoder) calls over the socket in 16-bit PCM:
+    the server hears the microphone and the agent's audio comes back and plays."""
+    service = guarded_site.server.service
+    page = guarded_site.page(init_script=NO_WEBCODECS_JS)
+    guarded_site.call_over_websocket(page)
+    assert wait_until(lambda: service.registry.live(), 15), f"the call never reached the engine: {notice(page)!r}"
+    session = service.registry.live()[0]
+    page.wait_for_function("() => window.__agentTransport.stats.playedSeconds > 1.5", timeout=15_000)
+    assert transport(page)["stats"]["codec"] == "pcm"
+    assert wait_until(lambda: session.seat.counters.frames_in > 20, 10), "the server did not hear the microphone"
+    page.locator("#ws-hang-up").click()
+    assert wait_until(lambda: service.engine.seats_in_use() == 0, 15), "hanging up did not free the seat"
+    page.context.close()

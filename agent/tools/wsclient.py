@@ -27,8 +27,10 @@ import contextlib
 import json
 import logging
 import ssl as ssl_module
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -100,17 +102,19 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
                websocket_id: str | None = None, chunk_seconds: float = CHUNK_SECONDS,
                raw_messages: list[str] | None = None, stop: bool = True,
                headers: dict[str, str] | None = None, result: CallResult | None = None,
-               ssl: ssl_module.SSLContext | None = None) -> CallResult:
+               ssl: ssl_module.SSLContext | None = None, until: threading.Event | None = None) -> CallResult:
     """Stream `audio` (24 kHz float) to the agent, then `tail_seconds` of silence (as a live
     microphone would), and collect what comes back. `raw_messages` are sent verbatim first.
-    With the `result` of a call whose connection dropped, resume that call with its token, going on
-    from the audio it had sent; ConnectionDropped if this connection drops mid-call."""
+    With `until`, `audio` is streamed over and over until that event is set (a call that lasts as long
+    as something else takes). With the `result` of a call whose connection dropped, resume that call
+    with its token, going on from the audio it had sent; ConnectionDropped if this connection drops mid-call."""
     resuming = result is not None and result.resume_token is not None
     result = result or CallResult(np.zeros(0, np.float32))
     received: list[np.ndarray] = [result.audio] if result.audio.size else []
     chunk = int(SAMPLE_RATE * chunk_seconds)
-    audio = np.concatenate([audio.astype(np.float32), np.zeros(int(tail_seconds * SAMPLE_RATE), np.float32)])
     first = int(round(result.sent_seconds * SAMPLE_RATE))
+    pieces = _microphone(audio.astype(np.float32), np.zeros(int(tail_seconds * SAMPLE_RATE), np.float32),
+                         first, chunk, until)
     headers = dict(headers or {})
     if result.cookies:  # back to the server that holds the call, behind a sticky load balancer
         headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in result.cookies.items())
@@ -140,24 +144,26 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
             for raw in raw_messages or []:
                 await ws.send(raw)
         t0 = time.monotonic()
+        sent = first
         try:
-            for i in range(first, audio.size, chunk):
+            for piece in pieces:
                 try:
-                    await ws.send(json.dumps(encode_media(audio[i:i + chunk])))
+                    await ws.send(json.dumps(encode_media(piece)))
                 except websockets.ConnectionClosedOK:
                     break  # the server ended the call
                 except websockets.ConnectionClosed as exc:
                     raise ConnectionDropped(f"connection dropped after {result.sent_seconds:.1f} s: {exc}") from exc
-                result.sent_seconds = (i + chunk) / SAMPLE_RATE
+                sent += piece.size
+                result.sent_seconds = sent / SAMPLE_RATE
                 if realtime:
-                    await asyncio.sleep(max(0.0, t0 + (i + chunk - first) / SAMPLE_RATE - time.monotonic()))
+                    await asyncio.sleep(max(0.0, t0 + (sent - first) / SAMPLE_RATE - time.monotonic()))
             # The last frames' answers: wait until as much came back as went out, or nothing more arrives.
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:
                 got = sum(x.size for x in received)
                 quiet_for = time.monotonic() - (result.arrivals[-1][0] if result.arrivals else t0)
-                sent_for = (audio.size - first) / SAMPLE_RATE
-                if got >= audio.size or (quiet_for > 0.5 and time.monotonic() - t0 > sent_for + 0.3):
+                sent_for = (sent - first) / SAMPLE_RATE
+                if got >= sent or (quiet_for > 0.5 and time.monotonic() - t0 > sent_for + 0.3):
                     break
                 await asyncio.sleep(0.02)
             if stop:
@@ -168,6 +174,23 @@ async def talk(url: str, audio: np.ndarray, *, realtime: bool = True, tail_secon
             await asyncio.gather(read_task, return_exceptions=True)
             result.audio = np.concatenate(received) if received else np.zeros(0, np.float32)
     return result
+
+
+def _microphone(audio: np.ndarray, tail: np.ndarray, first: int, chunk: int,
+                until: threading.Event | None) -> Iterator[np.ndarray]:
+    """The pieces `talk` sends, from sample `first` on: `audio` then `tail`; with `until`, `audio`
+    looped until the event is set, then `tail`."""
+    if until is None:
+        whole = np.concatenate([audio, tail])
+        for i in range(first, whole.size, chunk):
+            yield whole[i:i + chunk]
+        return
+    i = first
+    while not until.is_set() and audio.size:
+        yield np.take(audio, np.arange(i, i + chunk), mode="wrap")
+        i += chunk
+    for j in range(0, tail.size, chunk):
+        yield tail[j:j + chunk]
 
 
 async def talk_with_reconnect(url: str, audio: np.ndarray, attempts: int = 5, **kwargs) -> CallResult:

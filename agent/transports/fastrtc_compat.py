@@ -6,14 +6,15 @@ Read from fastrtc 0.0.34, aiortc 1.16.0, gradio 5.50.0 and uvicorn 0.55.0 (`pip 
 gradio uvicorn`). Each use below says what it relies on. The tests that exercise them:
 test_server.py and test_ws_smoke.py (the WebSocket path), test_webrtc.py and test_webrtc_reconnect.py
 (WebRTC, dropped connections), test_reliability.py (the per-client cap through the page's offers),
-test_share.py (the tunnel), test_flood.py (slow requests at uvicorn's door).
+test_share.py (the tunnel), test_flood.py (slow requests at uvicorn's door), test_websocket_page.py
+(gradio's login cookie on the page's WebSocket call).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,6 +29,8 @@ from fastrtc.utils import current_context
 from fastrtc.webrtc_connection_mixin import WebRTCConnectionMixin
 from fastrtc.websocket import WebSocketHandler
 from gradio import networking, tunneling
+from gradio.routes import App as GradioApp
+from starlette.routing import Mount
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import ClientDisconnected
 
@@ -217,6 +220,24 @@ def open_tunnel(local_host: str, port: int) -> tuple[str, bool]:
     `GRADIO_SHARE_SERVER_ADDRESS` (from the environment variable of that name) naming a custom server."""
     custom_server = bool(networking.GRADIO_SHARE_SERVER_ADDRESS)
     return networking.setup_tunnel(local_host, port, secrets.token_urlsafe(32), None, None), custom_server
+
+
+# -- gradio's login: who the page's cookie names ---------------------------------------------------
+
+
+def gradio_login_user(app: Any, cookies: Mapping[str, str]) -> str | None:
+    """The user the page's login cookie names, as gradio's own login check reads it (`login_check` in
+    gradio.routes), or None. Relies on the gradio `App` that `gr.mount_gradio_app` mounted on `app`
+    (a starlette Mount whose `.app` is a `gradio.routes.App`), its `cookie_id` and its `tokens` (login
+    token -> user, filled by /login, in memory: a restart logs every page out), and on the cookies
+    `access-token-<cookie_id>` (Secure, for HTTPS) and `access-token-unsecure-<cookie_id>` (plain HTTP)."""
+    gradio_app = next((route.app for route in getattr(app, "routes", ())
+                       if isinstance(route, Mount) and isinstance(route.app, GradioApp)), None)
+    if gradio_app is None:
+        return None
+    token = (cookies.get(f"access-token-{gradio_app.cookie_id}")
+             or cookies.get(f"access-token-unsecure-{gradio_app.cookie_id}"))
+    return gradio_app.tokens.get(token) if token else None
 
 
 # -- uvicorn's HTTP protocol: slow requests at the door -------------------------------------------

@@ -29,7 +29,7 @@ from agent.ops.forwarded import ForwardedMiddleware, TrustedProxies
 from agent.ops.unfinished import UnfinishedRequests
 from agent.service import AgentService
 from agent.transports import kyutai_api
-from agent.transports.fastrtc_compat import unfinished_requests_protocol
+from agent.transports.fastrtc_compat import gradio_login_user, unfinished_requests_protocol
 from agent.transports.fastrtc_handler import MoshiHandler
 from agent.transports.websocket import AgentStream
 
@@ -77,7 +77,9 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     app = FastAPI(title="Telugu voice agent")
     add_routes(app, service, stream)
     app.add_middleware(DrainGate, draining=lambda: service.hub.draining)
-    app.add_middleware(AccessMiddleware, credentials=credentials, cap=service.hub.cap)
+    # the page's WebSocket call under --auth: its login cookie, as gradio checks it (app: mounted below)
+    app.add_middleware(AccessMiddleware, credentials=credentials, cap=service.hub.cap,
+                       logged_in=lambda cookies: gradio_login_user(app, cookies) is not None)
     # outermost: every gate and transport (and the page's WebRTC offer) reads the caller's address
     trusted = TrustedProxies.parse(config.trusted_proxies)
     app.add_middleware(ForwardedMiddleware, trusted=trusted)

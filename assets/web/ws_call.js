@@ -167,7 +167,8 @@
           decoder.decode(new EncodedAudioChunk({type: "key", timestamp: Math.round(heard * 1e6 / RATE), data: payload}));
           heard += CHUNK;
         } else {
-          const pcm = new Int16Array(payload.buffer, payload.byteOffset, payload.byteLength >> 1);
+          // a copy: the payload starts at byte 1 of its message, and an Int16Array must start at an even one
+          const pcm = new Int16Array(payload.slice(0, payload.byteLength & ~1).buffer);
           play(Float32Array.from(pcm, (v) => v / 32768), RATE);
         }
       },
@@ -215,8 +216,14 @@
   }
   function closed(event) {
     T.ws = null;
-    const ended = event.code === 1000 || event.code === 1013;  // the server ended or refused the call
+    // the server ended the call (1000), or refused it: not logged in (1008), a cap (1013); it said why
+    const ended = [1000, 1008, 1013].includes(event.code);
     if (call.hungUp || ended) { finish(); return; }
+    if (T.callId === null && call.lostAt === null) {  // never connected: no call to resume
+      finish();
+      say("The call could not start: the server or a proxy refused the connection.", "lost");
+      return;
+    }
     if (call.lostAt === null) { call.lostAt = Date.now(); call.attempts = 0; }
     if (Date.now() - call.lostAt > config.window_ms) {
       finish();
