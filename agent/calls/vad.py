@@ -15,6 +15,9 @@ Cost, which matters on a server (a profile once put Silero at a third of a CPU s
   call for all loud windows (16 streams cost about what 2 cost one by one). Audio arrives in each
   call's inbox from the transport threads, which never wait for the VAD.
 - Windows below -55 dBFS count as silence without a model call.
+- The hub's thread runs Silero with one intra-op thread. With torch's default (one per core), each
+  of its small calls woke an OpenMP team that spun waiting for cores the engine and transports were
+  using: ten times the CPU of one thread on a busy 2-core host (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -353,11 +356,25 @@ class TurnLatencyTracker:
         del self.turns[:-50]  # keep the recent history only
 
 
+VAD_TORCH_THREADS = 1
+
+
+def use_own_torch_threads(n: int, restore: Callable[[], None]) -> None:
+    """Give the calling thread `n` intra-op threads, leaving every other thread's count alone.
+    torch.set_num_threads sets the caller's OpenMP count and also the count that threads not yet
+    started inherit; `restore` (run on the thread that started this one, which keeps its own count)
+    puts that default back."""
+    torch.get_num_threads()  # torch's lazy per-thread set-up first: it would reapply the default later
+    torch.set_num_threads(n)
+    restore()
+
+
 class VadHub:
     """Runs the VAD of every live call on one thread, a round every `period_s`."""
 
     def __init__(self, period_s: float = FRAME_SECONDS):
         self.period_s = period_s
+        self.torch_threads: int | None = None  # the hub thread's intra-op threads, once it runs
         self._trackers: list[TurnLatencyTracker] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -388,7 +405,10 @@ class VadHub:
         if trackers:
             TurnLatencyTracker.judge_all(trackers)
 
-    def _loop(self) -> None:
+    def _loop(self, ready: threading.Event, restored: threading.Event, running: threading.Event) -> None:
+        use_own_torch_threads(VAD_TORCH_THREADS, lambda: (ready.set(), restored.wait(5)))
+        self.torch_threads = torch.get_num_threads()
+        running.set()
         while not self._stop.wait(self.period_s):
             try:
                 self.run_once()
@@ -397,8 +417,15 @@ class VadHub:
 
     def start(self) -> VadHub:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="vad-hub", daemon=True)
+            threads = torch.get_num_threads()
+            ready, restored, running = threading.Event(), threading.Event(), threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(ready, restored, running), name="vad-hub",
+                                            daemon=True)
             self._thread.start()
+            ready.wait(5)
+            torch.set_num_threads(threads)  # this thread's count already; the default for new threads again
+            restored.set()
+            running.wait(5)
         return self
 
     def stop(self) -> None:
