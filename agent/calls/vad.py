@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from agent import FRAME_SECONDS, SAMPLE_RATE
-from agent.audio.stream import StreamResampler
+from agent.audio.stream import PolyphaseResampler
 from agent.ops.metrics import RollingWindow
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class SpeechDetector:
         self.min_speech_s = min_speech_ms / 1000
         self.state = Silero.initial_state()  # Silero's recurrent state for this stream
         self.context = np.zeros(CONTEXT, np.float32)  # the tail of the previous window
-        self._resampler = StreamResampler(VAD_RATE)
+        self._resampler = PolyphaseResampler(SAMPLE_RATE, VAD_RATE)
+        self._raw: list[np.ndarray] = []  # 24 kHz chunks not resampled yet (see `resample_pending`)
         self._buffer = np.zeros(0, np.float32)
         self._windows_done = 0
         self._current: Segment | None = None
@@ -127,9 +128,18 @@ class SpeechDetector:
         return self._windows_done * WINDOW / VAD_RATE
 
     def feed(self, samples: np.ndarray) -> None:
-        """Queue 24 kHz mono float samples (resampled to 8 kHz now; judged by `run_detectors`)."""
-        data = self._resampler.process(SAMPLE_RATE, samples.astype(np.float32, copy=False))
-        self._buffer = np.concatenate([self._buffer, data])
+        """Queue 24 kHz mono float samples (resampled to 8 kHz and judged by `run_detectors`)."""
+        self._raw.append(samples.astype(np.float32, copy=False))
+
+    @staticmethod
+    def resample_pending(detectors: Sequence[SpeechDetector]) -> None:
+        """Every detector's queued audio to 8 kHz in one numpy pass per like group (the filter gives
+        the same samples however the audio is chunked or grouped)."""
+        fed = [d for d in detectors if d._raw]
+        chunks = [d._raw[0] if len(d._raw) == 1 else np.concatenate(d._raw) for d in fed]
+        for d, data in zip(fed, PolyphaseResampler.process_together([d._resampler for d in fed], chunks)):
+            d._raw = []
+            d._buffer = np.concatenate([d._buffer, data]) if d._buffer.size else data
 
     def next_window(self) -> np.ndarray | None:
         if self._buffer.size < WINDOW:
@@ -170,6 +180,7 @@ def run_detectors(detectors: Sequence[SpeechDetector]) -> list[list[Segment]]:
     """Judge every full window of every detector: per round, each detector's next window, and one
     Silero call for all the loud ones. Returns each detector's events, in order."""
     events: list[list[Segment]] = [[] for _ in detectors]
+    SpeechDetector.resample_pending(detectors)
     while True:
         ready = [(i, w) for i, d in enumerate(detectors) if (w := d.next_window()) is not None]
         if not ready:
