@@ -125,7 +125,10 @@ class PolyphaseResampler:
             taps = rs[0]._phases[phase]  # [count, k]
             acc = np.zeros((len(rs), count))
             for i in range(k):  # newest input first
-                acc += data[:, base - i] * taps[:, i]
+                if up == 1 and count:  # one phase: the inputs are a strided view, the tap a scalar
+                    acc += data[:, base[0] - i:base[-1] - i + 1:down] * taps[0, i]
+                else:
+                    acc += data[:, base - i] * taps[:, i]
             got = acc.astype(np.float32)
             for j, (i, r) in enumerate(zip(members, rs)):
                 r._consumed += size
