@@ -39,6 +39,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 TAIL_S = 1.5
 SETUP_TIMEOUT_S = 30.0
 MIN_WINDOW_S = 2.0
+RESUME_S = 2.0  # a dropped call's seat is held this long (15 s by default) before the next point
 ENGINE_THREAD = "frame-engine"
 # innermost frame's file -> component (first match wins, checked innermost frame first)
 COMPONENTS = (
@@ -259,7 +260,9 @@ def run_point(service, base: str, transport: str, calls: int, seconds: float, id
         profiler.components(engine_thread.native_id if engine_thread else None) if profiler else {})
 
 
-def wait_calls_over(service, timeout: float = 15.0) -> None:
+def wait_calls_over(service, timeout: float = 30.0) -> None:
+    """Until the last point's calls let their seats go (a WebRTC call hung up by closing its peer
+    may be held for RESUME_S first), so the next point's calls all find one."""
     deadline = time.monotonic() + timeout
     while service.seats_in_use() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -274,7 +277,7 @@ def run_cost(transports: list[str], counts: list[int], seconds: float, model: st
 
     service = build_service(ModelConfig(model=model, device="cpu" if model == "tiny" else None),
                             EngineConfig(max_sessions=max(counts)),
-                            ServerConfig(max_connections_per_client=4 * max(counts) + 16))
+                            ServerConfig(max_connections_per_client=4 * max(counts) + 16, resume_seconds=RESUME_S))
     server = serve_in_background(service)
     settle_heap()
     points = []
