@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_cost_mode(args)
     if args.mode == "vad":
         from agent.tools.vad_cost import run_vad_cost
-        results = run_vad_cost([int(x) for x in (args.calls or "1,16,64").split(",")])
+        results = run_vad_cost([int(x) for x in (args.calls or "1,16,64").split(",")], args.seconds or 8.0)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([asdict(r) for r in results], f, indent=1)
