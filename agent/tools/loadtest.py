@@ -187,7 +187,9 @@ def run(mode: str, model: str, seats: int, calls: int, seconds: float, trace_mem
     from agent.web.server import serve_in_background
 
     service = build_service(ModelConfig(model=model, device="cpu" if model == "tiny" else None),
-                            EngineConfig(max_sessions=seats), ServerConfig(), warm_up=False)
+                            # every client is on 127.0.0.1: the per-address cap (16) would refuse the rest
+                            EngineConfig(max_sessions=seats), ServerConfig(max_connections_per_client=2 * calls + 16),
+                            warm_up=False)
     server = serve_in_background(service)
     settle_heap()
     if trace_memory:  # slows the server; for finding what grows, not for the other figures
