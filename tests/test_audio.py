@@ -183,3 +183,25 @@ def test_wsclient_runs_without_audioop():
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rates", [(24_000, 8_000), (48_000, 24_000), (44_100, 24_000)])
+def test_resampler_cost_streams_together_match_each_alone(rates):
+    """The VAD resamples every call's stream in one pass (process_together): bit-identical to each
+    stream alone, whatever the chunk sizes and however the streams' phases differ."""
+    rng = np.random.default_rng(5)
+    streams = [sweep(rates[0], 4.0, f0=60.0 + 40 * i) for i in range(5)]
+    alone = [PolyphaseResampler(*rates) for _ in streams]
+    together = [PolyphaseResampler(*rates) for _ in streams]
+    at, compared = [0] * len(streams), 0
+    for step in range(40):
+        # some rounds all streams alike (one group), others each its own length (its own phase)
+        sizes = [1920] * len(streams) if step % 3 else [int(rng.integers(0, 2500)) for _ in streams]
+        chunks = [s[a:a + n] for s, a, n in zip(streams, at, sizes)]
+        at = [a + c.size for a, c in zip(at, chunks)]
+        want = [r.process(c) for r, c in zip(alone, chunks)]
+        got = PolyphaseResampler.process_together(together, chunks)
+        for w, g in zip(want, got):
+            assert g.dtype == np.float32 and np.array_equal(w, g)
+            compared += w.size
+    assert compared > 0.99 * sum(at) * rates[1] / rates[0] - 100  # every output sample was compared

@@ -47,3 +47,42 @@ def test_tick_lateness_is_exposed_in_metrics():
         assert "agent_tick_lateness_p99_seconds" in text and "agent_tick_lateness_p50_seconds" in text
     finally:
         service.close()
+
+
+def test_calls_on_one_loop_cost_one_wakeup_per_tick():
+    """Six calls awaiting their frames on one event loop: the engine's tick wakes the loop once for
+    all of them (one call_soon_threadsafe per tick), not once per call, and every call gets each frame."""
+    import asyncio
+
+    from agent.calls.session import Session
+
+    calls, ticks = 6, 6
+    service = make_service(max_sessions=calls)
+    try:
+        sessions = [Session(service.engine, f"w{i}", service.catalogue.settings()) for i in range(calls)]
+
+        async def run() -> tuple[int, list[int]]:
+            loop = asyncio.get_running_loop()
+            scheduled = 0
+            threadsafe = loop.call_soon_threadsafe
+
+            def counting(*args, **kwargs):
+                nonlocal scheduled
+                scheduled += 1
+                return threadsafe(*args, **kwargs)
+
+            loop.call_soon_threadsafe = counting
+            got = [0] * calls
+            for _ in range(ticks):
+                for s in sessions:
+                    s.receive(24_000, np.zeros(FRAME_SIZE, np.float32))
+                frames = await asyncio.gather(*(s.wait_output(10.0) for s in sessions))
+                for i, frame in enumerate(frames):
+                    got[i] += frame is not None
+            return scheduled, got
+
+        scheduled, got = asyncio.run(run())
+        assert got == [ticks] * calls
+        assert scheduled <= 2 * ticks, f"{scheduled} loop wake-ups for {ticks} ticks of {calls} calls"
+    finally:
+        service.close()

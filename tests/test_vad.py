@@ -191,3 +191,23 @@ def test_vad_hub_measures_each_call_as_it_would_alone(telugu_speech):
     assert trackers[0].user.stream_seconds == judged  # removed: the hub no longer judges it
     trackers[0].process()
     assert trackers[0].user.stream_seconds > judged
+
+
+def test_vad_hub_cost_silero_on_one_torch_thread_others_keep_theirs():
+    """The hub's Silero calls run on one intra-op thread (a team per call spun for busy cores: ten
+    times the CPU), and neither the starting thread nor threads started later lose their count."""
+    import threading
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    hub = VadHub().start()
+    try:
+        assert hub.torch_threads == 1
+        assert torch.get_num_threads() == 2
+        later: list[int] = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [2]
+    finally:
+        hub.stop()
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ sample is dropped or duplicated at chunk boundaries.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,23 +100,42 @@ class PolyphaseResampler:
         self._shift = (n_taps - 1) // 2
 
     def process(self, x: np.ndarray) -> np.ndarray:
-        k = self._k
-        data = np.concatenate([self._history, x.astype(np.float64)])
-        first = self._consumed - (k - 1)  # absolute index of data[0]
-        self._consumed += x.size
-        # output n needs input up to floor((n*down + shift) / up) < consumed
-        last_n = (self._consumed * self.up - 1 - self._shift) // self.down
-        n = np.arange(self._next_out, last_n + 1)
-        if n.size:
-            t = n * self.down + self._shift
-            base, phase = t // self.up - first, t % self.up
-            window = data[base[:, None] - np.arange(k)[None, :]]  # newest first; history covers i < k
-            out = np.einsum("nk,nk->n", window, self._phases[phase])
-            self._next_out = int(last_n) + 1
-        else:
-            out = np.zeros(0)
-        self._history = data[-(k - 1):]
-        return out.astype(np.float32)
+        return PolyphaseResampler.process_together([self], [x])[0]
+
+    @staticmethod
+    def process_together(resamplers: Sequence[PolyphaseResampler], chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """`r.process(x)` for each pair, with one numpy pass per group of streams whose filters, phase
+        and chunk length agree (every call's VAD streams, as a rule). The phase is
+        `consumed * up - next_out * down`: it alone places each output's taps. Each output is its
+        taps' products summed in tap order, elementwise (no einsum or BLAS, whose order depends on
+        shape and alignment), so a stream gets the same samples alone or in any group."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (r, x) in enumerate(zip(resamplers, chunks)):
+            key = (r.up, r.down, r._consumed * r.up - r._next_out * r.down, x.size)
+            groups.setdefault(key, []).append(i)
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(chunks)
+        for (up, down, lag, size), members in groups.items():
+            rs = [resamplers[i] for i in members]
+            k = rs[0]._k
+            data = np.concatenate([np.stack([r._history for r in rs]),
+                                   np.stack([chunks[i] for i in members]).astype(np.float64)], axis=1)
+            count = max(0, (lag + size * up - 1 - rs[0]._shift) // down + 1)
+            m = np.arange(count) * down + rs[0]._shift - lag
+            base, phase = m // up + k - 1, m % up
+            taps = rs[0]._phases[phase]  # [count, k]
+            acc = np.zeros((len(rs), count))
+            for i in range(k):  # newest input first
+                if up == 1 and count:  # one phase: the inputs are a strided view, the tap a scalar
+                    acc += data[:, base[0] - i:base[-1] - i + 1:down] * taps[0, i]
+                else:
+                    acc += data[:, base - i] * taps[:, i]
+            got = acc.astype(np.float32)
+            for j, (i, r) in enumerate(zip(members, rs)):
+                r._consumed += size
+                r._next_out += count
+                r._history = data[j, -(k - 1):]
+                out[i] = got[j]
+        return out
 
 
 class StreamResampler:

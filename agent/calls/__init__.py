@@ -5,4 +5,5 @@
 - `hub`       admission (draining, call ids, the cap), routing by voice, resuming, the call-setup threads
 - `cap`       the per-client call cap, the one place that decides it
 - `vad`       Silero VAD for every call in one batch, and turn latency
+- `wakeups`   one event-loop wake-up per engine tick for all the calls waiting on that loop
 """

@@ -21,6 +21,7 @@ import numpy as np
 from agent import FRAME_SECONDS, SAMPLE_RATE
 from agent.audio.stream import ChunkReport, InputAudio
 from agent.calls.vad import TurnLatencyTracker, VadHub
+from agent.calls.wakeups import LoopWaker
 from agent.engine import FrameEngine, OutputFrame, Seat
 from agent.engine.prompts import PromptSpec
 from agent.engine.sampling import SeatSampling
@@ -167,16 +168,17 @@ class Session:
         frame, a notice or the end of the call arrives; no thread is held while it waits. None on
         timeout, or at once when the call is closed."""
         if self._output_ready is None:
-            loop, ready = asyncio.get_running_loop(), asyncio.Event()
+            waker, ready = LoopWaker.of(asyncio.get_running_loop()), asyncio.Event()
             self._output_ready = ready
-            self.seat.on_change(lambda: loop.call_soon_threadsafe(ready.set))
+            self.seat.on_change(lambda: waker.wake(ready))  # one loop wake-up per tick for all its calls
         ready = self._output_ready
         ready.clear()
         frame = self.next_output(0)
         if frame is not None or self.closed:
             return frame
         try:
-            await asyncio.wait_for(ready.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no task per frame, as wait_for made
+                await ready.wait()
         except TimeoutError:
             return None
         return self.next_output(0)

@@ -15,6 +15,9 @@ Cost, which matters on a server (a profile once put Silero at a third of a CPU s
   call for all loud windows (16 streams cost about what 2 cost one by one). Audio arrives in each
   call's inbox from the transport threads, which never wait for the VAD.
 - Windows below -55 dBFS count as silence without a model call.
+- The hub's thread runs Silero with one intra-op thread. With torch's default (one per core), each
+  of its small calls woke an OpenMP team that spun waiting for cores the engine and transports were
+  using: ten times the CPU of one thread on a busy 2-core host (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from agent import FRAME_SECONDS, SAMPLE_RATE
-from agent.audio.stream import StreamResampler
+from agent.audio.stream import PolyphaseResampler
 from agent.ops.metrics import RollingWindow
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,8 @@ class SpeechDetector:
         self.min_speech_s = min_speech_ms / 1000
         self.state = Silero.initial_state()  # Silero's recurrent state for this stream
         self.context = np.zeros(CONTEXT, np.float32)  # the tail of the previous window
-        self._resampler = StreamResampler(VAD_RATE)
+        self._resampler = PolyphaseResampler(SAMPLE_RATE, VAD_RATE)
+        self._raw: list[np.ndarray] = []  # 24 kHz chunks not resampled yet (see `resample_pending`)
         self._buffer = np.zeros(0, np.float32)
         self._windows_done = 0
         self._current: Segment | None = None
@@ -124,9 +128,18 @@ class SpeechDetector:
         return self._windows_done * WINDOW / VAD_RATE
 
     def feed(self, samples: np.ndarray) -> None:
-        """Queue 24 kHz mono float samples (resampled to 8 kHz now; judged by `run_detectors`)."""
-        data = self._resampler.process(SAMPLE_RATE, samples.astype(np.float32, copy=False))
-        self._buffer = np.concatenate([self._buffer, data])
+        """Queue 24 kHz mono float samples (resampled to 8 kHz and judged by `run_detectors`)."""
+        self._raw.append(samples.astype(np.float32, copy=False))
+
+    @staticmethod
+    def resample_pending(detectors: Sequence[SpeechDetector]) -> None:
+        """Every detector's queued audio to 8 kHz in one numpy pass per like group (the filter gives
+        the same samples however the audio is chunked or grouped)."""
+        fed = [d for d in detectors if d._raw]
+        chunks = [d._raw[0] if len(d._raw) == 1 else np.concatenate(d._raw) for d in fed]
+        for d, data in zip(fed, PolyphaseResampler.process_together([d._resampler for d in fed], chunks)):
+            d._raw = []
+            d._buffer = np.concatenate([d._buffer, data]) if d._buffer.size else data
 
     def next_window(self) -> np.ndarray | None:
         if self._buffer.size < WINDOW:
@@ -167,6 +180,7 @@ def run_detectors(detectors: Sequence[SpeechDetector]) -> list[list[Segment]]:
     """Judge every full window of every detector: per round, each detector's next window, and one
     Silero call for all the loud ones. Returns each detector's events, in order."""
     events: list[list[Segment]] = [[] for _ in detectors]
+    SpeechDetector.resample_pending(detectors)
     while True:
         ready = [(i, w) for i, d in enumerate(detectors) if (w := d.next_window()) is not None]
         if not ready:
@@ -353,11 +367,25 @@ class TurnLatencyTracker:
         del self.turns[:-50]  # keep the recent history only
 
 
+VAD_TORCH_THREADS = 1
+
+
+def use_own_torch_threads(n: int, restore: Callable[[], None]) -> None:
+    """Give the calling thread `n` intra-op threads, leaving every other thread's count alone.
+    torch.set_num_threads sets the caller's OpenMP count and also the count that threads not yet
+    started inherit; `restore` (run on the thread that started this one, which keeps its own count)
+    puts that default back."""
+    torch.get_num_threads()  # torch's lazy per-thread set-up first: it would reapply the default later
+    torch.set_num_threads(n)
+    restore()
+
+
 class VadHub:
     """Runs the VAD of every live call on one thread, a round every `period_s`."""
 
     def __init__(self, period_s: float = FRAME_SECONDS):
         self.period_s = period_s
+        self.torch_threads: int | None = None  # the hub thread's intra-op threads, once it runs
         self._trackers: list[TurnLatencyTracker] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -388,7 +416,10 @@ class VadHub:
         if trackers:
             TurnLatencyTracker.judge_all(trackers)
 
-    def _loop(self) -> None:
+    def _loop(self, ready: threading.Event, restored: threading.Event, running: threading.Event) -> None:
+        use_own_torch_threads(VAD_TORCH_THREADS, lambda: (ready.set(), restored.wait(5)))
+        self.torch_threads = torch.get_num_threads()
+        running.set()
         while not self._stop.wait(self.period_s):
             try:
                 self.run_once()
@@ -397,8 +428,15 @@ class VadHub:
 
     def start(self) -> VadHub:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="vad-hub", daemon=True)
+            threads = torch.get_num_threads()
+            ready, restored, running = threading.Event(), threading.Event(), threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(ready, restored, running), name="vad-hub",
+                                            daemon=True)
             self._thread.start()
+            ready.wait(5)
+            torch.set_num_threads(threads)  # this thread's count already; the default for new threads again
+            restored.set()
+            running.wait(5)
         return self
 
     def stop(self) -> None:

@@ -30,7 +30,7 @@ from agent.engine.pending import ConditionUpdate, PendingUpdates, PromptUpdate, 
 from agent.engine.prompt_state import PromptLMGen
 from agent.engine.prompts import PromptSpec
 from agent.engine.sampling import SeatSampler, SeatSampling
-from agent.engine.seats import Gathered, Seat, gather
+from agent.engine.seats import Gathered, Seat, finish, gather
 from agent.engine.stats import EngineStats, default_seat_count
 from agent.engine.step import BatchedStep, StepOutput, TickInput
 from agent.errors import EngineStoppedError, SeatsFullError
@@ -186,7 +186,12 @@ class FrameEngine:
         with self._lock:
             self.stats.stepped(out.encode_s, out.lm_s, out.decode_s, len(batch.seats))
             for seat, done_at in batch.seats:
-                seat.deliver(out.frame(seat.index, done_at, self.model.decode_text(int(out.text_tokens[seat.index]))))
+                seat.deliver(out.frame(seat.index, done_at, self.model.decode_text(int(out.text_tokens[seat.index]))),
+                             wake=False)
+            later: list = []  # every frame is in, then one wake-up per event loop, not one per call
+            for seat, _ in batch.seats:
+                seat.wake_listeners(later)
+            finish(later)
         if self.on_step is not None:  # after delivery: telemetry never delays audio
             self.on_step(out.seconds, len(batch.seats))
 

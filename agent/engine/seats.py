@@ -14,6 +14,7 @@ the seat.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -93,7 +94,7 @@ class Seat:
         self._inputs: deque[tuple[np.ndarray, float]] = deque()
         self._outputs: deque[OutputFrame] = deque()
         self._notices: deque[str] = deque(maxlen=8)  # messages for the caller (e.g. a failed step)
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[], Callable[[], None] | None]] = []
         self._max_in = config.input_queue_frames
         self._max_out = config.output_queue_frames
         self._out_ready = threading.Condition(lock)
@@ -131,13 +132,14 @@ class Seat:
                 self._out_ready.wait(timeout)
             return self._outputs.popleft() if self._outputs else None
 
-    def on_change(self, wake: Callable[[], None]) -> None:
+    def on_change(self, wake: Callable[[], Callable[[], None] | None]) -> None:
         """Call `wake()` (from the engine's thread; it must not block) whenever an output frame or a
-        notice arrives, or the seat closes: an async transport waits on this instead of a thread."""
+        notice arrives, or the seat closes: an async transport waits on this instead of a thread.
+        What `wake()` returns, if not None, is run after the tick's other listeners (wake_listeners)."""
         with self._lock:
             self._listeners.append(wake)
             if self._outputs or self._notices or self.closed:
-                wake()
+                finish([after] if (after := wake()) is not None else [])
 
     def hold(self, held: bool) -> None:
         """Freeze this seat (True) while its caller is away: it keeps its LM context, is not stepped
@@ -198,14 +200,19 @@ class Seat:
         self._inputs.clear()
         self._changed()
 
-    def deliver(self, frame: OutputFrame) -> None:
+    def deliver(self, frame: OutputFrame, wake: bool = True) -> None:
+        """Queue an output frame (engine lock held). `wake=False` leaves the async listeners to a
+        `wake_listeners()` once every seat of the tick has its frame: a loop serving many calls is
+        then woken once per tick (agent/calls/wakeups.py), not part-way through the tick's seats."""
         if len(self._outputs) >= self._max_out:
             self._outputs.popleft()
             self.counters.output_dropped += 1
             self._totals.output_dropped += 1
         self._outputs.append(frame)
         self.counters.frames_out += 1
-        self._changed()
+        self._out_ready.notify_all()
+        if wake:
+            self.wake_listeners()
 
     def tell(self, message: str) -> None:
         """Queue a message for the caller (take_notices)."""
@@ -214,11 +221,30 @@ class Seat:
 
     def _changed(self) -> None:
         self._out_ready.notify_all()
+        self.wake_listeners()
+
+    def wake_listeners(self, then: list[Callable[[], None]] | None = None) -> None:
+        """Call the listeners. One may return a callable to run once every listener of the tick has
+        been called (a LoopWaker's one wake-up of its loop, agent/calls/wakeups.py); with `then`
+        they are collected there, once each (see `finish`), else run now."""
+        later = [] if then is None else then
         for wake in list(self._listeners):
             try:
-                wake()
+                after = wake()
             except RuntimeError:  # its event loop is closed: nobody waits there any more
                 self._listeners.remove(wake)
+                continue
+            if after is not None and after not in later:
+                later.append(after)
+        if then is None:
+            finish(later)
+
+
+def finish(later: list[Callable[[], None]]) -> None:
+    """Run what the listeners of a tick left to run once (`Seat.wake_listeners`)."""
+    for after in later:
+        with contextlib.suppress(RuntimeError):  # its event loop closed meanwhile
+            after()
 
 
 @dataclass

@@ -23,6 +23,7 @@ from agent.audio.stream import resample
 
 WEBRTC_RATE = 48_000
 PTIME = 0.02
+SETUP_TIMEOUT_S = 30.0
 TRANSPORTS = ("webrtc", "ws", "chat")
 
 
@@ -75,7 +76,7 @@ async def webrtc_caller(base: str, audio: np.ndarray, seconds: float) -> Called:
     pc.createDataChannel("text")  # fastrtc expects a data channel before the offer
     mic = speech_track(audio)
     pc.addTrack(mic)
-    done = asyncio.Event()
+    done, heard = asyncio.Event(), asyncio.Event()
 
     @pc.on("track")
     def on_track(track) -> None:
@@ -83,6 +84,7 @@ async def webrtc_caller(base: str, audio: np.ndarray, seconds: float) -> Called:
             try:
                 while not done.is_set():
                     frame = await track.recv()
+                    heard.set()
                     result.received_s += frame.samples / frame.sample_rate
             except Exception:  # the track ends with the call
                 pass
@@ -97,6 +99,13 @@ async def webrtc_caller(base: str, audio: np.ndarray, seconds: float) -> Called:
             result.errors.append(str(answer)[:200])
             return result
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        # ICE and DTLS finish after this; the call lasts `seconds` from the agent's first frame, as
+        # the other callers do from their first chunk (their set-up is one request).
+        try:
+            await asyncio.wait_for(heard.wait(), SETUP_TIMEOUT_S)
+        except TimeoutError:
+            result.errors.append(f"no agent audio within {SETUP_TIMEOUT_S:.0f} s of the answer")
+            return result
         await asyncio.sleep(seconds)
     finally:
         done.set()

@@ -33,7 +33,13 @@ from pathlib import Path
 from agent.ops.metrics import RollingWindow, percentiles
 
 TICKS = os.sysconf("SC_CLK_TCK")
-SETTLE_S = 4.0  # call set-up (offer, ICE, DTLS) is left out of the CPU window
+# The CPU window opens once every call of a point has had its first agent frame (set-up: offer,
+# ICE, DTLS, the first tick is left out, however long it took) and closes this long before the
+# first of them ends (each caller runs `seconds` from its own first frame or so).
+TAIL_S = 1.5
+SETUP_TIMEOUT_S = 30.0
+MIN_WINDOW_S = 2.0
+RESUME_S = 2.0  # a dropped call's seat is held this long (15 s by default) before the next point
 ENGINE_THREAD = "frame-engine"
 # innermost frame's file -> component (first match wins, checked innermost frame first)
 COMPONENTS = (
@@ -197,6 +203,19 @@ def component(frames: list[str], thread: str) -> str:
 
 # -- the run ------------------------------------------------------------------------------------
 
+def first_frames(service, calls: int, seen: set[str], timeout: float) -> dict[str, float]:
+    """When each new call (not in `seen`) had its first agent frame handed to its transport, as
+    polled every 20 ms; returns when `calls` of them have one, or at `timeout` with those that do."""
+    firsts: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(firsts) < calls and time.monotonic() < deadline:
+        for s in service.registry.live():
+            if s.call_id not in seen and s.call_id not in firsts and s.seat.counters.frames_out > 0:
+                firsts[s.call_id] = time.monotonic()
+        time.sleep(0.02)
+    return firsts
+
+
 def run_point(service, base: str, transport: str, calls: int, seconds: float, idle_outside: float,
               profile: bool) -> CostPoint:
     from agent.tools.callers import call_many
@@ -205,11 +224,18 @@ def run_point(service, base: str, transport: str, calls: int, seconds: float, id
     before = dict(service.metric_values())
     procs = max(1, min(4, math.ceil(calls / 8)))
     share = [calls // procs + (1 if i < calls % procs else 0) for i in range(procs)]
-    window = max(2.0, seconds - SETTLE_S - 2.0)
-    sessions = []
+    seen = {s.call_id for s in service.registry.live()}
+    setup_errors = []
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(call_many, transport, base, n, seconds) for n in share]
-        time.sleep(SETTLE_S)
+        firsts = first_frames(service, calls, seen, SETUP_TIMEOUT_S + seconds / 2)
+        if len(firsts) < calls:
+            setup_errors.append(f"only {len(firsts)} of {calls} calls had an agent frame before the window")
+        end = (min(firsts.values()) if firsts else time.monotonic()) + seconds - TAIL_S
+        window = end - time.monotonic()
+        if window < MIN_WINDOW_S:
+            setup_errors.append(f"window {window:.1f} s: set-up took most of the call; use a longer --seconds")
+            window = MIN_WINDOW_S
         engine.stats.lateness = RollingWindow()  # this point's ticks only
         ticks0 = engine.stats.ticks
         profiler = Profiler(window) if profile else None
@@ -230,11 +256,13 @@ def run_point(service, base: str, transport: str, calls: int, seconds: float, id
         percentiles(frame_lat) if frame_lat else None, [round(r["sent_s"], 1) for r in results],
         [round(r["received_s"], 1) for r in results],
         int(after["input_dropped"] - before["input_dropped"]), int(after["output_dropped"] - before["output_dropped"]),
-        int(after["late_ticks"] - before["late_ticks"]), [e for r in results for e in r["errors"]][:5],
+        int(after["late_ticks"] - before["late_ticks"]), (setup_errors + [e for r in results for e in r["errors"]])[:5],
         profiler.components(engine_thread.native_id if engine_thread else None) if profiler else {})
 
 
-def wait_calls_over(service, timeout: float = 15.0) -> None:
+def wait_calls_over(service, timeout: float = 30.0) -> None:
+    """Until the last point's calls let their seats go (a WebRTC call hung up by closing its peer
+    may be held for RESUME_S first), so the next point's calls all find one."""
     deadline = time.monotonic() + timeout
     while service.seats_in_use() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -249,7 +277,7 @@ def run_cost(transports: list[str], counts: list[int], seconds: float, model: st
 
     service = build_service(ModelConfig(model=model, device="cpu" if model == "tiny" else None),
                             EngineConfig(max_sessions=max(counts)),
-                            ServerConfig(max_connections_per_client=4 * max(counts) + 16))
+                            ServerConfig(max_connections_per_client=4 * max(counts) + 16, resume_seconds=RESUME_S))
     server = serve_in_background(service)
     settle_heap()
     points = []

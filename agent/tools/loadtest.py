@@ -4,6 +4,7 @@
     python -m agent.tools.loadtest soak --calls 8 --seconds 600     # long calls: frames lost, memory over time
     python -m agent.tools.loadtest fuzz --seconds 30                # garbage at every endpoint beside a normal call
     python -m agent.tools.loadtest cost --calls 1,4,8,16          # host CPU per call, per transport (tools/cost.py)
+    python -m agent.tools.loadtest vad --calls 1,16,64            # the VAD's CPU per call (tools/vad_cost.py)
 
 The server (tiny model unless --model) runs in this process; the clients and the fuzzer run in one
 child process and the `/healthz` prober in another (so its figures are the server's, not the busy
@@ -186,7 +187,9 @@ def run(mode: str, model: str, seats: int, calls: int, seconds: float, trace_mem
     from agent.web.server import serve_in_background
 
     service = build_service(ModelConfig(model=model, device="cpu" if model == "tiny" else None),
-                            EngineConfig(max_sessions=seats), ServerConfig(), warm_up=False)
+                            # every client is on 127.0.0.1: the per-address cap (16) would refuse the rest
+                            EngineConfig(max_sessions=seats), ServerConfig(max_connections_per_client=2 * calls + 16),
+                            warm_up=False)
     server = serve_in_background(service)
     settle_heap()
     if trace_memory:  # slows the server; for finding what grows, not for the other figures
@@ -263,7 +266,7 @@ def run_cost_mode(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["load", "soak", "fuzz", "cost"])
+    p.add_argument("mode", choices=["load", "soak", "fuzz", "cost", "vad"])
     p.add_argument("--model", default="tiny")
     p.add_argument("--calls", default=None, help="default: 64 (load), 8 (soak), 1 (fuzz); cost: a list, 1,4,8,16")
     p.add_argument("--transports", default="webrtc,ws,chat", help="cost: which callers (webrtc, ws, chat)")
@@ -278,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
     if args.mode == "cost":
         return run_cost_mode(args)
+    if args.mode == "vad":
+        from agent.tools.vad_cost import run_vad_cost
+        results = run_vad_cost([int(x) for x in (args.calls or "1,16,64").split(",")], args.seconds or 8.0)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([asdict(r) for r in results], f, indent=1)
+        return 0
     calls = int(args.calls) if args.calls else {"load": 64, "soak": 8, "fuzz": 1}[args.mode]
     seconds = args.seconds or {"load": 20.0, "soak": 600.0, "fuzz": 30.0}[args.mode]
     report = run(args.mode, args.model, args.seats or max(calls, 2), calls, seconds, args.trace_memory)
