@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from agent import FRAME_SIZE
 from agent.config import EngineConfig
@@ -32,6 +33,7 @@ def test_tick_lateness_counts_from_when_every_seat_had_its_frame():
     assert 1e3 * (before - ticked - 0.010) <= late[-1] <= 1e3 * (after - ticked - 0.010), late
 
 
+@pytest.mark.slow
 def test_tick_lateness_is_exposed_in_metrics():
     service = make_service(max_sessions=1)
     try:
@@ -49,6 +51,7 @@ def test_tick_lateness_is_exposed_in_metrics():
         service.close()
 
 
+@pytest.mark.slow
 def test_calls_on_one_loop_cost_one_wakeup_per_tick():
     """Six calls awaiting their frames on one event loop: the engine's tick wakes the loop once for
     all of them (one call_soon_threadsafe per tick), not once per call, and every call gets each frame."""
