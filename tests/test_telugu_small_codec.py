@@ -178,3 +178,16 @@ def test_telugu_small_codec_round_trip_in_voices_it_never_trained_on(tmp_path, c
     for rates in figures["voices"].values():
         assert rates["clean"]["n"] == rates["round_trip"]["n"] == 2 and rates["clean"]["cer"] <= 0.3
     assert figures["clean"]["n"] == 4 and "te+m8" in capsys.readouterr().out
+
+
+def test_telugu_small_preset_of_the_telugu_tiny_command_judges_codec_snapshots_by_ctc_cer(tmp_path):
+    """`telugu-tiny --codec-preset small` hands train_codec the ctc recogniser and the validation texts;
+    the tiny preset stays Silero-judged with CodecConfig's defaults (its recipe unchanged)."""
+    from agent.train import telugu_tiny
+    texts = ["ఈ రోజు వాతావరణం చాలా బాగుంది."]
+    small, judged = telugu_tiny.codec_stage(telugu_tiny.TeluguTinyConfig(work=tmp_path, codec_preset="small"),
+                                            [], tmp_path / "codec", texts)
+    assert small.rank_by == "distance" and small.max_cer == 0.2
+    assert judged["validation_texts"] == texts and judged["judge"].name.startswith("ctc:")
+    tiny, none = telugu_tiny.codec_stage(telugu_tiny.TeluguTinyConfig(work=tmp_path), [], tmp_path / "codec", texts)
+    assert none == {} and tiny == codec_mod.CodecConfig(audio=[], out=tmp_path / "codec", steps=4000, extra_steps=4000)

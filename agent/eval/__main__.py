@@ -73,8 +73,10 @@ def _codec(args: argparse.Namespace) -> int:
     if args.sentences:
         sentences = [s.strip() for s in args.sentences.read_text(encoding="utf-8").splitlines() if s.strip()]
     else:  # telugu-tiny's held-out sentences, and generated ones neither the codec nor a ctc recogniser heard
-        figures = json.loads((args.codec / "eval.json").read_text(encoding="utf-8"))
-        sentences = list(figures["codec"]["heldout_sentences"])
+        from agent.train.telugu_tiny import heldout_sentences
+        shipped = args.codec / "eval.json"  # a snapshot folder has none: the recipe's own split
+        sentences = (list(json.loads(shipped.read_text(encoding="utf-8"))["codec"]["heldout_sentences"])
+                     if shipped.is_file() else heldout_sentences())
         if args.generated:
             from agent.eval.ctc.sentences import unseen
             training = getattr(transcriber, "recipe", {}).get("training", {})
