@@ -1,11 +1,14 @@
 """telugu-small's codec losses (issue 22): the multi-scale mel loss, EnCodec's STFT discriminator with
-hinge and feature-matching losses, and a run with the discriminator that resumes exactly.
+hinge and feature-matching losses, a run with the discriminator that resumes exactly, and snapshots
+judged by the ctc recogniser's CER.
 
 Fast by design: espeak-ng speech, a narrow codec and discriminator, a few steps.
 """
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +125,69 @@ def test_telugu_small_codec_with_discriminator_resumes_bit_for_bit(speech_wavs, 
         assert figures == uninterrupted[step], step
     for key, value in whole.items():
         assert torch.equal(value, resumed[key]), key
+
+
+TINY_CODEC = Path(__file__).resolve().parent.parent / "assets" / "models" / "telugu-tiny"
+
+
+def test_telugu_small_codec_snapshots_are_judged_and_ranked_by_the_ctc_recognisers_cer(tmp_path):
+    """Snapshots judged by the real ctc recogniser on held-out sentences: the shipped toy codec (CER
+    about 0.83) passes a 0.9 bar, an untrained one (about 0.98) fails it however much speech the bar on
+    Silero lets through, and the kept weights are the passing snapshot's. Among passing snapshots the
+    lower CER wins over the lower spectral distance; a failing CER loses to any passing one."""
+    from agent.eval.asr import load_transcriber
+    from agent.eval.intelligibility import error_rates
+    from agent.train.telugu_tiny import spoken_clips
+    torch.set_num_threads(1)
+    texts = json.loads((TINY_CODEC / "eval.json").read_text(encoding="utf-8"))["codec"]["heldout_sentences"][:4]
+    clips, judge = spoken_clips(texts), load_transcriber("ctc")
+    trained, cfg = codec_mod.load_mimi_folder(TINY_CODEC)
+    untrained = codec_mod.build_mimi(cfg, 0).eval()
+    config = codec_mod.CodecConfig(audio=[], out=tmp_path / "codec", rank_by="distance", min_speech_ratio=0.0,
+                                   max_cer=0.9, quiet=True)
+    codec_mod._snapshot(trained, cfg, config, clips, 1, judge, texts)
+    codec_mod._snapshot(untrained, cfg, config, clips, 2, judge, texts)
+    first, second = config.snapshots
+    heard = [" ".join(w.text for w in judge.words(codec_mod.reconstruct(trained, c), RATE)) for c in clips]
+    assert first["cer"] == round(error_rates(texts, heard).cer, 4) < config.max_cer < second["cer"]
+    assert codec_mod.snapshot_passes(first, config) and not codec_mod.snapshot_passes(second, config)
+    assert config.kept["step"] == 1
+    kept, _ = codec_mod.load_mimi_folder(config.out)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, kept.state_dict()[key]), key
+    rank = partial(codec_mod.snapshot_rank, config=config)
+    clear = {"step": 3, "speech_ratio": 0.9, "lsd_db": 16.0, "mcd_db": 50.0, "cer": 0.3}
+    close = {"step": 4, "speech_ratio": 1.0, "lsd_db": 14.0, "mcd_db": 40.0, "cer": 0.5}
+    unheard = {"step": 5, "speech_ratio": 1.0, "lsd_db": 12.0, "mcd_db": 30.0, "cer": 0.95}
+    assert rank(clear) > rank(close) > rank(unheard)
+
+
+def test_telugu_small_codec_round_trip_in_voices_it_never_trained_on(tmp_path, capsys):
+    """`agent.eval codec --voices te,te+m8`: every sentence in each named espeak-ng voice, with the clean
+    and round-trip CER per voice (the gate's figure is on voices the codec never heard)."""
+    from agent.eval.__main__ import main
+    from agent.eval.ctc.sentences import unseen
+    lines, out = tmp_path / "sentences.txt", tmp_path / "codec.json"
+    lines.write_text("\n".join(unseen(2, 98, 3000, 0)), encoding="utf-8")
+    assert main(["codec", "--codec", str(TINY_CODEC), "--sentences", str(lines), "--voices", "te,te+m8",
+                 "--json", str(out)]) == 0
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert [(x["reference"], x["voice"]) for x in figures["samples"]] == [
+        (s, v) for v in ("te", "te+m8") for s in lines.read_text(encoding="utf-8").splitlines()]
+    assert set(figures["voices"]) == {"te", "te+m8"}
+    for rates in figures["voices"].values():
+        assert rates["clean"]["n"] == rates["round_trip"]["n"] == 2 and rates["clean"]["cer"] <= 0.3
+    assert figures["clean"]["n"] == 4 and "te+m8" in capsys.readouterr().out
+
+
+def test_telugu_small_preset_of_the_telugu_tiny_command_judges_codec_snapshots_by_ctc_cer(tmp_path):
+    """`telugu-tiny --codec-preset small` hands train_codec the ctc recogniser and the validation texts;
+    the tiny preset stays Silero-judged with CodecConfig's defaults (its recipe unchanged)."""
+    from agent.train import telugu_tiny
+    texts = ["ఈ రోజు వాతావరణం చాలా బాగుంది."]
+    small, judged = telugu_tiny.codec_stage(telugu_tiny.TeluguTinyConfig(work=tmp_path, codec_preset="small"),
+                                            [], tmp_path / "codec", texts)
+    assert small.rank_by == "distance" and small.max_cer == 0.2
+    assert judged["validation_texts"] == texts and judged["judge"].name.startswith("ctc:")
+    tiny, none = telugu_tiny.codec_stage(telugu_tiny.TeluguTinyConfig(work=tmp_path), [], tmp_path / "codec", texts)
+    assert none == {} and tiny == codec_mod.CodecConfig(audio=[], out=tmp_path / "codec", steps=4000, extra_steps=4000)

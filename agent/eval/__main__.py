@@ -4,7 +4,8 @@
     python -m agent.eval score DIR --task turn-taking|pause|interruption|backchannel|all [--json FILE] [--asr SPEC]
     python -m agent.eval asr DIR [DIR ...] --asr whisper [--json FILE]
     python -m agent.eval make-set OUT [--per-task 3]
-    python -m agent.eval codec [--codec assets/models/telugu-tiny] --asr ctc [--generated 40] [--json FILE]
+    python -m agent.eval codec [--codec assets/models/telugu-tiny] --asr ctc [--generated 40]
+                         [--voices te,te+m8] [--json FILE]
 
 Exit status: 0 done, 2 bad input or settings (a clear message on stderr naming the file or value).
 """
@@ -72,17 +73,23 @@ def _codec(args: argparse.Namespace) -> int:
     if args.sentences:
         sentences = [s.strip() for s in args.sentences.read_text(encoding="utf-8").splitlines() if s.strip()]
     else:  # telugu-tiny's held-out sentences, and generated ones neither the codec nor a ctc recogniser heard
-        figures = json.loads((args.codec / "eval.json").read_text(encoding="utf-8"))
-        sentences = list(figures["codec"]["heldout_sentences"])
+        from agent.train.telugu_tiny import heldout_sentences
+        shipped = args.codec / "eval.json"  # a snapshot folder has none: the recipe's own split
+        sentences = (list(json.loads(shipped.read_text(encoding="utf-8"))["codec"]["heldout_sentences"])
+                     if shipped.is_file() else heldout_sentences())
         if args.generated:
             from agent.eval.ctc.sentences import unseen
             training = getattr(transcriber, "recipe", {}).get("training", {})
             sentences += unseen(args.generated, 7, training.get("train_sentences", 0), training.get("seed", 0))
     mimi, _ = load_mimi_folder(args.codec)
-    result = codec_cer(mimi.eval(), transcriber, sentences)
-    print(f"{result['n']} sentences, ASR {result['asr']}\n"
+    voices = tuple(v for v in (args.voices or "").split(",") if v) or None
+    result = codec_cer(mimi.eval(), transcriber, sentences, voices)
+    heard_in = ", ".join(voices) if voices else "the agent voices"
+    print(f"{result['n']} sentences in {heard_in}, ASR {result['asr']}\n"
           f"clean espeak-ng:   CER {result['clean']['cer']:.3f}  WER {result['clean']['wer']:.3f}\n"
           f"codec round trip:  CER {result['round_trip']['cer']:.3f}  WER {result['round_trip']['wer']:.3f}")
+    for voice, rates in result.get("voices", {}).items():
+        print(f"  {voice:<12} clean CER {rates['clean']['cer']:.3f}  round trip CER {rates['round_trip']['cer']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0
@@ -175,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sentences", type=Path, default=None, help="a Telugu sentence per line (default: the codec's "
                    "held-out sentences plus --generated ones)")
     c.add_argument("--generated", type=int, default=40, help="generated sentences no model heard (default 40)")
+    c.add_argument("--voices", default=None, help="espeak-ng voices, comma-separated (e.g. te,te+m8: voices the codec "
+                   "never trained on); every sentence in each (default: the agent voices, one each in turn)")
     c.add_argument("--device", default=None)
     c.add_argument("--json", type=Path, default=None)
     c.set_defaults(func=_codec)

@@ -73,14 +73,25 @@ class TeluguTinyConfig:
     ray: str | None = None  # script, synth and tokens on a Ray cluster (`recipe --ray`); None: this process
 
 
-def split_sentences(work: Path) -> tuple[Path, list[str]]:
-    """Training sentences (file, with the corpus's licence beside it) and held-out Telugu sentences:
-    every 9th Telugu line, and none of the evaluation set's questions."""
+def _sentence_split() -> tuple[list[str], list[str]]:
+    """(training lines, held-out Telugu sentences): every 9th Telugu line is held out, and none of the
+    evaluation set's questions is in either."""
     from agent.eval.evalset import QUESTIONS
     lines = [line.strip() for line in SENTENCES.read_text(encoding="utf-8").splitlines() if line.strip()]
     telugu = [line for line in lines if re.search("[\u0c00-\u0c7f]", line) and line not in QUESTIONS]
     held = telugu[4::9]
-    train = [line for line in lines if line not in held and line not in QUESTIONS]
+    return [line for line in lines if line not in held and line not in QUESTIONS], held
+
+
+def heldout_sentences() -> list[str]:
+    """The sentences no codec or LM of this recipe trains on (its codec figures are measured on them)."""
+    return _sentence_split()[1]
+
+
+def split_sentences(work: Path) -> tuple[Path, list[str]]:
+    """Training sentences (file, with the corpus's licence beside it) and held-out Telugu sentences
+    (`_sentence_split`)."""
+    train, held = _sentence_split()
     folder = work / "sentences"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "train.txt"
@@ -115,6 +126,20 @@ def spoken_clips(sentences: list[str]) -> list[np.ndarray]:
     from agent.train.tts import EspeakBackend, Style
     items = [(text, Style(*CODEC_VOICES[i % len(CODEC_VOICES)])) for i, text in enumerate(sentences)]
     return [speech.audio for speech in EspeakBackend().synthesize(items)]
+
+
+def codec_stage(config: TeluguTinyConfig, audio: list[Path], out: Path, validation_texts: list[str]):
+    """The codec stage's CodecConfig and train_codec's judging arguments. The tiny preset: Silero judges
+    the snapshots. telugu-small's (issue 22): the ctc recogniser's CER on the validation clips (what
+    `validation_texts` say) judges them first, so the kept codec is the one whose words are heard."""
+    from agent.train.codec import CodecConfig, telugu_small_codec_config
+    make = telugu_small_codec_config if config.codec_preset == "small" else CodecConfig
+    codec_config = make(audio=audio, out=out, steps=config.codec_steps, extra_steps=config.codec_extra_steps,
+                        seed=config.seed, quiet=config.quiet)
+    if config.codec_preset != "small":
+        return codec_config, {}
+    from agent.eval.asr import load_transcriber
+    return codec_config, {"judge": load_transcriber("ctc"), "validation_texts": list(validation_texts)}
 
 
 def write_base(codec_dir: Path, folder: Path, seed: int) -> Path:
@@ -205,23 +230,21 @@ def run_telugu_tiny(config: TeluguTinyConfig) -> dict:
 
     step(4, "codec")
     from agent.train.codec import (
-        CodecConfig,
         build_mimi,
         codec_mimi_config,
         evaluate_codec,
         load_mimi_folder,
-        telugu_small_codec_config,
         train_codec,
     )
     codec_dir = w / "codec"
     if not (codec_dir / "codec.json").exists() or not json.loads((codec_dir / "codec.json").read_text())["done"]:
         # Snapshots are judged on training sentences (the held-out ones stay unseen until the figures below)
-        validation = spoken_clips(train_sentences.read_text(encoding="utf-8").splitlines()[:len(CODEC_VOICES)])
+        validation_texts = train_sentences.read_text(encoding="utf-8").splitlines()[:len(CODEC_VOICES)]
+        validation = spoken_clips(validation_texts)
         lm_ids = {json.loads(line)["id"] for line in lm_scripts.read_text(encoding="utf-8").splitlines() if line}
         audio = [w / ("synth" if i in lm_ids else "synth-codec") / "data" / f"{i}.wav" for i in codec_ids]
-        make = telugu_small_codec_config if config.codec_preset == "small" else CodecConfig
-        train_codec(make(audio=audio, out=codec_dir, steps=config.codec_steps, extra_steps=config.codec_extra_steps,
-                         seed=config.seed, quiet=config.quiet), validation)
+        codec_config, judged = codec_stage(config, audio, codec_dir, validation_texts)
+        train_codec(codec_config, validation, **judged)
     clips = spoken_clips(held)
     trained, _ = load_mimi_folder(codec_dir)
     untrained = build_mimi(codec_mimi_config(), config.seed).eval()
