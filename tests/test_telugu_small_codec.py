@@ -145,6 +145,8 @@ def test_telugu_small_codec_snapshots_are_judged_and_ranked_by_the_ctc_recognise
     untrained = codec_mod.build_mimi(cfg, 0).eval()
     config = codec_mod.CodecConfig(audio=[], out=tmp_path / "codec", rank_by="distance", min_speech_ratio=0.0,
                                    max_cer=0.9, quiet=True)
+    # kept by the same run before it was resumed with a judge: no CER, so it cannot stand for a judged run
+    config.kept = {"step": 0, "speech_ratio": 1.0, "lsd_db": 10.0, "mcd_db": 20.0}
     codec_mod._snapshot(trained, cfg, config, clips, 1, judge, texts)
     codec_mod._snapshot(untrained, cfg, config, clips, 2, judge, texts)
     first, second = config.snapshots

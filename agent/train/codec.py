@@ -372,6 +372,8 @@ def _snapshot(mimi: MimiModel, cfg: dict, config: CodecConfig, validation: list[
     mimi.train()
     snapshot = {"step": step, **{k: v for k, v in figures.items() if k != "clips"}}
     config.snapshots.append(snapshot)
+    if "cer" in snapshot and config.kept is not None and "cer" not in config.kept:
+        config.kept = None  # kept before the run had a judge (resumed with one): its CER is unknown
     rank = partial(snapshot_rank, config=config)
     if config.kept is None or rank(snapshot) > rank(config.kept):
         save_mimi(mimi, cfg, config.out)
