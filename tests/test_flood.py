@@ -275,8 +275,16 @@ def test_flood_slow_requests_are_limited_and_timed_out_beside_a_live_call(floode
     _, audio = telugu_speech
     flood_over = threading.Event()
     call = CallResult(np.zeros(0, np.float32))
-    caller = threading.Thread(target=lambda: asyncio.run(
-        talk(flooded.ws_url, audio[:4 * SAMPLE_RATE], tail_seconds=0.5, result=call, until=flood_over)))
+    failed: list[BaseException] = []
+
+    def call_while_flooded() -> None:
+        try:
+            asyncio.run(talk(flooded.ws_url, audio[:4 * SAMPLE_RATE], tail_seconds=0.5, result=call,
+                             until=flood_over))
+        except Exception as exc:  # reported by the test's assertions, not lost with the thread
+            failed.append(exc)
+
+    caller = threading.Thread(target=call_while_flooded)
     ctx = multiprocessing.get_context("spawn")
     progress = FloodProgress(ctx)
     flooder = ctx.Process(target=slow_requests_process,
@@ -284,8 +292,14 @@ def test_flood_slow_requests_are_limited_and_timed_out_beside_a_live_call(floode
     flooder.start()
     try:
         assert progress.ready.wait(60), "the flooding process did not start"
+        # the module's earlier tests share this server: their offered WebRTC connections count against
+        # fastrtc's concurrency limit and 127.0.0.1's connection limit until the server lets them go
+        cap = flooded.service.hub.cap
+        _wait_for("the earlier tests' connections were never let go",
+                  lambda: flooded.stream.open_connections() == 0 and cap.connections("127.0.0.1") == 0, 120)
         caller.start()
         _wait_for("the live call's audio never came back", lambda: call.arrivals or not caller.is_alive())
+        assert call.arrivals, f"the live call ended before any audio came back: {call.errors} {failed}"
         fds_before = _open_fds()  # the live call's included
         progress.go.set()
         # sockets held once all are open and all but UNFINISHED answered (the minimum: a refused socket

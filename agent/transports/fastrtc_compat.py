@@ -167,6 +167,11 @@ class HookedStream(Stream):
         """A /webrtc/offer from `client`: the refusal to answer it with (429), or None to go on."""
         return None
 
+    def open_connections(self) -> int:
+        """The calls fastrtc counts against its concurrency limit: relies on
+        `WebRTCConnectionMixin.connections` (one entry per WebRTC or WebSocket call until `clean_up`)."""
+        return len(self.connections)
+
     def clean_up(self, webrtc_id: str):
         """Relies on `WebRTCConnectionMixin.clean_up(id)` returning the connection's list, where a
         WebSocket call is a `fastrtc.websocket.WebSocketHandler` holding `stream_handler` (the
