@@ -17,6 +17,7 @@ record, the clip copied to tokens/prompts/<id>.wav, for prompted training (`trai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -94,7 +95,14 @@ def text_stream(words: list[tuple[list[int], float]], frames: int) -> list[int]:
     return stream
 
 
-def _conditions(record: AlignedRecord, known: dict[str, set[str]], report: ItemReport) -> dict[str, str | None]:
+@functools.cache
+def known_conditions() -> dict[str, frozenset[str]]:
+    """The catalogue's voice and emotion ids, read once per process (not once per item)."""
+    catalogue = load_catalogue()
+    return {SPEAKER: frozenset(v.id for v in catalogue.voices), EMOTION: frozenset(e.id for e in catalogue.emotions)}
+
+
+def _conditions(record: AlignedRecord, known: dict[str, frozenset[str]], report: ItemReport) -> dict[str, str | None]:
     """The agent's speaker/emotion as conditioner values; anything the catalogue lacks trains unconditioned."""
     given = dict(record.text_conditions or {})
     wanted = {SPEAKER: given.get(SPEAKER, record.agent_voice), EMOTION: given.get(EMOTION, record.emotion)}
@@ -184,13 +192,11 @@ def encode_item(job: tuple[dict, TokensConfig]) -> tuple[str, object]:
     save_file({"audio": codes.contiguous(), "text": torch.tensor(stream, dtype=torch.int32)}, str(tmp))
     tmp.replace(shard)
     voice_prompt = _copy_voice_prompt(record, in_dir, out, notes)
-    catalogue = load_catalogue()
-    known = {SPEAKER: {v.id for v in catalogue.voices}, EMOTION: {e.id for e in catalogue.emotions}}
     result = TokenRecord(
         id=record.id, path=f"codes/{record.id}.safetensors", frames=codes.shape[-1], duration=record.duration,
         agent_speaker=record.agent_speaker, agent_voice=record.agent_voice, emotion=record.emotion,
         licences=record.licences, n_words=n_words, n_text_tokens=n_tokens,
-        conditions=_conditions(record, known, notes), persona=record.persona,
+        conditions=_conditions(record, known_conditions(), notes), persona=record.persona,
         voice_prompt=str(voice_prompt.relative_to(out)) if voice_prompt else None)
     files = [result.path, *([result.voice_prompt] if result.voice_prompt else [])]
     return "ok", {"record": to_dict(result), "files": files, "notes": list(notes)}
