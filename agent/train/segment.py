@@ -205,8 +205,9 @@ _VAD: dict[tuple, SileroRegions] = {}
 
 
 def segment_item(job: tuple[dict, SegmentConfig]) -> tuple[str, object]:
-    """One ingested file -> ("ok", {"segments", "report"}) with its clips written, or ("skip", {"report"});
-    runs wherever parallel_map puts it (Silero loaded once per process, run at one torch thread)."""
+    """One ingested file -> ("ok", {"segments", "report"}) with its clips written; segments None when the
+    file was skipped (the report says why). ("skip", reason) comes only from parallel_map, for an item
+    that failed on Ray. Runs wherever parallel_map puts it (Silero loaded once per process, one thread)."""
     record_dict, config = job
     record = from_dict(AudioRecord, record_dict)
     key = tuple(config.settings().items())
@@ -215,9 +216,7 @@ def segment_item(job: tuple[dict, SegmentConfig]) -> tuple[str, object]:
     report = ItemReport()
     with torch_threads(1):
         segments = _segment_file(record, Path(config.inp).parent, config, _VAD[key], report)
-    if segments is None:
-        return "skip", {"report": list(report)}
-    return "ok", {"segments": [to_dict(s) for s in segments], "report": list(report)}
+    return "ok", {"segments": None if segments is None else [to_dict(s) for s in segments], "report": list(report)}
 
 
 def run_segment(config: SegmentConfig) -> Summary:
@@ -234,9 +233,12 @@ def run_segment(config: SegmentConfig) -> Summary:
     results = parallel_map(segment_item, [(to_dict(r), config) for r, _ in jobs], config.workers, ray=config.ray)
     for (record, signature), (status, value) in progress(zip(jobs, results), "segment", total=len(jobs),
                                                           quiet=config.quiet):
+        if status == "skip":  # failed on Ray after retries: the reason is Ray's failure line
+            run.report.skip(record.id, record.path, str(value))
+            continue
         run.start_item()
         ItemReport(value["report"]).replay(run.report)
-        if status == "ok":
+        if value["segments"] is not None:
             segments = [from_dict(SegmentRecord, s) for s in value["segments"]]
             run.keep(record.id, signature, segments, [run.out / s.path for s in segments])
     order = {r.id: n for n, r in enumerate(inputs)}
