@@ -87,16 +87,20 @@ class CostPoint:
     components: dict[str, float] = field(default_factory=dict)  # share of the outside samples (py-spy)
 
 
+def thread_cpu(native_id: int) -> float:
+    """CPU seconds (user + system) of one thread of this process (OSError once it has ended)."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def task_cpu() -> dict[int, float]:
     """CPU seconds (user + system) of every thread of this process, by native thread id."""
     out = {}
     for task in Path("/proc/self/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            out[int(task.name)] = thread_cpu(int(task.name))
         except OSError:  # the thread ended
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICKS
     return out
 
 

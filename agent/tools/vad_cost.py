@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent import FRAME_SECONDS, FRAME_SIZE
+from agent.tools.cost import thread_cpu
 
-TICKS = os.sysconf("SC_CLK_TCK")
 WARMUP_FRAMES = 25
 
 
@@ -32,11 +31,6 @@ class VadCost:
     process_cores: float
     per_call_pct: float  # process CPU per call, % of one core
     inbox_dropped: int
-
-
-def thread_cpu(native_id: int) -> float:
-    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def process_cpu() -> float:
