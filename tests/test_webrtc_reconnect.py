@@ -109,6 +109,15 @@ def through_relay(sdp: str) -> tuple[str, CuttableUdpRelay]:
     return "\r\n".join(lines), relay
 
 
+def without_candidates(sdp: str) -> str:
+    """An offer without its ICE candidates: the server learns the caller's address from the relay's
+    packets only, so the relay is the one path (with them ICE may also find the direct one, and a
+    cut relay would miss the media). Nor does it say end-of-candidates: aioice would then gather
+    none of its own for a call with no remote candidate."""
+    return "\r\n".join(line for line in sdp.split("\r\n")
+                       if not line.startswith(("a=candidate:", "a=end-of-candidates")))
+
+
 async def relayed_call(base_url: str, audio, page_component: int) -> tuple[RTCPeerConnection, CuttableUdpRelay]:
     """An aiortc call made the way the page makes it, its media through a relay."""
     pc = RTCPeerConnection()
@@ -116,7 +125,8 @@ async def relayed_call(base_url: str, audio, page_component: int) -> tuple[RTCPe
     pc.addTrack(speech_track(audio))
     await pc.setLocalDescription(await pc.createOffer())
     webrtc_id = uuid.uuid4().hex
-    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "webrtc_id": webrtc_id}
+    offer = {"sdp": without_candidates(pc.localDescription.sdp), "type": pc.localDescription.type,
+             "webrtc_id": webrtc_id}
     body = {"data": offer, "component_id": page_component, "fn_name": "offer", "session_hash": webrtc_id}
     async with aiohttp.ClientSession() as http, http.post(f"{base_url}/gradio_api/component_server",
                                                           json=body) as resp:
@@ -150,8 +160,7 @@ class RelayedPageCalls:
             route.fulfill(json={"status": "failed", "meta": {"error": "connection_closed"}})
         elif data.get("sdp") and not self._relayed:
             self._relayed.append(data.get("webrtc_id"))
-            data["sdp"] = "\r\n".join(line for line in data["sdp"].split("\r\n")
-                                       if not line.startswith("a=candidate:"))
+            data["sdp"] = without_candidates(data["sdp"])
             response = route.fetch(post_data=json.dumps(body))
             answer = response.json()
             answer["sdp"], relay = through_relay(answer["sdp"])
