@@ -97,7 +97,7 @@ class OnnxSilero:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # its graph optimiser's notes about unused initialisers
-        self._session = onnxruntime.InferenceSession(str(silero_onnx_path()), options,
+        self._session = onnxruntime.InferenceSession(silero_onnx_path(), options,
                                                      providers=["CPUExecutionProvider"])
         self._rate = np.array(VAD_RATE, np.int64)
 
@@ -106,9 +106,10 @@ class OnnxSilero:
         return out[:, 0], states
 
 
-def silero_onnx_path():
+def silero_onnx_path() -> str:
+    """The ONNX build inside the installed silero-vad wheel (no download)."""
     from importlib.resources import files
-    return files("silero_vad") / "data" / "silero_vad.onnx"
+    return str(files("silero_vad") / "data" / "silero_vad.onnx")
 
 
 class Silero:
