@@ -19,7 +19,7 @@ COMPAT = AGENT / "transports" / "fastrtc_compat.py"
 
 # private names of other packages that we must touch, each for a stated reason
 FOREIGN_PRIVATES = {
-    "_model_8k": "silero-vad's 8 kHz network, called with explicit state (calls/vad.Silero)",
+    "_model_8k": "silero-vad's 8 kHz network, called with explicit state (calls/vad.TorchScriptSilero)",
     "_replace": "namedtuple's public API (urllib's SplitResult)",
     "_exit": "os._exit, documented: a forked espeak-ng worker ends without its parent's clean-up (train/tts)",
     "_SubParsersAction": "argparse's type of add_subparsers(), in annotations (train)",
