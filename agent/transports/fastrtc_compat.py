@@ -16,6 +16,7 @@ import asyncio
 import fractions
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ import av
 import gradio as gr
 import numpy as np
 from aiortc import MediaStreamError, RTCPeerConnection
+from aiortc.codecs import get_decoder
 from aiortc.contrib.media import RelayStreamTrack
 from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
@@ -275,15 +277,17 @@ class PacketAudioCallback(AudioCallback):
             try:
                 frame = await self.track.recv()
             except MediaStreamError:
-                break
-            for resampled in handler.resample(frame):
+                frame = None
+            for resampled in handler.resample(frame) if frame is not None else ():
                 chunks.append(resampled.to_ndarray())
                 gathered += resampled.samples
                 rate = resampled.sample_rate
-            if chunks and (wanted is None or gathered >= wanted()):
+            if chunks and (frame is None or wanted is None or gathered >= wanted()):
                 samples = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=1)
                 chunks, gathered = [], 0
                 await handler.receive((rate, samples))
+            if frame is None:  # the track ended: what was gathered went to the handler above
+                break
 
     async def emit_packets(self) -> None:
         """fastrtc's `player_worker_decode` for this track: what `emit()` returns, queued as Opus packets."""
@@ -305,10 +309,65 @@ class PacketAudioCallback(AudioCallback):
                 log.exception("could not send a chunk of the call's audio")
 
 
+class InlineDecoding:
+    """Stands in for an aiortc receiver's decoder queue (`RTCRtpReceiver.__decoder_queue`, which its
+    `decoder_worker` thread reads): each Opus packet the jitter buffer releases is decoded at once on
+    the event loop (libopus: some 30 µs a packet) and its frames queued on the remote track. aiortc's
+    way costs, per 20 ms packet, a `queue.Queue` hand-off to the call's decoder thread, a GIL
+    hand-over and a `run_coroutine_threadsafe` back to the loop. The thread aiortc still starts
+    waits in `get()` until the receiver stops it (`put(None)`), then ends as it always did.
+
+    Relies on the queue's items being `(codec, JitterFrame)` or None, `aiortc.codecs.get_decoder`,
+    and the remote track's `_queue` (an asyncio.Queue; None ends the track)."""
+
+    def __init__(self, track) -> None:
+        self.frames: asyncio.Queue = track._queue
+        self.decoder: Any = None
+        self.codec: str | None = None
+        self.stopped = threading.Event()
+
+    def put(self, task) -> None:
+        if task is None:
+            self.stopped.set()  # the worker thread's get() returns None: it ends the track and exits
+            return
+        codec, encoded = task
+        if codec.name != self.codec:
+            self.decoder, self.codec = get_decoder(codec), codec.name
+        try:
+            frames = self.decoder.decode(encoded)
+        except av.FFmpegError as exc:  # as aiortc: keep the decoder's state, drop the packet
+            log.warning("could not decode a %s packet: %s", codec.name, exc)
+            return
+        for frame in frames:
+            self.frames.put_nowait(frame)
+
+    def get(self):
+        self.stopped.wait()
+        return None
+
+
+class InlineDecodingPeerConnection(RTCPeerConnection):
+    """The server's peer connections (fastrtc's, through `webrtc_connection_mixin.RTCPeerConnection`):
+    their audio receivers decode on the event loop (InlineDecoding). Set once the remote description
+    made the receivers, before `receive()` starts their decoder threads (after DTLS connects)."""
+
+    async def setRemoteDescription(self, sessionDescription) -> None:  # noqa: N802 - aiortc's name
+        await super().setRemoteDescription(sessionDescription)
+        for transceiver in self.getTransceivers():
+            receiver = transceiver.receiver
+            if (transceiver.kind == "audio" and receiver is not None
+                    and not isinstance(receiver._RTCRtpReceiver__decoder_queue, InlineDecoding)
+                    and receiver._RTCRtpReceiver__decoder_thread is None):
+                receiver._RTCRtpReceiver__decoder_queue = InlineDecoding(receiver.track)
+
+
 def install_packet_audio() -> None:
-    """Make fastrtc build every WebRTC audio track as a PacketAudioCallback (in this process): relies
-    on `fastrtc.webrtc_connection_mixin` calling `AudioCallback(...)` by its module-global name."""
+    """Make fastrtc build every WebRTC audio track as a PacketAudioCallback and every peer connection as
+    an InlineDecodingPeerConnection (in this process; aiortc's own clients are left as they are): relies
+    on `fastrtc.webrtc_connection_mixin` calling `AudioCallback(...)` and `RTCPeerConnection(...)` by
+    their module-global names."""
     webrtc_connection_mixin.AudioCallback = PacketAudioCallback  # type: ignore[misc]
+    webrtc_connection_mixin.RTCPeerConnection = InlineDecodingPeerConnection  # type: ignore[misc]
 
 
 # -- fastrtc's Stream: /websocket/offer and /webrtc/offer -----------------------------------------
