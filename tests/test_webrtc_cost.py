@@ -126,3 +126,69 @@ def test_webrtc_output_cost_preencoded_opus_packets():
     a, b = heard[lag:lag + n].astype(float), speech[:n].astype(float)
     snr_db = 10 * np.log10(np.sum(b ** 2) / np.sum((a - b) ** 2))
     assert lag < 480 and snr_db > 10, (lag, snr_db)
+
+
+def test_webrtc_decode_cost_on_the_loop_same_frames():
+    """The server's receivers decode on the event loop (InlineDecoding, installed by its peer
+    connections): the frames aiortc's decoder makes, on the remote track at once, with no hand-off to
+    the decoder thread, which sleeps until the receiver stops it."""
+    from aiortc import RTCRtpCodecParameters
+    from aiortc.codecs.opus import OpusDecoder
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    codec = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+    sender = OpusEncoder()
+    mono = (speech_like(0.2, WEBRTC_RATE) * 32767).astype(np.int16)
+    packets = []
+    for k in range(10):
+        chunk = mono[k * PACKET:(k + 1) * PACKET].reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = WEBRTC_RATE, k * PACKET, fractions.Fraction(1, WEBRTC_RATE)
+        payloads, stamp = sender.encode(frame)
+        packets += [JitterFrame(data=p, timestamp=stamp) for p in payloads]
+
+    async def run() -> tuple[list, bool]:
+        track = RemoteStreamTrack(kind="audio")
+        inline = fastrtc_compat.InlineDecoding(track)
+        for packet in packets:
+            inline.put((codec, packet))  # as RTCRtpReceiver._handle_rtp_packet hands each one over
+        frames = [track._queue.get_nowait() for _ in range(track._queue.qsize())]
+        waiting = not inline.stopped.is_set()
+        inline.put(None)  # the receiver stops its decoder thread
+        return frames, waiting and inline.get() is None
+
+    frames, thread_waited = asyncio.run(run())
+    reference = OpusDecoder()
+    expected = [f for p in packets for f in reference.decode(p)]
+    assert len(frames) == len(expected) == len(packets) and thread_waited
+    for got, want in zip(frames, expected):
+        assert (got.sample_rate, got.layout.name, got.pts) == (want.sample_rate, want.layout.name, want.pts)
+        np.testing.assert_array_equal(got.to_ndarray(), want.to_ndarray())
+
+
+def test_webrtc_decode_cost_server_connections_only():
+    """Installed, fastrtc's peer connections decode on the loop; aiortc's own (a client's) do not."""
+    import aiortc
+    from fastrtc import webrtc_connection_mixin
+
+    fastrtc_compat.install_packet_audio()
+    assert webrtc_connection_mixin.RTCPeerConnection is fastrtc_compat.InlineDecodingPeerConnection
+    assert webrtc_connection_mixin.AudioCallback is PacketAudioCallback
+    assert aiortc.RTCPeerConnection is not fastrtc_compat.InlineDecodingPeerConnection
+
+    async def decoder_queues() -> tuple[object, object]:
+        client, server = aiortc.RTCPeerConnection(), fastrtc_compat.InlineDecodingPeerConnection()
+        client.addTrack(DecodedMicrophone(1))
+        await client.setLocalDescription(await client.createOffer())
+        await server.setRemoteDescription(client.localDescription)
+        await server.setLocalDescription(await server.createAnswer())
+        await client.setRemoteDescription(server.localDescription)
+        queues = (server.getTransceivers()[0].receiver._RTCRtpReceiver__decoder_queue,
+                  client.getTransceivers()[0].receiver._RTCRtpReceiver__decoder_queue)
+        await client.close()
+        await server.close()
+        return queues
+    server_queue, client_queue = asyncio.run(decoder_queues())
+    assert isinstance(server_queue, fastrtc_compat.InlineDecoding)
+    assert not isinstance(client_queue, fastrtc_compat.InlineDecoding)
