@@ -192,7 +192,10 @@ class CodecConfig:
     # mel 15, adversarial 1, feature matching 2 (../shared/notes/codec-facts.md).
     mel_weight: float = 0.0  # multi-scale log-mel L1 (codec_losses.MEL_SCALES)
     mel_scales: tuple[tuple[int, int], ...] = MEL_SCALES
-    mel_floor: float = MEL_FLOOR  # the mel loss's clamp (codec_losses.multiscale_mel_loss)
+    # The mel loss's clamp (codec_losses.multiscale_mel_loss). Raised to 1e-3 (so faint output where the
+    # reference is digital silence costs little) the round trip got worse, not better: the recogniser
+    # heard twice as many characters as were said (docs/evaluation.md). Both presets keep DAC's 1e-5.
+    mel_floor: float = MEL_FLOOR
     adversarial_weight: float = 0.0  # > 0: EnCodec's multi-scale STFT discriminator, hinge loss
     feature_weight: float = 0.0  # its feature-matching L1
     adversary_start: int = 0  # steps of reconstruction losses alone before the discriminator joins (a warm-up)
