@@ -57,6 +57,35 @@ def test_telugu_small_mel_loss_is_zero_for_identical_signals_and_grows_with_dist
         (x + 0.003 * noise)[0, 0].numpy(), speech) > 0
 
 
+def test_telugu_small_mel_floor_stops_the_loss_spending_itself_on_digital_silence(speech):
+    """espeak-ng's pauses (and a dialogue side's silence) are digital zeros. At DAC's -100 dB floor a
+    faint -80 dBFS hiss in half a second of them costs as much as muffling every word; at a -60 dB
+    floor it costs little, while muffling still costs as much as before."""
+    x = torch.from_numpy(np.concatenate([speech, np.zeros(RATE // 2, np.float32)]))[None, None]
+    hiss = x.clone()
+    hiss[..., speech.size:] += torch.from_numpy(
+        1e-4 * np.random.default_rng(0).standard_normal(RATE // 2).astype(np.float32))
+    muffled = torch.nn.functional.avg_pool1d(x, 9, stride=1, padding=4)
+    old_hiss, old_muffled = multiscale_mel_loss(hiss, x).item(), multiscale_mel_loss(muffled, x).item()
+    new_hiss, new_muffled = (multiscale_mel_loss(y, x, floor=1e-3).item() for y in (hiss, muffled))
+    assert old_hiss > 0.5 * old_muffled, (old_hiss, old_muffled)
+    assert new_hiss < 0.25 * new_muffled and new_muffled > 0.8 * old_muffled, (new_hiss, new_muffled)
+
+
+def test_telugu_small_codec_config_mel_floor_reaches_the_training_loss(speech_wavs, tmp_path):
+    """A smoke step of the codec with the raised floor trains, and its mel loss is the floored one (the
+    default floor gives another figure on the same crops)."""
+    torch.set_num_threads(1)
+    figures = {}
+    for floor in (None, 1e-3):
+        extra = {} if floor is None else {"mel_floor": floor}
+        config = _small_config(speech_wavs, tmp_path / str(floor), steps=1, save_every=1, **extra)
+        codec_mod.train_codec(config)
+        figures[floor] = config.history[-1]["mel"]
+    assert codec_mod.CodecConfig(audio=[], out=tmp_path).mel_floor == 1e-5
+    assert 0 < figures[1e-3] < figures[None], figures
+
+
 def test_telugu_small_discriminator_hinge_and_feature_matching_have_the_right_signs():
     high, low = [torch.full((2, 5), 3.0)], [torch.full((2, 5), -3.0)]
     assert discriminator_hinge(high, low).item() == 0.0  # real called real, fake called fake: nothing to learn
@@ -90,11 +119,11 @@ def test_telugu_small_gradients_reach_the_codec_only_in_the_generator_step(speec
     assert all(p.requires_grad for p in adversary.discriminator.parameters())
 
 
-def _small_config(speech_wavs, out: Path) -> codec_mod.CodecConfig:
-    return codec_mod.telugu_small_codec_config(
-        speech_wavs, out, steps=10, extra_steps=0, save_every=4, batch_size=2, crop_frames=4, seanet_filters=4,
-        seanet_dim=32, mel_scales=((64, 10), (256, 40), (1024, 80)), adversary_start=2, adversary_filters=4,
-        adversary_scales=(512, 256), quiet=True)
+def _small_config(speech_wavs, out: Path, **overrides) -> codec_mod.CodecConfig:
+    settings = dict(steps=10, extra_steps=0, save_every=4, batch_size=2, crop_frames=4, seanet_filters=4,
+                    seanet_dim=32, mel_scales=((64, 10), (256, 40), (1024, 80)), adversary_start=2,
+                    adversary_filters=4, adversary_scales=(512, 256), quiet=True) | overrides
+    return codec_mod.telugu_small_codec_config(speech_wavs, out, **settings)
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from agent import SAMPLE_RATE
 from agent.audio.files import read_channels
 from agent.train.codec_discriminator import Adversary, AdversaryConfig
-from agent.train.codec_losses import MEL_SCALES, mel_cepstral_distance, multiscale_mel_loss
+from agent.train.codec_losses import MEL_FLOOR, MEL_SCALES, mel_cepstral_distance, multiscale_mel_loss
 
 FRAME = 1920  # samples per 80 ms Mimi frame at 24 kHz
 STFT_SCALES = (2048, 1024, 512, 256, 128, 64)
@@ -192,6 +192,10 @@ class CodecConfig:
     # mel 15, adversarial 1, feature matching 2 (../shared/notes/codec-facts.md).
     mel_weight: float = 0.0  # multi-scale log-mel L1 (codec_losses.MEL_SCALES)
     mel_scales: tuple[tuple[int, int], ...] = MEL_SCALES
+    # The mel loss's clamp (codec_losses.multiscale_mel_loss). Raised to 1e-3 (so faint output where the
+    # reference is digital silence costs little) the round trip got worse, not better: the recogniser
+    # heard twice as many characters as were said (docs/evaluation.md). Both presets keep DAC's 1e-5.
+    mel_floor: float = MEL_FLOOR
     adversarial_weight: float = 0.0  # > 0: EnCodec's multi-scale STFT discriminator, hinge loss
     feature_weight: float = 0.0  # its feature-matching L1
     adversary_start: int = 0  # steps of reconstruction losses alone before the discriminator joins (a warm-up)
@@ -291,7 +295,7 @@ class _Trainer:
         if config.spectral_weight:
             now["spec"] = spectral_loss(*(emphasise(x, config.pre_emphasis) for x in (decoded, ref)))
         if config.mel_weight:
-            now["mel"] = multiscale_mel_loss(decoded, ref, tuple(config.mel_scales))
+            now["mel"] = multiscale_mel_loss(decoded, ref, tuple(config.mel_scales), config.mel_floor)
         now["commit"] = penalty
         loss = (config.waveform_weight * now["wave"] + config.spectral_weight * now.get("spec", 0.0)
                 + config.mel_weight * now.get("mel", 0.0) + config.commit_weight * penalty)

@@ -41,21 +41,23 @@ def mel_filterbank(n_fft: int, n_mels: int, rate: int = SAMPLE_RATE) -> torch.Te
     return torch.from_numpy(bank.astype(np.float32))
 
 
-def log_mel(x: torch.Tensor, n_fft: int, n_mels: int) -> torch.Tensor:
-    """log10 mel magnitude of `x` ([..., samples]) -> [batch, n_mels, frames]."""
+def log_mel(x: torch.Tensor, n_fft: int, n_mels: int, floor: float = MEL_FLOOR) -> torch.Tensor:
+    """log10 mel magnitude of `x` ([..., samples]) -> [batch, n_mels, frames], clamped at `floor`."""
     window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
     spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, hop_length=max(1, n_fft // 4), window=window,
                       return_complex=True).abs()
     mel = torch.matmul(mel_filterbank(n_fft, n_mels).to(x), spec)
-    return mel.clamp_min(MEL_FLOOR).log10()
+    return mel.clamp_min(floor).log10()
 
 
 def multiscale_mel_loss(out: torch.Tensor, ref: torch.Tensor,
-                        scales: tuple[tuple[int, int], ...] = MEL_SCALES) -> torch.Tensor:
-    """Mean over scales of the L1 distance between log-mel spectrograms (DAC's mel loss)."""
+                        scales: tuple[tuple[int, int], ...] = MEL_SCALES, floor: float = MEL_FLOOR) -> torch.Tensor:
+    """Mean over scales of the L1 distance between log-mel spectrograms (DAC's mel loss). espeak-ng's
+    pauses are digital zeros: at DAC's -100 dB floor the decoder's faint hiss there is the largest error
+    of all, so a higher `floor` stops the loss spending itself on silence."""
     total = out.new_zeros(())
     for n_fft, n_mels in scales:
-        total = total + (log_mel(out, n_fft, n_mels) - log_mel(ref, n_fft, n_mels)).abs().mean()
+        total = total + (log_mel(out, n_fft, n_mels, floor) - log_mel(ref, n_fft, n_mels, floor)).abs().mean()
     return total / len(scales)
 
 
