@@ -195,13 +195,6 @@ class HookedStream(Stream):
         forgetting it (and whatever else fastrtc keyed by that id)."""
         self.clean_up(call_id)
 
-
-def enter_connection(call_id: str, websocket: WebSocket) -> None:
-    """Make `connection()` name this WebSocket call on this task and the tasks it creates from now
-    on, as fastrtc does on a "start" event: sets `fastrtc.utils.current_context` (not exported)."""
-    current_context.set(Context(webrtc_id=call_id, websocket=websocket))
-
-
     async def offer(self, body: Body, request: Request):
         """Relies on `Stream.mount` routing POST /webrtc/offer to the bound `offer` (FastAPI injects
         `request` by its annotation) and on `fastrtc.stream.Body` (not exported)."""
@@ -210,6 +203,12 @@ def enter_connection(call_id: str, websocket: WebSocket) -> None:
             if refusal is not None:
                 return JSONResponse(offer_refused(refusal), status_code=429)
         return await super().offer(body)
+
+
+def enter_connection(call_id: str, websocket: WebSocket) -> None:
+    """Make `connection()` name this WebSocket call on this task and the tasks it creates from now
+    on, as fastrtc does on a "start" event: sets `fastrtc.utils.current_context` (not exported)."""
+    current_context.set(Context(webrtc_id=call_id, websocket=websocket))
 
 
 # -- gradio's share tunnel ----------------------------------------------------------------------
