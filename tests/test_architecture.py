@@ -19,7 +19,7 @@ COMPAT = AGENT / "transports" / "fastrtc_compat.py"
 
 # private names of other packages that we must touch, each for a stated reason
 FOREIGN_PRIVATES = {
-    "_model_8k": "silero-vad's 8 kHz network, called with explicit state (calls/vad.Silero)",
+    "_model_8k": "silero-vad's 8 kHz network, called with explicit state (calls/vad.TorchScriptSilero)",
     "_replace": "namedtuple's public API (urllib's SplitResult)",
     "_exit": "os._exit, documented: a forked espeak-ng worker ends without its parent's clean-up (train/tts)",
     "_SubParsersAction": "argparse's type of add_subparsers(), in annotations (train)",
@@ -28,6 +28,10 @@ FOREIGN_PRIVATES = {
     "_encode_to_unquantized_latent": "Mimi's latent before its RVQ, to fit the tiny model's codebooks (models)",
     "_next_unused_check": "moshi's EuclideanCodebook dead-code countdown, carried by a resumed run (train/codec)",
     "_name_or_path": "transformers' config field naming where a checkpoint was read from (train/tts)",
+    "_source": "aiortc's MediaRelay proxy's source track, read instead of it (fastrtc_compat)",
+    "_RTCRtpReceiver__decoder_queue": "aiortc's receiver's decoder queue, decoded on the loop instead (fastrtc_compat)",
+    "_RTCRtpReceiver__decoder_thread": "whether aiortc's receiver started its decoder thread yet (fastrtc_compat)",
+    "_queue": "aiortc's remote track's frame queue, filled by fastrtc_compat.InlineDecoding",
     "_collect": "EspeakBackend's audio sink, fed by its own module's espeak-ng C callback (train/tts)",
 }
 # the packages whose internals only the compatibility module may use; their public API is what the

@@ -34,6 +34,8 @@ def test_engine_bench_structure(tmp_path, monkeypatch):
     overhead = bench_overhead(TINY, batch=1, frames=5, warmup=2)
     assert (overhead.engine_ms > 0 and overhead.bare_ms > 0
             and math.isclose(overhead.ratio, overhead.engine_ms / overhead.bare_ms))
+    # the reference is the mean of the bare loop on two copies of the weights (their spread: the noise floor)
+    assert len(overhead.bare_copies_ms) == 2 and math.isclose(overhead.bare_ms, sum(overhead.bare_copies_ms) / 2)
     assert overhead.per_seat_sampling_ms is None  # one seat always agrees with itself
     assert bench_overhead(TINY, batch=2, frames=3, warmup=1).per_seat_sampling_ms > 0
 

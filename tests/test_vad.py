@@ -115,15 +115,19 @@ def test_turn_without_reply_is_closed_without_latency(telugu_speech):
     assert len(tracker.latencies) == 0
 
 
-def test_silero_as_a_function_matches_the_packages_own_stateful_call(telugu_speech):
-    """Silero (state passed in and out) against silero_vad's `model(x, 8000)` (state kept inside)."""
+@pytest.mark.parametrize("build", ["onnx", "torchscript"])
+def test_silero_as_a_function_matches_the_packages_own_stateful_call(telugu_speech, build):
+    """Silero (state passed in and out), either build, against silero_vad's `model(x, 8000)` (the
+    TorchScript build with its state kept inside)."""
     from silero_vad import load_silero_vad
     _, speech = telugu_speech
     audio = resample(np.concatenate([silence(0.3), speech]), SAMPLE_RATE, VAD_RATE)
     windows = audio[:audio.size // WINDOW * WINDOW].reshape(-1, WINDOW)
     package = load_silero_vad()
     want = np.array([float(package(torch.from_numpy(w.copy()), VAD_RATE)) for w in windows])
-    silero, state, context, got = Silero(), Silero.initial_state(), np.zeros((1, 32), np.float32), []
+    silero = Silero(onnx=build == "onnx", torchscript=build == "torchscript")
+    assert silero.backends == (build,)
+    state, context, got = Silero.initial_state(), np.zeros((1, 32), np.float32), []
     for w in windows:
         prob, state = silero(w[None], context, state)
         context = w[None, -32:]

@@ -163,6 +163,11 @@ class Session:
         if self._vad is None:
             self.latency.process()
 
+    def input_missing(self) -> int:
+        """24 kHz input samples the next frame still lacks: a transport that gathers packets hands
+        them over once they complete it, so the frame is not delayed."""
+        return self._input.framer.frame_size - self._input.framer.pending
+
     async def wait_output(self, timeout: float) -> OutputFrame | None:
         """`next_output` for a coroutine: waits on the event loop, woken by the engine's thread when a
         frame, a notice or the end of the call arrives; no thread is held while it waits. None on

@@ -11,6 +11,10 @@ Cost, which matters on a server (a profile once put Silero at a third of a CPU s
 - Silero's weights come from the `silero-vad` wheel (no download) and are loaded once per process.
   Its 8 kHz network is called as a pure function of (window, context, recurrent state), with each
   stream's state kept beside the stream, so one call serves many streams.
+- The wheel's ONNX build runs on onnxruntime for batches up to ONNX_MAX_BATCH windows: its fixed
+  cost per call is a fifth of the TorchScript build's, which most of the VAD's cost was (2-3 calls
+  per 80 ms round however few the streams). Larger batches, and every batch where onnxruntime is
+  not installed, run on TorchScript. Both give the same probabilities to within 1e-6.
 - `VadHub` runs every call's two streams on one thread: per 32 ms window round, one batched Silero
   call for all loud windows (16 streams cost about what 2 cost one by one). Audio arrives in each
   call's inbox from the transport threads, which never wait for the VAD.
@@ -62,20 +66,83 @@ def load_silero_package() -> torch.jit.ScriptModule:
     return model
 
 
-class Silero:
-    """Silero VAD's 8 kHz network as a function: (windows [N, 256], contexts [N, 32], states
-    [2, N, 128]) -> (speech probabilities [N], new states). The package's own `model(x, sr)` keeps
-    one batch's state inside the module; this is the network it calls (silero_vad.jit's
-    `_model_8k`), with the state passed in, so streams can join and leave a batch freely.
-    tests/test_vad.py checks it against the package's own stateful call."""
+# Batches up to this many windows go to onnxruntime, larger ones to TorchScript. Per call, measured
+# on this 2-core host with one thread each: onnxruntime 0.11 ms for 2 windows against TorchScript's
+# 0.57 (whose fixed cost is most of it), equal near 40, and 1.63 against 1.28 ms for 64 (its
+# convolutions loop over the batch; TorchScript's are batched). docs/benchmarks.md has the figures.
+ONNX_MAX_BATCH = 40
 
-    _shared: Silero | None = None
-    _lock = threading.Lock()
+
+class TorchScriptSilero:
+    """The package's TorchScript 8 kHz network (silero_vad.jit's `_model_8k`)."""
 
     def __init__(self):
         self._net = load_silero_package()._model_8k
         if self._net.context_size_samples != CONTEXT:
             raise RuntimeError(f"unexpected Silero VAD build: 8 kHz context {self._net.context_size_samples}")
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out, states = self._net(torch.from_numpy(x), torch.from_numpy(states))
+        return out[:, 0].numpy(), states.numpy()
+
+
+class OnnxSilero:
+    """The package's ONNX export of the same network (silero_vad.onnx), run by onnxruntime on the
+    calling thread alone (one intra-op thread, no pool to spin)."""
+
+    def __init__(self):
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # its graph optimiser's notes about unused initialisers
+        self._session = onnxruntime.InferenceSession(silero_onnx_path(), options,
+                                                     providers=["CPUExecutionProvider"])
+        self._rate = np.array(VAD_RATE, np.int64)
+
+    def __call__(self, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out, states = self._session.run(None, {"input": x, "state": states, "sr": self._rate})
+        return out[:, 0], states
+
+
+def silero_onnx_path() -> str:
+    """The ONNX build inside the installed silero-vad wheel (no download)."""
+    from importlib.resources import files
+    return str(files("silero_vad") / "data" / "silero_vad.onnx")
+
+
+class Silero:
+    """Silero VAD's 8 kHz network as a function: (windows [N, 256], contexts [N, 32], states
+    [2, N, 128]) -> (speech probabilities [N], new states). The package's own `model(x, sr)` keeps
+    one batch's state inside the module; here the state is passed in, so streams can join and leave
+    a batch freely. tests/test_vad.py checks it against the package's own stateful call.
+
+    The one loader of both of the package's builds: onnxruntime's for batches up to ONNX_MAX_BATCH
+    when it is installed, TorchScript's otherwise (their probabilities differ by under 1e-6 on
+    Telugu speech, so a stream may move between them as its batch grows and shrinks)."""
+
+    _shared: Silero | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, onnx: bool = True, torchscript: bool = True):
+        """`onnx`: onnxruntime's build where installed; `torchscript` False: onnxruntime's alone."""
+        self._onnx: OnnxSilero | None = None
+        if onnx:
+            try:
+                self._onnx = OnnxSilero()
+            except ImportError:
+                if not torchscript:
+                    raise
+                log.info("onnxruntime is not installed: Silero VAD runs on TorchScript alone (dearer per call)")
+        self._torchscript = TorchScriptSilero() if torchscript or self._onnx is None else None
+        self.calls = {"onnx": 0, "torchscript": 0}  # network invocations so far, per build
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The builds loaded, in the order they are preferred."""
+        return tuple(name for name, net in (("onnx", self._onnx), ("torchscript", self._torchscript))
+                     if net is not None)
 
     @classmethod
     def shared(cls) -> Silero:
@@ -85,15 +152,18 @@ class Silero:
             return cls._shared
 
     @staticmethod
-    def initial_state(n: int = 1) -> torch.Tensor:
-        return torch.zeros(2, n, 128)
+    def initial_state(n: int = 1) -> np.ndarray:
+        return np.zeros((2, n, 128), np.float32)
 
-    @torch.no_grad()
     def __call__(self, windows: np.ndarray, contexts: np.ndarray,
-                 states: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        x = torch.from_numpy(np.concatenate([contexts, windows], axis=1).astype(np.float32, copy=False))
-        out, states = self._net(x, states)
-        return out[:, 0].numpy(), states
+                 states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([contexts, windows], axis=1).astype(np.float32, copy=False)
+        states = np.ascontiguousarray(states, np.float32)
+        if self._onnx is not None and (self._torchscript is None or x.shape[0] <= ONNX_MAX_BATCH):
+            self.calls["onnx"] += 1
+            return self._onnx(x, states)
+        self.calls["torchscript"] += 1
+        return self._torchscript(x, states)
 
 
 @dataclass
@@ -191,7 +261,7 @@ def run_detectors(detectors: Sequence[SpeechDetector]) -> list[list[Segment]]:
         if loud.size:
             judged = [detectors[ready[k][0]] for k in loud]
             probs[loud], states = Silero.shared()(windows[loud], np.stack([d.context for d in judged]),
-                                                  torch.cat([d.state for d in judged], dim=1))
+                                                  np.concatenate([d.state for d in judged], axis=1))
             for j, d in enumerate(judged):
                 d.state = states[:, j:j + 1]
         for k, (i, window) in enumerate(ready):

@@ -10,6 +10,8 @@ idle, random-noise input; per-frame step time p50/p95/p99 split into Mimi encode
 decode, real-time factor, memory, and the largest k whose p99 stays under one frame (80 ms). In the
 same run, the engine's step is timed against a bare `mimi.encode -> LMGen.step -> mimi.decode` loop on
 an identical model and batch (steps interleaved, so machine noise hits both alike): engine overhead.
+The bare loop runs on two copies of the weights (`--bare-copies`): their mean is the reference and
+their spread the noise floor (identical loops on a CPU differ by a few %, by where memory landed).
 
 E2E mode: the real app served on 127.0.0.1, K WebSocket clients speaking Telugu (espeak-ng) at real
 time for T seconds: frame latency, voice-to-voice latency (if the VAD hears the agent speak: a
@@ -67,8 +69,11 @@ class PointResult:
 class OverheadResult:
     sessions: int
     engine_ms: float  # median step time through the engine
-    bare_ms: float  # median of the bare loop on the same model and batch
+    bare_ms: float  # median of the bare loops (each on its own copy of the weights), averaged
     ratio: float
+    # each bare copy's median: identical loops on identical weights differ by a few % on a CPU (where
+    # each copy's memory landed), so their spread is the noise floor the ratio is read against
+    bare_copies_ms: list[float] = field(default_factory=list)
     # the engine with every seat on its own sampling settings (the per-row sampler; one seat can
     # only agree with itself, so None at 1 session)
     per_seat_sampling_ms: float | None = None
@@ -157,11 +162,14 @@ def bench_engine(config: ModelConfig, pool: int, frames: int, warmup: int = 10) 
     return result
 
 
-def bench_overhead(config: ModelConfig, batch: int, frames: int, warmup: int = 10) -> OverheadResult:
-    """Engine vs bare loop, same weights (same seed), same batch, steps interleaved."""
-    engine_model, bare_model = load_model(config), load_model(config)
+def bench_overhead(config: ModelConfig, batch: int, frames: int, warmup: int = 10,
+                   bare_copies: int = 2) -> OverheadResult:
+    """Engine vs bare loop, same weights (same seed), same batch, steps interleaved. The bare loop runs
+    on `bare_copies` copies of the weights and the reference is their mean: one copy alone can be a few
+    % faster or slower than another for where its memory landed, which is the size of the overhead."""
+    engine_model = load_model(config)
     engine = FrameEngine(engine_model, EngineConfig(max_sessions=batch), config.sampling)
-    bare = BareLoop(bare_model, batch, config.sampling)
+    bares = [BareLoop(load_model(config), batch, config.sampling) for _ in range(max(1, bare_copies))]
     seats = [engine.acquire(f"bench-{i}") for i in range(batch)]
     mixed, mixed_seats = None, []
     if batch > 1:
@@ -172,7 +180,8 @@ def bench_overhead(config: ModelConfig, batch: int, frames: int, warmup: int = 1
             mixed_seats[-1].set_sampling(replace(default, temp=0.5 + 0.5 * i / batch, top_k=default.top_k - i))
     data = noise_frames(warmup + frames, batch, seed=batch)
     device = engine_model.device
-    engine_ms, bare_ms, mixed_ms = [], [], []
+    engine_ms, mixed_ms = [], []
+    bare_ms: list[list[float]] = [[] for _ in bares]
     for t in range(warmup + frames):
         e = timed_engine_step(engine, seats, data[t])
         if mixed is not None:
@@ -180,16 +189,19 @@ def bench_overhead(config: ModelConfig, batch: int, frames: int, warmup: int = 1
             if t >= warmup:
                 mixed_ms.append(m)
         pcm = torch.from_numpy(data[t][:, None, :]).to(device)
-        sync(device)
-        t0 = time.perf_counter()
-        bare.step(pcm)
-        sync(device)
-        b = 1e3 * (time.perf_counter() - t0)
+        for bare, times in zip(bares, bare_ms):
+            sync(device)
+            t0 = time.perf_counter()
+            bare.step(pcm)
+            sync(device)
+            if t >= warmup:
+                times.append(1e3 * (time.perf_counter() - t0))
         if t >= warmup:
             engine_ms.append(e)
-            bare_ms.append(b)
-    e_med, b_med = float(np.median(engine_ms)), float(np.median(bare_ms))
-    return OverheadResult(batch, e_med, b_med, e_med / b_med, float(np.median(mixed_ms)) if mixed_ms else None)
+    e_med, copies = float(np.median(engine_ms)), [float(np.median(times)) for times in bare_ms]
+    b_med = float(np.mean(copies))
+    return OverheadResult(batch, e_med, b_med, e_med / b_med, copies,
+                          float(np.median(mixed_ms)) if mixed_ms else None)
 
 
 def print_engine(result: EngineBench) -> None:
@@ -204,6 +216,10 @@ def print_engine(result: EngineBench) -> None:
     for o in result.overhead:
         print(f"engine overhead at {o.sessions} session(s): engine {o.engine_ms:.2f} ms / bare loop {o.bare_ms:.2f} ms "
               f"= {o.ratio:.3f} ({100 * (o.ratio - 1):+.1f} %)")
+        if len(o.bare_copies_ms) > 1:
+            spread = max(o.bare_copies_ms) / min(o.bare_copies_ms)
+            print(f"  the bare loop on {len(o.bare_copies_ms)} copies of the weights: "
+                  f"{', '.join(f'{ms:.2f}' for ms in o.bare_copies_ms)} ms (spread {spread:.3f}: the noise floor)")
         if o.per_seat_sampling_ms is not None:
             print(f"  with every seat on its own sampling settings: engine {o.per_seat_sampling_ms:.2f} ms "
                   f"= {o.per_seat_sampling_ms / o.bare_ms:.3f} of the bare loop")
@@ -325,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-sessions", type=int, default=8, help="the pool (batch) size")
     p.add_argument("--frames", type=int, default=200, help="timed steps per point, after 10 warm-up steps")
     p.add_argument("--overhead-at", default="1,8", help="session counts for the engine/bare-loop ratio")
+    p.add_argument("--bare-copies", type=int, default=2,
+                   help="copies of the weights the bare loop runs on (their mean is the reference; 1 on a "
+                        "GPU short of memory)")
     p.add_argument("--e2e", type=int, default=0, help="run K real WebSocket clients instead")
     p.add_argument("--seconds", type=float, default=30.0, help="E2E call length")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -344,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = bench_engine(config, args.max_sessions, args.frames)
         for k in [int(x) for x in args.overhead_at.split(",") if x.strip()]:
-            result.overhead.append(bench_overhead(config, k, args.frames))
+            result.overhead.append(bench_overhead(config, k, args.frames, bare_copies=args.bare_copies))
         print_engine(result)
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=1))

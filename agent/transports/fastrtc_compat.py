@@ -12,20 +12,27 @@ test_share.py (the tunnel), test_flood.py (slow requests at uvicorn's door), tes
 
 from __future__ import annotations
 
+import asyncio
+import fractions
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import av
 import gradio as gr
-from aiortc import RTCPeerConnection
+import numpy as np
+from aiortc import MediaStreamError, RTCPeerConnection
+from aiortc.codecs import get_decoder
+from aiortc.contrib.media import RelayStreamTrack
 from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
-from fastrtc import Stream, WebRTC
+from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream, Stream, WebRTC, webrtc_connection_mixin
 from fastrtc.stream import Body
-from fastrtc.tracks import StreamHandlerBase
-from fastrtc.utils import Context, current_context
+from fastrtc.tracks import AudioCallback, StreamHandlerBase
+from fastrtc.utils import Context, create_message, current_context, split_output
 from fastrtc.webrtc_connection_mixin import WebRTCConnectionMixin
 from gradio import networking, tunneling
 from gradio.routes import App as GradioApp
@@ -147,6 +154,220 @@ def note_page_offers(component: WebRTC, note: Callable[[str, str | None], str | 
 
     offer_noting_client._is_server_fn = True  # type: ignore[attr-defined]
     component.offer = offer_noting_client  # type: ignore[method-assign]
+
+
+# -- a WebRTC call's audio track: fewer hops and conversions per packet ---------------------------
+
+# libopus's own input rates: anything else is resampled to 48 kHz first
+OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
+OPUS_PACKET_S = 0.02  # libopus's default frame, as aiortc's own encoder sends
+# The agent's speech is 24 kHz mono: 48 kbit/s carries it well (aiortc's encoder spends 96 on stereo).
+WEBRTC_OPUS_BITRATE = 48_000
+
+
+@dataclass
+class EncodedAudio:
+    """One Opus packet as aiortc's sender takes a pre-encoded one (`RTCRtpSender._next_encoded_frame`:
+    anything that is not an `av.Frame` goes to the encoder's `pack()`, which reads `bytes(packet)`,
+    `pts` and `time_base`), with the `time` fastrtc's `AudioCallback.recv` paces playback by."""
+
+    payload: bytes
+    pts: int
+    time_base: fractions.Fraction
+
+    @property
+    def time(self) -> float:
+        return float(self.pts * self.time_base)
+
+    def __bytes__(self) -> bytes:
+        return self.payload
+
+
+class OpusPackets:
+    """A call's outgoing audio (sample rate, int16 or float samples) -> 20 ms Opus packets, encoded
+    once per chunk at the chunk's own rate and layout: no resampling to 48 kHz stereo and no thread
+    hop per packet, which is what aiortc's encoder does with the frames fastrtc hands it."""
+
+    def __init__(self, bitrate: int = WEBRTC_OPUS_BITRATE):
+        self.bitrate = bitrate
+        self._encoder: Any = None
+        self._format: tuple[int, str] | None = None
+        self._resampler: Any = None
+        self._samples = 0  # at the encoder's rate: the next packet's pts
+
+    def encode(self, rate: int, samples: np.ndarray, layout: str = "mono") -> list[EncodedAudio]:
+        array = np.asarray(samples)
+        if array.dtype != np.int16:
+            array = (np.clip(array.astype(np.float32), -1.0, 1.0) * 32767.0).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(array).reshape(1, -1), format="s16", layout=layout)
+        frame.sample_rate = rate
+        frames = [frame]
+        if rate not in OPUS_RATES:
+            if self._resampler is None:
+                self._resampler = av.AudioResampler(format="s16", layout=layout, rate=48_000)
+            frames, rate = self._resampler.resample(frame), 48_000
+        self._open(rate, layout)
+        out = []
+        for f in frames:
+            f.pts, f.time_base = self._samples, fractions.Fraction(1, rate)
+            for packet in self._encoder.encode(f):
+                out.append(EncodedAudio(bytes(packet), self._samples, fractions.Fraction(1, rate)))
+                self._samples += packet.duration or int(rate * OPUS_PACKET_S)
+        return out
+
+    def _open(self, rate: int, layout: str) -> None:
+        if self._format == (rate, layout):
+            return
+        if self._format is not None:  # a new rate: the pts goes on at the new rate
+            self._samples = self._samples * rate // self._format[0]
+        encoder = av.CodecContext.create("libopus", "w")
+        encoder.sample_rate, encoder.layout, encoder.format = rate, layout, "s16"
+        encoder.bit_rate = self.bitrate
+        encoder.time_base = fractions.Fraction(1, rate)
+        encoder.options = {"application": "voip"}
+        self._encoder, self._format = encoder, (rate, layout)
+
+
+class PacketAudioCallback(AudioCallback):
+    """fastrtc's `AudioCallback` (the track between a WebRTC call's remote audio and its handler, and
+    the track aiortc sends back) made cheaper per call for async handlers; others get fastrtc's own.
+
+    In: reads the remote track itself, not the `MediaRelay` proxy fastrtc puts before it (one
+    asyncio queue and task hop per packet; the relay starts only on its proxy's first `recv`), and,
+    where the handler says how many samples its next frame lacks (`input_samples_wanted()`), hands
+    them over in one `receive()` once they are all there instead of one per resampled chunk. The
+    samples are fastrtc's own resampler's, bit for bit.
+    Out: encodes what `emit()` returns to Opus itself (OpusPackets) and queues the packets, which
+    aiortc sends as they are: no float conversion, resampling to 48 kHz stereo or executor hop per
+    20 ms packet.
+
+    Relies on `AudioCallback`'s `track`, `event_handler`, `queue`, `thread_quit`, `channel`,
+    `set_additional_outputs`, `has_started`, the `*_task` attributes its `stop`/clean-up read, and
+    its `recv` pacing by each item's `.time`; on `StreamHandlerBase.resample`; on aiortc's
+    `RelayStreamTrack._source`; and on `webrtc_connection_mixin` building its audio tracks by the
+    module's global name `AudioCallback` (install_packet_audio)."""
+
+    def __init__(self, track, *args, **kwargs) -> None:
+        source = track._source if isinstance(track, RelayStreamTrack) else None
+        super().__init__(source or track, *args, **kwargs)
+        self.packets = OpusPackets()
+
+    def lean(self) -> bool:
+        return isinstance(self.event_handler, AsyncStreamHandler)
+
+    async def start(self) -> None:
+        if not self.lean():
+            return await super().start()
+        if self.has_started:
+            return
+        self.has_started = True
+        await self.wait_for_channel()
+        self.process_input_task = asyncio.create_task(self.process_input_frames())
+        self.start_up_task = asyncio.create_task(self.event_handler.start_up())
+        self.decode_task = asyncio.create_task(self.emit_packets())
+
+    async def process_input_frames(self) -> None:
+        if not self.lean():
+            return await super().process_input_frames()
+        handler = self.event_handler
+        wanted = getattr(handler, "input_samples_wanted", None)
+        chunks: list[np.ndarray] = []
+        gathered, rate = 0, handler.input_sample_rate
+        while not self.thread_quit.is_set():
+            try:
+                frame = await self.track.recv()
+            except MediaStreamError:
+                frame = None
+            for resampled in handler.resample(frame) if frame is not None else ():
+                chunks.append(resampled.to_ndarray())
+                gathered += resampled.samples
+                rate = resampled.sample_rate
+            if chunks and (frame is None or wanted is None or gathered >= wanted()):
+                samples = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=1)
+                chunks, gathered = [], 0
+                await handler.receive((rate, samples))
+            if frame is None:  # the track ended: what was gathered went to the handler above
+                break
+
+    async def emit_packets(self) -> None:
+        """fastrtc's `player_worker_decode` for this track: what `emit()` returns, queued as Opus packets."""
+        while not self.thread_quit.is_set():
+            try:
+                frame, outputs = split_output(await asyncio.wait_for(self.event_handler.emit(), 60))
+                if isinstance(outputs, AdditionalOutputs) and self.set_additional_outputs and self.channel:
+                    self.set_additional_outputs(outputs)
+                    self.channel.send(create_message("fetch_output", []))
+                if frame is not None:
+                    rate, samples, *layout = frame
+                    for packet in self.packets.encode(rate, samples, *layout):
+                        await self.queue.put(packet)
+                if isinstance(outputs, CloseStream):
+                    await self.queue.put(outputs)
+            except TimeoutError:
+                continue
+            except Exception:  # as fastrtc's worker: one bad chunk must not end the call's audio
+                log.exception("could not send a chunk of the call's audio")
+
+
+class InlineDecoding:
+    """Stands in for an aiortc receiver's decoder queue (`RTCRtpReceiver.__decoder_queue`, which its
+    `decoder_worker` thread reads): each Opus packet the jitter buffer releases is decoded at once on
+    the event loop (libopus: some 30 µs a packet) and its frames queued on the remote track. aiortc's
+    way costs, per 20 ms packet, a `queue.Queue` hand-off to the call's decoder thread, a GIL
+    hand-over and a `run_coroutine_threadsafe` back to the loop. The thread aiortc still starts
+    waits in `get()` until the receiver stops it (`put(None)`), then ends as it always did.
+
+    Relies on the queue's items being `(codec, JitterFrame)` or None, `aiortc.codecs.get_decoder`,
+    and the remote track's `_queue` (an asyncio.Queue; None ends the track)."""
+
+    def __init__(self, track) -> None:
+        self.frames: asyncio.Queue = track._queue
+        self.decoder: Any = None
+        self.codec: str | None = None
+        self.stopped = threading.Event()
+
+    def put(self, task) -> None:
+        if task is None:
+            self.stopped.set()  # the worker thread's get() returns None: it ends the track and exits
+            return
+        codec, encoded = task
+        if codec.name != self.codec:
+            self.decoder, self.codec = get_decoder(codec), codec.name
+        try:
+            frames = self.decoder.decode(encoded)
+        except av.FFmpegError as exc:  # as aiortc: keep the decoder's state, drop the packet
+            log.warning("could not decode a %s packet: %s", codec.name, exc)
+            return
+        for frame in frames:
+            self.frames.put_nowait(frame)
+
+    def get(self):
+        self.stopped.wait()
+        return None
+
+
+class InlineDecodingPeerConnection(RTCPeerConnection):
+    """The server's peer connections (fastrtc's, through `webrtc_connection_mixin.RTCPeerConnection`):
+    their audio receivers decode on the event loop (InlineDecoding). Set once the remote description
+    made the receivers, before `receive()` starts their decoder threads (after DTLS connects)."""
+
+    async def setRemoteDescription(self, sessionDescription) -> None:  # noqa: N802 - aiortc's name
+        await super().setRemoteDescription(sessionDescription)
+        for transceiver in self.getTransceivers():
+            receiver = transceiver.receiver
+            if (transceiver.kind == "audio" and receiver is not None
+                    and not isinstance(receiver._RTCRtpReceiver__decoder_queue, InlineDecoding)
+                    and receiver._RTCRtpReceiver__decoder_thread is None):
+                receiver._RTCRtpReceiver__decoder_queue = InlineDecoding(receiver.track)
+
+
+def install_packet_audio() -> None:
+    """Make fastrtc build every WebRTC audio track as a PacketAudioCallback and every peer connection as
+    an InlineDecodingPeerConnection (in this process; aiortc's own clients are left as they are): relies
+    on `fastrtc.webrtc_connection_mixin` calling `AudioCallback(...)` and `RTCPeerConnection(...)` by
+    their module-global names."""
+    webrtc_connection_mixin.AudioCallback = PacketAudioCallback  # type: ignore[misc]
+    webrtc_connection_mixin.RTCPeerConnection = InlineDecodingPeerConnection  # type: ignore[misc]
 
 
 # -- fastrtc's Stream: /websocket/offer and /webrtc/offer -----------------------------------------

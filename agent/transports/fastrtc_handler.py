@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -88,6 +89,15 @@ class MoshiHandler(AsyncStreamHandler):
             self.link.warn_once(f"settings:{wanted.error}", wanted.error)
         else:
             self.link.apply(session, wanted.settings)
+
+    def input_samples_wanted(self) -> int:
+        """How many input samples (at `input_sample_rate`) to gather before the next `receive()`: what
+        the call's next frame lacks, so a WebRTC call hands over one chunk per frame without delaying
+        it (fastrtc_compat.PacketAudioCallback); 1 (at once) with no call, whose first chunk opens it."""
+        session = self.link.current()
+        if session is None or session.closed:
+            return 1
+        return max(1, math.ceil(session.input_missing() * self.input_sample_rate / SAMPLE_RATE))
 
     async def emit(self):
         session = self.link.current()
@@ -184,5 +194,6 @@ def watch_page_calls(component: WebRTC, hub: CallHub) -> None:
     """The page's WebRTC component: each offer notes its caller's address (CallHub.note_offer, so the
     per-client cap counts the page's calls too), and a call whose connection breaks waits for the page
     to resume it (CallHub.drop) instead of ending; `/webrtc/offer` clients send no token, so theirs end."""
+    fastrtc_compat.install_packet_audio()
     fastrtc_compat.note_page_offers(component, hub.note_offer)
     fastrtc_compat.hold_dropped_calls(component, MoshiHandler, MoshiHandler.connection_dropped)

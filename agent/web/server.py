@@ -29,7 +29,7 @@ from agent.ops.forwarded import ForwardedMiddleware, TrustedProxies
 from agent.ops.unfinished import UnfinishedRequests
 from agent.service import AgentService
 from agent.transports import kyutai_api
-from agent.transports.fastrtc_compat import gradio_login_user, unfinished_requests_protocol
+from agent.transports.fastrtc_compat import gradio_login_user, install_packet_audio, unfinished_requests_protocol
 from agent.transports.fastrtc_handler import MoshiHandler
 from agent.transports.websocket import AgentStream
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 def build_stream(service: AgentService) -> AgentStream:
     rtc = rtc_configuration_from_env()
+    install_packet_audio()  # WebRTC calls' audio tracks, cheaper per call (fastrtc_compat.PacketAudioCallback)
     return AgentStream(service.hub, MoshiHandler(service.hub), modality="audio", mode="send-receive",
                        concurrency_limit=service.seats_total(), rtc_configuration=rtc,
                        server_rtc_configuration=rtc, verbose=False)
