@@ -217,15 +217,23 @@ def _ulaw_to_int16(code: int) -> int:
 _ULAW_DECODE = np.array([_ulaw_to_int16(code) for code in range(256)], dtype=np.int16)
 
 
-def ulaw_encode(pcm: np.ndarray) -> bytes:
-    """int16 samples -> one μ-law byte per sample."""
+def _ulaw_code(pcm: np.ndarray) -> np.ndarray:
     value = np.asarray(pcm, dtype=np.int16).astype(np.int32) >> 2
     mask = np.where(value < 0, 0x7F, 0xFF)
     magnitude = np.minimum(np.abs(value), _ULAW_CLIP) + _ULAW_BIAS
     segment = np.searchsorted(_ULAW_SEGMENT_ENDS, magnitude)  # first segment whose end holds it
     code = np.where(segment >= 8, 0x7F,
                     (segment << 4) | ((magnitude >> (np.minimum(segment, 7) + 1)) & 0x0F))
-    return (code ^ mask).astype(np.uint8).tobytes()
+    return (code ^ mask).astype(np.uint8)
+
+
+# every int16 sample's code, indexed by the sample's 16 bits read as unsigned: encoding is one lookup
+ULAW_ENCODE_TABLE = _ulaw_code(np.arange(1 << 16, dtype=np.uint16).view(np.int16))
+
+
+def ulaw_encode(pcm: np.ndarray) -> bytes:
+    """int16 samples -> one μ-law byte per sample."""
+    return ULAW_ENCODE_TABLE[np.asarray(pcm, dtype=np.int16).view(np.uint16)].tobytes()
 
 
 def ulaw_decode(data: bytes) -> np.ndarray:

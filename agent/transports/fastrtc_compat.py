@@ -32,9 +32,8 @@ from fastapi.responses import JSONResponse
 from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream, Stream, WebRTC, webrtc_connection_mixin
 from fastrtc.stream import Body
 from fastrtc.tracks import AudioCallback, StreamHandlerBase
-from fastrtc.utils import create_message, current_context, split_output
+from fastrtc.utils import Context, create_message, current_context, split_output
 from fastrtc.webrtc_connection_mixin import WebRTCConnectionMixin
-from fastrtc.websocket import WebSocketHandler
 from gradio import networking, tunneling
 from gradio.routes import App as GradioApp
 from starlette.routing import Mount
@@ -59,7 +58,8 @@ SEND_AFTER_CLOSE_ERRORS = (RuntimeError, WebSocketDisconnect, ClientDisconnected
 def connection() -> tuple[str | None, WebSocket | None]:
     """The connection fastrtc serves on this task: its id and, on the WebSocket path, the socket.
     Relies on `fastrtc.utils.current_context` (not exported): a ContextVar of Context(webrtc_id,
-    websocket) that fastrtc sets before it calls a handler's receive/emit."""
+    websocket) that fastrtc sets before it calls a handler's receive/emit (`enter_connection` sets it
+    for the WebSocket calls we serve)."""
     ctx = current_context.get()
     if ctx is None:
         return None, None
@@ -374,43 +374,47 @@ def install_packet_audio() -> None:
 
 
 class HookedStream(Stream):
-    """fastrtc's Stream with three hooks a subclass fills in: `wrap_websocket` (the socket fastrtc
-    is given), `websocket_ended` (fastrtc calls `shutdown()` only for WebRTC connections; this is
-    called for each WebSocket one) and `offered` (who sent a /webrtc/offer, and whether it is refused)."""
+    """fastrtc's Stream with two hooks a subclass fills in: `serve_websocket` (one /websocket/offer
+    connection, served by the subclass instead of fastrtc's `WebSocketHandler`) and `offered` (who
+    sent a /webrtc/offer, and whether it is refused); and the concurrency accounting a WebSocket call
+    served that way takes part in (`count_call`, `uncount_call`, `open_connections`)."""
 
-    def wrap_websocket(self, websocket: WebSocket) -> Any:
-        return websocket
-
-    def websocket_ended(self, handler: StreamHandlerBase, websocket: Any) -> None:
-        handler.shutdown()
+    async def serve_websocket(self, websocket: WebSocket) -> None:
+        await super().websocket_offer(websocket)
 
     def offered(self, call_id: str, client: str | None) -> str | None:
         """A /webrtc/offer from `client`: the refusal to answer it with (429), or None to go on."""
         return None
+
+    async def websocket_offer(self, websocket: WebSocket):
+        """Relies on `Stream.mount` routing the WebSocket route /websocket/offer to the bound `websocket_offer`."""
+        await self.serve_websocket(websocket)
+
+    def websocket_handler(self) -> StreamHandlerBase:
+        """A handler for one WebSocket call, as fastrtc's `websocket_offer` makes it: a copy of the
+        Stream's `event_handler`, out of phone mode (Twilio's 8 kHz path)."""
+        handler = self.event_handler.copy()  # type: ignore[union-attr]
+        handler.phone_mode = False
+        return handler
 
     def open_connections(self) -> int:
         """The calls fastrtc counts against its concurrency limit: relies on
         `WebRTCConnectionMixin.connections` (one entry per WebRTC or WebSocket call until `clean_up`)."""
         return len(self.connections)
 
-    def clean_up(self, webrtc_id: str):
-        """Relies on `WebRTCConnectionMixin.clean_up(id)` returning the connection's list, where a
-        WebSocket call is a `fastrtc.websocket.WebSocketHandler` holding `stream_handler` (the
-        handler's copy) and `websocket` (the socket `websocket_offer` was given)."""
-        connection = super().clean_up(webrtc_id)
-        for conn in connection or []:
-            if isinstance(conn, WebSocketHandler):
-                self.websocket_ended(conn.stream_handler, conn.websocket)
-        return connection
+    def count_call(self, call_id: str, connection: Any) -> dict[str, Any] | None:
+        """Count a WebSocket call against the concurrency limit, as fastrtc's own WebSocket path does
+        (`connections[id] = [connection]`; fastrtc's `set_input` may call `connection.set_args`):
+        None, or fastrtc's answer when the limit is reached (the call is not counted)."""
+        if len(self.connections) >= self.concurrency_limit:  # type: ignore[operator]
+            return {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": self.concurrency_limit}}
+        self.connections[call_id] = [connection]
+        return None
 
-    async def websocket_offer(self, websocket: WebSocket):
-        try:
-            return await super().websocket_offer(self.wrap_websocket(websocket))
-        except AttributeError as exc:
-            # fastrtc's clean-up reads `start_up_task`, which only a "start" event creates: a client that
-            # leaves before "start" had no call, and there is nothing to clean up. Matched by its text.
-            if "start_up_task" not in str(exc):
-                raise
+    def uncount_call(self, call_id: str) -> None:
+        """The call counted by `count_call` ended: relies on `WebRTCConnectionMixin.clean_up(id)`
+        forgetting it (and whatever else fastrtc keyed by that id)."""
+        self.clean_up(call_id)
 
     async def offer(self, body: Body, request: Request):
         """Relies on `Stream.mount` routing POST /webrtc/offer to the bound `offer` (FastAPI injects
@@ -420,6 +424,12 @@ class HookedStream(Stream):
             if refusal is not None:
                 return JSONResponse(offer_refused(refusal), status_code=429)
         return await super().offer(body)
+
+
+def enter_connection(call_id: str, websocket: WebSocket) -> None:
+    """Make `connection()` name this WebSocket call on this task and the tasks it creates from now
+    on, as fastrtc does on a "start" event: sets `fastrtc.utils.current_context` (not exported)."""
+    current_context.set(Context(webrtc_id=call_id, websocket=websocket))
 
 
 # -- gradio's share tunnel ----------------------------------------------------------------------

@@ -55,6 +55,7 @@ class MoshiHandler(AsyncStreamHandler):
         self._stream_closed = False  # emit() returned CloseStream (once, after a refusal)
         self._activity: asyncio.Event | None = None  # set by receive(): emit() waits on it between calls
         self._requested = SettingsCache(hub.catalogue)
+        self._fixed_inputs: dict[str, Any] | None = None  # a WebSocket call's: its URL query, read once
 
     def copy(self) -> MoshiHandler:
         return MoshiHandler(self.hub, self.input_sample_rate, self.await_inputs)
@@ -152,8 +153,7 @@ class MoshiHandler(AsyncStreamHandler):
         client = websocket.client if websocket is not None else None
         if wanted.error is None:
             session = await link.open(wanted.settings, call_id or f"call-{uuid.uuid4().hex[:12]}",
-                                      client.host if client is not None else None,
-                                      resume_token(fastrtc_compat.handler_inputs(self, PAGE_INPUTS)))
+                                      client.host if client is not None else None, resume_token(self._inputs()))
         else:
             session = None
             link.refuse(wanted.error)
@@ -164,7 +164,15 @@ class MoshiHandler(AsyncStreamHandler):
     def _wanted(self) -> Requested:
         """What the client's inputs ask for (a WebSocket client's URL query, or the page's inputs),
         parsed only when they change."""
-        return self._requested.get(fastrtc_compat.handler_inputs(self, PAGE_INPUTS))
+        return self._requested.get(self._inputs())
+
+    def _inputs(self) -> dict[str, Any]:
+        if self._fixed_inputs is not None:
+            return self._fixed_inputs
+        inputs = fastrtc_compat.handler_inputs(self, PAGE_INPUTS)
+        if fastrtc_compat.connection()[1] is not None:  # a WebSocket's URL query does not change
+            self._fixed_inputs = inputs
+        return inputs
 
     def _send(self, message: dict[str, Any]) -> None:
         """To the client over the data channel (WebRTC) or the WebSocket."""

@@ -118,8 +118,11 @@ def server_config(app: FastAPI, host: str, port: int, log_level: str = "info") -
     # and a per-client limit for requests whose headers are still arriving (agent.ops.unfinished)
     door = getattr(app.state, "unfinished_requests", None)
     http = unfinished_requests_protocol(door) if door is not None else "auto"
+    # no permessage-deflate: every WebSocket message here is audio; deflate cannot shrink Opus and wins
+    # back only base64's overhead on μ-law (640 -> ~440 bytes per 20 ms, 10 kB/s a call), while
+    # compressing and inflating each message on the event loop is CPU every call pays (docs/benchmarks.md)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=1 << 20, proxy_headers=False,
-                          http=http)
+                          http=http, ws_per_message_deflate=False)
 
 
 class BackgroundServer:
