@@ -218,3 +218,30 @@ def test_api_chat_takes_kyutais_sampling_parameters(live_server):
     first, _ = asyncio.run(call("&audio_temperature=9", False))
     assert first[:1] == b"\x05" and b"audio temperature" in first
     assert wait_until(lambda: service.engine.seats_in_use() == 0)
+
+
+def test_sampling_cost_text_token_is_moshis_own_draw_while_every_seat_agrees():
+    """While every seat has the same settings (a CPU), moshi samples the text token itself: no hook
+    that samples, writes the token back into the logits and lets moshi take a second argmax. A seat
+    on its own settings brings the per-row hook back; agreeing again removes it."""
+    engine = FrameEngine(tiny_model(), EngineConfig(max_sessions=2), SamplingConfig())
+    gen, default = engine.lm_gen, SeatSampling.defaults(SamplingConfig())
+    assert gen.on_text_logits_hook is None
+    assert (gen.use_sampling, gen.temp_text, gen.top_k_text) == (True, default.temp_text, default.top_k_text)
+    seats = [engine.acquire(f"caller{i}") for i in range(2)]
+    feed = frames_of(varied_audio(3, 50))
+
+    def step() -> None:
+        for seat in seats:
+            seat.push(feed[0])
+        engine.step_once()
+        for seat in seats:
+            seat.pull()
+
+    seats[1].set_sampling(HOT_SEAT)
+    step()
+    assert gen.on_text_logits_hook is not None and gen.use_sampling is False  # rows sampled one by one
+    seats[0].set_sampling(GREEDY_SEAT)
+    seats[1].set_sampling(GREEDY_SEAT)
+    step()
+    assert gen.on_text_logits_hook is None and gen.use_sampling is False  # greedy: moshi's argmax

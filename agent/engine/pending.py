@@ -76,6 +76,8 @@ class PendingUpdates:
         for index, sampling in self.sampling.items():
             sampler.set(index, sampling.settings)
             sampling.seat.sampling = sampling.settings
+        if self.sampling:
+            lm_gen.sync_text_sampling()
 
     def retry(self, seats: Sequence[Seat | None], stepped: Sequence[Seat], reset: np.ndarray,
               prompts: Mapping[int, PromptUpdate]) -> None:

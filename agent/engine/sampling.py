@@ -8,6 +8,7 @@ captured once stays valid when a caller changes them.
 - Text token: moshi calls `on_text_logits_hook(text_logits)` right before it samples; with
   `use_sampling=False` it then takes the argmax. The hook samples each row with that row's settings
   and leaves the chosen token as the row's only finite logit, so moshi's argmax picks exactly it.
+  While every seat agrees (and on a CPU), moshi samples the text token itself with those settings.
 - Audio tokens: `depformer_step` is moshi 0.2.13's loop with the per-row sampler in place of
   `sample_token` (classifier-free guidance, which the engine does not use, is left out).
 
@@ -134,12 +135,18 @@ class SeatSampler:
             self.temp[stream][index] = 1.0 if greedy else temp
             self.top_k[stream][index] = 1 if greedy else top_k
 
-    def sample(self, logits: torch.Tensor, stream: Stream) -> torch.Tensor:
+    def scalar(self, stream: Stream) -> tuple[bool, float, int] | None:
+        """moshi's scalar sampler's (use_sampling, temp, top_k) for `stream` when it may run for every
+        seat (all seats agree, no CUDA graph records the sampling); else None."""
         uniform = self._uniform
-        if uniform is not None and self._scalar_allowed:
-            temp, top_k = ((uniform.temp, uniform.top_k) if stream == "audio"
-                           else (uniform.temp_text, uniform.top_k_text))
-            return sample_token(logits.float(), temp > 0, temp, top_k)
+        if uniform is None or not self._scalar_allowed:
+            return None
+        temp, top_k = (uniform.temp, uniform.top_k) if stream == "audio" else (uniform.temp_text, uniform.top_k_text)
+        return temp > 0, temp, top_k
+
+    def sample(self, logits: torch.Tensor, stream: Stream) -> torch.Tensor:
+        if (scalar := self.scalar(stream)) is not None:
+            return sample_token(logits.float(), *scalar)
         if self.rank[stream].numel() > logits.shape[-1]:  # a cap above the vocabulary: the whole of it
             self.rank[stream] = self.rank[stream][:logits.shape[-1]]
         return sample_rows(logits, self.temp[stream], self.top_k[stream], self.rank[stream])
@@ -153,6 +160,19 @@ class SeatLMGen(LMGen):
             raise ValueError("SeatLMGen does not support classifier-free guidance")
         super().__init__(lm_model, use_sampling=False, on_text_logits_hook=self._sample_text, **kwargs)
         self.sampler = sampler
+        self.sync_text_sampling()
+
+    def sync_text_sampling(self) -> None:
+        """Call after the sampler's settings change. While moshi's scalar sampler may serve every seat,
+        moshi samples the text token itself (its `use_sampling`, `temp_text`, `top_k_text`: the same
+        call the hook would make, without the hook's write-back and second argmax); otherwise the hook
+        samples each row. Only the text token reads these (the audio tokens: `depformer_step`)."""
+        scalar = self.sampler.scalar("text")
+        if scalar is None:
+            self.on_text_logits_hook, self.use_sampling = self._sample_text, False
+        else:
+            self.on_text_logits_hook = None
+            self.use_sampling, self.temp_text, self.top_k_text = scalar
 
     def set_condition_row(self, index: int, row: torch.Tensor) -> None:
         """Overwrite one seat's row of the summed condition (voice, emotion) in place, between steps:
