@@ -96,6 +96,7 @@ class WebSocketCall:
         self.hung_up = False
         self._sender: asyncio.Task | None = None
         self._played_until = 0.0  # loop time when the audio sent so far has played at the client
+        self.channel_sends: set[asyncio.Task] = set()  # the handler's messages not sent yet (ClientChannel)
 
     async def serve(self) -> None:
         await self.ws.accept()
@@ -195,7 +196,10 @@ class WebSocketCall:
                 log.debug("websocket: not sent, the connection closed meanwhile")
 
     async def close(self, code: int = 1000) -> None:
-        """Close once (the sender may close it before the receive loop ends)."""
+        """Close once (the sender may close it before the receive loop ends), after the handler's
+        messages already on their way (a refusal must reach the client before the close does)."""
+        if self.channel_sends:
+            await asyncio.gather(*self.channel_sends, return_exceptions=True)
         if self._open:
             try:
                 await self.ws.close(code)
@@ -204,13 +208,26 @@ class WebSocketCall:
 
 
 class ClientChannel:
-    """The handler's messages to the client (fastrtc's DataChannel: `send(str)`, from any thread)."""
+    """The handler's messages to the client (fastrtc's DataChannel: `send(str)`, from any thread),
+    sent in order on the call's loop; the call's close waits for those already queued."""
 
     def __init__(self, call: WebSocketCall, loop: asyncio.AbstractEventLoop):
         self.call, self.loop = call, loop
 
     def send(self, message: str) -> None:
-        asyncio.run_coroutine_threadsafe(self.call.send_text(message), self.loop)
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._queue(message)
+        else:
+            self.loop.call_soon_threadsafe(self._queue, message)
+
+    def _queue(self, message: str) -> None:
+        task = self.loop.create_task(self.call.send_text(message))
+        self.call.channel_sends.add(task)
+        task.add_done_callback(self.call.channel_sends.discard)
 
 
 class AgentStream(HookedStream):
