@@ -131,10 +131,16 @@ def ice_failed(pc: RTCPeerConnection) -> bool:
         t.receiver.transport.transport.state == "failed" for t in pc.getTransceivers())
 
 
+def full_answer(**meta: Any) -> dict[str, Any]:
+    """fastrtc's answer to a call it has no room for (webrtc_connection_mixin.py, stream.py), with
+    these extra `meta` fields: with that error its page component tells the visitor "Too many
+    concurrent connections"."""
+    return {"status": "failed", "meta": {"error": "concurrency_limit_reached", **meta}}
+
+
 def offer_refused(refusal: str) -> dict[str, Any]:
-    """An offer's answer when it is refused, as fastrtc's own when it is full (webrtc_connection_mixin.py):
-    with that error its page component tells the visitor "Too many concurrent connections"."""
-    return {"status": "failed", "meta": {"error": "concurrency_limit_reached", "message": refusal}}
+    """An offer's answer when it is refused: fastrtc's own when it is full, with the reason."""
+    return full_answer(message=refusal)
 
 
 def note_page_offers(component: WebRTC, note: Callable[[str, str | None], str | None]) -> None:
@@ -407,7 +413,7 @@ class HookedStream(Stream):
         (`connections[id] = [connection]`; fastrtc's `set_input` may call `connection.set_args`):
         None, or fastrtc's answer when the limit is reached (the call is not counted)."""
         if len(self.connections) >= self.concurrency_limit:  # type: ignore[operator]
-            return {"status": "failed", "meta": {"error": "concurrency_limit_reached", "limit": self.concurrency_limit}}
+            return full_answer(limit=self.concurrency_limit)
         self.connections[call_id] = [connection]
         return None
 

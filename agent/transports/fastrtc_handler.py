@@ -194,6 +194,5 @@ def watch_page_calls(component: WebRTC, hub: CallHub) -> None:
     """The page's WebRTC component: each offer notes its caller's address (CallHub.note_offer, so the
     per-client cap counts the page's calls too), and a call whose connection breaks waits for the page
     to resume it (CallHub.drop) instead of ending; `/webrtc/offer` clients send no token, so theirs end."""
-    fastrtc_compat.install_packet_audio()
     fastrtc_compat.note_page_offers(component, hub.note_offer)
     fastrtc_compat.hold_dropped_calls(component, MoshiHandler, MoshiHandler.connection_dropped)

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 def build_stream(service: AgentService) -> AgentStream:
     rtc = rtc_configuration_from_env()
-    install_packet_audio()  # WebRTC calls' audio tracks, cheaper per call (fastrtc_compat.PacketAudioCallback)
     return AgentStream(service.hub, MoshiHandler(service.hub), modality="audio", mode="send-receive",
                        concurrency_limit=service.seats_total(), rtc_configuration=rtc,
                        server_rtc_configuration=rtc, verbose=False)
@@ -76,6 +75,8 @@ def build_app(service: AgentService, demo: gr.Blocks, stream: AgentStream) -> Fa
     config = service.server_config
     credentials = Credentials.parse(config.auth)
     app = FastAPI(title="Telugu voice agent")
+    # the WebRTC calls it serves (the page's and /webrtc/offer's): cheaper audio tracks per call
+    install_packet_audio()
     add_routes(app, service, stream)
     app.add_middleware(DrainGate, draining=lambda: service.hub.draining)
     # the page's WebSocket call under --auth: its login cookie, as gradio checks it (app: mounted below)
